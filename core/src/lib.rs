@@ -1,0 +1,45 @@
+//! # negcache
+//!
+//! Training two-tower retrieval models with a negative cache (Lindgren,
+//! Reddi, Guo and Kumar, "Efficient Training of Retrieval Models using
+//! Negative Cache", NeurIPS 2021), without an allocator.
+//!
+//! The cache keeps N items with (possibly stale) embeddings. Each step
+//! scores every query against the cache in one streaming pass, draws a
+//! negative per query from the softmax over the cached scores, embeds only
+//! the drawn negatives afresh and descends on
+//! `(1 - p_pos) * (s(q, fresh negative) - s(q, positive))`, whose gradient
+//! matches the full softmax gradient in expectation. The exact semantics are
+//! those of `shared/spec/reference-cases.md`.
+//!
+//! Everything lives in fixed-size storage chosen by const generics; every
+//! big type has a `const fn new()` so it can be placed in a `static`.
+//! All transcendental arithmetic goes through `libm`, so a model trained on
+//! a microcontroller and on a server follows the same numbers.
+//!
+//! ## Modules
+//! - [`cache`]: the cache's slots and their update rules.
+//! - [`loss`]: the streaming scoring pass and the cache loss.
+//! - [`sampler`]: how negatives are chosen among candidates.
+//! - [`random`]: random variates from a caller-supplied generator.
+//! - [`vector`]: small fixed-size vector operations.
+//! - [`stats`]: the chi-square test used to check samplers.
+#![no_std]
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod cache;
+pub mod error;
+pub mod item;
+pub mod loss;
+mod math;
+pub mod random;
+pub mod sampler;
+pub mod stats;
+pub mod vector;
+
+pub use cache::{CacheMut, CacheRef, Eviction, NegativeCache, SlotsMut, Update};
+pub use error::{Error, Result};
+pub use item::Item;
+pub use loss::{CacheLoss, LossConfig, LossGrads, LossSummary, TopKOut};
+pub use sampler::Retrieval;

@@ -1,0 +1,1150 @@
+//! The cache loss (spec `cache_loss`), in two phases around the item tower.
+//!
+//! Phase 1, [`CacheLoss::score_and_sample`]: one streaming pass over the
+//! cache scores every query against every cached (stale) embedding,
+//! `c_bj = alpha * <q_b, e_j>`, accumulates a log-sum-exp per query and
+//! chooses the negatives (see [`crate::sampler`]). With top-k, the cache is
+//! cut into k contiguous groups and each group's best slot is a candidate.
+//! It then computes, with the positive score `s_b = alpha * <q_b, p_b>`,
+//!
+//! ```text
+//! log Z_b    = logsumexp(s_b, candidates)
+//! prob_pos_b = exp(s_b - log Z_b)
+//! interpretable_loss_b = log Z_b - s_b = -log prob_pos_b
+//! ```
+//!
+//! Phase 2, [`CacheLoss::backward`]: the caller embeds the chosen negatives
+//! afresh (`f`), and
+//!
+//! ```text
+//! training_loss_b = (1 - prob_pos_b) * (alpha * mean_i <q_b, f_bi> - s_b)
+//! ```
+//!
+//! with `prob_pos_b` held constant. Its gradient equals, in expectation over
+//! the draw, that of the softmax cross-entropy over the candidates. The
+//! gradients of the batch mean `L = mean_b training_loss_b` are
+//!
+//! ```text
+//! dL/dq_b  = (1 - p_b) * alpha * (mean_i f_bi - p_b) / B
+//! dL/dp_b  = -(1 - p_b) * alpha * q_b / B
+//! dL/df_bi = (1 - p_b) * alpha * q_b / (B * m)
+//! dL/dalpha = mean_b (1 - p_b) * (mean_i <q_b, f_bi> - <q_b, p_b>)
+//! ```
+//!
+//! `1 - prob_pos` is computed as `exp(lse(candidates) - log Z)`, not by
+//! subtraction, so it keeps its precision when the positive dominates.
+//! A query without any candidate (an empty cache, or every slot masked) has
+//! `prob_pos = 1`, no negative, and contributes zero loss and gradient.
+
+use rand_core::RngCore;
+
+use crate::cache::CacheRef;
+use crate::error::{check_len, Error, Result};
+use crate::item::Item;
+use crate::math;
+use crate::random;
+use crate::sampler::{Jump, LogSumExp, Picks, Retrieval};
+use crate::vector::{self, dot};
+
+/// Settings of the cache loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossConfig {
+    /// alpha: every score is `alpha * <x, y>`. Default 1.
+    pub score_scale: f32,
+    /// Approximate top-k: 0 for all slots as candidates (default), else the
+    /// number of contiguous groups whose best slot is a candidate; it must
+    /// divide the number of slots.
+    pub top_k: usize,
+    /// Whether a slot holding the query's own positive item is removed from
+    /// its candidates. Default `true`: a cached copy of the positive scored
+    /// as a negative pushes the query away from its own answer. The
+    /// reference cases run with it off.
+    pub mask_accidental_hits: bool,
+}
+
+impl LossConfig {
+    /// The defaults: scale 1, all slots as candidates, accidental hits
+    /// masked.
+    pub const DEFAULT: Self = Self {
+        score_scale: 1.0,
+        top_k: 0,
+        mask_accidental_hits: true,
+    };
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Where the top-k candidates are written, `B x k` row-major; a group with
+/// no candidate gets score `-inf` and slot `u32::MAX`.
+#[derive(Debug)]
+pub struct TopKOut<'a> {
+    /// Candidate scores.
+    pub scores: &'a mut [f32],
+    /// Candidate slot indices.
+    pub slots: &'a mut [u32],
+}
+
+/// Where the gradients of the mean training loss are written (overwritten,
+/// not accumulated).
+#[derive(Debug)]
+pub struct LossGrads<'a, const DIM: usize> {
+    /// d L / d q_b, one row per query.
+    pub query: &'a mut [[f32; DIM]],
+    /// d L / d p_b, one row per query.
+    pub positive: &'a mut [[f32; DIM]],
+    /// d L / d f_bi, row `b * NEG + i`; rows of missing negatives are zero.
+    pub negative: &'a mut [[f32; DIM]],
+}
+
+/// Batch means of a step's loss quantities.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LossSummary {
+    /// Mean training loss (the surrogate whose gradient is used).
+    pub training_loss: f32,
+    /// Mean `-log prob_pos`: the cross-entropy over the candidates.
+    pub interpretable_loss: f32,
+    /// Mean relative staleness of the drawn negatives' cached embeddings,
+    /// over the queries that have one.
+    pub staleness: f32,
+    /// Mean probability of the positive.
+    pub prob_pos: f32,
+    /// d L / d alpha, for a learned score scale.
+    pub grad_scale: f32,
+}
+
+/// The cache loss's working memory for up to `BATCH` queries with `NEG`
+/// negatives each.
+///
+/// # Generics
+/// - `BATCH`: the largest batch; smaller batches use a prefix.
+/// - `NEG`: negatives drawn per query (1 in the paper).
+///
+/// # Memory
+/// O(BATCH x NEG): about `BATCH * (48 + 8 * NEG)` bytes, independent of the
+/// cache's size (no score matrix is ever stored).
+///
+/// ```
+/// use negcache::CacheLoss;
+/// static LOSS: CacheLoss<32, 1> = CacheLoss::new();
+/// assert!(core::mem::size_of_val(&LOSS) < 4096);
+/// ```
+#[derive(Debug, Clone)]
+pub struct CacheLoss<const BATCH: usize, const NEG: usize> {
+    batch: usize,
+    alpha: f32,
+    lse: [LogSumExp; BATCH],
+    picks: [Picks<NEG>; BATCH],
+    jump: [Jump; BATCH],
+    group: [(f32, u32); BATCH],
+    pos_score: [f32; BATCH],
+    prob_pos: [f32; BATCH],
+    prob_neg: [f32; BATCH],
+    interpretable: [f32; BATCH],
+    training: [f32; BATCH],
+    staleness: [f32; BATCH],
+}
+
+const NO_SLOT: u32 = u32::MAX;
+
+impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
+    /// Working memory for an empty batch.
+    pub const fn new() -> Self {
+        const { assert!(BATCH > 0 && NEG > 0, "BATCH and NEG must be positive") };
+        Self {
+            batch: 0,
+            alpha: 1.0,
+            lse: [LogSumExp::EMPTY; BATCH],
+            picks: [Picks::EMPTY; BATCH],
+            jump: [Jump::EMPTY; BATCH],
+            group: [(f32::NEG_INFINITY, NO_SLOT); BATCH],
+            pos_score: [0.0; BATCH],
+            prob_pos: [1.0; BATCH],
+            prob_neg: [0.0; BATCH],
+            interpretable: [0.0; BATCH],
+            training: [0.0; BATCH],
+            staleness: [0.0; BATCH],
+        }
+    }
+
+    /// Phase 1: scores the batch against the cache, computes `prob_pos` and
+    /// the interpretable loss, and chooses up to `NEG` negatives per query.
+    ///
+    /// `positive_items` are the positives' items, needed when
+    /// `cfg.mask_accidental_hits` is set. `top_k_out`, if given, receives
+    /// the top-k candidates. Only occupied slots are candidates.
+    #[allow(clippy::too_many_arguments)]
+    pub fn score_and_sample<I: Item, const DIM: usize>(
+        &mut self,
+        cache: CacheRef<'_, I, DIM>,
+        queries: &[[f32; DIM]],
+        positives: &[[f32; DIM]],
+        positive_items: Option<&[I]>,
+        cfg: &LossConfig,
+        retrieval: Retrieval<'_>,
+        rng: &mut impl RngCore,
+        top_k_out: Option<TopKOut<'_>>,
+    ) -> Result<()> {
+        let bsz = queries.len();
+        let n = cache.capacity();
+        if bsz > BATCH {
+            return Err(Error::CapacityExceeded {
+                requested: bsz,
+                capacity: BATCH,
+            });
+        }
+        check_len("positives", bsz, positives.len())?;
+        if !cfg.score_scale.is_finite() {
+            return Err(Error::NonFinite {
+                what: "score scale",
+            });
+        }
+        if !vector::rows_finite(queries) {
+            return Err(Error::NonFinite {
+                what: "query embedding",
+            });
+        }
+        if !vector::rows_finite(positives) {
+            return Err(Error::NonFinite {
+                what: "positive embedding",
+            });
+        }
+        if cfg.top_k > 0 && n % cfg.top_k != 0 {
+            return Err(Error::TopKNotDivisor {
+                k: cfg.top_k,
+                slots: n,
+            });
+        }
+        let hit_items = if cfg.mask_accidental_hits {
+            let items = positive_items.ok_or(Error::InvalidConfig {
+                what: "mask_accidental_hits needs the positives' items",
+            })?;
+            check_len("positive items", bsz, items.len())?;
+            Some(items)
+        } else {
+            None
+        };
+        let mut top_k_out = top_k_out;
+        if let Some(out) = &top_k_out {
+            if cfg.top_k == 0 {
+                return Err(Error::InvalidConfig {
+                    what: "top-k output asked for without top-k",
+                });
+            }
+            check_len("top-k scores", bsz * cfg.top_k, out.scores.len())?;
+            check_len("top-k slots", bsz * cfg.top_k, out.slots.len())?;
+        }
+
+        self.batch = bsz;
+        self.alpha = cfg.score_scale;
+        for b in 0..bsz {
+            self.lse[b] = LogSumExp::EMPTY;
+            self.picks[b] = Picks::EMPTY;
+            self.jump[b] = Jump::EMPTY;
+            self.training[b] = 0.0;
+            self.staleness[b] = 0.0;
+        }
+
+        let alpha = cfg.score_scale;
+        let top_k = cfg.top_k;
+        let lse = &mut self.lse;
+        let picks = &mut self.picks;
+        let jump = &mut self.jump;
+        let group = &mut self.group[..bsz];
+        let out = top_k_out.as_mut();
+        let finite = match retrieval {
+            Retrieval::Gumbel { inv_temp } => {
+                check_inv_temp(inv_temp)?;
+                stream(
+                    cache,
+                    queries,
+                    hit_items,
+                    alpha,
+                    top_k,
+                    group,
+                    out,
+                    |b, c, s, _| {
+                        lse[b].push(c);
+                        picks[b].offer(inv_temp * c + random::gumbel(rng), s);
+                    },
+                )
+            }
+            Retrieval::ExpJump { inv_temp } => {
+                check_inv_temp(inv_temp)?;
+                if NEG != 1 {
+                    return Err(Error::Unsupported {
+                        what: "ExpJump draws one negative per query; use Gumbel for several",
+                    });
+                }
+                if inv_temp == 1.0 {
+                    // The sampling weights are the log-sum-exp's own terms.
+                    stream(
+                        cache,
+                        queries,
+                        hit_items,
+                        alpha,
+                        top_k,
+                        group,
+                        out,
+                        |b, c, s, _| {
+                            let scale = lse[b].push(c);
+                            if jump[b].step(lse[b].sum, scale, rng) {
+                                picks[b].set_one(s);
+                            }
+                        },
+                    )
+                } else {
+                    stream(
+                        cache,
+                        queries,
+                        hit_items,
+                        alpha,
+                        top_k,
+                        group,
+                        out,
+                        |b, c, s, _| {
+                            lse[b].push(c);
+                            let j = &mut jump[b];
+                            let scale = j.lse.push(inv_temp * c);
+                            let sum = j.lse.sum;
+                            if j.step(sum, scale, rng) {
+                                picks[b].set_one(s);
+                            }
+                        },
+                    )
+                }
+            }
+            Retrieval::MaxScore => stream(
+                cache,
+                queries,
+                hit_items,
+                alpha,
+                top_k,
+                group,
+                out,
+                |b, c, s, _| {
+                    lse[b].push(c);
+                    picks[b].offer(c, s);
+                },
+            ),
+            Retrieval::Fixed(chosen) => {
+                if NEG != 1 {
+                    return Err(Error::Unsupported {
+                        what: "fixed retrieval gives one negative per query",
+                    });
+                }
+                check_len("fixed retrieval", bsz, chosen.len())?;
+                let bound = if top_k > 0 { top_k } else { n };
+                for (b, &r) in chosen.iter().enumerate() {
+                    if r >= bound {
+                        return Err(Error::IndexOutOfRange {
+                            what: "fixed retrieval",
+                            index: r,
+                            bound,
+                        });
+                    }
+                    if top_k == 0 {
+                        if !cache.occupied()[r] {
+                            return Err(Error::EmptyCandidate { query: b });
+                        }
+                        picks[b].set_one(r as u32);
+                    }
+                }
+                stream(
+                    cache,
+                    queries,
+                    hit_items,
+                    alpha,
+                    top_k,
+                    group,
+                    out,
+                    |b, c, s, g| {
+                        lse[b].push(c);
+                        if top_k > 0 && g == chosen[b] {
+                            picks[b].set_one(s);
+                        }
+                    },
+                )
+            }
+        };
+        if !finite {
+            return Err(Error::NonFinite {
+                what: "cache score",
+            });
+        }
+        if let Retrieval::Fixed(_) = retrieval {
+            if let Some(b) = (0..bsz).find(|&b| self.picks[b].len == 0) {
+                return Err(Error::EmptyCandidate { query: b });
+            }
+        }
+
+        for b in 0..bsz {
+            let s = alpha * dot(&queries[b], &positives[b]);
+            if !s.is_finite() {
+                return Err(Error::NonFinite {
+                    what: "positive score",
+                });
+            }
+            let cand = self.lse[b].value();
+            let log_z = math::log_add_exp(s, cand);
+            self.pos_score[b] = s;
+            self.prob_pos[b] = math::exp(s - log_z);
+            self.prob_neg[b] = math::exp(cand - log_z);
+            self.interpretable[b] = log_z - s;
+        }
+        Ok(())
+    }
+
+    /// Phase 2: the training loss, staleness and gradients, given the fresh
+    /// embeddings of the chosen negatives.
+    ///
+    /// `queries` and `positives` must be those of phase 1. `fresh` holds
+    /// `NEG` rows per query (row `b * NEG + i` for its i-th negative; rows
+    /// past a query's number of negatives are ignored). `cache` supplies the
+    /// stale embeddings for the staleness; it must not have changed since
+    /// phase 1.
+    pub fn backward<I: Item, const DIM: usize>(
+        &mut self,
+        cache: CacheRef<'_, I, DIM>,
+        queries: &[[f32; DIM]],
+        positives: &[[f32; DIM]],
+        fresh: &[[f32; DIM]],
+        grads: Option<LossGrads<'_, DIM>>,
+    ) -> Result<LossSummary> {
+        let bsz = self.batch;
+        check_len("queries", bsz, queries.len())?;
+        check_len("positives", bsz, positives.len())?;
+        check_len("fresh negatives", bsz * NEG, fresh.len())?;
+        let mut grads = grads;
+        if let Some(g) = &mut grads {
+            check_len("query gradient", bsz, g.query.len())?;
+            check_len("positive gradient", bsz, g.positive.len())?;
+            check_len("negative gradient", bsz * NEG, g.negative.len())?;
+        }
+        let alpha = self.alpha;
+        let inv_b = if bsz > 0 { 1.0 / bsz as f32 } else { 0.0 };
+        let mut sum = LossSummary::default();
+        let mut with_negative = 0usize;
+        for b in 0..bsz {
+            let m = self.picks[b].len;
+            let rows = &fresh[b * NEG..b * NEG + m];
+            if !vector::rows_finite(rows) {
+                return Err(Error::NonFinite {
+                    what: "fresh negative embedding",
+                });
+            }
+            let w = self.prob_neg[b];
+            let (mut neg_dot, mut stale) = (0.0f32, 0.0f32);
+            for (i, f) in rows.iter().enumerate() {
+                neg_dot += dot(&queries[b], f);
+                let e = &cache.embeddings()[self.picks[b].slots[i] as usize];
+                stale += relative_staleness(e, f);
+            }
+            let (mean_dot, inv_m) = if m > 0 {
+                (neg_dot / m as f32, 1.0 / m as f32)
+            } else {
+                (0.0, 0.0)
+            };
+            let pos_dot = dot(&queries[b], &positives[b]);
+            self.training[b] = if m > 0 {
+                w * (alpha * mean_dot - self.pos_score[b])
+            } else {
+                0.0
+            };
+            self.staleness[b] = stale * inv_m;
+            if m > 0 {
+                with_negative += 1;
+                sum.staleness += self.staleness[b];
+                sum.grad_scale += w * (mean_dot - pos_dot);
+            }
+            sum.training_loss += self.training[b];
+            sum.interpretable_loss += self.interpretable[b];
+            sum.prob_pos += self.prob_pos[b];
+
+            if let Some(g) = &mut grads {
+                let c = if m > 0 { w * alpha * inv_b } else { 0.0 };
+                let gq = &mut g.query[b];
+                *gq = [0.0; DIM];
+                for f in rows {
+                    vector::axpy(c * inv_m, f, gq);
+                }
+                vector::axpy(-c, &positives[b], gq);
+                g.positive[b] = [0.0; DIM];
+                vector::axpy(-c, &queries[b], &mut g.positive[b]);
+                for i in 0..NEG {
+                    let gn = &mut g.negative[b * NEG + i];
+                    *gn = [0.0; DIM];
+                    if i < m {
+                        vector::axpy(c * inv_m, &queries[b], gn);
+                    }
+                }
+            }
+        }
+        sum.training_loss *= inv_b;
+        sum.interpretable_loss *= inv_b;
+        sum.prob_pos *= inv_b;
+        sum.grad_scale *= inv_b;
+        if with_negative > 0 {
+            sum.staleness /= with_negative as f32;
+        }
+        Ok(sum)
+    }
+
+    /// The number of queries in the current batch.
+    pub fn batch_len(&self) -> usize {
+        self.batch
+    }
+    /// The slots chosen as query `b`'s negatives (empty when it had no
+    /// candidate).
+    pub fn negatives(&self, b: usize) -> &[u32] {
+        if b < self.batch {
+            self.picks[b].as_slice()
+        } else {
+            &[]
+        }
+    }
+    /// Per query: the probability of the positive among the candidates.
+    pub fn prob_pos(&self) -> &[f32] {
+        &self.prob_pos[..self.batch]
+    }
+    /// Per query: `-log prob_pos`.
+    pub fn interpretable_loss(&self) -> &[f32] {
+        &self.interpretable[..self.batch]
+    }
+    /// Per query: the training loss (after [`Self::backward`]).
+    pub fn training_loss(&self) -> &[f32] {
+        &self.training[..self.batch]
+    }
+    /// Per query: the mean relative staleness of its negatives (after
+    /// [`Self::backward`]).
+    pub fn staleness(&self) -> &[f32] {
+        &self.staleness[..self.batch]
+    }
+    /// Per query: the positive's score `alpha * <q, p>`.
+    pub fn positive_score(&self) -> &[f32] {
+        &self.pos_score[..self.batch]
+    }
+}
+
+impl<const BATCH: usize, const NEG: usize> Default for CacheLoss<BATCH, NEG> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn check_inv_temp(inv_temp: f32) -> Result<()> {
+    if inv_temp.is_finite() && inv_temp >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidConfig {
+            what: "inverse temperature must be finite and non-negative",
+        })
+    }
+}
+
+/// `|e - f|^2 / |f|^2`; 0 when both are zero, `+inf` when only `f` is.
+pub fn relative_staleness<const DIM: usize>(stale: &[f32; DIM], fresh: &[f32; DIM]) -> f32 {
+    let d = vector::dist_sq(stale, fresh);
+    let f = vector::norm_sq(fresh);
+    if d == 0.0 {
+        0.0
+    } else {
+        d / f
+    }
+}
+
+/// The streaming pass: scores each query against each occupied slot, in
+/// slot order, and calls `feed(query, score, slot, candidate_position)` for
+/// each candidate. Without top-k every unmasked occupied slot is a
+/// candidate (position = slot); with top-k the best slot of each group is
+/// (lowest index on ties), at the end of its group. Returns false if a
+/// score was not finite (such scores are skipped).
+#[allow(clippy::too_many_arguments)]
+fn stream<I: Item, const DIM: usize>(
+    cache: CacheRef<'_, I, DIM>,
+    queries: &[[f32; DIM]],
+    hit_items: Option<&[I]>,
+    alpha: f32,
+    top_k: usize,
+    group: &mut [(f32, u32)],
+    mut out: Option<&mut TopKOut<'_>>,
+    mut feed: impl FnMut(usize, f32, u32, usize),
+) -> bool {
+    let n = cache.capacity();
+    let glen = n.checked_div(top_k).unwrap_or(0);
+    let (emb, items, occupied) = (cache.embeddings(), cache.items(), cache.occupied());
+    let mut finite = true;
+    for j in 0..n {
+        if glen > 0 && j % glen == 0 {
+            group.fill((f32::NEG_INFINITY, NO_SLOT));
+        }
+        if occupied[j] {
+            let e = &emb[j];
+            for (b, q) in queries.iter().enumerate() {
+                if let Some(hits) = hit_items {
+                    if items[j] == hits[b] {
+                        continue;
+                    }
+                }
+                let c = alpha * dot(q, e);
+                if !c.is_finite() {
+                    finite = false;
+                    continue;
+                }
+                if glen > 0 {
+                    if c > group[b].0 {
+                        group[b] = (c, j as u32);
+                    }
+                } else {
+                    feed(b, c, j as u32, j);
+                }
+            }
+        }
+        if glen > 0 && (j + 1) % glen == 0 {
+            let g = j / glen;
+            for (b, &(c, s)) in group.iter().enumerate() {
+                if let Some(o) = out.as_mut() {
+                    o.scores[b * top_k + g] = c;
+                    o.slots[b * top_k + g] = s;
+                }
+                if s != NO_SLOT {
+                    feed(b, c, s, g);
+                }
+            }
+        }
+    }
+    finite
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::NegativeCache;
+    use crate::stats::chi_square;
+    use approx::assert_relative_eq;
+    use rand_core::SeedableRng;
+    use rand_pcg::Pcg64Mcg;
+
+    const D: usize = 4;
+
+    fn rng(seed: u64) -> Pcg64Mcg {
+        Pcg64Mcg::seed_from_u64(seed)
+    }
+
+    fn random_rows<const N: usize>(r: &mut Pcg64Mcg, scale: f32) -> [[f32; D]; N] {
+        core::array::from_fn(|_| core::array::from_fn(|_| scale * random::normal(r)))
+    }
+
+    /// A cache whose slot j holds item j with the given embedding.
+    fn filled<const N: usize>(emb: &[[f32; D]; N]) -> NegativeCache<u32, N, D> {
+        let mut cache = NegativeCache::new();
+        let mut c = cache.as_mut();
+        for (j, e) in emb.iter().enumerate() {
+            c.set_slot(j, e, j as u32, 0, true).unwrap();
+        }
+        cache
+    }
+
+    /// softmax(t * c) in f64: the closed form the samplers must follow.
+    fn softmax(c: &[f64], t: f64) -> heapless::Vec<f64, 64> {
+        let m = c.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(t * x));
+        let z: f64 = c.iter().map(|&x| (t * x - m).exp()).sum();
+        c.iter().map(|&x| (t * x - m).exp() / z).collect()
+    }
+
+    const NO_MASK: LossConfig = LossConfig {
+        score_scale: 1.0,
+        top_k: 0,
+        mask_accidental_hits: false,
+    };
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let mut r = rng(7);
+        let q: [[f32; D]; 3] = random_rows(&mut r, 1.0);
+        let p: [[f32; D]; 3] = random_rows(&mut r, 1.0);
+        let stale: [[f32; D]; 5] = random_rows(&mut r, 1.0);
+        let cache = filled(&stale);
+        let cfg = LossConfig {
+            score_scale: 2.5,
+            ..NO_MASK
+        };
+        let mut loss = CacheLoss::<4, 1>::new();
+        loss.score_and_sample(
+            cache.as_ref(),
+            &q,
+            &p,
+            None,
+            &cfg,
+            Retrieval::Fixed(&[4, 0, 2]),
+            &mut r,
+            None,
+        )
+        .unwrap();
+        let fresh: [[f32; D]; 3] = random_rows(&mut r, 1.0);
+        let (mut gq, mut gp, mut gf) = ([[0.0; D]; 3], [[0.0; D]; 3], [[0.0; D]; 3]);
+        let grads = LossGrads {
+            query: &mut gq,
+            positive: &mut gp,
+            negative: &mut gf,
+        };
+        let sum = loss
+            .backward(cache.as_ref(), &q, &p, &fresh, Some(grads))
+            .unwrap();
+
+        // The loss in f64 with prob_pos held at phase 1's values.
+        let w: [f64; 3] = core::array::from_fn(|b| 1.0 - loss.prob_pos()[b] as f64);
+        let f64dot = |a: &[f64; D], b: &[f64; D]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+        let widen = |rows: &[[f32; D]; 3]| rows.map(|r| r.map(|x| x as f64));
+        let total = |q: &[[f64; D]; 3], p: &[[f64; D]; 3], f: &[[f64; D]; 3], a: f64| {
+            (0..3)
+                .map(|b| w[b] * (a * f64dot(&q[b], &f[b]) - a * f64dot(&q[b], &p[b])))
+                .sum::<f64>()
+                / 3.0
+        };
+        let (q64, p64, f64_) = (widen(&q), widen(&p), widen(&fresh));
+        assert_relative_eq!(
+            sum.training_loss as f64,
+            total(&q64, &p64, &f64_, 2.5),
+            max_relative = 1e-5
+        );
+        let h = 1e-4;
+        for b in 0..3 {
+            for i in 0..D {
+                let fd = |which: usize| {
+                    let (mut qa, mut pa, mut fa) = (q64, p64, f64_);
+                    let (mut qb, mut pb, mut fb) = (q64, p64, f64_);
+                    let (xa, xb) = match which {
+                        0 => (&mut qa[b][i], &mut qb[b][i]),
+                        1 => (&mut pa[b][i], &mut pb[b][i]),
+                        _ => (&mut fa[b][i], &mut fb[b][i]),
+                    };
+                    *xa += h;
+                    *xb -= h;
+                    (total(&qa, &pa, &fa, 2.5) - total(&qb, &pb, &fb, 2.5)) / (2.0 * h)
+                };
+                assert_relative_eq!(gq[b][i] as f64, fd(0), epsilon = 1e-5, max_relative = 1e-4);
+                assert_relative_eq!(gp[b][i] as f64, fd(1), epsilon = 1e-5, max_relative = 1e-4);
+                assert_relative_eq!(gf[b][i] as f64, fd(2), epsilon = 1e-5, max_relative = 1e-4);
+            }
+        }
+        let fd_scale =
+            (total(&q64, &p64, &f64_, 2.5 + h) - total(&q64, &p64, &f64_, 2.5 - h)) / (2.0 * h);
+        assert_relative_eq!(
+            sum.grad_scale as f64,
+            fd_scale,
+            epsilon = 1e-5,
+            max_relative = 1e-4
+        );
+    }
+
+    #[test]
+    fn sampled_gradient_is_unbiased_for_the_softmax_gradient() {
+        // With fresh == stale embeddings, the mean of the sampled query
+        // gradient must approach the exact gradient of the cross-entropy
+        // -log softmax over {positive, cache}:
+        // alpha * (sum_j P_j e_j - (1 - P_pos) p).
+        let mut r = rng(11);
+        let q: [[f32; D]; 1] = random_rows(&mut r, 0.7);
+        let p: [[f32; D]; 1] = random_rows(&mut r, 0.7);
+        let emb: [[f32; D]; 6] = random_rows(&mut r, 0.7);
+        let cache = filled(&emb);
+        let alpha = 1.5f64;
+        let cfg = LossConfig {
+            score_scale: alpha as f32,
+            ..NO_MASK
+        };
+        let mut logits = [0f64; 7];
+        logits[0] = alpha * (0..D).map(|i| q[0][i] as f64 * p[0][i] as f64).sum::<f64>();
+        for j in 0..6 {
+            logits[j + 1] = alpha
+                * (0..D)
+                    .map(|i| q[0][i] as f64 * emb[j][i] as f64)
+                    .sum::<f64>();
+        }
+        let pr = softmax(&logits, 1.0);
+        let mut exact = [0f64; D];
+        for i in 0..D {
+            exact[i] = alpha
+                * ((0..6).map(|j| pr[j + 1] * emb[j][i] as f64).sum::<f64>()
+                    - (1.0 - pr[0]) * p[0][i] as f64);
+        }
+        let mut loss = CacheLoss::<1, 1>::new();
+        let mut mean = [0f64; D];
+        let draws = 40_000;
+        for _ in 0..draws {
+            loss.score_and_sample(
+                cache.as_ref(),
+                &q,
+                &p,
+                None,
+                &cfg,
+                Retrieval::ExpJump { inv_temp: 1.0 },
+                &mut r,
+                None,
+            )
+            .unwrap();
+            let fresh = [emb[loss.negatives(0)[0] as usize]];
+            let (mut gq, mut gp, mut gf) = ([[0.0; D]; 1], [[0.0; D]; 1], [[0.0; D]; 1]);
+            let grads = LossGrads {
+                query: &mut gq,
+                positive: &mut gp,
+                negative: &mut gf,
+            };
+            loss.backward(cache.as_ref(), &q, &p, &fresh, Some(grads))
+                .unwrap();
+            for i in 0..D {
+                mean[i] += gq[0][i] as f64 / draws as f64;
+            }
+        }
+        for i in 0..D {
+            // Per-draw gradients are O(1), so 4e4 draws give s.e. < 0.01.
+            assert!(
+                (mean[i] - exact[i]).abs() < 0.03,
+                "dim {i}: {} vs {}",
+                mean[i],
+                exact[i]
+            );
+        }
+    }
+
+    /// Draws `n` negatives for one query and checks their distribution
+    /// against softmax(inv_temp * candidate scores) by a chi-square test.
+    fn check_sampler(retrieval: Retrieval<'_>, inv_temp: f64, top_k: usize, seed: u64) {
+        let mut r = rng(seed);
+        let q: [[f32; D]; 1] = random_rows(&mut r, 1.0);
+        let emb: [[f32; D]; 12] = random_rows(&mut r, 0.8);
+        let cache = filled(&emb);
+        let cfg = LossConfig { top_k, ..NO_MASK };
+        let score = |j: usize| (0..D).map(|i| q[0][i] * emb[j][i]).sum::<f32>() as f64;
+        // Candidates: all slots, or each group's best.
+        let mut cand: heapless::Vec<usize, 12> = heapless::Vec::new();
+        if top_k == 0 {
+            cand.extend(0..12);
+        } else {
+            let g = 12 / top_k;
+            for k in 0..top_k {
+                let best =
+                    (k * g..(k + 1) * g)
+                        .fold(k * g, |a, j| if score(j) > score(a) { j } else { a });
+                cand.push(best).unwrap();
+            }
+        }
+        let scores: heapless::Vec<f64, 12> = cand.iter().map(|&j| score(j)).collect();
+        let probs = softmax(&scores, inv_temp);
+        let mut counts = [0u64; 12];
+        let mut loss = CacheLoss::<1, 1>::new();
+        for _ in 0..100_000 {
+            loss.score_and_sample(cache.as_ref(), &q, &q, None, &cfg, retrieval, &mut r, None)
+                .unwrap();
+            let slot = loss.negatives(0)[0] as usize;
+            let pos = cand
+                .iter()
+                .position(|&c| c == slot)
+                .expect("a non-candidate was drawn");
+            counts[pos] += 1;
+        }
+        let t = chi_square(&counts[..cand.len()], &probs).unwrap();
+        assert!(
+            t.p_value > 0.001,
+            "{retrieval:?} top_k {top_k}: {t:?} {counts:?}"
+        );
+    }
+
+    #[test]
+    fn gumbel_max_follows_the_softmax() {
+        check_sampler(Retrieval::Gumbel { inv_temp: 1.0 }, 1.0, 0, 1);
+        check_sampler(Retrieval::Gumbel { inv_temp: 2.5 }, 2.5, 0, 2);
+        check_sampler(Retrieval::Gumbel { inv_temp: 1.0 }, 1.0, 4, 3);
+    }
+
+    #[test]
+    fn exp_jump_follows_the_softmax() {
+        check_sampler(Retrieval::ExpJump { inv_temp: 1.0 }, 1.0, 0, 4);
+        check_sampler(Retrieval::ExpJump { inv_temp: 0.3 }, 0.3, 0, 5);
+        check_sampler(Retrieval::ExpJump { inv_temp: 1.0 }, 1.0, 3, 6);
+        check_sampler(Retrieval::ExpJump { inv_temp: 0.0 }, 0.0, 0, 7);
+    }
+
+    #[test]
+    fn gumbel_top_two_draws_without_replacement() {
+        // P(first = i, second = j) = p_i * p_j / (1 - p_i).
+        let mut r = rng(9);
+        let q: [[f32; D]; 1] = random_rows(&mut r, 1.0);
+        let emb: [[f32; D]; 4] = random_rows(&mut r, 1.0);
+        let cache = filled(&emb);
+        let scores: heapless::Vec<f64, 4> = (0..4)
+            .map(|j| (0..D).map(|i| q[0][i] * emb[j][i]).sum::<f32>() as f64)
+            .collect();
+        let p = softmax(&scores, 1.0);
+        let mut want = [0f64; 16];
+        for i in 0..4 {
+            for j in 0..4 {
+                if i != j {
+                    want[i * 4 + j] = p[i] * p[j] / (1.0 - p[i]);
+                }
+            }
+        }
+        let mut counts = [0u64; 16];
+        let mut loss = CacheLoss::<1, 2>::new();
+        for _ in 0..100_000 {
+            let retrieval = Retrieval::Gumbel { inv_temp: 1.0 };
+            loss.score_and_sample(
+                cache.as_ref(),
+                &q,
+                &q,
+                None,
+                &NO_MASK,
+                retrieval,
+                &mut r,
+                None,
+            )
+            .unwrap();
+            let n = loss.negatives(0);
+            assert_eq!(n.len(), 2);
+            counts[n[0] as usize * 4 + n[1] as usize] += 1;
+        }
+        let t = chi_square(&counts, &want).unwrap();
+        assert!(t.p_value > 0.001, "{t:?}");
+    }
+
+    #[test]
+    fn empty_and_masked_slots_are_never_candidates() {
+        let mut r = rng(3);
+        let q: [[f32; D]; 2] = random_rows(&mut r, 1.0);
+        let p: [[f32; D]; 2] = random_rows(&mut r, 1.0);
+        let mut cache = NegativeCache::<u32, 8, D>::new();
+        let mut loss = CacheLoss::<2, 1>::new();
+        let cfg = LossConfig::DEFAULT;
+        // Empty cache: no negative, prob_pos 1, zero loss.
+        let items = [5u32, 5];
+        loss.score_and_sample(
+            cache.as_ref(),
+            &q,
+            &p,
+            Some(&items),
+            &cfg,
+            Retrieval::default(),
+            &mut r,
+            None,
+        )
+        .unwrap();
+        assert_eq!(loss.prob_pos(), &[1.0, 1.0]);
+        assert!(loss.negatives(0).is_empty());
+        let s = loss
+            .backward(cache.as_ref(), &q, &p, &[[0.0; D]; 2], None)
+            .unwrap();
+        assert_eq!(s.training_loss, 0.0);
+        // Slot 2 holds both queries' positive item 5; slot 1 holds item 7;
+        // the rest are empty.
+        let mut c = cache.as_mut();
+        c.set_slot(2, &p[0], 5, 0, true).unwrap();
+        c.set_slot(1, &q[0], 7, 0, true).unwrap();
+        for _ in 0..200 {
+            loss.score_and_sample(
+                cache.as_ref(),
+                &q,
+                &p,
+                Some(&items),
+                &cfg,
+                Retrieval::Gumbel { inv_temp: 1.0 },
+                &mut r,
+                None,
+            )
+            .unwrap();
+            assert_eq!(loss.negatives(0), &[1]);
+            assert_eq!(loss.negatives(1), &[1]);
+        }
+        // prob_pos over {positive, slot 1} only: 1 / (1 + e^(c - s)).
+        let s0 = dot(&q[0], &p[0]);
+        let c0 = dot(&q[0], &q[0]);
+        assert_relative_eq!(
+            loss.prob_pos()[0],
+            1.0 / (1.0 + math::exp(c0 - s0)),
+            max_relative = 1e-5
+        );
+        // Without masking, the positive's copy becomes a candidate.
+        loss.score_and_sample(
+            cache.as_ref(),
+            &q,
+            &p,
+            Some(&items),
+            &NO_MASK,
+            Retrieval::MaxScore,
+            &mut r,
+            None,
+        )
+        .unwrap();
+        assert!(loss.prob_pos()[0] < 1.0 / (1.0 + math::exp(c0 - s0)));
+    }
+
+    #[test]
+    fn max_score_breaks_ties_to_the_lower_slot() {
+        let emb = [
+            [1.0, 0.0, 0.0, 0.0],
+            [2.0, 0.0, 0.0, 0.0],
+            [2.0, 0.0, 0.0, 0.0],
+            [0.5, 0.0, 0.0, 0.0],
+        ];
+        let cache = filled(&emb);
+        let q = [[1.0, 0.0, 0.0, 0.0]];
+        let mut loss = CacheLoss::<1, 1>::new();
+        loss.score_and_sample(
+            cache.as_ref(),
+            &q,
+            &q,
+            None,
+            &NO_MASK,
+            Retrieval::MaxScore,
+            &mut rng(0),
+            None,
+        )
+        .unwrap();
+        assert_eq!(loss.negatives(0), &[1]);
+        let cfg = LossConfig {
+            top_k: 2,
+            ..NO_MASK
+        };
+        let (mut s, mut i) = ([0.0; 2], [0u32; 2]);
+        let out = TopKOut {
+            scores: &mut s,
+            slots: &mut i,
+        };
+        loss.score_and_sample(
+            cache.as_ref(),
+            &q,
+            &q,
+            None,
+            &cfg,
+            Retrieval::Fixed(&[1]),
+            &mut rng(0),
+            Some(out),
+        )
+        .unwrap();
+        assert_eq!(i, [1, 2]);
+        assert_eq!(s, [2.0, 2.0]);
+        assert_eq!(loss.negatives(0), &[2]);
+    }
+
+    #[test]
+    fn large_scales_stay_finite() {
+        // Unit vectors at scale 1000: scores up to 1000, where exp overflows.
+        let emb = [
+            [1.0, 0.0, 0.0, 0.0],
+            [0.0, 1.0, 0.0, 0.0],
+            [0.6, 0.8, 0.0, 0.0],
+        ];
+        let cache = filled(&emb);
+        let q = [[0.8, 0.6, 0.0, 0.0]];
+        let p = [[0.0, 0.0, 1.0, 0.0]];
+        let cfg = LossConfig {
+            score_scale: 1000.0,
+            ..NO_MASK
+        };
+        let mut loss = CacheLoss::<1, 1>::new();
+        loss.score_and_sample(
+            cache.as_ref(),
+            &q,
+            &p,
+            None,
+            &cfg,
+            Retrieval::ExpJump { inv_temp: 1.0 },
+            &mut rng(1),
+            None,
+        )
+        .unwrap();
+        // log Z = 960 + ln(1 + e^-160 + ...) ~ 960 (slot 2 scores 960).
+        assert_relative_eq!(loss.interpretable_loss()[0], 960.0, max_relative = 1e-6);
+        assert_eq!(loss.negatives(0), &[2]);
+        assert_eq!(loss.prob_pos()[0], 0.0);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let cache = filled(&[[1.0; D]; 6]);
+        let mut loss = CacheLoss::<2, 1>::new();
+        let q = [[1.0; D]; 2];
+        let mut r = rng(0);
+        let nan = [[f32::NAN; D]; 2];
+        let run = |loss: &mut CacheLoss<2, 1>,
+                   q: &[[f32; D]],
+                   cfg: &LossConfig,
+                   ret: Retrieval<'_>,
+                   r: &mut Pcg64Mcg| {
+            loss.score_and_sample(cache.as_ref(), q, q, None, cfg, ret, r, None)
+        };
+        assert_eq!(
+            run(&mut loss, &nan, &NO_MASK, Retrieval::MaxScore, &mut r),
+            Err(Error::NonFinite {
+                what: "query embedding"
+            })
+        );
+        let k4 = LossConfig {
+            top_k: 4,
+            ..NO_MASK
+        };
+        assert_eq!(
+            run(&mut loss, &q, &k4, Retrieval::MaxScore, &mut r),
+            Err(Error::TopKNotDivisor { k: 4, slots: 6 })
+        );
+        assert!(matches!(
+            run(
+                &mut loss,
+                &[[1.0; D]; 3],
+                &NO_MASK,
+                Retrieval::MaxScore,
+                &mut r
+            ),
+            Err(Error::CapacityExceeded { .. })
+        ));
+        assert!(matches!(
+            run(&mut loss, &q, &NO_MASK, Retrieval::Fixed(&[0, 6]), &mut r),
+            Err(Error::IndexOutOfRange { .. })
+        ));
+        assert!(matches!(
+            run(
+                &mut loss,
+                &q,
+                &LossConfig::DEFAULT,
+                Retrieval::MaxScore,
+                &mut r
+            ),
+            Err(Error::InvalidConfig { .. })
+        ));
+        // Finite inputs whose cache score overflows (4e39) while the
+        // positive score (400) does not.
+        let huge = filled(&[[1e38; D]; 2]);
+        let ten = [[10.0; D]; 2];
+        let e = loss.score_and_sample(
+            huge.as_ref(),
+            &ten,
+            &ten,
+            None,
+            &NO_MASK,
+            Retrieval::MaxScore,
+            &mut r,
+            None,
+        );
+        assert_eq!(
+            e,
+            Err(Error::NonFinite {
+                what: "cache score"
+            })
+        );
+        let mut two = CacheLoss::<2, 2>::new();
+        let e = two.score_and_sample(
+            cache.as_ref(),
+            &q,
+            &q,
+            None,
+            &NO_MASK,
+            Retrieval::ExpJump { inv_temp: 1.0 },
+            &mut r,
+            None,
+        );
+        assert!(matches!(e, Err(Error::Unsupported { .. })));
+    }
+}

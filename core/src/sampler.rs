@@ -1,0 +1,206 @@
+//! How the negative is chosen among a query's candidates, one candidate at
+//! a time, in one streaming pass.
+//!
+//! Every selector here sees each candidate's score once, in slot order, and
+//! keeps O(m) state per query, so sampling never needs a batch x capacity
+//! score matrix.
+//!
+//! - [`Retrieval::Gumbel`]: Gumbel-max. Each candidate's key is
+//!   `inv_temp * c + G` with `G` a standard Gumbel variate; the candidate
+//!   with the largest key is a draw from `softmax(inv_temp * c)`, and the m
+//!   largest keys are m distinct draws without replacement (Gumbel-top-m).
+//!   One logarithm pair per candidate.
+//! - [`Retrieval::ExpJump`]: the same distribution for m = 1 from a weighted
+//!   reservoir that jumps. With `W_j` the running sum of weights
+//!   `w = exp(inv_temp * c)`, the current pick, chosen at total `W_i`,
+//!   survives past total `W_j` with probability `W_i / W_j` (that is what
+//!   replacing with probability `w_j / W_j` at every step multiplies out
+//!   to). So instead of a coin per candidate we draw `U ~ (0, 1)` once and
+//!   replace at the first candidate where the running sum exceeds
+//!   `W_i / U`. The expected number of draws is the sum of `w_j / W_j`,
+//!   about `ln N` for equal weights. Weights are kept relative to the
+//!   running maximum score, as in the log-sum-exp, so nothing overflows.
+//! - [`Retrieval::MaxScore`]: the m highest-scoring candidates (ties to the
+//!   lower slot index).
+//! - [`Retrieval::Fixed`]: given per query (for verification).
+
+use rand_core::RngCore;
+
+use crate::math;
+use crate::random;
+
+/// How negatives are chosen among the candidates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Retrieval<'a> {
+    /// Gumbel-max sampling from `softmax(inv_temp * score)`; with m > 1
+    /// negatives per query, Gumbel-top-m (m distinct candidates).
+    Gumbel {
+        /// Inverse temperature applied to the scores before sampling.
+        inv_temp: f32,
+    },
+    /// The same distribution as `Gumbel` for one negative per query, by a
+    /// jumping weighted reservoir that draws O(log N) random numbers per
+    /// query instead of one per candidate.
+    ExpJump {
+        /// Inverse temperature applied to the scores before sampling.
+        inv_temp: f32,
+    },
+    /// The highest-scoring candidates, no randomness.
+    MaxScore,
+    /// One given negative per query: a slot index without top-k, a
+    /// candidate position `g < k` with top-k.
+    Fixed(&'a [usize]),
+}
+
+impl Default for Retrieval<'_> {
+    fn default() -> Self {
+        Retrieval::ExpJump { inv_temp: 1.0 }
+    }
+}
+
+/// An online log-sum-exp: `max + ln(sum)` over the values pushed so far.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct LogSumExp {
+    pub(crate) max: f32,
+    pub(crate) sum: f32,
+}
+
+impl LogSumExp {
+    pub(crate) const EMPTY: Self = Self {
+        max: f32::NEG_INFINITY,
+        sum: 0.0,
+    };
+
+    /// Adds `c` (finite); returns the factor by which the earlier sum was
+    /// rescaled (1 unless `c` is a new maximum).
+    #[inline]
+    pub(crate) fn push(&mut self, c: f32) -> f32 {
+        if c > self.max {
+            let scale = math::exp(self.max - c);
+            self.sum = self.sum * scale + 1.0;
+            self.max = c;
+            scale
+        } else {
+            self.sum += math::exp(c - self.max);
+            1.0
+        }
+    }
+
+    /// The value, `-inf` when empty.
+    #[inline]
+    pub(crate) fn value(&self) -> f32 {
+        if self.sum > 0.0 {
+            self.max + math::ln(self.sum)
+        } else {
+            f32::NEG_INFINITY
+        }
+    }
+}
+
+/// Per-query selection state: the m best keys so far and their slots.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Picks<const NEG: usize> {
+    pub(crate) keys: [f32; NEG],
+    pub(crate) slots: [u32; NEG],
+    pub(crate) len: usize,
+}
+
+impl<const NEG: usize> Picks<NEG> {
+    pub(crate) const EMPTY: Self = Self {
+        keys: [f32::NEG_INFINITY; NEG],
+        slots: [0; NEG],
+        len: 0,
+    };
+
+    /// Offers a candidate; keeps the `NEG` largest keys, an earlier
+    /// candidate winning ties.
+    #[inline]
+    pub(crate) fn offer(&mut self, key: f32, slot: u32) {
+        if self.len == NEG {
+            if key <= self.keys[NEG - 1] {
+                return;
+            }
+            self.len -= 1;
+        }
+        let mut pos = self.len;
+        while pos > 0 && key > self.keys[pos - 1] {
+            self.keys[pos] = self.keys[pos - 1];
+            self.slots[pos] = self.slots[pos - 1];
+            pos -= 1;
+        }
+        self.keys[pos] = key;
+        self.slots[pos] = slot;
+        self.len += 1;
+    }
+
+    pub(crate) fn set_one(&mut self, slot: u32) {
+        self.keys[0] = 0.0;
+        self.slots[0] = slot;
+        self.len = 1;
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u32] {
+        &self.slots[..self.len]
+    }
+}
+
+/// The jumping reservoir's state for one query (m = 1).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Jump {
+    /// Running log-sum-exp of the sampling logits (only used when the
+    /// inverse temperature is not 1; otherwise the loss's own is shared).
+    pub(crate) lse: LogSumExp,
+    /// The running sum (relative to `lse.max`) at which the pick changes.
+    pub(crate) threshold: f32,
+}
+
+impl Jump {
+    pub(crate) const EMPTY: Self = Self {
+        lse: LogSumExp::EMPTY,
+        threshold: 0.0,
+    };
+
+    /// Called after the candidate's weight was added to a running sum
+    /// `sum` whose earlier value was rescaled by `scale`; returns whether
+    /// the candidate becomes the pick.
+    #[inline]
+    pub(crate) fn step(&mut self, sum: f32, scale: f32, rng: &mut impl RngCore) -> bool {
+        self.threshold *= scale;
+        if sum > self.threshold {
+            self.threshold = sum / random::open01(rng);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lse_matches_closed_form() {
+        let mut l = LogSumExp::EMPTY;
+        assert_eq!(l.value(), f32::NEG_INFINITY);
+        for c in [1.0f32, 3.0, -2.0, 3.0] {
+            l.push(c);
+        }
+        let want = (1.0f64.exp() + 2.0 * 3.0f64.exp() + (-2.0f64).exp()).ln() as f32;
+        approx::assert_relative_eq!(l.value(), want, max_relative = 1e-6);
+    }
+
+    #[test]
+    fn picks_keep_the_largest_with_ties_to_the_first() {
+        let mut p = Picks::<3>::EMPTY;
+        for (k, s) in [(1.0, 0), (5.0, 1), (3.0, 2), (5.0, 3), (0.5, 4), (4.0, 5)] {
+            p.offer(k, s);
+        }
+        assert_eq!(p.as_slice(), &[1, 3, 5]);
+        let mut one = Picks::<1>::EMPTY;
+        for (k, s) in [(2.0, 7), (2.0, 8)] {
+            one.offer(k, s);
+        }
+        assert_eq!(one.as_slice(), &[7]);
+    }
+}
