@@ -21,6 +21,7 @@
 //! - [`cache`]: the cache's slots and their update rules.
 //! - [`loss`]: the streaming scoring pass and the cache loss.
 //! - [`sampler`]: how negatives are chosen among candidates.
+//! - [`softmax`]: in-batch, sampled and full softmax, for comparison.
 //! - [`random`]: random variates from a caller-supplied generator.
 //! - [`vector`]: small fixed-size vector operations.
 //! - [`stats`]: the chi-square test used to check samplers.
@@ -35,6 +36,7 @@ pub mod loss;
 mod math;
 pub mod random;
 pub mod sampler;
+pub mod softmax;
 pub mod stats;
 pub mod vector;
 

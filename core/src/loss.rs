@@ -31,8 +31,8 @@
 //! dL/dalpha = mean_b (1 - p_b) * (mean_i <q_b, f_bi> - <q_b, p_b>)
 //! ```
 //!
-//! `1 - prob_pos` is computed as `exp(lse(candidates) - log Z)`, not by
-//! subtraction, so it keeps its precision when the positive dominates.
+//! `1 - prob_pos` is computed from the candidates' own sum, not by
+//! subtraction from 1, so it keeps its precision when the positive dominates.
 //! A query without any candidate (an empty cache, or every slot masked) has
 //! `prob_pos = 1`, no negative, and contributes zero loss and gradient.
 
@@ -41,7 +41,6 @@ use rand_core::RngCore;
 use crate::cache::CacheRef;
 use crate::error::{check_len, Error, Result};
 use crate::item::Item;
-use crate::math;
 use crate::random;
 use crate::sampler::{Jump, LogSumExp, Picks, Retrieval};
 use crate::vector::{self, dot};
@@ -388,12 +387,18 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
                     what: "positive score",
                 });
             }
-            let cand = self.lse[b].value();
-            let log_z = math::log_add_exp(s, cand);
+            let cand = &self.lse[b];
+            let mut z = LogSumExp::EMPTY;
+            z.push(s);
+            z.merge(cand);
             self.pos_score[b] = s;
-            self.prob_pos[b] = math::exp(s - log_z);
-            self.prob_neg[b] = math::exp(cand - log_z);
-            self.interpretable[b] = log_z - s;
+            self.prob_pos[b] = z.weight(s);
+            self.prob_neg[b] = if cand.sum > 0.0 {
+                cand.sum * z.weight(cand.max)
+            } else {
+                0.0
+            };
+            self.interpretable[b] = z.minus(s);
         }
         Ok(())
     }
@@ -623,6 +628,7 @@ fn stream<I: Item, const DIM: usize>(
 mod tests {
     use super::*;
     use crate::cache::NegativeCache;
+    use crate::math;
     use crate::stats::chi_square;
     use approx::assert_relative_eq;
     use rand_core::SeedableRng;

@@ -54,37 +54,3 @@ pub(crate) fn exp64(x: f64) -> f64 {
 pub(crate) fn ln64(x: f64) -> f64 {
     libm::log(x)
 }
-
-/// ln(e^a + e^b) without overflow; `-inf` arguments are handled.
-#[inline]
-pub(crate) fn log_add_exp(a: f32, b: f32) -> f32 {
-    let (hi, lo) = if a >= b { (a, b) } else { (b, a) };
-    if hi == f32::NEG_INFINITY {
-        return f32::NEG_INFINITY;
-    }
-    hi + ln_1p(exp(lo - hi))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use approx::assert_relative_eq;
-
-    #[test]
-    fn log_add_exp_is_stable_for_large_arguments() {
-        // ln(e^1000 + e^1000) = 1000 + ln 2, where a naive form overflows.
-        assert_relative_eq!(
-            log_add_exp(1000.0, 1000.0),
-            1000.0 + core::f32::consts::LN_2,
-            max_relative = 1e-6
-        );
-        assert_relative_eq!(log_add_exp(0.0, f32::NEG_INFINITY), 0.0);
-        assert_eq!(
-            log_add_exp(f32::NEG_INFINITY, f32::NEG_INFINITY),
-            f32::NEG_INFINITY
-        );
-        // ln(e^-1 + e^2) from the closed form, computed in f64.
-        let want = (((-1.0f64).exp() + 2.0f64.exp()).ln()) as f32;
-        assert_relative_eq!(log_add_exp(-1.0, 2.0), want, max_relative = 1e-6);
-    }
-}

@@ -86,14 +86,34 @@ impl LogSumExp {
         }
     }
 
-    /// The value, `-inf` when empty.
+    /// Adds every value of `other`.
     #[inline]
-    pub(crate) fn value(&self) -> f32 {
-        if self.sum > 0.0 {
-            self.max + math::ln(self.sum)
-        } else {
-            f32::NEG_INFINITY
+    pub(crate) fn merge(&mut self, other: &LogSumExp) {
+        if other.sum == 0.0 {
+            return;
         }
+        if other.max > self.max {
+            self.sum = self.sum * math::exp(self.max - other.max) + other.sum;
+            self.max = other.max;
+        } else {
+            self.sum += other.sum * math::exp(other.max - self.max);
+        }
+    }
+
+    /// `exp(c) / sum of exp(values)`: the softmax weight of a value `c`.
+    ///
+    /// Computed as `exp(c - max) / sum` rather than `exp(c - lse)`: at
+    /// large scores the rounding of `lse` itself (an ulp of 320 is 3e-5)
+    /// would otherwise enter every weight.
+    #[inline]
+    pub(crate) fn weight(&self, c: f32) -> f32 {
+        math::exp(c - self.max) / self.sum
+    }
+
+    /// `lse - c`, with the large parts cancelled first.
+    #[inline]
+    pub(crate) fn minus(&self, c: f32) -> f32 {
+        (self.max - c) + math::ln(self.sum)
     }
 }
 
@@ -182,12 +202,26 @@ mod tests {
     #[test]
     fn lse_matches_closed_form() {
         let mut l = LogSumExp::EMPTY;
-        assert_eq!(l.value(), f32::NEG_INFINITY);
-        for c in [1.0f32, 3.0, -2.0, 3.0] {
+        for c in [1.0f32, 3.0, -2.0] {
             l.push(c);
         }
+        let mut other = LogSumExp::EMPTY;
+        other.push(3.0);
+        l.merge(&other);
         let want = (1.0f64.exp() + 2.0 * 3.0f64.exp() + (-2.0f64).exp()).ln() as f32;
-        approx::assert_relative_eq!(l.value(), want, max_relative = 1e-6);
+        approx::assert_relative_eq!(-l.minus(0.0), want, max_relative = 1e-6);
+        // The weight of 3 is e^3 / sum.
+        let w = 3.0f64.exp() / (1.0f64.exp() + 2.0 * 3.0f64.exp() + (-2.0f64).exp());
+        approx::assert_relative_eq!(l.weight(3.0), w as f32, max_relative = 1e-6);
+        // At scores near 1000 the value is still exact to f32 precision.
+        let mut big = LogSumExp::EMPTY;
+        big.push(1000.0);
+        big.push(1000.0);
+        approx::assert_relative_eq!(
+            -big.minus(0.0),
+            1000.0 + core::f32::consts::LN_2,
+            max_relative = 1e-6
+        );
     }
 
     #[test]
