@@ -59,12 +59,7 @@ pub struct NegativeCache<I, const CAP: usize, const DIM: usize> {
 impl<I: Item, const CAP: usize, const DIM: usize> NegativeCache<I, CAP, DIM> {
     /// An empty cache: zero embeddings, empty items, every age 0.
     pub const fn new() -> Self {
-        const {
-            assert!(
-                CAP > 0 && CAP <= i32::MAX as usize,
-                "CAP must be in 1..=i32::MAX"
-            )
-        };
+        const { assert!(CAP > 0 && CAP <= i32::MAX as usize, "CAP must be in 1..=i32::MAX") };
         const { assert!(DIM > 0, "DIM must be positive") };
         Self {
             embeddings: [[0.0; DIM]; CAP],
@@ -242,10 +237,7 @@ impl<'a, I: Item, const DIM: usize> CacheRef<'a, I, DIM> {
 
     /// Whether an occupied slot holds `item`.
     pub fn contains(&self, item: &I) -> bool {
-        self.items
-            .iter()
-            .zip(self.occupied)
-            .any(|(it, &o)| o && it == item)
+        self.items.iter().zip(self.occupied).any(|(it, &o)| o && it == item)
     }
 
     /// The `out.len()` slots whose embeddings were written longest ago
@@ -253,10 +245,7 @@ impl<'a, I: Item, const DIM: usize> CacheRef<'a, I, DIM> {
     /// slots count. Returns how many were found.
     pub fn stalest(&self, out: &mut [usize]) -> usize {
         let key = |j: usize| (core::cmp::Reverse(self.stamps[j]), core::cmp::Reverse(j));
-        select_top(self.capacity(), out, None, |j| {
-            self.occupied[j].then(|| key(j))
-        })
-        .0
+        select_top(self.capacity(), out, None, |j| self.occupied[j].then(|| key(j))).0
     }
 }
 
@@ -320,9 +309,7 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
         check_len("stamps", n, slots.stamps.len())?;
         check_len("occupied", n, slots.occupied.len())?;
         if n == 0 || n > i32::MAX as usize {
-            return Err(Error::InvalidConfig {
-                what: "a cache needs between 1 and i32::MAX slots",
-            });
+            return Err(Error::InvalidConfig { what: "a cache needs between 1 and i32::MAX slots" });
         }
         Ok(Self {
             embeddings: slots.embeddings,
@@ -358,26 +345,13 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
 
     /// Sets a slot directly (used to load a cache from a checkpoint or from
     /// a reference case). Not part of the update semantics.
-    pub fn set_slot(
-        &mut self,
-        j: usize,
-        embedding: &[f32; DIM],
-        item: I,
-        age: i32,
-        occupied: bool,
-    ) -> Result<()> {
+    pub fn set_slot(&mut self, j: usize, embedding: &[f32; DIM], item: I, age: i32, occupied: bool) -> Result<()> {
         let n = self.embeddings.len();
         if j >= n {
-            return Err(Error::IndexOutOfRange {
-                what: "slot",
-                index: j,
-                bound: n,
-            });
+            return Err(Error::IndexOutOfRange { what: "slot", index: j, bound: n });
         }
         if !vector::all_finite(embedding) {
-            return Err(Error::NonFinite {
-                what: "slot embedding",
-            });
+            return Err(Error::NonFinite { what: "slot embedding" });
         }
         self.embeddings[j] = *embedding;
         self.items[j] = item;
@@ -387,54 +361,38 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
         Ok(())
     }
 
-    /// One update call: refresh, insert, then age every slot by one (spec
-    /// `cache_update`). Validates everything before changing anything, so
-    /// an error leaves the cache as it was.
-    pub fn update(&mut self, up: &Update<'_, I, DIM>, eviction: Eviction) -> Result<()> {
+    /// Refreshes slots without inserting or ageing: step 1 of
+    /// [`Self::update`] alone, for re-embedding entries outside the
+    /// update call. `up`'s insertion fields must be empty.
+    pub fn refresh(&mut self, up: &Update<'_, I, DIM>, eviction: Eviction) -> Result<()> {
+        if !up.new_embeddings.is_empty() || !up.new_items.is_empty() {
+            return Err(Error::InvalidConfig { what: "refresh takes no new items; use update" });
+        }
+        self.check_refresh(up)?;
+        self.apply_refresh(up, eviction);
+        Ok(())
+    }
+
+    fn check_refresh(&self, up: &Update<'_, I, DIM>) -> Result<()> {
         let n = self.embeddings.len();
-        check_len(
-            "refresh_embeddings",
-            up.refresh_indices.len(),
-            up.refresh_embeddings.len(),
-        )?;
+        check_len("refresh_embeddings", up.refresh_indices.len(), up.refresh_embeddings.len())?;
         if let Some(m) = up.refresh_mask {
             check_len("refresh_mask", up.refresh_indices.len(), m.len())?;
         }
         for (u, &j) in up.refresh_indices.iter().enumerate() {
             let active = up.refresh_mask.is_none_or(|m| m[u]);
             if active && j >= n {
-                return Err(Error::IndexOutOfRange {
-                    what: "refresh index",
-                    index: j,
-                    bound: n,
-                });
+                return Err(Error::IndexOutOfRange { what: "refresh index", index: j, bound: n });
             }
             if active && !vector::all_finite(&up.refresh_embeddings[u]) {
-                return Err(Error::NonFinite {
-                    what: "refresh embedding",
-                });
+                return Err(Error::NonFinite { what: "refresh embedding" });
             }
         }
-        check_len("new_items", up.new_embeddings.len(), up.new_items.len())?;
-        if let Some(m) = up.new_mask {
-            check_len("new_mask", up.new_embeddings.len(), m.len())?;
-        }
-        if up.new_embeddings.len() > n {
-            return Err(Error::CapacityExceeded {
-                requested: up.new_embeddings.len(),
-                capacity: n,
-            });
-        }
-        for (m, e) in up.new_embeddings.iter().enumerate() {
-            if up.new_mask.is_none_or(|mask| mask[m]) && !vector::all_finite(e) {
-                return Err(Error::NonFinite {
-                    what: "new embedding",
-                });
-            }
-        }
+        Ok(())
+    }
 
+    fn apply_refresh(&mut self, up: &Update<'_, I, DIM>, eviction: Eviction) {
         let now = *self.clock;
-        // 1. Refresh.
         for (u, &j) in up.refresh_indices.iter().enumerate() {
             if up.refresh_mask.is_none_or(|m| m[u]) {
                 self.embeddings[j] = up.refresh_embeddings[u];
@@ -444,6 +402,30 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
                 }
             }
         }
+    }
+
+    /// One update call: refresh, insert, then age every slot by one (spec
+    /// `cache_update`). Validates everything before changing anything, so
+    /// an error leaves the cache as it was.
+    pub fn update(&mut self, up: &Update<'_, I, DIM>, eviction: Eviction) -> Result<()> {
+        let n = self.embeddings.len();
+        self.check_refresh(up)?;
+        check_len("new_items", up.new_embeddings.len(), up.new_items.len())?;
+        if let Some(m) = up.new_mask {
+            check_len("new_mask", up.new_embeddings.len(), m.len())?;
+        }
+        if up.new_embeddings.len() > n {
+            return Err(Error::CapacityExceeded { requested: up.new_embeddings.len(), capacity: n });
+        }
+        for (m, e) in up.new_embeddings.iter().enumerate() {
+            if up.new_mask.is_none_or(|mask| mask[m]) && !vector::all_finite(e) {
+                return Err(Error::NonFinite { what: "new embedding" });
+            }
+        }
+
+        // 1. Refresh.
+        self.apply_refresh(up, eviction);
+        let now = *self.clock;
         // 2. Insert: the j-th unmasked item goes to the j-th slot in the
         // order (age descending, index ascending). Ages stay as they are
         // until every item is placed, so the order cannot shift under us;
@@ -457,9 +439,7 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
             .enumerate()
             .filter(|(m, _)| up.new_mask.is_none_or(|mask| mask[*m]))
             .map(|(_, pair)| pair);
-        let total = up
-            .new_mask
-            .map_or(up.new_items.len(), |m| m.iter().filter(|&&x| x).count());
+        let total = up.new_mask.map_or(up.new_items.len(), |m| m.iter().filter(|&&x| x).count());
         let mut placed = 0;
         let mut bound = None;
         let mut chosen = [0usize; 64];
@@ -503,22 +483,9 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
 mod tests {
     use super::*;
 
-    fn insert(
-        c: &mut CacheMut<'_, u32, 1>,
-        items: &[u32],
-        mask: Option<&[bool]>,
-        ev: Eviction,
-    ) -> Result<()> {
+    fn insert(c: &mut CacheMut<'_, u32, 1>, items: &[u32], mask: Option<&[bool]>, ev: Eviction) -> Result<()> {
         let emb: heapless::Vec<[f32; 1], 16> = items.iter().map(|&i| [i as f32]).collect();
-        c.update(
-            &Update {
-                new_embeddings: &emb,
-                new_items: items,
-                new_mask: mask,
-                ..Update::default()
-            },
-            ev,
-        )
+        c.update(&Update { new_embeddings: &emb, new_items: items, new_mask: mask, ..Update::default() }, ev)
     }
 
     #[test]
@@ -556,10 +523,7 @@ mod tests {
             c.update(&up, ev).unwrap();
             let r = c.as_ref();
             assert_eq!(r.items()[want_slot], 9, "{ev:?}");
-            assert_eq!(
-                r.embeddings()[0],
-                if want_slot == 0 { [9.0] } else { [7.0] }
-            );
+            assert_eq!(r.embeddings()[0], if want_slot == 0 { [9.0] } else { [7.0] });
             let want_ages: [i32; 2] = if ev == Eviction::Lru { [0, 0] } else { [0, 4] };
             assert_eq!(r.ages(), &want_ages, "{ev:?}");
         }
@@ -572,13 +536,7 @@ mod tests {
         for (j, age) in [0, 3, 2, 1].into_iter().enumerate() {
             c.set_slot(j, &[0.0], 100 + j as u32, age, true).unwrap();
         }
-        insert(
-            &mut c,
-            &[1, 2, 3],
-            Some(&[false, true, true]),
-            Eviction::Fifo,
-        )
-        .unwrap();
+        insert(&mut c, &[1, 2, 3], Some(&[false, true, true]), Eviction::Fifo).unwrap();
         // Slot order by age: 1, 2, 3, 0. The unmasked items 2 and 3 go to
         // the first two of those.
         assert_eq!(c.as_ref().items(), &[100, 2, 3, 103]);
@@ -589,39 +547,12 @@ mod tests {
     fn too_many_items_is_an_error_and_changes_nothing() {
         let mut cache = NegativeCache::<u32, 2, 1>::new();
         let mut c = cache.as_mut();
-        let err = insert(
-            &mut c,
-            &[1, 2, 3],
-            Some(&[false, false, true]),
-            Eviction::Fifo,
-        );
-        assert_eq!(
-            err,
-            Err(Error::CapacityExceeded {
-                requested: 3,
-                capacity: 2
-            })
-        );
-        let bad = Update {
-            refresh_indices: &[5],
-            refresh_embeddings: &[[1.0]],
-            ..Update::default()
-        };
-        assert!(matches!(
-            c.update(&bad, Eviction::Lru),
-            Err(Error::IndexOutOfRange { .. })
-        ));
-        let nan = Update {
-            new_embeddings: &[[f32::NAN]],
-            new_items: &[1],
-            ..Update::default()
-        };
-        assert_eq!(
-            c.update(&nan, Eviction::Lru),
-            Err(Error::NonFinite {
-                what: "new embedding"
-            })
-        );
+        let err = insert(&mut c, &[1, 2, 3], Some(&[false, false, true]), Eviction::Fifo);
+        assert_eq!(err, Err(Error::CapacityExceeded { requested: 3, capacity: 2 }));
+        let bad = Update { refresh_indices: &[5], refresh_embeddings: &[[1.0]], ..Update::default() };
+        assert!(matches!(c.update(&bad, Eviction::Lru), Err(Error::IndexOutOfRange { .. })));
+        let nan = Update { new_embeddings: &[[f32::NAN]], new_items: &[1], ..Update::default() };
+        assert_eq!(c.update(&nan, Eviction::Lru), Err(Error::NonFinite { what: "new embedding" }));
         assert!(cache.is_empty());
         assert_eq!(cache.as_ref().ages(), &[0, 0]);
     }
@@ -632,9 +563,7 @@ mod tests {
         let mut c = cache.as_mut();
         c.set_slot(1, &[0.0], [4, 5], 0, true).unwrap();
         let mut keep = [false; 4];
-        c.as_ref()
-            .filter_new(&[[4, 5], [4, 6], [0, 0], [5, 4]], &mut keep)
-            .unwrap();
+        c.as_ref().filter_new(&[[4, 5], [4, 6], [0, 0], [5, 4]], &mut keep).unwrap();
         // [0, 0] equals the empty slots' filler but they hold nothing.
         assert_eq!(keep, [false, true, true, true]);
     }
@@ -645,11 +574,7 @@ mod tests {
         let mut c = cache.as_mut();
         insert(&mut c, &[1, 2], None, Eviction::Fifo).unwrap(); // written at 0
         insert(&mut c, &[3, 4], None, Eviction::Fifo).unwrap(); // written at 1
-        let up = Update {
-            refresh_indices: &[0],
-            refresh_embeddings: &[[5.0]],
-            ..Update::default()
-        };
+        let up = Update { refresh_indices: &[0], refresh_embeddings: &[[5.0]], ..Update::default() };
         c.update(&up, Eviction::Fifo).unwrap(); // slot 0 rewritten at 2
         let mut out = [0usize; 3];
         assert_eq!(c.as_ref().stalest(&mut out), 3);
@@ -663,21 +588,13 @@ mod tests {
         let mut c = cache.as_mut();
         let items: [u32; 150] = core::array::from_fn(|i| i as u32 + 1);
         let emb: [[f32; 1]; 150] = core::array::from_fn(|i| [i as f32]);
-        let up = Update {
-            new_embeddings: &emb,
-            new_items: &items,
-            ..Update::default()
-        };
+        let up = Update { new_embeddings: &emb, new_items: &items, ..Update::default() };
         c.update(&up, Eviction::Fifo).unwrap();
         let r = c.as_ref();
         assert!((0..150).all(|j| r.items()[j] == j as u32 + 1 && r.ages()[j] == 0));
         assert!((150..200).all(|j| !r.occupied()[j] && r.ages()[j] == 1));
         // The next 100 go to the 50 empty slots, then to slots 0..50.
-        let up = Update {
-            new_embeddings: &emb[..100],
-            new_items: &items[..100],
-            ..Update::default()
-        };
+        let up = Update { new_embeddings: &emb[..100], new_items: &items[..100], ..Update::default() };
         c.update(&up, Eviction::Fifo).unwrap();
         let r = c.as_ref();
         assert!((150..200).all(|j| r.items()[j] == j as u32 - 149));

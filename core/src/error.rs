@@ -64,17 +64,10 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Error::CapacityExceeded {
-                requested,
-                capacity,
-            } => {
+            Error::CapacityExceeded { requested, capacity } => {
                 write!(f, "{requested} items offered but only {capacity} fit")
             }
-            Error::LengthMismatch {
-                what,
-                expected,
-                got,
-            } => {
+            Error::LengthMismatch { what, expected, got } => {
                 write!(f, "{what}: expected length {expected}, got {got}")
             }
             Error::IndexOutOfRange { what, index, bound } => {
@@ -86,10 +79,7 @@ impl fmt::Display for Error {
                 write!(f, "top-k {k} does not divide the {slots} cache slots")
             }
             Error::EmptyCandidate { query } => {
-                write!(
-                    f,
-                    "query {query}: the fixed retrieval names an empty slot or candidate"
-                )
+                write!(f, "query {query}: the fixed retrieval names an empty slot or candidate")
             }
             Error::Unsupported { what } => write!(f, "not supported: {what}"),
         }
@@ -106,10 +96,6 @@ pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Resu
     if expected == got {
         Ok(())
     } else {
-        Err(Error::LengthMismatch {
-            what,
-            expected,
-            got,
-        })
+        Err(Error::LengthMismatch { what, expected, got })
     }
 }

@@ -32,12 +32,17 @@
 pub mod cache;
 pub mod error;
 pub mod item;
+pub mod layers;
 pub mod loss;
 mod math;
+pub mod optim;
 pub mod random;
 pub mod sampler;
 pub mod softmax;
 pub mod stats;
+pub mod tokenizer;
+pub mod tower;
+pub mod trainer;
 pub mod vector;
 
 pub use cache::{CacheMut, CacheRef, Eviction, NegativeCache, SlotsMut, Update};

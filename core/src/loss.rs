@@ -64,11 +64,7 @@ pub struct LossConfig {
 impl LossConfig {
     /// The defaults: scale 1, all slots as candidates, accidental hits
     /// masked.
-    pub const DEFAULT: Self = Self {
-        score_scale: 1.0,
-        top_k: 0,
-        mask_accidental_hits: true,
-    };
+    pub const DEFAULT: Self = Self { score_scale: 1.0, top_k: 0, mask_accidental_hits: true };
 }
 
 impl Default for LossConfig {
@@ -123,8 +119,9 @@ pub struct LossSummary {
 /// - `NEG`: negatives drawn per query (1 in the paper).
 ///
 /// # Memory
-/// O(BATCH x NEG): about `BATCH * (48 + 8 * NEG)` bytes, independent of the
-/// cache's size (no score matrix is ever stored).
+/// O(BATCH x NEG): `BATCH * (60 + 8 * NEG) + 12` bytes before padding
+/// (2,192 for `CacheLoss<32, 1>`), independent of the cache's size: no
+/// score matrix is ever stored.
 ///
 /// ```
 /// use negcache::CacheLoss;
@@ -190,37 +187,24 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
         let bsz = queries.len();
         let n = cache.capacity();
         if bsz > BATCH {
-            return Err(Error::CapacityExceeded {
-                requested: bsz,
-                capacity: BATCH,
-            });
+            return Err(Error::CapacityExceeded { requested: bsz, capacity: BATCH });
         }
         check_len("positives", bsz, positives.len())?;
         if !cfg.score_scale.is_finite() {
-            return Err(Error::NonFinite {
-                what: "score scale",
-            });
+            return Err(Error::NonFinite { what: "score scale" });
         }
         if !vector::rows_finite(queries) {
-            return Err(Error::NonFinite {
-                what: "query embedding",
-            });
+            return Err(Error::NonFinite { what: "query embedding" });
         }
         if !vector::rows_finite(positives) {
-            return Err(Error::NonFinite {
-                what: "positive embedding",
-            });
+            return Err(Error::NonFinite { what: "positive embedding" });
         }
         if cfg.top_k > 0 && n % cfg.top_k != 0 {
-            return Err(Error::TopKNotDivisor {
-                k: cfg.top_k,
-                slots: n,
-            });
+            return Err(Error::TopKNotDivisor { k: cfg.top_k, slots: n });
         }
         let hit_items = if cfg.mask_accidental_hits {
-            let items = positive_items.ok_or(Error::InvalidConfig {
-                what: "mask_accidental_hits needs the positives' items",
-            })?;
+            let items = positive_items
+                .ok_or(Error::InvalidConfig { what: "mask_accidental_hits needs the positives' items" })?;
             check_len("positive items", bsz, items.len())?;
             Some(items)
         } else {
@@ -229,9 +213,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
         let mut top_k_out = top_k_out;
         if let Some(out) = &top_k_out {
             if cfg.top_k == 0 {
-                return Err(Error::InvalidConfig {
-                    what: "top-k output asked for without top-k",
-                });
+                return Err(Error::InvalidConfig { what: "top-k output asked for without top-k" });
             }
             check_len("top-k scores", bsz * cfg.top_k, out.scores.len())?;
             check_len("top-k slots", bsz * cfg.top_k, out.slots.len())?;
@@ -257,19 +239,10 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
         let finite = match retrieval {
             Retrieval::Gumbel { inv_temp } => {
                 check_inv_temp(inv_temp)?;
-                stream(
-                    cache,
-                    queries,
-                    hit_items,
-                    alpha,
-                    top_k,
-                    group,
-                    out,
-                    |b, c, s, _| {
-                        lse[b].push(c);
-                        picks[b].offer(inv_temp * c + random::gumbel(rng), s);
-                    },
-                )
+                stream(cache, queries, hit_items, alpha, top_k, group, out, |b, c, s, _| {
+                    lse[b].push(c);
+                    picks[b].offer(inv_temp * c + random::gumbel(rng), s);
+                })
             }
             Retrieval::ExpJump { inv_temp } => {
                 check_inv_temp(inv_temp)?;
@@ -280,70 +253,37 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
                 }
                 if inv_temp == 1.0 {
                     // The sampling weights are the log-sum-exp's own terms.
-                    stream(
-                        cache,
-                        queries,
-                        hit_items,
-                        alpha,
-                        top_k,
-                        group,
-                        out,
-                        |b, c, s, _| {
-                            let scale = lse[b].push(c);
-                            if jump[b].step(lse[b].sum, scale, rng) {
-                                picks[b].set_one(s);
-                            }
-                        },
-                    )
+                    stream(cache, queries, hit_items, alpha, top_k, group, out, |b, c, s, _| {
+                        let scale = lse[b].push(c);
+                        if jump[b].step(lse[b].sum, scale, rng) {
+                            picks[b].set_one(s);
+                        }
+                    })
                 } else {
-                    stream(
-                        cache,
-                        queries,
-                        hit_items,
-                        alpha,
-                        top_k,
-                        group,
-                        out,
-                        |b, c, s, _| {
-                            lse[b].push(c);
-                            let j = &mut jump[b];
-                            let scale = j.lse.push(inv_temp * c);
-                            let sum = j.lse.sum;
-                            if j.step(sum, scale, rng) {
-                                picks[b].set_one(s);
-                            }
-                        },
-                    )
+                    stream(cache, queries, hit_items, alpha, top_k, group, out, |b, c, s, _| {
+                        lse[b].push(c);
+                        let j = &mut jump[b];
+                        let scale = j.lse.push(inv_temp * c);
+                        let sum = j.lse.sum;
+                        if j.step(sum, scale, rng) {
+                            picks[b].set_one(s);
+                        }
+                    })
                 }
             }
-            Retrieval::MaxScore => stream(
-                cache,
-                queries,
-                hit_items,
-                alpha,
-                top_k,
-                group,
-                out,
-                |b, c, s, _| {
-                    lse[b].push(c);
-                    picks[b].offer(c, s);
-                },
-            ),
+            Retrieval::MaxScore => stream(cache, queries, hit_items, alpha, top_k, group, out, |b, c, s, _| {
+                lse[b].push(c);
+                picks[b].offer(c, s);
+            }),
             Retrieval::Fixed(chosen) => {
                 if NEG != 1 {
-                    return Err(Error::Unsupported {
-                        what: "fixed retrieval gives one negative per query",
-                    });
+                    return Err(Error::Unsupported { what: "fixed retrieval gives one negative per query" });
                 }
                 check_len("fixed retrieval", bsz, chosen.len())?;
                 let bound = if top_k > 0 { top_k } else { n };
                 for (b, &r) in chosen.iter().enumerate() {
                     if r >= bound {
-                        return Err(Error::IndexOutOfRange {
-                            what: "fixed retrieval",
-                            index: r,
-                            bound,
-                        });
+                        return Err(Error::IndexOutOfRange { what: "fixed retrieval", index: r, bound });
                     }
                     if top_k == 0 {
                         if !cache.occupied()[r] {
@@ -352,27 +292,16 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
                         picks[b].set_one(r as u32);
                     }
                 }
-                stream(
-                    cache,
-                    queries,
-                    hit_items,
-                    alpha,
-                    top_k,
-                    group,
-                    out,
-                    |b, c, s, g| {
-                        lse[b].push(c);
-                        if top_k > 0 && g == chosen[b] {
-                            picks[b].set_one(s);
-                        }
-                    },
-                )
+                stream(cache, queries, hit_items, alpha, top_k, group, out, |b, c, s, g| {
+                    lse[b].push(c);
+                    if top_k > 0 && g == chosen[b] {
+                        picks[b].set_one(s);
+                    }
+                })
             }
         };
         if !finite {
-            return Err(Error::NonFinite {
-                what: "cache score",
-            });
+            return Err(Error::NonFinite { what: "cache score" });
         }
         if let Retrieval::Fixed(_) = retrieval {
             if let Some(b) = (0..bsz).find(|&b| self.picks[b].len == 0) {
@@ -383,9 +312,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
         for b in 0..bsz {
             let s = alpha * dot(&queries[b], &positives[b]);
             if !s.is_finite() {
-                return Err(Error::NonFinite {
-                    what: "positive score",
-                });
+                return Err(Error::NonFinite { what: "positive score" });
             }
             let cand = &self.lse[b];
             let mut z = LogSumExp::EMPTY;
@@ -393,11 +320,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
             z.merge(cand);
             self.pos_score[b] = s;
             self.prob_pos[b] = z.weight(s);
-            self.prob_neg[b] = if cand.sum > 0.0 {
-                cand.sum * z.weight(cand.max)
-            } else {
-                0.0
-            };
+            self.prob_neg[b] = if cand.sum > 0.0 { cand.sum * z.weight(cand.max) } else { 0.0 };
             self.interpretable[b] = z.minus(s);
         }
         Ok(())
@@ -437,9 +360,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
             let m = self.picks[b].len;
             let rows = &fresh[b * NEG..b * NEG + m];
             if !vector::rows_finite(rows) {
-                return Err(Error::NonFinite {
-                    what: "fresh negative embedding",
-                });
+                return Err(Error::NonFinite { what: "fresh negative embedding" });
             }
             let w = self.prob_neg[b];
             let (mut neg_dot, mut stale) = (0.0f32, 0.0f32);
@@ -448,17 +369,9 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
                 let e = &cache.embeddings()[self.picks[b].slots[i] as usize];
                 stale += relative_staleness(e, f);
             }
-            let (mean_dot, inv_m) = if m > 0 {
-                (neg_dot / m as f32, 1.0 / m as f32)
-            } else {
-                (0.0, 0.0)
-            };
+            let (mean_dot, inv_m) = if m > 0 { (neg_dot / m as f32, 1.0 / m as f32) } else { (0.0, 0.0) };
             let pos_dot = dot(&queries[b], &positives[b]);
-            self.training[b] = if m > 0 {
-                w * (alpha * mean_dot - self.pos_score[b])
-            } else {
-                0.0
-            };
+            self.training[b] = if m > 0 { w * (alpha * mean_dot - self.pos_score[b]) } else { 0.0 };
             self.staleness[b] = stale * inv_m;
             if m > 0 {
                 with_negative += 1;
@@ -544,9 +457,7 @@ fn check_inv_temp(inv_temp: f32) -> Result<()> {
     if inv_temp.is_finite() && inv_temp >= 0.0 {
         Ok(())
     } else {
-        Err(Error::InvalidConfig {
-            what: "inverse temperature must be finite and non-negative",
-        })
+        Err(Error::InvalidConfig { what: "inverse temperature must be finite and non-negative" })
     }
 }
 
@@ -661,11 +572,7 @@ mod tests {
         c.iter().map(|&x| (t * x - m).exp() / z).collect()
     }
 
-    const NO_MASK: LossConfig = LossConfig {
-        score_scale: 1.0,
-        top_k: 0,
-        mask_accidental_hits: false,
-    };
+    const NO_MASK: LossConfig = LossConfig { score_scale: 1.0, top_k: 0, mask_accidental_hits: false };
 
     #[test]
     fn gradients_match_finite_differences() {
@@ -674,49 +581,23 @@ mod tests {
         let p: [[f32; D]; 3] = random_rows(&mut r, 1.0);
         let stale: [[f32; D]; 5] = random_rows(&mut r, 1.0);
         let cache = filled(&stale);
-        let cfg = LossConfig {
-            score_scale: 2.5,
-            ..NO_MASK
-        };
+        let cfg = LossConfig { score_scale: 2.5, ..NO_MASK };
         let mut loss = CacheLoss::<4, 1>::new();
-        loss.score_and_sample(
-            cache.as_ref(),
-            &q,
-            &p,
-            None,
-            &cfg,
-            Retrieval::Fixed(&[4, 0, 2]),
-            &mut r,
-            None,
-        )
-        .unwrap();
+        loss.score_and_sample(cache.as_ref(), &q, &p, None, &cfg, Retrieval::Fixed(&[4, 0, 2]), &mut r, None).unwrap();
         let fresh: [[f32; D]; 3] = random_rows(&mut r, 1.0);
         let (mut gq, mut gp, mut gf) = ([[0.0; D]; 3], [[0.0; D]; 3], [[0.0; D]; 3]);
-        let grads = LossGrads {
-            query: &mut gq,
-            positive: &mut gp,
-            negative: &mut gf,
-        };
-        let sum = loss
-            .backward(cache.as_ref(), &q, &p, &fresh, Some(grads))
-            .unwrap();
+        let grads = LossGrads { query: &mut gq, positive: &mut gp, negative: &mut gf };
+        let sum = loss.backward(cache.as_ref(), &q, &p, &fresh, Some(grads)).unwrap();
 
         // The loss in f64 with prob_pos held at phase 1's values.
         let w: [f64; 3] = core::array::from_fn(|b| 1.0 - loss.prob_pos()[b] as f64);
         let f64dot = |a: &[f64; D], b: &[f64; D]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
         let widen = |rows: &[[f32; D]; 3]| rows.map(|r| r.map(|x| x as f64));
         let total = |q: &[[f64; D]; 3], p: &[[f64; D]; 3], f: &[[f64; D]; 3], a: f64| {
-            (0..3)
-                .map(|b| w[b] * (a * f64dot(&q[b], &f[b]) - a * f64dot(&q[b], &p[b])))
-                .sum::<f64>()
-                / 3.0
+            (0..3).map(|b| w[b] * (a * f64dot(&q[b], &f[b]) - a * f64dot(&q[b], &p[b]))).sum::<f64>() / 3.0
         };
         let (q64, p64, f64_) = (widen(&q), widen(&p), widen(&fresh));
-        assert_relative_eq!(
-            sum.training_loss as f64,
-            total(&q64, &p64, &f64_, 2.5),
-            max_relative = 1e-5
-        );
+        assert_relative_eq!(sum.training_loss as f64, total(&q64, &p64, &f64_, 2.5), max_relative = 1e-5);
         let h = 1e-4;
         for b in 0..3 {
             for i in 0..D {
@@ -737,14 +618,8 @@ mod tests {
                 assert_relative_eq!(gf[b][i] as f64, fd(2), epsilon = 1e-5, max_relative = 1e-4);
             }
         }
-        let fd_scale =
-            (total(&q64, &p64, &f64_, 2.5 + h) - total(&q64, &p64, &f64_, 2.5 - h)) / (2.0 * h);
-        assert_relative_eq!(
-            sum.grad_scale as f64,
-            fd_scale,
-            epsilon = 1e-5,
-            max_relative = 1e-4
-        );
+        let fd_scale = (total(&q64, &p64, &f64_, 2.5 + h) - total(&q64, &p64, &f64_, 2.5 - h)) / (2.0 * h);
+        assert_relative_eq!(sum.grad_scale as f64, fd_scale, epsilon = 1e-5, max_relative = 1e-4);
     }
 
     #[test]
@@ -759,24 +634,17 @@ mod tests {
         let emb: [[f32; D]; 6] = random_rows(&mut r, 0.7);
         let cache = filled(&emb);
         let alpha = 1.5f64;
-        let cfg = LossConfig {
-            score_scale: alpha as f32,
-            ..NO_MASK
-        };
+        let cfg = LossConfig { score_scale: alpha as f32, ..NO_MASK };
         let mut logits = [0f64; 7];
         logits[0] = alpha * (0..D).map(|i| q[0][i] as f64 * p[0][i] as f64).sum::<f64>();
         for j in 0..6 {
-            logits[j + 1] = alpha
-                * (0..D)
-                    .map(|i| q[0][i] as f64 * emb[j][i] as f64)
-                    .sum::<f64>();
+            logits[j + 1] = alpha * (0..D).map(|i| q[0][i] as f64 * emb[j][i] as f64).sum::<f64>();
         }
         let pr = softmax(&logits, 1.0);
         let mut exact = [0f64; D];
         for i in 0..D {
-            exact[i] = alpha
-                * ((0..6).map(|j| pr[j + 1] * emb[j][i] as f64).sum::<f64>()
-                    - (1.0 - pr[0]) * p[0][i] as f64);
+            exact[i] =
+                alpha * ((0..6).map(|j| pr[j + 1] * emb[j][i] as f64).sum::<f64>() - (1.0 - pr[0]) * p[0][i] as f64);
         }
         let mut loss = CacheLoss::<1, 1>::new();
         let mut mean = [0f64; D];
@@ -795,25 +663,15 @@ mod tests {
             .unwrap();
             let fresh = [emb[loss.negatives(0)[0] as usize]];
             let (mut gq, mut gp, mut gf) = ([[0.0; D]; 1], [[0.0; D]; 1], [[0.0; D]; 1]);
-            let grads = LossGrads {
-                query: &mut gq,
-                positive: &mut gp,
-                negative: &mut gf,
-            };
-            loss.backward(cache.as_ref(), &q, &p, &fresh, Some(grads))
-                .unwrap();
+            let grads = LossGrads { query: &mut gq, positive: &mut gp, negative: &mut gf };
+            loss.backward(cache.as_ref(), &q, &p, &fresh, Some(grads)).unwrap();
             for i in 0..D {
                 mean[i] += gq[0][i] as f64 / draws as f64;
             }
         }
         for i in 0..D {
             // Per-draw gradients are O(1), so 4e4 draws give s.e. < 0.01.
-            assert!(
-                (mean[i] - exact[i]).abs() < 0.03,
-                "dim {i}: {} vs {}",
-                mean[i],
-                exact[i]
-            );
+            assert!((mean[i] - exact[i]).abs() < 0.03, "dim {i}: {} vs {}", mean[i], exact[i]);
         }
     }
 
@@ -828,36 +686,26 @@ mod tests {
         let score = |j: usize| (0..D).map(|i| q[0][i] * emb[j][i]).sum::<f32>() as f64;
         // Candidates: all slots, or each group's best.
         let mut cand: heapless::Vec<usize, 12> = heapless::Vec::new();
-        if top_k == 0 {
-            cand.extend(0..12);
-        } else {
-            let g = 12 / top_k;
+        if let Some(g) = 12usize.checked_div(top_k) {
             for k in 0..top_k {
-                let best =
-                    (k * g..(k + 1) * g)
-                        .fold(k * g, |a, j| if score(j) > score(a) { j } else { a });
+                let best = (k * g..(k + 1) * g).fold(k * g, |a, j| if score(j) > score(a) { j } else { a });
                 cand.push(best).unwrap();
             }
+        } else {
+            cand.extend(0..12);
         }
         let scores: heapless::Vec<f64, 12> = cand.iter().map(|&j| score(j)).collect();
         let probs = softmax(&scores, inv_temp);
         let mut counts = [0u64; 12];
         let mut loss = CacheLoss::<1, 1>::new();
         for _ in 0..100_000 {
-            loss.score_and_sample(cache.as_ref(), &q, &q, None, &cfg, retrieval, &mut r, None)
-                .unwrap();
+            loss.score_and_sample(cache.as_ref(), &q, &q, None, &cfg, retrieval, &mut r, None).unwrap();
             let slot = loss.negatives(0)[0] as usize;
-            let pos = cand
-                .iter()
-                .position(|&c| c == slot)
-                .expect("a non-candidate was drawn");
+            let pos = cand.iter().position(|&c| c == slot).expect("a non-candidate was drawn");
             counts[pos] += 1;
         }
         let t = chi_square(&counts[..cand.len()], &probs).unwrap();
-        assert!(
-            t.p_value > 0.001,
-            "{retrieval:?} top_k {top_k}: {t:?} {counts:?}"
-        );
+        assert!(t.p_value > 0.001, "{retrieval:?} top_k {top_k}: {t:?} {counts:?}");
     }
 
     #[test]
@@ -882,9 +730,8 @@ mod tests {
         let q: [[f32; D]; 1] = random_rows(&mut r, 1.0);
         let emb: [[f32; D]; 4] = random_rows(&mut r, 1.0);
         let cache = filled(&emb);
-        let scores: heapless::Vec<f64, 4> = (0..4)
-            .map(|j| (0..D).map(|i| q[0][i] * emb[j][i]).sum::<f32>() as f64)
-            .collect();
+        let scores: heapless::Vec<f64, 4> =
+            (0..4).map(|j| (0..D).map(|i| q[0][i] * emb[j][i]).sum::<f32>() as f64).collect();
         let p = softmax(&scores, 1.0);
         let mut want = [0f64; 16];
         for i in 0..4 {
@@ -898,17 +745,7 @@ mod tests {
         let mut loss = CacheLoss::<1, 2>::new();
         for _ in 0..100_000 {
             let retrieval = Retrieval::Gumbel { inv_temp: 1.0 };
-            loss.score_and_sample(
-                cache.as_ref(),
-                &q,
-                &q,
-                None,
-                &NO_MASK,
-                retrieval,
-                &mut r,
-                None,
-            )
-            .unwrap();
+            loss.score_and_sample(cache.as_ref(), &q, &q, None, &NO_MASK, retrieval, &mut r, None).unwrap();
             let n = loss.negatives(0);
             assert_eq!(n.len(), 2);
             counts[n[0] as usize * 4 + n[1] as usize] += 1;
@@ -927,22 +764,10 @@ mod tests {
         let cfg = LossConfig::DEFAULT;
         // Empty cache: no negative, prob_pos 1, zero loss.
         let items = [5u32, 5];
-        loss.score_and_sample(
-            cache.as_ref(),
-            &q,
-            &p,
-            Some(&items),
-            &cfg,
-            Retrieval::default(),
-            &mut r,
-            None,
-        )
-        .unwrap();
+        loss.score_and_sample(cache.as_ref(), &q, &p, Some(&items), &cfg, Retrieval::default(), &mut r, None).unwrap();
         assert_eq!(loss.prob_pos(), &[1.0, 1.0]);
         assert!(loss.negatives(0).is_empty());
-        let s = loss
-            .backward(cache.as_ref(), &q, &p, &[[0.0; D]; 2], None)
-            .unwrap();
+        let s = loss.backward(cache.as_ref(), &q, &p, &[[0.0; D]; 2], None).unwrap();
         assert_eq!(s.training_loss, 0.0);
         // Slot 2 holds both queries' positive item 5; slot 1 holds item 7;
         // the rest are empty.
@@ -967,69 +792,26 @@ mod tests {
         // prob_pos over {positive, slot 1} only: 1 / (1 + e^(c - s)).
         let s0 = dot(&q[0], &p[0]);
         let c0 = dot(&q[0], &q[0]);
-        assert_relative_eq!(
-            loss.prob_pos()[0],
-            1.0 / (1.0 + math::exp(c0 - s0)),
-            max_relative = 1e-5
-        );
+        assert_relative_eq!(loss.prob_pos()[0], 1.0 / (1.0 + math::exp(c0 - s0)), max_relative = 1e-5);
         // Without masking, the positive's copy becomes a candidate.
-        loss.score_and_sample(
-            cache.as_ref(),
-            &q,
-            &p,
-            Some(&items),
-            &NO_MASK,
-            Retrieval::MaxScore,
-            &mut r,
-            None,
-        )
-        .unwrap();
+        loss.score_and_sample(cache.as_ref(), &q, &p, Some(&items), &NO_MASK, Retrieval::MaxScore, &mut r, None)
+            .unwrap();
         assert!(loss.prob_pos()[0] < 1.0 / (1.0 + math::exp(c0 - s0)));
     }
 
     #[test]
     fn max_score_breaks_ties_to_the_lower_slot() {
-        let emb = [
-            [1.0, 0.0, 0.0, 0.0],
-            [2.0, 0.0, 0.0, 0.0],
-            [2.0, 0.0, 0.0, 0.0],
-            [0.5, 0.0, 0.0, 0.0],
-        ];
+        let emb = [[1.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]];
         let cache = filled(&emb);
         let q = [[1.0, 0.0, 0.0, 0.0]];
         let mut loss = CacheLoss::<1, 1>::new();
-        loss.score_and_sample(
-            cache.as_ref(),
-            &q,
-            &q,
-            None,
-            &NO_MASK,
-            Retrieval::MaxScore,
-            &mut rng(0),
-            None,
-        )
-        .unwrap();
+        loss.score_and_sample(cache.as_ref(), &q, &q, None, &NO_MASK, Retrieval::MaxScore, &mut rng(0), None).unwrap();
         assert_eq!(loss.negatives(0), &[1]);
-        let cfg = LossConfig {
-            top_k: 2,
-            ..NO_MASK
-        };
+        let cfg = LossConfig { top_k: 2, ..NO_MASK };
         let (mut s, mut i) = ([0.0; 2], [0u32; 2]);
-        let out = TopKOut {
-            scores: &mut s,
-            slots: &mut i,
-        };
-        loss.score_and_sample(
-            cache.as_ref(),
-            &q,
-            &q,
-            None,
-            &cfg,
-            Retrieval::Fixed(&[1]),
-            &mut rng(0),
-            Some(out),
-        )
-        .unwrap();
+        let out = TopKOut { scores: &mut s, slots: &mut i };
+        loss.score_and_sample(cache.as_ref(), &q, &q, None, &cfg, Retrieval::Fixed(&[1]), &mut rng(0), Some(out))
+            .unwrap();
         assert_eq!(i, [1, 2]);
         assert_eq!(s, [2.0, 2.0]);
         assert_eq!(loss.negatives(0), &[2]);
@@ -1038,18 +820,11 @@ mod tests {
     #[test]
     fn large_scales_stay_finite() {
         // Unit vectors at scale 1000: scores up to 1000, where exp overflows.
-        let emb = [
-            [1.0, 0.0, 0.0, 0.0],
-            [0.0, 1.0, 0.0, 0.0],
-            [0.6, 0.8, 0.0, 0.0],
-        ];
+        let emb = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.6, 0.8, 0.0, 0.0]];
         let cache = filled(&emb);
         let q = [[0.8, 0.6, 0.0, 0.0]];
         let p = [[0.0, 0.0, 1.0, 0.0]];
-        let cfg = LossConfig {
-            score_scale: 1000.0,
-            ..NO_MASK
-        };
+        let cfg = LossConfig { score_scale: 1000.0, ..NO_MASK };
         let mut loss = CacheLoss::<1, 1>::new();
         loss.score_and_sample(
             cache.as_ref(),
@@ -1075,35 +850,18 @@ mod tests {
         let q = [[1.0; D]; 2];
         let mut r = rng(0);
         let nan = [[f32::NAN; D]; 2];
-        let run = |loss: &mut CacheLoss<2, 1>,
-                   q: &[[f32; D]],
-                   cfg: &LossConfig,
-                   ret: Retrieval<'_>,
-                   r: &mut Pcg64Mcg| {
-            loss.score_and_sample(cache.as_ref(), q, q, None, cfg, ret, r, None)
-        };
+        let run =
+            |loss: &mut CacheLoss<2, 1>, q: &[[f32; D]], cfg: &LossConfig, ret: Retrieval<'_>, r: &mut Pcg64Mcg| {
+                loss.score_and_sample(cache.as_ref(), q, q, None, cfg, ret, r, None)
+            };
         assert_eq!(
             run(&mut loss, &nan, &NO_MASK, Retrieval::MaxScore, &mut r),
-            Err(Error::NonFinite {
-                what: "query embedding"
-            })
+            Err(Error::NonFinite { what: "query embedding" })
         );
-        let k4 = LossConfig {
-            top_k: 4,
-            ..NO_MASK
-        };
-        assert_eq!(
-            run(&mut loss, &q, &k4, Retrieval::MaxScore, &mut r),
-            Err(Error::TopKNotDivisor { k: 4, slots: 6 })
-        );
+        let k4 = LossConfig { top_k: 4, ..NO_MASK };
+        assert_eq!(run(&mut loss, &q, &k4, Retrieval::MaxScore, &mut r), Err(Error::TopKNotDivisor { k: 4, slots: 6 }));
         assert!(matches!(
-            run(
-                &mut loss,
-                &[[1.0; D]; 3],
-                &NO_MASK,
-                Retrieval::MaxScore,
-                &mut r
-            ),
+            run(&mut loss, &[[1.0; D]; 3], &NO_MASK, Retrieval::MaxScore, &mut r),
             Err(Error::CapacityExceeded { .. })
         ));
         assert!(matches!(
@@ -1111,35 +869,15 @@ mod tests {
             Err(Error::IndexOutOfRange { .. })
         ));
         assert!(matches!(
-            run(
-                &mut loss,
-                &q,
-                &LossConfig::DEFAULT,
-                Retrieval::MaxScore,
-                &mut r
-            ),
+            run(&mut loss, &q, &LossConfig::DEFAULT, Retrieval::MaxScore, &mut r),
             Err(Error::InvalidConfig { .. })
         ));
         // Finite inputs whose cache score overflows (4e39) while the
         // positive score (400) does not.
         let huge = filled(&[[1e38; D]; 2]);
         let ten = [[10.0; D]; 2];
-        let e = loss.score_and_sample(
-            huge.as_ref(),
-            &ten,
-            &ten,
-            None,
-            &NO_MASK,
-            Retrieval::MaxScore,
-            &mut r,
-            None,
-        );
-        assert_eq!(
-            e,
-            Err(Error::NonFinite {
-                what: "cache score"
-            })
-        );
+        let e = loss.score_and_sample(huge.as_ref(), &ten, &ten, None, &NO_MASK, Retrieval::MaxScore, &mut r, None);
+        assert_eq!(e, Err(Error::NonFinite { what: "cache score" }));
         let mut two = CacheLoss::<2, 2>::new();
         let e = two.score_and_sample(
             cache.as_ref(),

@@ -58,23 +58,24 @@ impl Default for Retrieval<'_> {
     }
 }
 
-/// An online log-sum-exp: `max + ln(sum)` over the values pushed so far.
+/// An online log-sum-exp: `max + ln(sum)` over the values pushed so far,
+/// kept as the pair so that softmax weights keep full precision.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct LogSumExp {
-    pub(crate) max: f32,
-    pub(crate) sum: f32,
+pub struct LogSumExp {
+    /// The largest value pushed (`-inf` when empty).
+    pub max: f32,
+    /// The sum of `exp(value - max)`.
+    pub sum: f32,
 }
 
 impl LogSumExp {
-    pub(crate) const EMPTY: Self = Self {
-        max: f32::NEG_INFINITY,
-        sum: 0.0,
-    };
+    /// No values yet.
+    pub const EMPTY: Self = Self { max: f32::NEG_INFINITY, sum: 0.0 };
 
     /// Adds `c` (finite); returns the factor by which the earlier sum was
     /// rescaled (1 unless `c` is a new maximum).
     #[inline]
-    pub(crate) fn push(&mut self, c: f32) -> f32 {
+    pub fn push(&mut self, c: f32) -> f32 {
         if c > self.max {
             let scale = math::exp(self.max - c);
             self.sum = self.sum * scale + 1.0;
@@ -88,7 +89,7 @@ impl LogSumExp {
 
     /// Adds every value of `other`.
     #[inline]
-    pub(crate) fn merge(&mut self, other: &LogSumExp) {
+    pub fn merge(&mut self, other: &LogSumExp) {
         if other.sum == 0.0 {
             return;
         }
@@ -106,13 +107,13 @@ impl LogSumExp {
     /// large scores the rounding of `lse` itself (an ulp of 320 is 3e-5)
     /// would otherwise enter every weight.
     #[inline]
-    pub(crate) fn weight(&self, c: f32) -> f32 {
+    pub fn weight(&self, c: f32) -> f32 {
         math::exp(c - self.max) / self.sum
     }
 
     /// `lse - c`, with the large parts cancelled first.
     #[inline]
-    pub(crate) fn minus(&self, c: f32) -> f32 {
+    pub fn minus(&self, c: f32) -> f32 {
         (self.max - c) + math::ln(self.sum)
     }
 }
@@ -126,11 +127,7 @@ pub(crate) struct Picks<const NEG: usize> {
 }
 
 impl<const NEG: usize> Picks<NEG> {
-    pub(crate) const EMPTY: Self = Self {
-        keys: [f32::NEG_INFINITY; NEG],
-        slots: [0; NEG],
-        len: 0,
-    };
+    pub(crate) const EMPTY: Self = Self { keys: [f32::NEG_INFINITY; NEG], slots: [0; NEG], len: 0 };
 
     /// Offers a candidate; keeps the `NEG` largest keys, an earlier
     /// candidate winning ties.
@@ -175,10 +172,7 @@ pub(crate) struct Jump {
 }
 
 impl Jump {
-    pub(crate) const EMPTY: Self = Self {
-        lse: LogSumExp::EMPTY,
-        threshold: 0.0,
-    };
+    pub(crate) const EMPTY: Self = Self { lse: LogSumExp::EMPTY, threshold: 0.0 };
 
     /// Called after the candidate's weight was added to a running sum
     /// `sum` whose earlier value was rescaled by `scale`; returns whether
@@ -209,7 +203,7 @@ mod tests {
         other.push(3.0);
         l.merge(&other);
         let want = (1.0f64.exp() + 2.0 * 3.0f64.exp() + (-2.0f64).exp()).ln() as f32;
-        approx::assert_relative_eq!(-l.minus(0.0), want, max_relative = 1e-6);
+        approx::assert_relative_eq!(l.minus(0.0), want, max_relative = 1e-6);
         // The weight of 3 is e^3 / sum.
         let w = 3.0f64.exp() / (1.0f64.exp() + 2.0 * 3.0f64.exp() + (-2.0f64).exp());
         approx::assert_relative_eq!(l.weight(3.0), w as f32, max_relative = 1e-6);
@@ -217,11 +211,7 @@ mod tests {
         let mut big = LogSumExp::EMPTY;
         big.push(1000.0);
         big.push(1000.0);
-        approx::assert_relative_eq!(
-            -big.minus(0.0),
-            1000.0 + core::f32::consts::LN_2,
-            max_relative = 1e-6
-        );
+        approx::assert_relative_eq!(big.minus(0.0), 1000.0 + core::f32::consts::LN_2, max_relative = 1e-6);
     }
 
     #[test]

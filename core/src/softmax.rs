@@ -22,28 +22,53 @@
 //! dL/dalpha = 1 / B * sum_bj (P_bj - y_bj) <q_b, x_j>
 //! ```
 //!
-//! The log-sum-exp is computed in a first streaming pass and the weights
-//! recomputed in a second, so no batch x candidates matrix is stored. The
+//! The log-sum-exp of each query is computed in a first pass (kept in a
+//! caller-supplied scratch of one [`LogSumExp`] per query) and the weights
+//! recomputed in a second, candidate-major pass that hands each
+//! candidate's gradient to a callback as soon as it is complete, so
+//! neither a batch x candidates matrix nor a candidates x DIM gradient is
+//! stored: a trainer back-propagates each candidate's gradient through the
+//! item tower at once. The
 //! precise contract is `fixtures/reference/softmax_loss.md`.
 
 use crate::error::{check_len, Error, Result};
 use crate::math;
-use crate::sampler::LogSumExp;
+pub use crate::sampler::LogSumExp;
 use crate::vector::{self, dot};
 
-/// Where a softmax loss writes its outputs; every field is optional and
-/// every given slice is overwritten.
-#[derive(Debug, Default)]
+/// A callback receiving one candidate's gradient: `(candidate, d L / d x)`.
+pub type GradSink<'a, const DIM: usize> = &'a mut dyn FnMut(usize, &[f32; DIM]);
+
+/// A query's own candidate rows and, optionally, their log_q.
+type OwnRows<'a, const DIM: usize> = Option<(&'a [[f32; DIM]], Option<&'a [f32]>)>;
+
+/// Where a softmax loss writes its outputs; every field but the scratch is
+/// optional, and every given slice is overwritten.
 pub struct SoftmaxOut<'a, const DIM: usize> {
+    /// One log-sum-exp per query: the working memory of the two passes.
+    pub scratch: &'a mut [LogSumExp],
     /// Per query loss.
     pub loss: Option<&'a mut [f32]>,
     /// d L / d q_b, one row per query.
     pub grad_query: Option<&'a mut [[f32; DIM]]>,
     /// d L / d p_b, one row per query (in-batch and sampled).
     pub grad_positive: Option<&'a mut [[f32; DIM]]>,
-    /// d L / d x_j for the shared candidates: the negatives (sampled) or
-    /// the corpus (full).
-    pub grad_shared: Option<&'a mut [[f32; DIM]]>,
+    /// Called once per shared candidate with d L / d x_j: the negatives
+    /// (sampled) or the corpus rows (full); unused by in-batch.
+    pub grad_shared: Option<GradSink<'a, DIM>>,
+}
+
+impl<'a, const DIM: usize> SoftmaxOut<'a, DIM> {
+    /// Only the scratch: the summary is computed, nothing else written.
+    pub fn new(scratch: &'a mut [LogSumExp]) -> Self {
+        Self { scratch, loss: None, grad_query: None, grad_positive: None, grad_shared: None }
+    }
+}
+
+impl<const DIM: usize> core::fmt::Debug for SoftmaxOut<'_, DIM> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SoftmaxOut").field("queries", &self.scratch.len()).finish_non_exhaustive()
+    }
 }
 
 /// Batch means of a softmax loss.
@@ -74,25 +99,21 @@ pub fn in_batch<I: PartialEq, const DIM: usize>(
         check_len("ids", bsz, ids.len())?;
     }
     let keep = |b: usize, j: usize| j == b || ids.is_none_or(|ids| ids[j] != ids[b]);
-    let SoftmaxOut {
-        loss,
-        grad_query,
-        grad_positive,
-        grad_shared,
-    } = out;
+    let SoftmaxOut { scratch, loss, grad_query, grad_positive, grad_shared } = out;
     if grad_shared.is_some() {
-        return Err(Error::InvalidConfig {
-            what: "in-batch softmax has no shared candidates; use grad_positive",
-        });
+        return Err(Error::InvalidConfig { what: "in-batch softmax has no shared candidates; use grad_positive" });
     }
-    let problem = Problem {
-        queries,
-        own: None,
-        shared: positives,
-        shared_log_q: log_q,
-        alpha,
-    };
-    problem.run(keep, Some(&|b| b), loss, grad_query, None, grad_positive)
+    if let Some(g) = &grad_positive {
+        check_len("positive gradient", bsz, g.len())?;
+    }
+    let problem = Problem { queries, own: None, shared: positives, shared_log_q: log_q, alpha };
+    match grad_positive {
+        Some(rows) => {
+            let mut sink = |j: usize, g: &[f32; DIM]| rows[j] = *g;
+            problem.run(keep, Some(&|b| b), scratch, loss, grad_query, None, Some(&mut sink))
+        }
+        None => problem.run(keep, Some(&|b| b), scratch, loss, grad_query, None, None),
+    }
 }
 
 /// Sampled softmax with logQ correction: the query's own positive and `S`
@@ -125,12 +146,7 @@ pub fn sampled<I: PartialEq, const DIM: usize>(
         (Some(p), Some(n)) => n[j] != p[b],
         _ => true,
     };
-    let SoftmaxOut {
-        loss,
-        grad_query,
-        grad_positive,
-        grad_shared,
-    } = out;
+    let SoftmaxOut { scratch, loss, grad_query, grad_positive, grad_shared } = out;
     let problem = Problem {
         queries,
         own: Some((positives, positive_log_q)),
@@ -138,7 +154,7 @@ pub fn sampled<I: PartialEq, const DIM: usize>(
         shared_log_q: negative_log_q,
         alpha,
     };
-    problem.run(keep, None, loss, grad_query, grad_positive, grad_shared)
+    problem.run(keep, None, scratch, loss, grad_query, grad_positive, grad_shared)
 }
 
 /// Exact softmax over every corpus item; `positive_index[b]` is the row of
@@ -153,43 +169,19 @@ pub fn full<const DIM: usize>(
     let bsz = queries.len();
     check_len("positive_index", bsz, positive_index.len())?;
     if let Some(&bad) = positive_index.iter().find(|&&i| i >= corpus.len()) {
-        return Err(Error::IndexOutOfRange {
-            what: "positive_index",
-            index: bad,
-            bound: corpus.len(),
-        });
+        return Err(Error::IndexOutOfRange { what: "positive_index", index: bad, bound: corpus.len() });
     }
-    let SoftmaxOut {
-        loss,
-        grad_query,
-        grad_positive,
-        grad_shared,
-    } = out;
+    let SoftmaxOut { scratch, loss, grad_query, grad_positive, grad_shared } = out;
     if grad_positive.is_some() {
-        return Err(Error::InvalidConfig {
-            what: "full softmax: the positives' gradient is part of grad_shared",
-        });
+        return Err(Error::InvalidConfig { what: "full softmax: the positives' gradient is part of grad_shared" });
     }
-    let problem = Problem {
-        queries,
-        own: None,
-        shared: corpus,
-        shared_log_q: None,
-        alpha,
-    };
-    problem.run(
-        |_, _| true,
-        Some(&|b| positive_index[b]),
-        loss,
-        grad_query,
-        None,
-        grad_shared,
-    )
+    let problem = Problem { queries, own: None, shared: corpus, shared_log_q: None, alpha };
+    problem.run(|_, _| true, Some(&|b| positive_index[b]), scratch, loss, grad_query, None, grad_shared)
 }
 
 struct Problem<'a, const DIM: usize> {
     queries: &'a [[f32; DIM]],
-    own: Option<(&'a [[f32; DIM]], Option<&'a [f32]>)>,
+    own: OwnRows<'a, DIM>,
     shared: &'a [[f32; DIM]],
     shared_log_q: Option<&'a [f32]>,
     alpha: f32,
@@ -198,19 +190,13 @@ struct Problem<'a, const DIM: usize> {
 impl<const DIM: usize> Problem<'_, DIM> {
     fn validate(&self) -> Result<()> {
         if !self.alpha.is_finite() {
-            return Err(Error::NonFinite {
-                what: "score scale",
-            });
+            return Err(Error::NonFinite { what: "score scale" });
         }
         if !vector::rows_finite(self.queries) {
-            return Err(Error::NonFinite {
-                what: "query embedding",
-            });
+            return Err(Error::NonFinite { what: "query embedding" });
         }
         if !vector::rows_finite(self.shared) {
-            return Err(Error::NonFinite {
-                what: "candidate embedding",
-            });
+            return Err(Error::NonFinite { what: "candidate embedding" });
         }
         if let Some(l) = self.shared_log_q {
             check_len("log_q", self.shared.len(), l.len())?;
@@ -220,44 +206,40 @@ impl<const DIM: usize> Problem<'_, DIM> {
         }
         if let Some((rows, lq)) = self.own {
             if !vector::rows_finite(rows) {
-                return Err(Error::NonFinite {
-                    what: "positive embedding",
-                });
+                return Err(Error::NonFinite { what: "positive embedding" });
             }
             if lq.is_some_and(|l| !vector::all_finite(l)) {
-                return Err(Error::NonFinite {
-                    what: "positive log_q",
-                });
+                return Err(Error::NonFinite { what: "positive log_q" });
             }
         }
         Ok(())
     }
 
     fn shared_logit(&self, b: usize, j: usize) -> f32 {
-        self.alpha * dot(&self.queries[b], &self.shared[j])
-            - self.shared_log_q.map_or(0.0, |l| l[j])
+        self.alpha * dot(&self.queries[b], &self.shared[j]) - self.shared_log_q.map_or(0.0, |l| l[j])
     }
 
     fn own_logit(&self, b: usize) -> Option<f32> {
-        self.own.map(|(rows, lq)| {
-            self.alpha * dot(&self.queries[b], &rows[b]) - lq.map_or(0.0, |l| l[b])
-        })
+        self.own.map(|(rows, lq)| self.alpha * dot(&self.queries[b], &rows[b]) - lq.map_or(0.0, |l| l[b]))
     }
 
     /// The two passes. `target` is `Some` for a shared target column and
     /// `None` when the target is the query's own candidate.
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         keep: impl Fn(usize, usize) -> bool,
         target: Option<&dyn Fn(usize) -> usize>,
+        lse: &mut [LogSumExp],
         mut loss: Option<&mut [f32]>,
         mut grad_query: Option<&mut [[f32; DIM]]>,
         mut grad_own: Option<&mut [[f32; DIM]]>,
-        mut grad_shared: Option<&mut [[f32; DIM]]>,
+        mut grad_shared: Option<GradSink<'_, DIM>>,
     ) -> Result<SoftmaxSummary> {
         self.validate()?;
         let bsz = self.queries.len();
         let n = self.shared.len();
+        check_len("scratch", bsz, lse.len())?;
         if let Some(l) = &loss {
             check_len("loss", bsz, l.len())?;
         }
@@ -267,68 +249,83 @@ impl<const DIM: usize> Problem<'_, DIM> {
         if let Some(g) = &grad_own {
             check_len("positive gradient", bsz, g.len())?;
         }
-        if let Some(g) = &mut grad_shared {
-            check_len("candidate gradient", n, g.len())?;
-            g.fill([0.0; DIM]);
-        }
         let inv_b = if bsz > 0 { 1.0 / bsz as f32 } else { 0.0 };
         let mut sum = SoftmaxSummary::default();
+        // Pass 1, query-major: log-sum-exp, loss, and the own candidate's
+        // share of the gradients.
         for b in 0..bsz {
-            // Pass 1: log-sum-exp over the kept candidates.
-            let mut lse = LogSumExp::EMPTY;
+            let mut z = LogSumExp::EMPTY;
             let own = self.own_logit(b);
             if let Some(o) = own {
-                lse.push(o);
+                z.push(o);
             }
             for j in 0..n {
                 if keep(b, j) {
-                    lse.push(self.shared_logit(b, j));
+                    z.push(self.shared_logit(b, j));
                 }
             }
             let target_logit = match target {
                 Some(t) => self.shared_logit(b, t(b)),
                 None => own.unwrap_or(0.0),
             };
-            if !(lse.sum.is_finite() && lse.max.is_finite() && target_logit.is_finite()) {
+            if !(z.sum.is_finite() && z.max.is_finite() && target_logit.is_finite()) {
                 return Err(Error::NonFinite { what: "logit" });
             }
-            let lb = lse.minus(target_logit);
+            lse[b] = z;
+            let lb = z.minus(target_logit);
             sum.loss += lb;
             sum.prob_pos += math::exp(-lb);
             if let Some(l) = &mut loss {
                 l[b] = lb;
             }
-            // Pass 2: gradients from the weights P - y.
-            let mut gq = [0.0f32; DIM];
             let q = &self.queries[b];
+            if let Some(g) = &mut grad_query {
+                g[b] = [0.0; DIM];
+            }
             if let (Some(o), Some((rows, _))) = (own, self.own) {
-                let coeff = lse.weight(o) - 1.0;
-                vector::axpy(coeff, &rows[b], &mut gq);
+                let coeff = z.weight(o) - 1.0;
                 sum.grad_scale += coeff * dot(q, &rows[b]);
+                if let Some(g) = &mut grad_query {
+                    vector::axpy(coeff, &rows[b], &mut g[b]);
+                }
                 if let Some(g) = &mut grad_own {
                     g[b] = [0.0; DIM];
                     vector::axpy(coeff * self.alpha * inv_b, q, &mut g[b]);
                 }
             }
-            let tb = target.map(|t| t(b));
-            for j in 0..n {
+        }
+        // Pass 2, candidate-major: each shared candidate's gradient is
+        // complete after its column and is handed over at once.
+        for j in 0..n {
+            let mut gx = [0.0f32; DIM];
+            let mut any = false;
+            for b in 0..bsz {
                 if !keep(b, j) {
                     continue;
                 }
-                let p = lse.weight(self.shared_logit(b, j));
-                let coeff = p - if tb == Some(j) { 1.0 } else { 0.0 };
+                let p = lse[b].weight(self.shared_logit(b, j));
+                let coeff = p - if target.is_some_and(|t| t(b) == j) { 1.0 } else { 0.0 };
                 if coeff == 0.0 {
                     continue;
                 }
-                vector::axpy(coeff, &self.shared[j], &mut gq);
+                any = true;
+                let q = &self.queries[b];
                 sum.grad_scale += coeff * dot(q, &self.shared[j]);
-                if let Some(g) = &mut grad_shared {
-                    vector::axpy(coeff * self.alpha * inv_b, q, &mut g[j]);
+                vector::axpy(coeff, q, &mut gx);
+                if let Some(g) = &mut grad_query {
+                    vector::axpy(coeff, &self.shared[j], &mut g[b]);
                 }
             }
-            if let Some(g) = &mut grad_query {
-                g[b] = [0.0; DIM];
-                vector::axpy(self.alpha * inv_b, &gq, &mut g[b]);
+            if let Some(sink) = &mut grad_shared {
+                if any {
+                    gx.iter_mut().for_each(|x| *x *= self.alpha * inv_b);
+                }
+                sink(j, &gx);
+            }
+        }
+        if let Some(g) = &mut grad_query {
+            for row in g.iter_mut() {
+                row.iter_mut().for_each(|x| *x *= self.alpha * inv_b);
             }
         }
         sum.loss *= inv_b;
@@ -351,10 +348,8 @@ mod tests {
         let q = [[1.0, 0.0], [0.0, 1.0]];
         let p = [[2.0, 0.0], [0.0, 1.0]];
         let mut loss = [0.0; 2];
-        let out = SoftmaxOut {
-            loss: Some(&mut loss),
-            ..SoftmaxOut::default()
-        };
+        let mut scratch = [LogSumExp::EMPTY; 2];
+        let out = SoftmaxOut { loss: Some(&mut loss), ..SoftmaxOut::new(&mut scratch) };
         let s = in_batch::<u32, 2>(&q, &p, None, None, 1.0, out).unwrap();
         let l0 = (2f64.exp() + 1.0).ln() - 2.0;
         let l1 = (1.0 + 1f64.exp()).ln() - 1.0;
@@ -362,10 +357,7 @@ mod tests {
         assert_relative_eq!(loss[1] as f64, l1, max_relative = 1e-6);
         assert_relative_eq!(s.loss as f64, (l0 + l1) / 2.0, max_relative = 1e-6);
         // With equal ids, the other positive is removed: zero loss.
-        let out = SoftmaxOut {
-            loss: Some(&mut loss),
-            ..SoftmaxOut::default()
-        };
+        let out = SoftmaxOut { loss: Some(&mut loss), ..SoftmaxOut::new(&mut scratch) };
         in_batch(&q, &p, Some(&[3u32, 3]), None, 1.0, out).unwrap();
         assert_eq!(loss, [0.0, 0.0]);
     }
@@ -374,17 +366,11 @@ mod tests {
     fn full_softmax_gradient_sums_to_zero_over_candidates() {
         // sum_j dL/dx_j = alpha/B sum_b (sum_j P_bj - 1) q_b = 0.
         let q = [[0.3, -1.2, 0.5], [1.1, 0.4, -0.7]];
-        let corpus = [
-            [0.2, 0.1, -0.3],
-            [1.0, 0.0, 0.5],
-            [-0.4, 0.9, 0.2],
-            [0.0, -0.6, 1.3],
-        ];
+        let corpus = [[0.2, 0.1, -0.3], [1.0, 0.0, 0.5], [-0.4, 0.9, 0.2], [0.0, -0.6, 1.3]];
         let mut gc = [[0.0; 3]; 4];
-        let out = SoftmaxOut {
-            grad_shared: Some(&mut gc),
-            ..SoftmaxOut::default()
-        };
+        let mut scratch = [LogSumExp::EMPTY; 2];
+        let mut sink = |j: usize, g: &[f32; 3]| gc[j] = *g;
+        let out = SoftmaxOut { grad_shared: Some(&mut sink), ..SoftmaxOut::new(&mut scratch) };
         full(&q, &corpus, &[2, 0], 3.0, out).unwrap();
         for i in 0..3 {
             let s: f32 = gc.iter().map(|g| g[i]).sum();

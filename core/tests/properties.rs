@@ -1,5 +1,6 @@
 //! Property tests of the cache and the scoring pass: invariants that hold
 //! for any sequence of updates, and two equivalent computations agreeing.
+#![allow(clippy::unwrap_used, clippy::needless_range_loop)]
 
 use negcache::cache::{CacheMut, SlotsMut, Update};
 use negcache::{CacheLoss, Eviction, LossConfig, NegativeCache, Retrieval, TopKOut};
@@ -63,12 +64,8 @@ impl Model {
 fn run_steps(cache: &mut CacheMut<'_, u32, D>, steps: &[Step], ev: Eviction, occupied_only: bool) {
     for s in steps {
         let occupied = cache.as_ref().occupied().to_vec();
-        let refresh: Vec<(usize, bool)> = s
-            .refresh
-            .iter()
-            .copied()
-            .filter(|r| !occupied_only || occupied[r.0])
-            .collect();
+        let refresh: Vec<(usize, bool)> =
+            s.refresh.iter().copied().filter(|r| !occupied_only || occupied[r.0]).collect();
         let idx: Vec<usize> = refresh.iter().map(|r| r.0).collect();
         let mask: Vec<bool> = refresh.iter().map(|r| r.1).collect();
         let remb: Vec<[f32; D]> = idx.iter().map(|&j| [j as f32, 1.0]).collect();
@@ -186,11 +183,11 @@ proptest! {
         loss.score_and_sample(cache.as_ref(), &qq, &pp, None, &cfg, Retrieval::MaxScore, &mut rng, out).unwrap();
         // Direct: candidate scores in f64, groups by index.
         let score = |j: usize| alpha as f64 * (q.0 as f64 * emb[j].0 as f64 + q.1 as f64 * emb[j].1 as f64);
-        let cands: Vec<usize> = if k == 0 {
-            (0..N).collect()
-        } else {
-            let g = N / k;
-            (0..k).map(|c| (c * g..(c + 1) * g).fold(c * g, |a, j| if score(j) > score(a) { j } else { a })).collect()
+        let cands: Vec<usize> = match N.checked_div(k) {
+            None => (0..N).collect(),
+            Some(g) => {
+                (0..k).map(|c| (c * g..(c + 1) * g).fold(c * g, |a, j| if score(j) > score(a) { j } else { a })).collect()
+            }
         };
         let s = alpha as f64 * (q.0 as f64 * p.0 as f64 + q.1 as f64 * p.1 as f64);
         let m = cands.iter().map(|&j| score(j)).fold(s, f64::max);

@@ -1,1 +1,3 @@
+//! Shared fixtures for the integration tests in `tests/`.
 
+pub mod planted;

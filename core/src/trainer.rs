@@ -1,0 +1,559 @@
+//! The training step: embed, score against the cache, sample negatives,
+//! embed them afresh, back-propagate, step the optimiser, update the cache.
+//!
+//! One [`Trainer::step`] with the cache objective:
+//!
+//! 1. re-embeds the R stalest cache entries with the current towers (the
+//!    paper's "refresh a small fraction of the cache per step");
+//! 2. embeds the batch's queries and positives;
+//! 3. scores every query against the cache and draws its negatives in one
+//!    streaming pass ([`CacheLoss::score_and_sample`]);
+//! 4. embeds the drawn negatives afresh and computes the loss and its
+//!    gradients ([`CacheLoss::backward`]);
+//! 5. back-propagates through both towers and steps the optimiser;
+//! 6. refreshes the drawn entries with their fresh embeddings and inserts
+//!    the batch's positives (streaming mode), skipping items already cached
+//!    and repeats within the batch.
+//!
+//! The same trainer runs the objectives the cache is compared against:
+//! in-batch softmax, uniform sampled softmax with logQ correction, and
+//! exact full softmax over a corpus. Those use the cache's storage as the
+//! table of sampled or corpus embeddings, so they cost no extra memory.
+
+use core::marker::PhantomData;
+
+use rand_core::RngCore;
+
+use crate::cache::{Eviction, NegativeCache, Update};
+use crate::error::{check_len, Error, Result};
+use crate::item::Item;
+use crate::loss::{CacheLoss, LossConfig, LossGrads};
+use crate::optim::{Optimizer, OptimizerKind};
+use crate::random;
+use crate::sampler::{LogSumExp, Retrieval};
+use crate::softmax::{self, SoftmaxOut};
+use crate::tower::{Model, Side};
+
+/// What the step minimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objective {
+    /// The negative cache (the paper's method).
+    Cache,
+    /// Softmax over the batch's positives.
+    InBatch,
+    /// Softmax over the positive and `negatives` items drawn uniformly
+    /// from the corpus (shared by the batch), with logQ correction.
+    Sampled {
+        /// How many negatives per step (at most the cache capacity).
+        negatives: usize,
+    },
+    /// Exact softmax over every corpus item, all embedded every step.
+    Full,
+}
+
+/// How the cache is filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    /// The cache fills with the positives seen, oldest evicted first.
+    Streaming,
+    /// The cache holds the whole corpus ([`Trainer::fill_cache`]) and is
+    /// only refreshed.
+    Corpus,
+}
+
+/// Trainer settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainerConfig {
+    /// What to minimise.
+    pub objective: Objective,
+    /// How the cache is filled (cache objective only).
+    pub cache_mode: CacheMode,
+    /// Which slot an insert replaces.
+    pub eviction: Eviction,
+    /// How negatives are drawn from the cache.
+    pub retrieval: Retrieval<'static>,
+    /// Approximate top-k candidates (0: all cache entries).
+    pub top_k: usize,
+    /// Remove a query's own positive from its candidates (cache and
+    /// sampled objectives, and repeats in in-batch).
+    pub mask_accidental_hits: bool,
+    /// Cache entries re-embedded per step, stalest first.
+    pub refresh_per_step: usize,
+    /// The optimiser.
+    pub optimizer: OptimizerKind,
+    /// Global gradient-norm clip (0: none).
+    pub clip_norm: f32,
+}
+
+impl TrainerConfig {
+    /// The paper's method: streaming cache, exact sampling, Adam.
+    pub const DEFAULT: Self = Self {
+        objective: Objective::Cache,
+        cache_mode: CacheMode::Streaming,
+        eviction: Eviction::Fifo,
+        retrieval: Retrieval::ExpJump { inv_temp: 1.0 },
+        top_k: 0,
+        mask_accidental_hits: true,
+        refresh_per_step: 0,
+        optimizer: OptimizerKind::ADAM,
+        clip_norm: 0.0,
+    };
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// One step's figures.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct StepReport {
+    /// Mean training loss (the surrogate for the cache; the cross-entropy
+    /// for the softmax objectives).
+    pub training_loss: f32,
+    /// Mean cross-entropy over the candidates the objective saw.
+    pub interpretable_loss: f32,
+    /// Mean relative staleness of the drawn negatives (cache only).
+    pub staleness: f32,
+    /// Mean probability of the positive.
+    pub prob_pos: f32,
+    /// Tower forward evaluations made (not counting the recomputation
+    /// inside back-propagation).
+    pub tower_evals: u32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    /// The score scale used.
+    pub score_scale: f32,
+}
+
+/// A training batch: queries, their positives, and (for full softmax) the
+/// positives' indices in the corpus.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a, Q, I> {
+    /// Query inputs.
+    pub queries: &'a [Q],
+    /// Positive items, one per query.
+    pub positives: &'a [I],
+    /// Each positive's index in the corpus (needed by full softmax only).
+    pub positive_index: Option<&'a [u32]>,
+}
+
+/// A trainer with a model `M`, a cache of `CAP` items `I`, batches of up to
+/// `BATCH` queries `Q`, and `NEG` negatives per query.
+///
+/// # Generics
+/// - `M`: the model ([`Model`]).
+/// - `Q`, `I`: query and item inputs (hashed token lists).
+/// - `CAP`: cache slots; also the most sampled negatives or corpus items
+///   the softmax objectives can hold.
+/// - `DIM`: embedding dimension.
+/// - `BATCH`: largest batch; `NEG`: negatives per query.
+///
+/// # Memory
+/// The model, the cache (`CAP * (4 * DIM + size_of::<I>() + 13)` bytes),
+/// and `O(BATCH * NEG * DIM)` floats of buffers: nothing grows with the
+/// cache beyond the cache itself. [`Trainer::new`] is a `const fn`, so a
+/// trainer can be a `static`.
+#[derive(Debug)]
+pub struct Trainer<M, Q, I, const CAP: usize, const DIM: usize, const BATCH: usize, const NEG: usize> {
+    /// The model being trained.
+    pub model: M,
+    cache: NegativeCache<I, CAP, DIM>,
+    loss: CacheLoss<BATCH, NEG>,
+    q: [[f32; DIM]; BATCH],
+    p: [[f32; DIM]; BATCH],
+    n: [[[f32; DIM]; NEG]; BATCH],
+    gq: [[f32; DIM]; BATCH],
+    gp: [[f32; DIM]; BATCH],
+    gn: [[[f32; DIM]; NEG]; BATCH],
+    lse: [LogSumExp; BATCH],
+    log_q: [f32; BATCH],
+    keep: [bool; BATCH],
+    slots: [usize; BATCH],
+    neg_slots: [[usize; NEG]; BATCH],
+    neg_valid: [[bool; NEG]; BATCH],
+    opt: Optimizer,
+    cfg: TrainerConfig,
+    steps: u64,
+    _inputs: PhantomData<fn(Q)>,
+}
+
+impl<M, Q, I, const CAP: usize, const DIM: usize, const BATCH: usize, const NEG: usize>
+    Trainer<M, Q, I, CAP, DIM, BATCH, NEG>
+where
+    M: Model<DIM>,
+    Q: AsRef<[u32]>,
+    I: Item + AsRef<[u32]>,
+{
+    /// A trainer around `model` (not yet initialised: see [`Self::init`]).
+    pub const fn new(model: M, cfg: TrainerConfig) -> Self {
+        Self {
+            model,
+            cache: NegativeCache::new(),
+            loss: CacheLoss::new(),
+            q: [[0.0; DIM]; BATCH],
+            p: [[0.0; DIM]; BATCH],
+            n: [[[0.0; DIM]; NEG]; BATCH],
+            gq: [[0.0; DIM]; BATCH],
+            gp: [[0.0; DIM]; BATCH],
+            gn: [[[0.0; DIM]; NEG]; BATCH],
+            lse: [LogSumExp::EMPTY; BATCH],
+            log_q: [0.0; BATCH],
+            keep: [false; BATCH],
+            slots: [0; BATCH],
+            neg_slots: [[0; NEG]; BATCH],
+            neg_valid: [[false; NEG]; BATCH],
+            opt: Optimizer::new(cfg.optimizer, cfg.clip_norm),
+            cfg,
+            steps: 0,
+            _inputs: PhantomData,
+        }
+    }
+
+    /// Checks the settings, empties the cache and resets the optimiser.
+    /// The model's parameters are initialised by the caller (e.g.
+    /// `TwoTower::init`), so that a loaded model can be trained further.
+    pub fn init(&mut self) -> Result<()> {
+        let cfg = &self.cfg;
+        if cfg.objective == Objective::Cache && cfg.top_k > 0 && CAP % cfg.top_k != 0 {
+            return Err(Error::TopKNotDivisor { k: cfg.top_k, slots: CAP });
+        }
+        if let Objective::Sampled { negatives } = cfg.objective {
+            if negatives == 0 || negatives > CAP {
+                return Err(Error::InvalidConfig {
+                    what: "sampled negatives must be between 1 and the cache capacity",
+                });
+            }
+        }
+        if matches!(cfg.retrieval, Retrieval::Fixed(_)) {
+            return Err(Error::InvalidConfig {
+                what: "training draws its negatives; fixed retrieval is for verification",
+            });
+        }
+        self.cache.clear();
+        self.steps = 0;
+        self.opt = Optimizer::new(cfg.optimizer, cfg.clip_norm);
+        let slots = self.model.state_slots();
+        let model = &mut self.model;
+        self.opt.init_state(slots, &mut |v| model.visit(v))
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &TrainerConfig {
+        &self.cfg
+    }
+
+    /// The cache.
+    pub fn cache(&self) -> &NegativeCache<I, CAP, DIM> {
+        &self.cache
+    }
+
+    /// The cache, mutably (to restore it from a checkpoint).
+    pub fn cache_mut(&mut self) -> &mut NegativeCache<I, CAP, DIM> {
+        &mut self.cache
+    }
+
+    /// The optimiser and its step count.
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.opt
+    }
+
+    /// The optimiser, mutably (to restore its step count).
+    pub fn optimizer_mut(&mut self) -> &mut Optimizer {
+        &mut self.opt
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Corpus mode: embeds every corpus item into the cache (slot j holds
+    /// item j). Returns the number of tower evaluations.
+    pub fn fill_cache(&mut self, corpus: &[I]) -> Result<u32> {
+        if corpus.len() > CAP {
+            return Err(Error::CapacityExceeded { requested: corpus.len(), capacity: CAP });
+        }
+        let mut c = self.cache.as_mut();
+        c.clear();
+        let mut e = [0.0; DIM];
+        for (j, item) in corpus.iter().enumerate() {
+            self.model.embed(Side::Item, item.as_ref(), &mut e);
+            c.set_slot(j, &e, *item, 0, true)?;
+        }
+        Ok(corpus.len() as u32)
+    }
+
+    /// One training step on `batch` with learning rate `lr`. `corpus` is
+    /// needed by the sampled and full objectives and may be empty
+    /// otherwise.
+    pub fn step(
+        &mut self,
+        batch: &Batch<'_, Q, I>,
+        corpus: &[I],
+        lr: f32,
+        rng: &mut impl RngCore,
+    ) -> Result<StepReport> {
+        let bsz = batch.queries.len();
+        if bsz == 0 || bsz > BATCH {
+            return Err(Error::CapacityExceeded { requested: bsz, capacity: BATCH });
+        }
+        check_len("positives", bsz, batch.positives.len())?;
+        self.model.zero_grad();
+        let mut report = match self.cfg.objective {
+            Objective::Cache => self.cache_step(batch, rng)?,
+            Objective::InBatch => self.in_batch_step(batch)?,
+            Objective::Sampled { negatives } => self.sampled_step(batch, corpus, negatives, rng)?,
+            Objective::Full => self.full_step(batch, corpus)?,
+        };
+        let model = &mut self.model;
+        let stats = self.opt.step(lr, &mut |v| model.visit(v))?;
+        self.model.zero_grad();
+        report.grad_norm = stats.grad_norm;
+        if self.cfg.objective == Objective::Cache {
+            self.update_cache(batch)?;
+        }
+        self.steps += 1;
+        Ok(report)
+    }
+
+    fn embed_batch(&mut self, batch: &Batch<'_, Q, I>) {
+        for (b, (x, y)) in batch.queries.iter().zip(batch.positives).enumerate() {
+            self.model.embed(Side::Query, x.as_ref(), &mut self.q[b]);
+            self.model.embed(Side::Item, y.as_ref(), &mut self.p[b]);
+        }
+    }
+
+    fn cache_step(&mut self, batch: &Batch<'_, Q, I>, rng: &mut impl RngCore) -> Result<StepReport> {
+        let bsz = batch.queries.len();
+        let mut evals = self.refresh_stalest()?;
+        self.embed_batch(batch);
+        evals += 2 * bsz as u32;
+        let alpha = self.model.score_scale();
+        let cfg = LossConfig {
+            score_scale: alpha,
+            top_k: self.cfg.top_k,
+            mask_accidental_hits: self.cfg.mask_accidental_hits,
+        };
+        let (q, p) = (&self.q[..bsz], &self.p[..bsz]);
+        self.loss.score_and_sample(
+            self.cache.as_ref(),
+            q,
+            p,
+            Some(batch.positives),
+            &cfg,
+            self.cfg.retrieval,
+            rng,
+            None,
+        )?;
+        let items = self.cache.as_ref().items();
+        for b in 0..bsz {
+            for (i, &slot) in self.loss.negatives(b).iter().enumerate() {
+                self.model.embed(Side::Item, items[slot as usize].as_ref(), &mut self.n[b][i]);
+                evals += 1;
+            }
+        }
+        let grads = LossGrads {
+            query: &mut self.gq[..bsz],
+            positive: &mut self.gp[..bsz],
+            negative: self.gn[..bsz].as_flattened_mut(),
+        };
+        let fresh = self.n[..bsz].as_flattened();
+        let sum = self.loss.backward(self.cache.as_ref(), q, p, fresh, Some(grads))?;
+        for b in 0..bsz {
+            self.model.backward(Side::Query, batch.queries[b].as_ref(), &self.gq[b]);
+            self.model.backward(Side::Item, batch.positives[b].as_ref(), &self.gp[b]);
+            for (i, &slot) in self.loss.negatives(b).iter().enumerate() {
+                self.model.backward(Side::Item, items[slot as usize].as_ref(), &self.gn[b][i]);
+            }
+        }
+        self.model.backward_scale(sum.grad_scale);
+        Ok(StepReport {
+            training_loss: sum.training_loss,
+            interpretable_loss: sum.interpretable_loss,
+            staleness: sum.staleness,
+            prob_pos: sum.prob_pos,
+            tower_evals: evals,
+            grad_norm: 0.0,
+            score_scale: alpha,
+        })
+    }
+
+    /// Re-embeds the `refresh_per_step` stalest occupied entries, in chunks
+    /// of `BATCH` so that no buffer grows with R.
+    fn refresh_stalest(&mut self) -> Result<u32> {
+        let mut left = self.cfg.refresh_per_step.min(CAP);
+        let mut evals = 0;
+        while left > 0 {
+            let want = left.min(BATCH);
+            let got = self.cache.as_ref().stalest(&mut self.slots[..want]);
+            for k in 0..got {
+                let item = self.cache.as_ref().items()[self.slots[k]];
+                self.model.embed(Side::Item, item.as_ref(), &mut self.p[k]);
+            }
+            let up =
+                Update { refresh_indices: &self.slots[..got], refresh_embeddings: &self.p[..got], ..Update::default() };
+            self.cache.as_mut().refresh(&up, self.cfg.eviction)?;
+            evals += got as u32;
+            left -= want;
+            if got < want {
+                break;
+            }
+        }
+        Ok(evals)
+    }
+
+    /// After the optimiser step: refresh the drawn entries, insert the
+    /// positives not yet cached (streaming mode), age every entry.
+    fn update_cache(&mut self, batch: &Batch<'_, Q, I>) -> Result<()> {
+        let bsz = batch.queries.len();
+        let streaming = self.cfg.cache_mode == CacheMode::Streaming;
+        {
+            let cache = self.cache.as_ref();
+            for b in 0..bsz {
+                let y = &batch.positives[b];
+                self.keep[b] = streaming && !cache.contains(y) && !batch.positives[..b].contains(y);
+            }
+        }
+        // Refreshes: one per drawn negative, in query order; queries with
+        // fewer negatives leave masked holes.
+        for b in 0..bsz {
+            let negs = self.loss.negatives(b);
+            for i in 0..NEG {
+                self.neg_valid[b][i] = i < negs.len();
+                self.neg_slots[b][i] = negs.get(i).map_or(0, |&s| s as usize);
+            }
+        }
+        let up = Update {
+            refresh_indices: self.neg_slots[..bsz].as_flattened(),
+            refresh_embeddings: self.n[..bsz].as_flattened(),
+            refresh_mask: Some(self.neg_valid[..bsz].as_flattened()),
+            new_embeddings: &self.p[..bsz],
+            new_items: batch.positives,
+            new_mask: Some(&self.keep[..bsz]),
+        };
+        self.cache.as_mut().update(&up, self.cfg.eviction)
+    }
+
+    fn in_batch_step(&mut self, batch: &Batch<'_, Q, I>) -> Result<StepReport> {
+        let bsz = batch.queries.len();
+        self.embed_batch(batch);
+        let alpha = self.model.score_scale();
+        let ids = self.cfg.mask_accidental_hits.then_some(batch.positives);
+        let out = SoftmaxOut {
+            scratch: &mut self.lse[..bsz],
+            loss: None,
+            grad_query: Some(&mut self.gq[..bsz]),
+            grad_positive: Some(&mut self.gp[..bsz]),
+            grad_shared: None,
+        };
+        let sum = softmax::in_batch(&self.q[..bsz], &self.p[..bsz], ids, None, alpha, out)?;
+        for b in 0..bsz {
+            self.model.backward(Side::Query, batch.queries[b].as_ref(), &self.gq[b]);
+            self.model.backward(Side::Item, batch.positives[b].as_ref(), &self.gp[b]);
+        }
+        self.model.backward_scale(sum.grad_scale);
+        Ok(softmax_report(sum, 2 * bsz as u32, alpha))
+    }
+
+    fn sampled_step(
+        &mut self,
+        batch: &Batch<'_, Q, I>,
+        corpus: &[I],
+        negatives: usize,
+        rng: &mut impl RngCore,
+    ) -> Result<StepReport> {
+        let bsz = batch.queries.len();
+        if corpus.is_empty() || corpus.len() > u32::MAX as usize {
+            return Err(Error::InvalidConfig { what: "sampled softmax needs a corpus" });
+        }
+        self.embed_batch(batch);
+        // Draw the negatives uniformly, with replacement, into the cache's
+        // storage, which this objective uses as its table.
+        let mut c = self.cache.as_mut();
+        let mut e = [0.0; DIM];
+        for j in 0..negatives {
+            let item = corpus[random::below(rng, corpus.len() as u32) as usize];
+            self.model.embed(Side::Item, item.as_ref(), &mut e);
+            c.set_slot(j, &e, item, 0, true)?;
+        }
+        // logQ: each corpus item is expected S/C times among the negatives,
+        // so every negative logit is lowered by ln(S/C); the same shift is
+        // applied as a raise of each positive logit.
+        let shift = crate::math::ln(negatives as f32 / corpus.len() as f32);
+        self.log_q[..bsz].fill(-shift);
+        let alpha = self.model.score_scale();
+        let (emb, items) = (&self.cache.as_ref().embeddings()[..negatives], &self.cache.as_ref().items()[..negatives]);
+        let mask = self.cfg.mask_accidental_hits;
+        let model = &mut self.model;
+        let mut sink = |j: usize, g: &[f32; DIM]| model.backward(Side::Item, items[j].as_ref(), g);
+        let out = SoftmaxOut {
+            scratch: &mut self.lse[..bsz],
+            loss: None,
+            grad_query: Some(&mut self.gq[..bsz]),
+            grad_positive: Some(&mut self.gp[..bsz]),
+            grad_shared: Some(&mut sink),
+        };
+        let sum = softmax::sampled(
+            &self.q[..bsz],
+            &self.p[..bsz],
+            emb,
+            Some(&self.log_q[..bsz]),
+            None,
+            mask.then_some(batch.positives),
+            mask.then_some(items),
+            alpha,
+            out,
+        )?;
+        for b in 0..bsz {
+            self.model.backward(Side::Query, batch.queries[b].as_ref(), &self.gq[b]);
+            self.model.backward(Side::Item, batch.positives[b].as_ref(), &self.gp[b]);
+        }
+        self.model.backward_scale(sum.grad_scale);
+        Ok(softmax_report(sum, (2 * bsz + negatives) as u32, alpha))
+    }
+
+    fn full_step(&mut self, batch: &Batch<'_, Q, I>, corpus: &[I]) -> Result<StepReport> {
+        let bsz = batch.queries.len();
+        let index = batch.positive_index.ok_or(Error::InvalidConfig { what: "full softmax needs positive_index" })?;
+        check_len("positive_index", bsz, index.len())?;
+        if corpus.is_empty() || corpus.len() > CAP {
+            return Err(Error::CapacityExceeded { requested: corpus.len(), capacity: CAP });
+        }
+        let evals = self.fill_cache(corpus)?;
+        for (b, x) in batch.queries.iter().enumerate() {
+            self.model.embed(Side::Query, x.as_ref(), &mut self.q[b]);
+            self.slots[b] = index[b] as usize;
+        }
+        let alpha = self.model.score_scale();
+        let emb = &self.cache.as_ref().embeddings()[..corpus.len()];
+        let model = &mut self.model;
+        let mut sink = |j: usize, g: &[f32; DIM]| model.backward(Side::Item, corpus[j].as_ref(), g);
+        let out = SoftmaxOut {
+            scratch: &mut self.lse[..bsz],
+            loss: None,
+            grad_query: Some(&mut self.gq[..bsz]),
+            grad_positive: None,
+            grad_shared: Some(&mut sink),
+        };
+        let sum = softmax::full(&self.q[..bsz], emb, &self.slots[..bsz], alpha, out)?;
+        for b in 0..bsz {
+            self.model.backward(Side::Query, batch.queries[b].as_ref(), &self.gq[b]);
+        }
+        self.model.backward_scale(sum.grad_scale);
+        Ok(softmax_report(sum, evals + bsz as u32, alpha))
+    }
+}
+
+fn softmax_report(sum: softmax::SoftmaxSummary, evals: u32, alpha: f32) -> StepReport {
+    StepReport {
+        training_loss: sum.loss,
+        interpretable_loss: sum.loss,
+        staleness: 0.0,
+        prob_pos: sum.prob_pos,
+        tower_evals: evals,
+        grad_norm: 0.0,
+        score_scale: alpha,
+    }
+}

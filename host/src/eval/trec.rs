@@ -1,0 +1,237 @@
+//! TREC run and qrels files, the formats trec_eval and pytrec_eval read.
+//!
+//! * Run: `qid Q0 docid rank score tag`, one line per retrieved document,
+//!   rank counting from 1 within each query.
+//! * Qrels: `qid 0 docid rel`.
+//!
+//! Fields are separated by single spaces, so ids and tags may not contain
+//! whitespace (or be empty); writing such a value is an error rather than a
+//! silently unreadable file. Files are written to a temporary file in the
+//! target's directory and renamed into place, so readers never see a
+//! half-written file and a failed write leaves any previous file intact.
+//!
+//! Note that trec_eval ignores the rank column: it re-sorts each query's
+//! lines by decreasing score and breaks ties by decreasing docid. Runs whose
+//! scores tie may therefore be evaluated in a different order from the one
+//! written.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use tempfile::NamedTempFile;
+
+use crate::data::{Dataset, Qrel};
+
+/// Results of one query: its index into [`Dataset::queries`] and its ranked
+/// (doc index, score) pairs, best first.
+pub type QueryResults = (u32, Vec<(u32, f32)>);
+
+/// One parsed line of a run file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunLine {
+    /// The query's string id.
+    pub query_id: String,
+    /// The document's string id.
+    pub doc_id: String,
+    /// Rank, from 1.
+    pub rank: u32,
+    /// Score.
+    pub score: f32,
+    /// The run's tag.
+    pub tag: String,
+}
+
+/// Writes `run` as a TREC run file at `path` (atomically; see the module
+/// docs), naming queries and documents by their ids in `ds`.
+pub fn write_run(path: &Path, ds: &Dataset, run: &[QueryResults], tag: &str) -> Result<()> {
+    write_atomically(path, |w| write_run_to(w, ds, run, tag))
+        .with_context(|| format!("writing run file {}", path.display()))
+}
+
+/// Writes `qrels` as a TREC qrels file at `path` (atomically), naming
+/// queries and documents by their ids in `ds`.
+pub fn write_qrels(path: &Path, ds: &Dataset, qrels: &[Qrel]) -> Result<()> {
+    write_atomically(path, |w| write_qrels_to(w, ds, qrels))
+        .with_context(|| format!("writing qrels file {}", path.display()))
+}
+
+/// [`write_run`] into any writer.
+pub fn write_run_to(mut w: impl Write, ds: &Dataset, run: &[QueryResults], tag: &str) -> Result<()> {
+    check_field("tag", tag)?;
+    for (query, hits) in run {
+        let qid = query_id(ds, *query)?;
+        for (rank, &(doc, score)) in (1u32..).zip(hits) {
+            let did = doc_id(ds, doc)?;
+            // trec_eval parses the score with atof; a NaN or infinity would
+            // sort unpredictably there.
+            ensure!(score.is_finite(), "query {qid}: document {did} has non-finite score {score}");
+            writeln!(w, "{qid} Q0 {did} {rank} {score} {tag}")?;
+        }
+    }
+    Ok(())
+}
+
+/// [`write_qrels`] into any writer.
+pub fn write_qrels_to(mut w: impl Write, ds: &Dataset, qrels: &[Qrel]) -> Result<()> {
+    for j in qrels {
+        let qid = query_id(ds, j.query)?;
+        let did = doc_id(ds, j.doc)?;
+        writeln!(w, "{qid} 0 {did} {}", j.score)?;
+    }
+    Ok(())
+}
+
+/// Reads a run file written by [`write_run`] (or any whitespace-separated
+/// six-column TREC run).
+pub fn read_run(path: &Path) -> Result<Vec<RunLine>> {
+    let file = File::open(path).with_context(|| format!("opening run file {}", path.display()))?;
+    let mut out = Vec::new();
+    for (n, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(parse_run_line(&line).with_context(|| format!("{}:{}", path.display(), n + 1))?);
+    }
+    Ok(out)
+}
+
+fn parse_run_line(line: &str) -> Result<RunLine> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let [qid, _q0, did, rank, score, tag] = fields.as_slice() else {
+        bail!("expected 6 fields, found {}: {line:?}", fields.len());
+    };
+    Ok(RunLine {
+        query_id: (*qid).to_owned(),
+        doc_id: (*did).to_owned(),
+        rank: rank.parse().with_context(|| format!("bad rank {rank:?}"))?,
+        score: score.parse().with_context(|| format!("bad score {score:?}"))?,
+        tag: (*tag).to_owned(),
+    })
+}
+
+fn query_id(ds: &Dataset, query: u32) -> Result<&str> {
+    let q = ds
+        .queries
+        .get(query as usize)
+        .with_context(|| format!("query index {query} out of range ({} queries)", ds.queries.len()))?;
+    check_field("query id", &q.id)?;
+    Ok(&q.id)
+}
+
+fn doc_id(ds: &Dataset, doc: u32) -> Result<&str> {
+    let d = ds
+        .corpus
+        .get(doc as usize)
+        .with_context(|| format!("document index {doc} out of range ({} documents)", ds.corpus.len()))?;
+    check_field("document id", &d.id)?;
+    Ok(&d.id)
+}
+
+/// A field of a space-separated line must be non-empty and whitespace-free.
+fn check_field(what: &str, value: &str) -> Result<()> {
+    ensure!(
+        !value.is_empty() && !value.chars().any(char::is_whitespace),
+        "{what} {value:?} is empty or contains whitespace"
+    );
+    Ok(())
+}
+
+/// Writes through `fill` into a temporary file beside `path`, then renames it
+/// to `path`. On error the temporary file is removed and `path` untouched.
+fn write_atomically(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
+    // The temporary file must be on the same file system for the rename to
+    // be atomic, hence the target's own directory.
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp =
+        NamedTempFile::new_in(dir).with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    {
+        let mut w = BufWriter::new(tmp.as_file_mut());
+        fill(&mut w)?;
+        w.flush()?;
+    }
+    // Temporary files are created owner-only; results are meant to be shared
+    // like any other output file.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
+    // Make the data durable before the rename makes it visible.
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{Doc, Query};
+
+    fn dataset() -> Dataset {
+        let corpus = ["d1", "d2", "d3"]
+            .iter()
+            .map(|id| Doc { id: (*id).into(), title: String::new(), text: String::new() })
+            .collect();
+        let queries = ["q1", "q2"].iter().map(|id| Query { id: (*id).into(), text: String::new() }).collect();
+        Dataset { corpus, queries, ..Dataset::default() }
+    }
+
+    #[test]
+    fn run_round_trip() {
+        let ds = dataset();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.trec");
+        let run = vec![(1, vec![(2, 3.5), (0, 1.25)]), (0, vec![(1, 0.1)])];
+        write_run(&path, &ds, &run, "bm25").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "q2 Q0 d3 1 3.5 bm25\nq2 Q0 d1 2 1.25 bm25\nq1 Q0 d2 1 0.1 bm25\n");
+        let lines = read_run(&path).unwrap();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(
+            lines[1],
+            RunLine { query_id: "q2".into(), doc_id: "d1".into(), rank: 2, score: 1.25, tag: "bm25".into() }
+        );
+        // The score survives the round trip exactly.
+        assert_eq!(lines[2].score, 0.1f32);
+        // Only the target file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn qrels_file() {
+        let ds = dataset();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test.qrels");
+        let qrels = [Qrel { query: 0, doc: 2, score: 1 }, Qrel { query: 1, doc: 0, score: 0 }];
+        write_qrels(&path, &ds, &qrels).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "q1 0 d3 1\nq2 0 d1 0\n");
+    }
+
+    #[test]
+    fn failed_write_keeps_previous_file() {
+        let ds = dataset();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.trec");
+        write_run(&path, &ds, &[(0, vec![(0, 1.0)])], "ok").unwrap();
+        // Out-of-range doc, bad tag, non-finite score: all rejected.
+        assert!(write_run(&path, &ds, &[(0, vec![(0, 2.0), (7, 1.0)])], "x").is_err());
+        assert!(write_run(&path, &ds, &[(0, vec![(0, 1.0)])], "two words").is_err());
+        assert!(write_run(&path, &ds, &[(0, vec![(0, f32::NAN)])], "x").is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "q1 Q0 d1 1 1 ok\n");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn ids_with_spaces_are_rejected() {
+        let mut ds = dataset();
+        ds.corpus[0].id = "a b".into();
+        assert!(write_run_to(Vec::new(), &ds, &[(0, vec![(0, 1.0)])], "t").is_err());
+        assert!(write_qrels_to(Vec::new(), &ds, &[Qrel { query: 0, doc: 0, score: 1 }]).is_err());
+    }
+}

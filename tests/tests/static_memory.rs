@@ -1,0 +1,26 @@
+//! The sizes of the core's big types, as stated in their docs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use core::mem::size_of;
+
+use negcache::{CacheLoss, NegativeCache};
+
+/// A cache of 65,536 items with 64-dimensional embeddings and the loss's
+/// working memory for a batch of 32 fit in statics.
+static CACHE: NegativeCache<u32, 65536, 64> = NegativeCache::new();
+static LOSS: CacheLoss<32, 1> = CacheLoss::new();
+
+#[test]
+fn cache_and_loss_sizes_are_as_documented() {
+    // Per slot: 64 * 4 (embedding) + 4 (item) + 4 (age) + 4 (stamp) + 1
+    // (occupied) = 269 bytes; plus the 4-byte clock, rounded to alignment 4.
+    assert_eq!(size_of::<NegativeCache<u32, 65536, 64>>(), 65536 * 269 + 4);
+    assert_eq!(size_of::<NegativeCache<u32, 65536, 64>>(), 17_629_188);
+    assert_eq!(CACHE.capacity(), 65536);
+    // The loss state does not depend on the cache size at all. Per query:
+    // log-sum-exp 8, picks 8 * NEG + 8, reservoir 12, top-k group 8, six
+    // per-query floats 24: 60 + 8 * NEG bytes; plus the batch length (8)
+    // and alpha (4): 32 * 68 + 12 = 2188, padded to 8 bytes.
+    assert_eq!(size_of::<CacheLoss<32, 1>>(), 2192);
+    assert_eq!(LOSS.batch_len(), 0);
+}
