@@ -104,6 +104,46 @@ impl<I: Item, const CAP: usize, const DIM: usize> NegativeCache<I, CAP, DIM> {
         }
     }
 
+    /// A read-only view of the first `n` slots (all of them when `n` is 0
+    /// or above `CAP`): a cache whose capacity is chosen at run time.
+    pub fn prefix(&self, n: usize) -> CacheRef<'_, I, DIM> {
+        let n = if n == 0 { CAP } else { n.min(CAP) };
+        CacheRef {
+            embeddings: &self.embeddings[..n],
+            items: &self.items[..n],
+            ages: &self.ages[..n],
+            stamps: &self.stamps[..n],
+            occupied: &self.occupied[..n],
+            clock: self.clock,
+        }
+    }
+
+    /// A mutable view of the first `n` slots (see [`Self::prefix`]).
+    pub fn prefix_mut(&mut self, n: usize) -> CacheMut<'_, I, DIM> {
+        let n = if n == 0 { CAP } else { n.min(CAP) };
+        CacheMut {
+            embeddings: &mut self.embeddings[..n],
+            items: &mut self.items[..n],
+            ages: &mut self.ages[..n],
+            stamps: &mut self.stamps[..n],
+            occupied: &mut self.occupied[..n],
+            clock: &mut self.clock,
+        }
+    }
+
+    /// Every field, mutably, bypassing the update rules: for restoring a
+    /// checkpoint.
+    pub fn slots_mut(&mut self) -> SlotsMut<'_, I, DIM> {
+        SlotsMut {
+            embeddings: &mut self.embeddings,
+            items: &mut self.items,
+            ages: &mut self.ages,
+            stamps: &mut self.stamps,
+            occupied: &mut self.occupied,
+            clock: &mut self.clock,
+        }
+    }
+
     /// A mutable view.
     pub fn as_mut(&mut self) -> CacheMut<'_, I, DIM> {
         CacheMut {

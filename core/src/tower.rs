@@ -32,6 +32,9 @@ pub enum Side {
 
 /// What a trainer needs of a two-tower model over token lists.
 pub trait Model<const DIM: usize> {
+    /// Draws random parameters in place (see each layer for its
+    /// distribution).
+    fn init(&mut self, rng: &mut impl RngCore);
     /// Embeds `tokens` with one side's tower.
     fn embed(&self, side: Side, tokens: &[u32], out: &mut [f32; DIM]);
     /// Accumulates the parameter gradients for an upstream gradient `grad`
@@ -225,6 +228,10 @@ impl<
         const S: usize,
     > Model<DIM> for TwoTower<TABLES, MLPS, BUCKETS, E, H, DIM, S>
 {
+    fn init(&mut self, rng: &mut impl RngCore) {
+        TwoTower::init(self, rng)
+    }
+
     fn embed(&self, side: Side, tokens: &[u32], out: &mut [f32; DIM]) {
         let (mut pooled, mut raw) = ([0.0; E], [0.0; DIM]);
         self.raw(side, tokens, &mut pooled, &mut raw);

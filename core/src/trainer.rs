@@ -79,6 +79,9 @@ pub struct TrainerConfig {
     pub mask_accidental_hits: bool,
     /// Cache entries re-embedded per step, stalest first.
     pub refresh_per_step: usize,
+    /// Slots of the cache in use (0: all `CAP`); a capacity chosen at run
+    /// time, up to `CAP`.
+    pub cache_capacity: usize,
     /// The optimiser.
     pub optimizer: OptimizerKind,
     /// Global gradient-norm clip (0: none).
@@ -95,6 +98,7 @@ impl TrainerConfig {
         top_k: 0,
         mask_accidental_hits: true,
         refresh_per_step: 0,
+        cache_capacity: 0,
         optimizer: OptimizerKind::ADAM,
         clip_norm: 0.0,
     };
@@ -216,11 +220,15 @@ where
     /// `TwoTower::init`), so that a loaded model can be trained further.
     pub fn init(&mut self) -> Result<()> {
         let cfg = &self.cfg;
-        if cfg.objective == Objective::Cache && cfg.top_k > 0 && CAP % cfg.top_k != 0 {
-            return Err(Error::TopKNotDivisor { k: cfg.top_k, slots: CAP });
+        let cap = self.capacity();
+        if cfg.cache_capacity > CAP {
+            return Err(Error::CapacityExceeded { requested: cfg.cache_capacity, capacity: CAP });
+        }
+        if cfg.objective == Objective::Cache && cfg.top_k > 0 && cap % cfg.top_k != 0 {
+            return Err(Error::TopKNotDivisor { k: cfg.top_k, slots: cap });
         }
         if let Objective::Sampled { negatives } = cfg.objective {
-            if negatives == 0 || negatives > CAP {
+            if negatives == 0 || negatives > cap {
                 return Err(Error::InvalidConfig {
                     what: "sampled negatives must be between 1 and the cache capacity",
                 });
@@ -242,6 +250,15 @@ where
     /// The settings.
     pub fn config(&self) -> &TrainerConfig {
         &self.cfg
+    }
+
+    /// The number of cache slots in use.
+    pub fn capacity(&self) -> usize {
+        if self.cfg.cache_capacity == 0 {
+            CAP
+        } else {
+            self.cfg.cache_capacity.min(CAP)
+        }
     }
 
     /// The cache.
@@ -272,10 +289,10 @@ where
     /// Corpus mode: embeds every corpus item into the cache (slot j holds
     /// item j). Returns the number of tower evaluations.
     pub fn fill_cache(&mut self, corpus: &[I]) -> Result<u32> {
-        if corpus.len() > CAP {
-            return Err(Error::CapacityExceeded { requested: corpus.len(), capacity: CAP });
+        if corpus.len() > self.capacity() {
+            return Err(Error::CapacityExceeded { requested: corpus.len(), capacity: self.capacity() });
         }
-        let mut c = self.cache.as_mut();
+        let mut c = self.cache.prefix_mut(self.cfg.cache_capacity);
         c.clear();
         let mut e = [0.0; DIM];
         for (j, item) in corpus.iter().enumerate() {
@@ -338,7 +355,7 @@ where
         };
         let (q, p) = (&self.q[..bsz], &self.p[..bsz]);
         self.loss.score_and_sample(
-            self.cache.as_ref(),
+            self.cache.prefix(self.cfg.cache_capacity),
             q,
             p,
             Some(batch.positives),
@@ -347,7 +364,7 @@ where
             rng,
             None,
         )?;
-        let items = self.cache.as_ref().items();
+        let items = self.cache.prefix(self.cfg.cache_capacity).items();
         for b in 0..bsz {
             for (i, &slot) in self.loss.negatives(b).iter().enumerate() {
                 self.model.embed(Side::Item, items[slot as usize].as_ref(), &mut self.n[b][i]);
@@ -360,7 +377,7 @@ where
             negative: self.gn[..bsz].as_flattened_mut(),
         };
         let fresh = self.n[..bsz].as_flattened();
-        let sum = self.loss.backward(self.cache.as_ref(), q, p, fresh, Some(grads))?;
+        let sum = self.loss.backward(self.cache.prefix(self.cfg.cache_capacity), q, p, fresh, Some(grads))?;
         for b in 0..bsz {
             self.model.backward(Side::Query, batch.queries[b].as_ref(), &self.gq[b]);
             self.model.backward(Side::Item, batch.positives[b].as_ref(), &self.gp[b]);
@@ -383,18 +400,18 @@ where
     /// Re-embeds the `refresh_per_step` stalest occupied entries, in chunks
     /// of `BATCH` so that no buffer grows with R.
     fn refresh_stalest(&mut self) -> Result<u32> {
-        let mut left = self.cfg.refresh_per_step.min(CAP);
+        let mut left = self.cfg.refresh_per_step.min(self.capacity());
         let mut evals = 0;
         while left > 0 {
             let want = left.min(BATCH);
-            let got = self.cache.as_ref().stalest(&mut self.slots[..want]);
+            let got = self.cache.prefix(self.cfg.cache_capacity).stalest(&mut self.slots[..want]);
             for k in 0..got {
-                let item = self.cache.as_ref().items()[self.slots[k]];
+                let item = self.cache.prefix(self.cfg.cache_capacity).items()[self.slots[k]];
                 self.model.embed(Side::Item, item.as_ref(), &mut self.p[k]);
             }
             let up =
                 Update { refresh_indices: &self.slots[..got], refresh_embeddings: &self.p[..got], ..Update::default() };
-            self.cache.as_mut().refresh(&up, self.cfg.eviction)?;
+            self.cache.prefix_mut(self.cfg.cache_capacity).refresh(&up, self.cfg.eviction)?;
             evals += got as u32;
             left -= want;
             if got < want {
@@ -410,7 +427,7 @@ where
         let bsz = batch.queries.len();
         let streaming = self.cfg.cache_mode == CacheMode::Streaming;
         {
-            let cache = self.cache.as_ref();
+            let cache = self.cache.prefix(self.cfg.cache_capacity);
             for b in 0..bsz {
                 let y = &batch.positives[b];
                 self.keep[b] = streaming && !cache.contains(y) && !batch.positives[..b].contains(y);
@@ -433,7 +450,7 @@ where
             new_items: batch.positives,
             new_mask: Some(&self.keep[..bsz]),
         };
-        self.cache.as_mut().update(&up, self.cfg.eviction)
+        self.cache.prefix_mut(self.cfg.cache_capacity).update(&up, self.cfg.eviction)
     }
 
     fn in_batch_step(&mut self, batch: &Batch<'_, Q, I>) -> Result<StepReport> {
@@ -471,7 +488,7 @@ where
         self.embed_batch(batch);
         // Draw the negatives uniformly, with replacement, into the cache's
         // storage, which this objective uses as its table.
-        let mut c = self.cache.as_mut();
+        let mut c = self.cache.prefix_mut(self.cfg.cache_capacity);
         let mut e = [0.0; DIM];
         for j in 0..negatives {
             let item = corpus[random::below(rng, corpus.len() as u32) as usize];
@@ -484,7 +501,10 @@ where
         let shift = crate::math::ln(negatives as f32 / corpus.len() as f32);
         self.log_q[..bsz].fill(-shift);
         let alpha = self.model.score_scale();
-        let (emb, items) = (&self.cache.as_ref().embeddings()[..negatives], &self.cache.as_ref().items()[..negatives]);
+        let (emb, items) = (
+            &self.cache.prefix(self.cfg.cache_capacity).embeddings()[..negatives],
+            &self.cache.prefix(self.cfg.cache_capacity).items()[..negatives],
+        );
         let mask = self.cfg.mask_accidental_hits;
         let model = &mut self.model;
         let mut sink = |j: usize, g: &[f32; DIM]| model.backward(Side::Item, items[j].as_ref(), g);
@@ -518,8 +538,8 @@ where
         let bsz = batch.queries.len();
         let index = batch.positive_index.ok_or(Error::InvalidConfig { what: "full softmax needs positive_index" })?;
         check_len("positive_index", bsz, index.len())?;
-        if corpus.is_empty() || corpus.len() > CAP {
-            return Err(Error::CapacityExceeded { requested: corpus.len(), capacity: CAP });
+        if corpus.is_empty() || corpus.len() > self.capacity() {
+            return Err(Error::CapacityExceeded { requested: corpus.len(), capacity: self.capacity() });
         }
         let evals = self.fill_cache(corpus)?;
         for (b, x) in batch.queries.iter().enumerate() {
@@ -527,7 +547,7 @@ where
             self.slots[b] = index[b] as usize;
         }
         let alpha = self.model.score_scale();
-        let emb = &self.cache.as_ref().embeddings()[..corpus.len()];
+        let emb = &self.cache.prefix(self.cfg.cache_capacity).embeddings()[..corpus.len()];
         let model = &mut self.model;
         let mut sink = |j: usize, g: &[f32; DIM]| model.backward(Side::Item, corpus[j].as_ref(), g);
         let out = SoftmaxOut {

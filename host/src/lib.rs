@@ -1,5 +1,11 @@
 //! The std side of negcache: data, training, evaluation, verification.
+pub mod checkpoint;
+pub mod convergence;
 pub mod data;
 pub mod eval;
+pub mod featurize;
 pub mod memory;
 pub mod reference;
+pub mod report;
+pub mod session;
+pub mod train;

@@ -1,0 +1,188 @@
+//! A trainer of one of the standard model shapes, behind one object-safe
+//! trait so that the rest of the host is written once.
+//!
+//! The shapes are fixed at compile time (the core sizes everything with
+//! const generics); what varies at run time is the tying of the towers,
+//! which picks one of three types, and every setting of the trainer.
+
+use negcache::layers::ParamVisitor;
+use negcache::tower::{Model, SeparateTowers, SharedTokenTowers, SiameseTowers, Side, TowerConfig};
+use negcache::trainer::{Batch, StepReport, Trainer, TrainerConfig};
+use rand_pcg::Pcg64Mcg;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{Reader, Writer};
+use crate::featurize::{ItemTokens, QueryTokens};
+use crate::memory::boxed;
+
+/// Rows of each token table.
+pub const BUCKETS: usize = 1 << 15;
+/// Token embedding width.
+pub const E: usize = 64;
+/// Hidden width of the towers' MLP.
+pub const H: usize = 128;
+/// Output embedding dimension.
+pub const DIM: usize = 64;
+/// Optimiser-state slots (enough for Adam).
+pub const S: usize = 2;
+/// Largest cache; the configured capacity may be smaller.
+pub const CAP: usize = 65_536;
+/// Largest batch.
+pub const BATCH: usize = 256;
+/// Negatives drawn per query.
+pub const NEG: usize = 1;
+
+/// How the two towers share parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Tying {
+    /// Separate query and item towers.
+    Separate,
+    /// One token table, two MLPs.
+    #[default]
+    SharedTokens,
+    /// One tower for both sides.
+    Siamese,
+}
+
+/// What the host needs of a trainer, whatever its model type.
+pub trait Session: Send + Sync {
+    /// Initialises the model from `rng` and the trainer.
+    fn init(&mut self, rng: &mut Pcg64Mcg) -> negcache::Result<()>;
+    /// Corpus mode: fills the cache with every item.
+    fn fill_cache(&mut self, corpus: &[ItemTokens]) -> negcache::Result<u32>;
+    /// One step.
+    fn step(
+        &mut self,
+        batch: &Batch<'_, QueryTokens, ItemTokens>,
+        corpus: &[ItemTokens],
+        lr: f32,
+        rng: &mut Pcg64Mcg,
+    ) -> negcache::Result<StepReport>;
+    /// Embeds with one tower.
+    fn embed(&self, side: Side, tokens: &[u32], out: &mut [f32; DIM]);
+    /// The trainer's settings.
+    fn config(&self) -> &TrainerConfig;
+    /// Writes parameters, optimiser state and cache.
+    fn save(&mut self, w: &mut Writer);
+    /// Reads what [`Session::save`] wrote.
+    fn load(&mut self, r: &mut Reader<'_>) -> anyhow::Result<()>;
+    /// Bytes of trainer state (model, optimiser state, cache, buffers).
+    fn state_bytes(&self) -> usize;
+}
+
+type T<M> = Trainer<M, QueryTokens, ItemTokens, CAP, DIM, BATCH, NEG>;
+
+impl<M: Model<DIM> + Send + Sync> Session for T<M> {
+    fn init(&mut self, rng: &mut Pcg64Mcg) -> negcache::Result<()> {
+        self.model.init(rng);
+        Trainer::init(self)
+    }
+    fn fill_cache(&mut self, corpus: &[ItemTokens]) -> negcache::Result<u32> {
+        Trainer::fill_cache(self, corpus)
+    }
+    fn step(
+        &mut self,
+        batch: &Batch<'_, QueryTokens, ItemTokens>,
+        corpus: &[ItemTokens],
+        lr: f32,
+        rng: &mut Pcg64Mcg,
+    ) -> negcache::Result<StepReport> {
+        Trainer::step(self, batch, corpus, lr, rng)
+    }
+    fn embed(&self, side: Side, tokens: &[u32], out: &mut [f32; DIM]) {
+        self.model.embed(side, tokens, out)
+    }
+    fn config(&self) -> &TrainerConfig {
+        Trainer::config(self)
+    }
+    fn save(&mut self, w: &mut Writer) {
+        w.tag(b"PARM");
+        self.model.visit(&mut SaveParams(w));
+        w.tag(b"OPTM");
+        w.u64(self.optimizer().t as u64);
+        w.tag(b"CACH");
+        let slots = self.cache_mut().slots_mut();
+        w.f32s(slots.embeddings.as_flattened());
+        w.u32s(slots.items.as_flattened());
+        w.u32s(&slots.ages.iter().map(|&a| a as u32).collect::<Vec<_>>());
+        w.u32s(slots.stamps);
+        w.u32s(&slots.occupied.iter().map(|&o| o as u32).collect::<Vec<_>>());
+        w.u64(*slots.clock as u64);
+    }
+    fn load(&mut self, r: &mut Reader<'_>) -> anyhow::Result<()> {
+        r.tag(b"PARM")?;
+        let mut load = LoadParams { r, err: None };
+        self.model.visit(&mut load);
+        if let Some(e) = load.err {
+            return Err(e);
+        }
+        r.tag(b"OPTM")?;
+        self.optimizer_mut().t = u32::try_from(r.u64()?)?;
+        r.tag(b"CACH")?;
+        let slots = self.cache_mut().slots_mut();
+        r.f32s_into(slots.embeddings.as_flattened_mut())?;
+        r.u32s_into(slots.items.as_flattened_mut())?;
+        let mut tmp = vec![0u32; slots.ages.len()];
+        r.u32s_into(&mut tmp)?;
+        slots.ages.iter_mut().zip(&tmp).for_each(|(a, &t)| *a = t as i32);
+        r.u32s_into(slots.stamps)?;
+        r.u32s_into(&mut tmp)?;
+        slots.occupied.iter_mut().zip(&tmp).for_each(|(o, &t)| *o = t != 0);
+        *slots.clock = u32::try_from(r.u64()?)?;
+        r.finish()
+    }
+    fn state_bytes(&self) -> usize {
+        size_of::<Self>()
+    }
+}
+
+/// A boxed trainer of the standard shape with the given tying.
+pub fn new_session(tying: Tying, tower: TowerConfig, cfg: TrainerConfig) -> anyhow::Result<Box<dyn Session>> {
+    Ok(match tying {
+        Tying::Separate => boxed(move || T::new(SeparateTowers::<BUCKETS, E, H, DIM, S>::new(tower), cfg))?,
+        Tying::SharedTokens => boxed(move || T::new(SharedTokenTowers::<BUCKETS, E, H, DIM, S>::new(tower), cfg))?,
+        Tying::Siamese => boxed(move || T::new(SiameseTowers::<BUCKETS, E, H, DIM, S>::new(tower), cfg))?,
+    })
+}
+
+/// Writes every parameter tensor and its optimiser state.
+struct SaveParams<'a>(&'a mut Writer);
+
+impl ParamVisitor for SaveParams<'_> {
+    fn dense(&mut self, value: &mut [f32], _: &mut [f32], state: &mut [&mut [f32]]) {
+        self.0.f32s(value);
+        state.iter().for_each(|s| self.0.f32s(s));
+    }
+    fn sparse(&mut self, _: usize, value: &mut [f32], _: &mut [f32], state: &mut [&mut [f32]], _: &[bool]) {
+        self.0.f32s(value);
+        state.iter().for_each(|s| self.0.f32s(s));
+    }
+}
+
+/// Reads what [`SaveParams`] wrote, keeping the first error.
+struct LoadParams<'a, 'b> {
+    r: &'a mut Reader<'b>,
+    err: Option<anyhow::Error>,
+}
+
+impl LoadParams<'_, '_> {
+    fn read(&mut self, value: &mut [f32], state: &mut [&mut [f32]]) {
+        if self.err.is_some() {
+            return;
+        }
+        let res = self.r.f32s_into(value).and_then(|()| state.iter_mut().try_for_each(|s| self.r.f32s_into(s)));
+        if let Err(e) = res {
+            self.err = Some(e);
+        }
+    }
+}
+
+impl ParamVisitor for LoadParams<'_, '_> {
+    fn dense(&mut self, value: &mut [f32], _: &mut [f32], state: &mut [&mut [f32]]) {
+        self.read(value, state);
+    }
+    fn sparse(&mut self, _: usize, value: &mut [f32], _: &mut [f32], state: &mut [&mut [f32]], _: &[bool]) {
+        self.read(value, state);
+    }
+}

@@ -1,0 +1,526 @@
+//! The `train` and `eval` commands: configuration, the training loop,
+//! exact-retrieval evaluation and the run's outputs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use negcache::optim::OptimizerKind;
+use negcache::random;
+use negcache::tokenizer::TokenizerConfig;
+use negcache::tower::{Scale, Side, TowerConfig};
+use negcache::trainer::{Batch, CacheMode, Objective, StepReport, TrainerConfig};
+use negcache::{Eviction, Retrieval};
+use rand_core::SeedableRng;
+use rand_pcg::Pcg64Mcg;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{Checkpoint, Reader, Writer};
+use crate::data::{beir, Dataset};
+use crate::eval::{evaluate_with_equivalence, top_k, Metrics};
+use crate::featurize::{featurize, Features, QueryTokens};
+use crate::session::{new_session, Session, Tying, BATCH, CAP, DIM};
+
+/// What a run minimises (see `negcache::trainer::Objective`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectiveName {
+    /// The negative cache.
+    #[default]
+    Cache,
+    /// In-batch softmax.
+    InBatch,
+    /// Uniform sampled softmax with logQ correction.
+    Sampled,
+    /// Exact full softmax.
+    Full,
+}
+
+/// Which optimiser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerName {
+    /// Adam (0.9, 0.999, 1e-8).
+    #[default]
+    Adam,
+    /// Adagrad (eps 1e-8, accumulator 0.1).
+    Adagrad,
+    /// SGD with momentum 0.9.
+    Sgd,
+}
+
+/// How negatives are drawn from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplerName {
+    /// Exact weighted reservoir with exponential jumps.
+    #[default]
+    ExpJump,
+    /// Gumbel-max.
+    Gumbel,
+}
+
+/// Every setting of a run. Defaults are those of the README's run
+/// command; a TOML file sets any subset, and flags override both.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// BEIR dataset directory.
+    pub data: PathBuf,
+    /// Output directory: metrics, plots, checkpoint.
+    pub out: PathBuf,
+    /// Seed of initialisation, batches and sampling.
+    pub seed: u64,
+    /// Training steps.
+    pub steps: u64,
+    /// Queries per batch (at most 256).
+    pub batch: usize,
+    /// Peak learning rate.
+    pub lr: f32,
+    /// Steps of linear warm-up to `lr`.
+    pub warmup: u64,
+    /// What to minimise.
+    pub objective: ObjectiveName,
+    /// Negatives per step for the sampled objective.
+    pub sampled_negatives: usize,
+    /// Cache slots in use (at most 65,536).
+    pub cache_capacity: usize,
+    /// Fill the cache with the whole corpus first instead of streaming.
+    pub corpus_cache: bool,
+    /// Evict least recently used instead of oldest.
+    pub lru: bool,
+    /// Sampler.
+    pub sampler: SamplerName,
+    /// Sampling inverse temperature.
+    pub inv_temp: f32,
+    /// Approximate top-k groups (0: off).
+    pub top_k: usize,
+    /// Remove the query's own positive from its negatives.
+    pub mask_accidental_hits: bool,
+    /// Cache entries re-embedded per step.
+    pub refresh_per_step: usize,
+    /// Tower tying.
+    pub tying: Tying,
+    /// Append an item-id token to every item.
+    pub item_id_token: bool,
+    /// Character n-gram length (0: words only).
+    pub char_ngrams: u8,
+    /// Score scale alpha (the starting value when learned).
+    pub scale: f32,
+    /// Learn alpha within [1, 100].
+    pub learn_scale: bool,
+    /// Optimiser.
+    pub optimizer: OptimizerName,
+    /// Global gradient-norm clip (0: none).
+    pub clip_norm: f32,
+    /// Evaluate every this many steps (0: only at the end).
+    pub eval_every: u64,
+    /// At most this many queries in periodic evaluations (0: all).
+    pub eval_queries: usize,
+    /// The split evaluated.
+    pub eval_split: String,
+    /// Write a checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            data: PathBuf::from("fixtures/data/wordnet-hypernyms"),
+            out: PathBuf::from("runs/default"),
+            seed: 0,
+            steps: 10_000,
+            batch: 32,
+            lr: 0.002,
+            warmup: 100,
+            objective: ObjectiveName::Cache,
+            sampled_negatives: 8192,
+            cache_capacity: 8192,
+            corpus_cache: false,
+            lru: false,
+            sampler: SamplerName::ExpJump,
+            inv_temp: 1.0,
+            top_k: 0,
+            mask_accidental_hits: true,
+            refresh_per_step: 0,
+            tying: Tying::SharedTokens,
+            item_id_token: true,
+            char_ngrams: 0,
+            scale: 20.0,
+            learn_scale: false,
+            optimizer: OptimizerName::Adam,
+            clip_norm: 0.0,
+            eval_every: 1000,
+            eval_queries: 2000,
+            eval_split: "test".into(),
+            checkpoint_every: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML file; unknown keys are errors.
+    pub fn from_toml(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read config", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("{}: invalid config", path.display()))
+    }
+
+    /// Checks ranges before any work starts.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.batch == 0 || self.batch > BATCH {
+            bail!("batch must be between 1 and {BATCH}, got {}", self.batch);
+        }
+        if self.cache_capacity == 0 || self.cache_capacity > CAP {
+            bail!("cache_capacity must be between 1 and {CAP}, got {}", self.cache_capacity);
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("lr must be positive, got {}", self.lr);
+        }
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            bail!("scale must be positive, got {}", self.scale);
+        }
+        if self.char_ngrams > 8 {
+            bail!("char_ngrams must be at most 8, got {}", self.char_ngrams);
+        }
+        Ok(())
+    }
+
+    /// The core's trainer settings.
+    pub fn trainer(&self) -> TrainerConfig {
+        TrainerConfig {
+            objective: match self.objective {
+                ObjectiveName::Cache => Objective::Cache,
+                ObjectiveName::InBatch => Objective::InBatch,
+                ObjectiveName::Sampled => Objective::Sampled { negatives: self.sampled_negatives },
+                ObjectiveName::Full => Objective::Full,
+            },
+            cache_mode: if self.corpus_cache { CacheMode::Corpus } else { CacheMode::Streaming },
+            eviction: if self.lru { Eviction::Lru } else { Eviction::Fifo },
+            retrieval: match self.sampler {
+                SamplerName::ExpJump => Retrieval::ExpJump { inv_temp: self.inv_temp },
+                SamplerName::Gumbel => Retrieval::Gumbel { inv_temp: self.inv_temp },
+            },
+            top_k: self.top_k,
+            mask_accidental_hits: self.mask_accidental_hits,
+            refresh_per_step: self.refresh_per_step,
+            cache_capacity: self.cache_capacity,
+            optimizer: match self.optimizer {
+                OptimizerName::Adam => OptimizerKind::ADAM,
+                OptimizerName::Adagrad => OptimizerKind::Adagrad { eps: 1e-8, initial_accumulator: 0.1 },
+                OptimizerName::Sgd => OptimizerKind::Sgd { momentum: 0.9, weight_decay: 0.0 },
+            },
+            clip_norm: self.clip_norm,
+        }
+    }
+
+    /// The towers' settings.
+    pub fn tower(&self) -> TowerConfig {
+        TowerConfig {
+            scale: if self.learn_scale {
+                Scale::Learned { init: self.scale, min: 1.0, max: 100.0 }
+            } else {
+                Scale::Fixed(self.scale)
+            },
+            ..TowerConfig::DEFAULT
+        }
+    }
+
+    /// The tokenizer's settings.
+    pub fn tokenizer(&self) -> TokenizerConfig {
+        TokenizerConfig { char_ngrams: self.char_ngrams }
+    }
+
+    /// The learning rate at `step` (linear warm-up, then constant).
+    pub fn lr_at(&self, step: u64) -> f32 {
+        if step < self.warmup {
+            self.lr * (step + 1) as f32 / self.warmup as f32
+        } else {
+            self.lr
+        }
+    }
+}
+
+/// A dataset with its features and training pairs, ready to train on.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The dataset.
+    pub ds: Dataset,
+    /// Token lists.
+    pub features: Features,
+    /// (query, positive doc) pairs of the training split.
+    pub pairs: Vec<(u32, u32)>,
+    /// Corpus index to the first document with identical text.
+    pub equivalent: HashMap<u32, u32>,
+}
+
+/// Loads and featurises the data a config names.
+pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
+    let mut splits = vec!["train"];
+    if cfg.eval_split != "train" {
+        splits.push(&cfg.eval_split);
+    }
+    let ds = beir::load(&cfg.data, &splits).with_context(|| format!("loading {}", cfg.data.display()))?;
+    let features = featurize(&ds, &cfg.tokenizer(), cfg.item_id_token);
+    let pairs: Vec<(u32, u32)> = ds.qrels["train"].iter().filter(|q| q.score > 0).map(|q| (q.query, q.doc)).collect();
+    if pairs.is_empty() {
+        bail!("{}: the train split has no positive judgements", cfg.data.display());
+    }
+    if ds.corpus.len() > CAP && matches!(cfg.objective, ObjectiveName::Full) {
+        bail!("full softmax holds the corpus in the cache: {} items exceed {CAP}", ds.corpus.len());
+    }
+    let equivalent = ds.duplicate_text_groups();
+    Ok(Prepared { ds, features, pairs, equivalent })
+}
+
+/// The generator of step `step`: a function of the seed and the step only,
+/// so a resumed run draws exactly what an uninterrupted one would.
+pub fn step_rng(seed: u64, step: u64) -> Pcg64Mcg {
+    // SplitMix64's finaliser spreads nearby (seed, step) pairs apart.
+    let mut z = seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    Pcg64Mcg::seed_from_u64(z ^ (z >> 31))
+}
+
+/// A run in progress: the session, its data and where it is.
+pub struct Run {
+    /// The settings.
+    pub cfg: TrainConfig,
+    /// The trainer.
+    pub session: Box<dyn Session>,
+    /// Steps done.
+    pub step: u64,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Run").field("cfg", &self.cfg).field("step", &self.step).finish_non_exhaustive()
+    }
+}
+
+impl Run {
+    /// A new run, initialised from the seed.
+    pub fn start(cfg: TrainConfig, data: &Prepared) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        let mut session = new_session(cfg.tying, cfg.tower(), cfg.trainer())?;
+        let mut rng = Pcg64Mcg::seed_from_u64(cfg.seed);
+        session.init(&mut rng)?;
+        if cfg.corpus_cache && matches!(cfg.objective, ObjectiveName::Cache) {
+            session.fill_cache(&data.features.items)?;
+        }
+        Ok(Self { cfg, session, step: 0 })
+    }
+
+    /// A run restored from a checkpoint (its configuration comes from the
+    /// checkpoint; `steps` may be raised to train further).
+    pub fn resume(path: &Path, steps: Option<u64>) -> anyhow::Result<Self> {
+        let ck = Checkpoint::load(path)?;
+        let mut cfg: TrainConfig = serde_json::from_value(ck.header["config"].clone())
+            .with_context(|| format!("{}: the header's config does not fit this build", path.display()))?;
+        if let Some(s) = steps {
+            cfg.steps = s;
+        }
+        let step = ck.header["step"].as_u64().with_context(|| format!("{}: header has no step", path.display()))?;
+        let mut session = new_session(cfg.tying, cfg.tower(), cfg.trainer())?;
+        session.init(&mut Pcg64Mcg::seed_from_u64(cfg.seed))?;
+        session.load(&mut Reader::new(&ck.body)).with_context(|| format!("{}: cannot restore", path.display()))?;
+        Ok(Self { cfg, session, step })
+    }
+
+    /// One step on a batch drawn from the step's own generator.
+    pub fn step(&mut self, data: &Prepared) -> anyhow::Result<StepReport> {
+        let mut rng = step_rng(self.cfg.seed, self.step);
+        let n = data.pairs.len() as u32;
+        let mut queries: Vec<QueryTokens> = Vec::with_capacity(self.cfg.batch);
+        let mut positives = Vec::with_capacity(self.cfg.batch);
+        let mut index = Vec::with_capacity(self.cfg.batch);
+        for _ in 0..self.cfg.batch {
+            let (q, d) = data.pairs[random::below(&mut rng, n) as usize];
+            queries.push(data.features.queries[q as usize]);
+            positives.push(data.features.items[d as usize]);
+            index.push(d);
+        }
+        let batch = Batch { queries: &queries, positives: &positives, positive_index: Some(&index) };
+        let lr = self.cfg.lr_at(self.step);
+        let report = self.session.step(&batch, &data.features.items, lr, &mut rng)?;
+        self.step += 1;
+        Ok(report)
+    }
+
+    /// The run as a checkpoint.
+    pub fn checkpoint(&mut self) -> anyhow::Result<Checkpoint> {
+        let mut w = Writer::default();
+        self.session.save(&mut w);
+        let header = serde_json::json!({
+            "config": self.cfg,
+            "step": self.step,
+            "shape": shape_json(),
+        });
+        Ok(Checkpoint { header, body: w.0 })
+    }
+}
+
+/// The compile-time model shape, recorded in checkpoints.
+pub fn shape_json() -> serde_json::Value {
+    use crate::session::{BUCKETS, E, H, NEG, S};
+    serde_json::json!({ "buckets": BUCKETS, "e": E, "h": H, "dim": DIM, "state_slots": S, "cap": CAP, "batch": BATCH, "neg": NEG })
+}
+
+/// Exact retrieval over the whole corpus for the judged queries of `split`
+/// (the first `max_queries` of them when non-zero), then the metrics.
+/// Documents with identical text count as the same document.
+pub fn evaluate(session: &dyn Session, data: &Prepared, split: &str, max_queries: usize) -> anyhow::Result<Metrics> {
+    let qrels = data.ds.qrels.get(split).with_context(|| format!("no split {split:?} loaded"))?;
+    let mut judged: Vec<u32> = qrels.iter().filter(|q| q.score > 0).map(|q| q.query).collect();
+    judged.sort_unstable();
+    judged.dedup();
+    if max_queries > 0 && judged.len() > max_queries {
+        judged.truncate(max_queries);
+    }
+    let keep: std::collections::HashSet<u32> = judged.iter().copied().collect();
+    let qrels: Vec<_> = qrels.iter().copied().filter(|q| keep.contains(&q.query)).collect();
+    let items = embed_all(session, Side::Item, &data.features.items);
+    let rankings = rank(session, &judged, &data.features.queries, &items, 100);
+    let by_query: HashMap<u32, Vec<u32>> = judged.iter().copied().zip(rankings).collect();
+    Ok(evaluate_with_equivalence(&qrels, Some(&data.equivalent), |q| by_query.get(&q).cloned().unwrap_or_default()))
+}
+
+/// Embeds token lists with one tower, on every core.
+pub fn embed_all<const L: usize>(session: &dyn Session, side: Side, inputs: &[[u32; L]]) -> Vec<[f32; DIM]> {
+    let mut out = vec![[0.0f32; DIM]; inputs.len()];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = inputs.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (o, i) in out.chunks_mut(chunk).zip(inputs.chunks(chunk)) {
+            s.spawn(move || o.iter_mut().zip(i).for_each(|(e, x)| session.embed(side, x, e)));
+        }
+    });
+    out
+}
+
+/// The top `k` corpus indices for each query, by exact dot product.
+pub fn rank(
+    session: &dyn Session,
+    queries: &[u32],
+    query_tokens: &[QueryTokens],
+    items: &[[f32; DIM]],
+    k: usize,
+) -> Vec<Vec<u32>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = queries.len().div_ceil(threads).max(1);
+    let mut out = vec![Vec::new(); queries.len()];
+    std::thread::scope(|s| {
+        for (o, qs) in out.chunks_mut(chunk).zip(queries.chunks(chunk)) {
+            s.spawn(move || {
+                let mut scores = vec![0.0f32; items.len()];
+                for (r, &q) in o.iter_mut().zip(qs) {
+                    let mut e = [0.0f32; DIM];
+                    session.embed(Side::Query, &query_tokens[q as usize], &mut e);
+                    for (s, it) in scores.iter_mut().zip(items) {
+                        *s = negcache::vector::dot(&e, it);
+                    }
+                    *r = top_k(&scores, k);
+                }
+            });
+        }
+    });
+    out
+}
+
+/// Progress and results reported to the caller of [`train`].
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TrainSummary {
+    /// Steps done.
+    pub steps: u64,
+    /// Wall-clock seconds of training (evaluation excluded).
+    pub train_seconds: f64,
+    /// Final metrics on the evaluation split.
+    pub metrics: Metrics,
+    /// (step, metrics) of the periodic evaluations.
+    pub curve: Vec<(u64, Metrics)>,
+    /// (step, mean training loss, mean interpretable loss) per logging
+    /// window.
+    pub losses: Vec<(u64, f64, f64)>,
+    /// Mean tower evaluations per step.
+    pub tower_evals_per_step: f64,
+    /// Bytes of trainer state.
+    pub state_bytes: usize,
+}
+
+/// Receives each logging window: `(step, training seconds, named values)`.
+pub type LogFn<'a> = &'a mut dyn FnMut(u64, f64, &[(&str, f64)]) -> anyhow::Result<()>;
+
+/// Trains `run` to `run.cfg.steps` steps: a progress bar, evaluations every
+/// `eval_every` steps, a checkpoint every `checkpoint_every` steps and at
+/// the end (written atomically to `<out>/checkpoint.ckpt`), and each
+/// logging window passed to `log(step, seconds, values)`.
+pub fn train(run: &mut Run, data: &Prepared, log: LogFn<'_>) -> anyhow::Result<TrainSummary> {
+    let cfg = run.cfg.clone();
+    let start_step = run.step;
+    let bar = indicatif::ProgressBar::new(cfg.steps);
+    bar.set_position(run.step);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps, {per_sec}, eta {eta}  {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut summary = TrainSummary { state_bytes: run.session.state_bytes(), ..TrainSummary::default() };
+    let window = 100u64;
+    let (mut sum_train, mut sum_interp, mut sum_stale, mut sum_prob, mut n) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0u64);
+    let mut evals_total = 0u64;
+    let mut train_time = 0.0f64;
+    let ckpt = cfg.out.join("checkpoint.ckpt");
+    while run.step < cfg.steps {
+        let t0 = std::time::Instant::now();
+        let r = run.step(data)?;
+        train_time += t0.elapsed().as_secs_f64();
+        evals_total += r.tower_evals as u64;
+        sum_train += r.training_loss as f64;
+        sum_interp += r.interpretable_loss as f64;
+        sum_stale += r.staleness as f64;
+        sum_prob += r.prob_pos as f64;
+        n += 1;
+        bar.inc(1);
+        if run.step % window == 0 || run.step == cfg.steps {
+            let k = n.max(1) as f64;
+            let (tl, il) = (sum_train / k, sum_interp / k);
+            bar.set_message(format!("loss {il:.3}"));
+            summary.losses.push((run.step, tl, il));
+            log(
+                run.step,
+                train_time,
+                &[
+                    ("training_loss", tl),
+                    ("interpretable_loss", il),
+                    ("staleness", sum_stale / k),
+                    ("prob_pos", sum_prob / k),
+                    ("steps_per_s", (run.step - start_step) as f64 / train_time.max(1e-9)),
+                ],
+            )?;
+            (sum_train, sum_interp, sum_stale, sum_prob, n) = (0.0, 0.0, 0.0, 0.0, 0);
+        }
+        if cfg.eval_every > 0 && run.step % cfg.eval_every == 0 && run.step < cfg.steps {
+            let m = evaluate(run.session.as_ref(), data, &cfg.eval_split, cfg.eval_queries)?;
+            bar.println(format!(
+                "step {}: {} Recall@10 {:.4}, MRR@10 {:.4} ({} queries)",
+                run.step, cfg.eval_split, m.recall_at_10, m.mrr_at_10, m.queries
+            ));
+            log(run.step, train_time, &[("recall_at_10", m.recall_at_10), ("mrr_at_10", m.mrr_at_10)])?;
+            summary.curve.push((run.step, m));
+        }
+        if cfg.checkpoint_every > 0 && run.step % cfg.checkpoint_every == 0 && run.step < cfg.steps {
+            run.checkpoint()?.save(&ckpt)?;
+        }
+    }
+    bar.finish_and_clear();
+    run.checkpoint()?.save(&ckpt)?;
+    let m = evaluate(run.session.as_ref(), data, &cfg.eval_split, 0)?;
+    log(run.step, train_time, &[("recall_at_10", m.recall_at_10), ("mrr_at_10", m.mrr_at_10)])?;
+    summary.curve.push((run.step, m));
+    summary.metrics = m;
+    summary.steps = run.step;
+    summary.train_seconds = train_time;
+    summary.tower_evals_per_step = evals_total as f64 / (run.step - start_step).max(1) as f64;
+    Ok(summary)
+}

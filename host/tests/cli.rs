@@ -1,0 +1,60 @@
+//! The `negcache` binary's exit codes and messages.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+fn negcache(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_negcache"))
+        .args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn verify_passes_the_reference_files() {
+    let (code, out, _) = negcache(&["verify", "--reference", "fixtures/reference", "--expected", "none"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.lines().last().unwrap().ends_with(" 0 failed"), "{out}");
+}
+
+#[test]
+fn verify_rejects_malformed_and_failing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{\"format\": \"negcache-reference-v1\", \"cases\": [{\"name\": \"x\", \"kind\": \"in_cache_filter\", \"inputs\": {\"cache_items\": [[1]], \"new_items\": [[1]]}, \"expected\": {\"keep\": [true]}}]}").unwrap();
+    let (code, out, _) = negcache(&["verify", "--reference", bad.to_str().unwrap(), "--expected", "none"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAIL") && out.contains("keep[0]"), "{out}");
+    std::fs::write(&bad, "[1, 2").unwrap();
+    let (code, _, err) = negcache(&["verify", "--reference", bad.to_str().unwrap(), "--expected", "none"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("bad.json") && err.contains("not valid JSON"), "{err}");
+}
+
+#[test]
+fn every_command_has_help_with_examples() {
+    for cmd in ["train", "eval", "verify", "convert-wordnet"] {
+        let (code, out, _) = negcache(&[cmd, "--help"]);
+        assert_eq!(code, 0);
+        assert!(out.contains("Example"), "{cmd}: {out}");
+    }
+}
+
+#[test]
+fn bad_settings_are_reported_before_any_work() {
+    let (code, _, err) = negcache(&["train", "--batch", "999"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("batch must be between 1 and 256"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "stepz = 3\n").unwrap();
+    let (code, _, err) = negcache(&["train", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("c.toml") && err.contains("stepz"), "{err}");
+}
