@@ -18,7 +18,8 @@ static GLOBAL: &StatsAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
 type Towers = SeparateTowers<32768, 64, 128, 64, 2>;
 type Big = Trainer<Towers, [u32; 32], [u32; 12], 65536, 64, 32, 1>;
 
-static TRAINER: ConstStaticCell<Big> = ConstStaticCell::new(Trainer::new(Towers::new(TowerConfig::DEFAULT), TrainerConfig::DEFAULT));
+static TRAINER: ConstStaticCell<Big> =
+    ConstStaticCell::new(Trainer::new(Towers::new(TowerConfig::DEFAULT), TrainerConfig::DEFAULT));
 
 fn batch(rng: &mut rand_pcg::Pcg64Mcg, step: u32) -> ([[u32; 32]; 32], [[u32; 12]; 32]) {
     let mut q = [[u32::MAX; 32]; 32];

@@ -37,16 +37,12 @@ const PROBE: &str = "NEGCACHE_STACK_PROBE";
 fn stack_probe_child() {
     let Ok(kib) = std::env::var(PROBE) else { return };
     let kib: usize = kib.parse().unwrap();
-    let mut t = negcache_host::memory::boxed(|| Trainer::new(Towers::new(TowerConfig::DEFAULT), TrainerConfig::DEFAULT))
-        .unwrap();
+    let mut t =
+        negcache_host::memory::boxed(|| Trainer::new(Towers::new(TowerConfig::DEFAULT), TrainerConfig::DEFAULT))
+            .unwrap();
     t.model.init(&mut rand_pcg::Pcg64Mcg::seed_from_u64(0));
     t.init().unwrap();
-    std::thread::Builder::new()
-        .stack_size(kib * 1024)
-        .spawn(move || run_steps(&mut t, 20))
-        .unwrap()
-        .join()
-        .unwrap();
+    std::thread::Builder::new().stack_size(kib * 1024).spawn(move || run_steps(&mut t, 20)).unwrap().join().unwrap();
 }
 
 #[test]
