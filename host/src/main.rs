@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use negcache_host::data::{beir, wordnet};
 use negcache_host::eval::evaluate_baselines;
+use negcache_host::report::{column_points, line_chart, read_series, MetricsLog, Series};
 use negcache_host::session::Tying;
 use negcache_host::train::{self, ObjectiveName, OptimizerName, Run, SamplerName, TrainConfig};
 use negcache_host::{convergence, reference};
@@ -145,6 +146,9 @@ struct TrainArgs {
     /// Sampler [default: exp-jump].
     #[arg(long, value_enum)]
     sampler: Option<SamplerName>,
+    /// Negatives per query from the cache, 1 or 4 [default: 1].
+    #[arg(long)]
+    negatives: Option<usize>,
     /// Sampling inverse temperature [default: 1].
     #[arg(long)]
     inv_temp: Option<f32>,
@@ -211,7 +215,17 @@ impl TrainArgs {
             corpus_cache,
             lru
         );
-        set!(sampler, inv_temp, top_k, mask_accidental_hits, refresh_per_step, tying, item_id_token, char_ngrams);
+        set!(
+            sampler,
+            negatives,
+            inv_temp,
+            top_k,
+            mask_accidental_hits,
+            refresh_per_step,
+            tying,
+            item_id_token,
+            char_ngrams
+        );
         set!(scale, learn_scale, optimizer, clip_norm, eval_every, eval_queries, eval_split, checkpoint_every);
     }
 }
@@ -270,7 +284,7 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<ExitCode> {
             cfg.validate()?;
             Run {
                 cfg: cfg.clone(),
-                session: negcache_host::session::new_session(cfg.tying, cfg.tower(), cfg.trainer())?,
+                session: negcache_host::session::new_session(cfg.tying, cfg.negatives, cfg.tower(), cfg.trainer())?,
                 step: 0,
             }
         }
@@ -291,17 +305,21 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         cfg.steps,
         cfg.batch
     );
-    let mut rows: Vec<serde_json::Value> = Vec::new();
-    let summary = train::train(&mut run, &data, &mut |step, secs, values| {
-        let mut row = serde_json::Map::new();
-        row.insert("step".into(), step.into());
-        row.insert("seconds".into(), secs.into());
-        for (k, v) in values {
-            row.insert((*k).into(), (*v).into());
-        }
-        rows.push(row.into());
-        Ok(())
-    })?;
+    // Metrics go to <out>/metrics.csv row by row, so a killed run keeps
+    // what it logged; a resumed run keeps the rows up to its step.
+    let metrics_path = cfg.out.join("metrics.csv");
+    let earlier = if args.resume.is_some() && metrics_path.exists() {
+        read_series(&metrics_path)?.into_iter().filter(|r| r.step <= run.step).collect()
+    } else {
+        Vec::new()
+    };
+    let mut log = MetricsLog::create(&metrics_path, &METRIC_COLUMNS)?;
+    for r in &earlier {
+        let values: Vec<(&str, f64)> = METRIC_COLUMNS.iter().filter_map(|c| r.get(c).map(|v| (*c, v))).collect();
+        log.log_at(r.step, r.wall_s, &values)?;
+    }
+    let summary = train::train(&mut run, &data, &mut |step, secs, values| log.log_at(step, secs, values))?;
+    log.close()?;
     let baselines = evaluate_baselines(&data.ds, &cfg.eval_split, Some(&data.equivalent));
     print_summary(&cfg, &summary.metrics, &baselines);
     println!(
@@ -312,12 +330,34 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         summary.tower_evals_per_step,
         summary.state_bytes as f64 / 1e6
     );
-    let report = serde_json::json!({ "config": cfg, "summary": summary, "baselines": baselines, "log": rows });
+    plot_run(&metrics_path, &cfg.out, &baselines)?;
+    let report = serde_json::json!({ "config": cfg, "summary": summary, "baselines": baselines });
     negcache_host::checkpoint::write_atomically(&cfg.out.join("summary.json"), |f| {
         serde_json::to_writer_pretty(f, &report).map_err(Into::into)
     })?;
-    println!("wrote {}/summary.json and {}/checkpoint.ckpt", cfg.out.display(), cfg.out.display());
+    println!(
+        "wrote {0}/summary.json, {0}/metrics.csv, {0}/loss.svg|png, {0}/recall.svg|png and {0}/checkpoint.ckpt",
+        cfg.out.display()
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The columns of `metrics.csv`.
+const METRIC_COLUMNS: [&str; 7] =
+    ["training_loss", "interpretable_loss", "staleness", "prob_pos", "steps_per_s", "recall_at_10", "mrr_at_10"];
+
+/// Loss and recall curves of a run, as SVG and PNG, with the baselines'
+/// Recall@10 as reference lines.
+fn plot_run(metrics: &Path, out: &Path, b: &negcache_host::eval::Baselines) -> anyhow::Result<()> {
+    let rows = read_series(metrics)?;
+    let losses = [
+        Series::new("cross-entropy over candidates", column_points(&rows, "interpretable_loss")),
+        Series::new("training loss (surrogate)", column_points(&rows, "training_loss")),
+    ];
+    line_chart(&out.join("loss"), "Training loss", "step", "loss", &losses, &[])?;
+    let recall = [Series::new("negcache towers", column_points(&rows, "recall_at_10"))];
+    let refs = [("BM25".to_owned(), b.bm25.recall_at_10), ("popularity".to_owned(), b.popularity.recall_at_10)];
+    line_chart(&out.join("recall"), "Recall@10 during training", "step", "Recall@10", &recall, &refs)
 }
 
 fn print_summary(cfg: &TrainConfig, m: &negcache_host::eval::Metrics, b: &negcache_host::eval::Baselines) {

@@ -29,8 +29,11 @@ pub const S: usize = 2;
 pub const CAP: usize = 65_536;
 /// Largest batch.
 pub const BATCH: usize = 256;
-/// Negatives drawn per query.
+/// Negatives drawn per query: the paper's one, or four (Gumbel-top-4,
+/// distinct) as a second shape.
 pub const NEG: usize = 1;
+/// The second shape's negatives per query.
+pub const NEG_MANY: usize = 4;
 
 /// How the two towers share parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -71,9 +74,9 @@ pub trait Session: Send + Sync {
     fn state_bytes(&self) -> usize;
 }
 
-type T<M> = Trainer<M, QueryTokens, ItemTokens, CAP, DIM, BATCH, NEG>;
+type T<M, const N: usize> = Trainer<M, QueryTokens, ItemTokens, CAP, DIM, BATCH, N>;
 
-impl<M: Model<DIM> + Send + Sync> Session for T<M> {
+impl<M: Model<DIM> + Send + Sync, const N: usize> Session for T<M, N> {
     fn init(&mut self, rng: &mut Pcg64Mcg) -> negcache::Result<()> {
         self.model.init(rng);
         Trainer::init(self)
@@ -137,12 +140,25 @@ impl<M: Model<DIM> + Send + Sync> Session for T<M> {
     }
 }
 
-/// A boxed trainer of the standard shape with the given tying.
-pub fn new_session(tying: Tying, tower: TowerConfig, cfg: TrainerConfig) -> anyhow::Result<Box<dyn Session>> {
-    Ok(match tying {
-        Tying::Separate => boxed(move || T::new(SeparateTowers::<BUCKETS, E, H, DIM, S>::new(tower), cfg))?,
-        Tying::SharedTokens => boxed(move || T::new(SharedTokenTowers::<BUCKETS, E, H, DIM, S>::new(tower), cfg))?,
-        Tying::Siamese => boxed(move || T::new(SiameseTowers::<BUCKETS, E, H, DIM, S>::new(tower), cfg))?,
+/// A boxed trainer of the standard shape with the given tying and
+/// negatives per query ([`NEG`] or [`NEG_MANY`]).
+pub fn new_session(
+    tying: Tying,
+    negatives: usize,
+    tower: TowerConfig,
+    cfg: TrainerConfig,
+) -> anyhow::Result<Box<dyn Session>> {
+    type Sep = SeparateTowers<BUCKETS, E, H, DIM, S>;
+    type Shared = SharedTokenTowers<BUCKETS, E, H, DIM, S>;
+    type Siam = SiameseTowers<BUCKETS, E, H, DIM, S>;
+    Ok(match (tying, negatives) {
+        (Tying::Separate, NEG) => boxed(move || T::<_, NEG>::new(Sep::new(tower), cfg))?,
+        (Tying::SharedTokens, NEG) => boxed(move || T::<_, NEG>::new(Shared::new(tower), cfg))?,
+        (Tying::Siamese, NEG) => boxed(move || T::<_, NEG>::new(Siam::new(tower), cfg))?,
+        (Tying::Separate, NEG_MANY) => boxed(move || T::<_, NEG_MANY>::new(Sep::new(tower), cfg))?,
+        (Tying::SharedTokens, NEG_MANY) => boxed(move || T::<_, NEG_MANY>::new(Shared::new(tower), cfg))?,
+        (Tying::Siamese, NEG_MANY) => boxed(move || T::<_, NEG_MANY>::new(Siam::new(tower), cfg))?,
+        (_, n) => anyhow::bail!("negatives per query must be {NEG} or {NEG_MANY}, got {n}"),
     })
 }
 

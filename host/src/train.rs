@@ -89,8 +89,10 @@ pub struct TrainConfig {
     pub corpus_cache: bool,
     /// Evict least recently used instead of oldest.
     pub lru: bool,
-    /// Sampler.
+    /// Sampler (with several negatives per query, Gumbel-top-m is used).
     pub sampler: SamplerName,
+    /// Negatives drawn per query from the cache: 1 or 4.
+    pub negatives: usize,
     /// Sampling inverse temperature.
     pub inv_temp: f32,
     /// Approximate top-k groups (0: off).
@@ -139,6 +141,7 @@ impl Default for TrainConfig {
             corpus_cache: false,
             lru: false,
             sampler: SamplerName::ExpJump,
+            negatives: 1,
             inv_temp: 1.0,
             top_k: 0,
             mask_accidental_hits: true,
@@ -179,6 +182,9 @@ impl TrainConfig {
         if !(self.scale.is_finite() && self.scale > 0.0) {
             bail!("scale must be positive, got {}", self.scale);
         }
+        if self.negatives != crate::session::NEG && self.negatives != crate::session::NEG_MANY {
+            bail!("negatives must be {} or {}, got {}", crate::session::NEG, crate::session::NEG_MANY, self.negatives);
+        }
         if self.char_ngrams > 8 {
             bail!("char_ngrams must be at most 8, got {}", self.char_ngrams);
         }
@@ -197,6 +203,8 @@ impl TrainConfig {
             cache_mode: if self.corpus_cache { CacheMode::Corpus } else { CacheMode::Streaming },
             eviction: if self.lru { Eviction::Lru } else { Eviction::Fifo },
             retrieval: match self.sampler {
+                // The reservoir draws one negative; several come from Gumbel-top-m.
+                SamplerName::ExpJump if self.negatives > 1 => Retrieval::Gumbel { inv_temp: self.inv_temp },
                 SamplerName::ExpJump => Retrieval::ExpJump { inv_temp: self.inv_temp },
                 SamplerName::Gumbel => Retrieval::Gumbel { inv_temp: self.inv_temp },
             },
@@ -302,7 +310,7 @@ impl Run {
     /// A new run, initialised from the seed.
     pub fn start(cfg: TrainConfig, data: &Prepared) -> anyhow::Result<Self> {
         cfg.validate()?;
-        let mut session = new_session(cfg.tying, cfg.tower(), cfg.trainer())?;
+        let mut session = new_session(cfg.tying, cfg.negatives, cfg.tower(), cfg.trainer())?;
         let mut rng = Pcg64Mcg::seed_from_u64(cfg.seed);
         session.init(&mut rng)?;
         if cfg.corpus_cache && matches!(cfg.objective, ObjectiveName::Cache) {
@@ -321,7 +329,7 @@ impl Run {
             cfg.steps = s;
         }
         let step = ck.header["step"].as_u64().with_context(|| format!("{}: header has no step", path.display()))?;
-        let mut session = new_session(cfg.tying, cfg.tower(), cfg.trainer())?;
+        let mut session = new_session(cfg.tying, cfg.negatives, cfg.tower(), cfg.trainer())?;
         session.init(&mut Pcg64Mcg::seed_from_u64(cfg.seed))?;
         session.load(&mut Reader::new(&ck.body)).with_context(|| format!("{}: cannot restore", path.display()))?;
         Ok(Self { cfg, session, step })

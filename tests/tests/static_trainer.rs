@@ -4,7 +4,7 @@
 //!
 //! This binary holds one test only: the allocation counter is global, so
 //! nothing else may run beside it. The stack bound is in `step_stack.rs`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 
 use negcache::tower::{SeparateTowers, TowerConfig};
 use negcache::trainer::{Batch, Trainer, TrainerConfig};

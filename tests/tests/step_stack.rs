@@ -2,7 +2,7 @@
 //! as a child process that takes steps on a thread with a given stack size;
 //! an overflow kills only the child. The smallest size that works is
 //! printed (`cargo test --release -p negcache-tests --test step_stack -- --nocapture`).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 
 use negcache::tower::{SeparateTowers, TowerConfig};
 use negcache::trainer::{Batch, Trainer, TrainerConfig};

@@ -313,7 +313,7 @@ impl Chart<'_> {
         let mut chart = ChartBuilder::on(&plot_area)
             .margin(MARGIN)
             .x_label_area_size(60)
-            .y_label_area_size(85)
+            .y_label_area_size(75)
             .build_cartesian_2d(x_range.0..x_range.1, y_range.0..y_range.1)
             .map_err(drawing_error)?;
         chart
@@ -324,6 +324,7 @@ impl Chart<'_> {
             .label_style((family, 15).into_font().color(&BLACK))
             .bold_line_style(RGBColor(220, 220, 220))
             .light_line_style(RGBColor(244, 244, 244))
+            .max_light_lines(4)
             .x_labels(TICKS)
             .y_labels(TICKS)
             .x_label_formatter(&x_ticks)
@@ -344,7 +345,7 @@ impl Chart<'_> {
         for (i, s) in self.series.iter().enumerate() {
             let color = PALETTE[i % PALETTE.len()];
             let segments = finite_segments(&s.points);
-            let markers = segments.iter().map(Vec::len).sum::<usize>() <= MAX_POINTS_WITH_MARKERS;
+            let markers = shows_markers(&s.points);
             chart
                 .draw_series(segments.iter().map(|seg| PathElement::new(seg.clone(), color.stroke_width(2))))
                 .map_err(drawing_error)?;
@@ -375,7 +376,7 @@ impl Chart<'_> {
             label: s.name.clone(),
             color: PALETTE[i % PALETTE.len()],
             dashed: false,
-            marker: s.points.len() <= MAX_POINTS_WITH_MARKERS,
+            marker: shows_markers(&s.points),
         });
         let references = self.reference_lines.iter().enumerate().map(|(j, (name, value))| LegendEntry {
             label: format!("{name} ({})", fmt_metric(*value)),
@@ -399,7 +400,9 @@ fn draw_legend<DB: DrawingBackend>(
     const ROW_H: i32 = 26;
     let (w, _) = area.dim_in_pixel();
     let right = i32::try_from(w).unwrap_or(i32::MAX) - 2;
-    let rows = i32::try_from(entries.len()).unwrap_or(i32::MAX / ROW_H);
+    // Rows past the image's height are invisible anyway; the cap only keeps
+    // the arithmetic below from overflowing.
+    let rows = i32::try_from(entries.len()).unwrap_or(i32::MAX).min(10_000);
     let frame = ShapeStyle { color: RGBColor(190, 190, 190).to_rgba(), filled: false, stroke_width: 1 };
     area.draw(&Rectangle::new([(0, top), (right, top + rows * ROW_H + 12)], frame)).map_err(drawing_error)?;
     let font = font.pos(Pos::new(HPos::Left, VPos::Center));
@@ -443,6 +446,11 @@ fn padded_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
 /// The runs of consecutive finite points.
 fn finite_segments(points: &[(f64, f64)]) -> Vec<Vec<(f64, f64)>> {
     points.split(|(x, y)| !(x.is_finite() && y.is_finite())).filter(|seg| !seg.is_empty()).map(<[_]>::to_vec).collect()
+}
+
+/// Whether a curve is sparse enough to get a dot per point.
+fn shows_markers(points: &[(f64, f64)]) -> bool {
+    points.iter().filter(|(x, y)| x.is_finite() && y.is_finite()).count() <= MAX_POINTS_WITH_MARKERS
 }
 
 /// Labels for the ticks of an axis spanning `range`: every label gets the
