@@ -441,6 +441,17 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
     pub fn staleness(&self) -> &[f32] {
         &self.staleness[..self.batch]
     }
+    /// Query `b`'s log-sum-exp over its candidates (without the positive):
+    /// what a shard of a distributed cache reports so that shards can be
+    /// merged exactly (`LogSumExp::merge`, then a Gumbel-max over shards).
+    pub fn candidate_lse(&self, b: usize) -> LogSumExp {
+        if b < self.batch {
+            self.lse[b]
+        } else {
+            LogSumExp::EMPTY
+        }
+    }
+
     /// Per query: the positive's score `alpha * <q, p>`.
     pub fn positive_score(&self) -> &[f32] {
         &self.pos_score[..self.batch]

@@ -1,5 +1,6 @@
 //! The std side of negcache: data, training, evaluation, verification.
 pub mod checkpoint;
+pub mod compare;
 pub mod convergence;
 pub mod data;
 pub mod eval;

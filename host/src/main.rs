@@ -73,6 +73,19 @@ enum Command {
         #[arg(long, num_args = 1.., default_value = "fixtures/expected")]
         expected: Vec<PathBuf>,
     },
+    /// Train many configurations on the same data, steps and seeds, and
+    /// write a markdown table and plots.
+    ///
+    /// The file (TOML) has `title`, `out`, `seeds`, a `[base]` table of
+    /// settings and `[[run]]` tables (`name`, `about`, settings). Finished
+    /// runs are saved and reused, so an interrupted comparison continues.
+    ///
+    /// Example: negcache compare --config docs/results/compare.toml
+    Compare {
+        /// The comparison file.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Convert Debian's WordNet (package wordnet-base) into a BEIR dataset.
     ///
     /// Example: negcache convert-wordnet --task hypernyms --seed 0 --out fixtures/data/wordnet-hypernyms
@@ -246,6 +259,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Train(args) => train_command(&args),
         Command::Eval { checkpoint, split, data, trec } => eval_command(&checkpoint, &split, data, trec),
         Command::Verify { reference, expected } => verify(&reference, &expected),
+        Command::Compare { config } => {
+            negcache_host::compare::run(&config)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::ConvertWordnet { task, seed, test_fraction, wordnet: dir, out, plain } => {
             let (ds, stats) = wordnet::convert(&dir, task, seed, test_fraction)?;
             beir::write(&out, &ds, !plain)?;

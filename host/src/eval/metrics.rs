@@ -32,7 +32,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::data::Qrel;
 
@@ -44,7 +44,7 @@ pub const RANKING_DEPTH: usize = 100;
 const CUTOFF_10: usize = 10;
 
 /// Mean metrics over the evaluated queries of one split.
-#[derive(Serialize, Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default)]
 pub struct Metrics {
     /// Number of queries averaged over (those with a relevant judgement).
     pub queries: usize,
