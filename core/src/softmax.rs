@@ -39,6 +39,75 @@ use crate::vector::{self, dot};
 /// A callback receiving one candidate's gradient: `(candidate, d L / d x)`.
 pub type GradSink<'a, const DIM: usize> = &'a mut dyn FnMut(usize, &[f32; DIM]);
 
+/// The cache's drawn negatives mixed with in-batch negatives in one
+/// softmax: query `b`'s candidates are its positive, the batch's other
+/// positives and every drawn negative of the batch; a candidate whose id
+/// equals `b`'s positive id is removed. `grad_shared` receives candidate
+/// `j` for the positives (`j < B`, the positive's in-batch gradient; its
+/// own-candidate gradient goes to `grad_positive`) and `B + k` for the k-th
+/// negative. No correction is applied for how the negatives were drawn.
+pub fn mixed<I: PartialEq, const DIM: usize>(
+    queries: &[[f32; DIM]],
+    positives: &[[f32; DIM]],
+    negatives: &[[f32; DIM]],
+    positive_ids: &[I],
+    negative_ids: &[I],
+    alpha: f32,
+    out: SoftmaxOut<'_, DIM>,
+) -> Result<SoftmaxSummary> {
+    mixed_by(queries, positives, negatives, positive_ids, &negative_ids, alpha, out)
+}
+
+/// Ids of candidates, looked up by position (a slice, or items found
+/// through cache slots without copying them).
+pub trait Ids<I> {
+    /// How many.
+    fn len(&self) -> usize;
+    /// Whether there are none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The k-th id.
+    fn id(&self, k: usize) -> &I;
+}
+
+impl<I> Ids<I> for &[I] {
+    fn len(&self) -> usize {
+        <[I]>::len(self)
+    }
+    fn id(&self, k: usize) -> &I {
+        &self[k]
+    }
+}
+
+/// [`mixed`] with the negatives' ids given through [`Ids`].
+pub fn mixed_by<I: PartialEq, const DIM: usize>(
+    queries: &[[f32; DIM]],
+    positives: &[[f32; DIM]],
+    negatives: &[[f32; DIM]],
+    positive_ids: &[I],
+    negative_ids: &impl Ids<I>,
+    alpha: f32,
+    out: SoftmaxOut<'_, DIM>,
+) -> Result<SoftmaxSummary> {
+    let bsz = queries.len();
+    check_len("positives", bsz, positives.len())?;
+    check_len("positive ids", bsz, positive_ids.len())?;
+    check_len("negative ids", negatives.len(), negative_ids.len())?;
+    let id = |j: usize| if j < bsz { &positive_ids[j] } else { negative_ids.id(j - bsz) };
+    let keep = |b: usize, j: usize| j != b && *id(j) != positive_ids[b];
+    let SoftmaxOut { scratch, loss, grad_query, grad_positive, grad_shared } = out;
+    let problem = Problem {
+        queries,
+        own: Some((positives, None)),
+        shared: positives,
+        extra: negatives,
+        shared_log_q: None,
+        alpha,
+    };
+    problem.run(keep, None, scratch, loss, grad_query, grad_positive, grad_shared)
+}
+
 /// A query's own candidate rows and, optionally, their log_q.
 type OwnRows<'a, const DIM: usize> = Option<(&'a [[f32; DIM]], Option<&'a [f32]>)>;
 
@@ -106,7 +175,7 @@ pub fn in_batch<I: PartialEq, const DIM: usize>(
     if let Some(g) = &grad_positive {
         check_len("positive gradient", bsz, g.len())?;
     }
-    let problem = Problem { queries, own: None, shared: positives, shared_log_q: log_q, alpha };
+    let problem = Problem { queries, own: None, shared: positives, extra: &[], shared_log_q: log_q, alpha };
     match grad_positive {
         Some(rows) => {
             let mut sink = |j: usize, g: &[f32; DIM]| rows[j] = *g;
@@ -151,6 +220,7 @@ pub fn sampled<I: PartialEq, const DIM: usize>(
         queries,
         own: Some((positives, positive_log_q)),
         shared: negatives,
+        extra: &[],
         shared_log_q: negative_log_q,
         alpha,
     };
@@ -175,7 +245,7 @@ pub fn full<const DIM: usize>(
     if grad_positive.is_some() {
         return Err(Error::InvalidConfig { what: "full softmax: the positives' gradient is part of grad_shared" });
     }
-    let problem = Problem { queries, own: None, shared: corpus, shared_log_q: None, alpha };
+    let problem = Problem { queries, own: None, shared: corpus, extra: &[], shared_log_q: None, alpha };
     problem.run(|_, _| true, Some(&|b| positive_index[b]), scratch, loss, grad_query, None, grad_shared)
 }
 
@@ -183,6 +253,8 @@ struct Problem<'a, const DIM: usize> {
     queries: &'a [[f32; DIM]],
     own: OwnRows<'a, DIM>,
     shared: &'a [[f32; DIM]],
+    /// More shared candidates, numbered after `shared` (mixed softmax).
+    extra: &'a [[f32; DIM]],
     shared_log_q: Option<&'a [f32]>,
     alpha: f32,
 }
@@ -195,7 +267,7 @@ impl<const DIM: usize> Problem<'_, DIM> {
         if !vector::rows_finite(self.queries) {
             return Err(Error::NonFinite { what: "query embedding" });
         }
-        if !vector::rows_finite(self.shared) {
+        if !vector::rows_finite(self.shared) || !vector::rows_finite(self.extra) {
             return Err(Error::NonFinite { what: "candidate embedding" });
         }
         if let Some(l) = self.shared_log_q {
@@ -215,8 +287,17 @@ impl<const DIM: usize> Problem<'_, DIM> {
         Ok(())
     }
 
+    /// Shared candidate `j`: a row of `shared`, then of `extra`.
+    fn row(&self, j: usize) -> &[f32; DIM] {
+        if j < self.shared.len() {
+            &self.shared[j]
+        } else {
+            &self.extra[j - self.shared.len()]
+        }
+    }
+
     fn shared_logit(&self, b: usize, j: usize) -> f32 {
-        self.alpha * dot(&self.queries[b], &self.shared[j]) - self.shared_log_q.map_or(0.0, |l| l[j])
+        self.alpha * dot(&self.queries[b], self.row(j)) - self.shared_log_q.map_or(0.0, |l| l[j])
     }
 
     fn own_logit(&self, b: usize) -> Option<f32> {
@@ -238,7 +319,7 @@ impl<const DIM: usize> Problem<'_, DIM> {
     ) -> Result<SoftmaxSummary> {
         self.validate()?;
         let bsz = self.queries.len();
-        let n = self.shared.len();
+        let n = self.shared.len() + self.extra.len();
         check_len("scratch", bsz, lse.len())?;
         if let Some(l) = &loss {
             check_len("loss", bsz, l.len())?;
@@ -310,10 +391,10 @@ impl<const DIM: usize> Problem<'_, DIM> {
                 }
                 any = true;
                 let q = &self.queries[b];
-                sum.grad_scale += coeff * dot(q, &self.shared[j]);
+                sum.grad_scale += coeff * dot(q, self.row(j));
                 vector::axpy(coeff, q, &mut gx);
                 if let Some(g) = &mut grad_query {
-                    vector::axpy(coeff, &self.shared[j], &mut g[b]);
+                    vector::axpy(coeff, self.row(j), &mut g[b]);
                 }
             }
             if let Some(sink) = &mut grad_shared {
@@ -360,6 +441,36 @@ mod tests {
         let out = SoftmaxOut { loss: Some(&mut loss), ..SoftmaxOut::new(&mut scratch) };
         in_batch(&q, &p, Some(&[3u32, 3]), None, 1.0, out).unwrap();
         assert_eq!(loss, [0.0, 0.0]);
+    }
+
+    #[test]
+    fn mixed_without_negatives_is_in_batch() {
+        let q = [[0.3, -1.2], [1.1, 0.4], [-0.5, 0.2]];
+        let p = [[0.2, 0.1], [1.0, 0.0], [-0.4, 0.9]];
+        let ids = [1u32, 2, 3];
+        let (mut l1, mut l2) = ([0.0; 3], [0.0; 3]);
+        let (mut s1, mut s2) = ([LogSumExp::EMPTY; 3], [LogSumExp::EMPTY; 3]);
+        let (mut g1, mut g2) = ([[0.0; 2]; 3], [[0.0; 2]; 3]);
+        let a = in_batch(
+            &q,
+            &p,
+            Some(&ids),
+            None,
+            2.0,
+            SoftmaxOut { loss: Some(&mut l1), grad_query: Some(&mut g1), ..SoftmaxOut::new(&mut s1) },
+        )
+        .unwrap();
+        let out = SoftmaxOut { loss: Some(&mut l2), grad_query: Some(&mut g2), ..SoftmaxOut::new(&mut s2) };
+        let b = mixed::<u32, 2>(&q, &p, &[], &ids, &[], 2.0, out).unwrap();
+        assert_relative_eq!(a.loss, b.loss, max_relative = 1e-6);
+        for i in 0..3 {
+            assert_relative_eq!(l1[i], l2[i], max_relative = 1e-5);
+            assert_relative_eq!(g1[i][0], g2[i][0], epsilon = 1e-6);
+        }
+        // A negative equal to query 0's positive item is removed for it.
+        let mut s3 = [LogSumExp::EMPTY; 3];
+        let c = mixed::<u32, 2>(&q, &p, &[[5.0, 5.0]], &ids, &[1], 2.0, SoftmaxOut::new(&mut s3)).unwrap();
+        assert!(c.loss > a.loss);
     }
 
     #[test]

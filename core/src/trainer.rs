@@ -49,6 +49,9 @@ pub enum Objective {
     },
     /// Exact softmax over every corpus item, all embedded every step.
     Full,
+    /// The cache's drawn negatives and the batch's other positives in one
+    /// softmax (the cache is filled and refreshed as for `Cache`).
+    CacheMixed,
 }
 
 /// How the cache is filled.
@@ -224,7 +227,7 @@ where
         if cfg.cache_capacity > CAP {
             return Err(Error::CapacityExceeded { requested: cfg.cache_capacity, capacity: CAP });
         }
-        if cfg.objective == Objective::Cache && cfg.top_k > 0 && cap % cfg.top_k != 0 {
+        if matches!(cfg.objective, Objective::Cache | Objective::CacheMixed) && cfg.top_k > 0 && cap % cfg.top_k != 0 {
             return Err(Error::TopKNotDivisor { k: cfg.top_k, slots: cap });
         }
         if let Objective::Sampled { negatives } = cfg.objective {
@@ -319,7 +322,7 @@ where
         check_len("positives", bsz, batch.positives.len())?;
         self.model.zero_grad();
         let mut report = match self.cfg.objective {
-            Objective::Cache => self.cache_step(batch, rng)?,
+            Objective::Cache | Objective::CacheMixed => self.cache_step(batch, rng)?,
             Objective::InBatch => self.in_batch_step(batch)?,
             Objective::Sampled { negatives } => self.sampled_step(batch, corpus, negatives, rng)?,
             Objective::Full => self.full_step(batch, corpus)?,
@@ -328,7 +331,7 @@ where
         let stats = self.opt.step(lr, &mut |v| model.visit(v))?;
         self.model.zero_grad();
         report.grad_norm = stats.grad_norm;
-        if self.cfg.objective == Objective::Cache {
+        if matches!(self.cfg.objective, Objective::Cache | Objective::CacheMixed) {
             self.update_cache(batch)?;
         }
         self.steps += 1;
@@ -370,6 +373,9 @@ where
                 self.model.embed(Side::Item, items[slot as usize].as_ref(), &mut self.n[b][i]);
                 evals += 1;
             }
+        }
+        if self.cfg.objective == Objective::CacheMixed {
+            return self.mixed_backward(batch, evals, alpha);
         }
         let grads = LossGrads {
             query: &mut self.gq[..bsz],
@@ -451,6 +457,55 @@ where
             new_mask: Some(&self.keep[..bsz]),
         };
         self.cache.prefix_mut(self.cfg.cache_capacity).update(&up, self.cfg.eviction)
+    }
+
+    /// The mixed objective's loss and back-propagation, once the batch and
+    /// its drawn negatives are embedded (`q`, `p`, `n`).
+    fn mixed_backward(&mut self, batch: &Batch<'_, Q, I>, evals: u32, alpha: f32) -> Result<StepReport> {
+        let bsz = batch.queries.len();
+        // Pack the drawn negatives to the front of `n` and their slots to the
+        // front of `neg_slots`, in (query, k) order; packing moves rows only
+        // towards the front, so it can be done in place.
+        let mut count = 0;
+        for b in 0..bsz {
+            for (i, &slot) in self.loss.negatives(b).iter().enumerate() {
+                let row = self.n[b][i];
+                self.n.as_flattened_mut()[count] = row;
+                self.neg_slots.as_flattened_mut()[count] = slot as usize;
+                count += 1;
+            }
+        }
+        let items = self.cache.prefix(self.cfg.cache_capacity).items();
+        let slots = &self.neg_slots.as_flattened()[..count];
+        let model = &mut self.model;
+        // `gn` is free in this objective: it takes the positives' in-batch
+        // gradients, which add to their own-candidate gradients below.
+        let in_batch_grad = self.gn.as_flattened_mut();
+        let mut sink = |j: usize, g: &[f32; DIM]| {
+            if j < bsz {
+                in_batch_grad[j] = *g;
+            } else {
+                model.backward(Side::Item, items[slots[j - bsz]].as_ref(), g);
+            }
+        };
+        let ids = NegIds { items, slots };
+        let out = SoftmaxOut {
+            scratch: &mut self.lse[..bsz],
+            loss: None,
+            grad_query: Some(&mut self.gq[..bsz]),
+            grad_positive: Some(&mut self.gp[..bsz]),
+            grad_shared: Some(&mut sink),
+        };
+        let negs = &self.n.as_flattened()[..count];
+        let sum = softmax::mixed_by(&self.q[..bsz], &self.p[..bsz], negs, batch.positives, &ids, alpha, out)?;
+        for b in 0..bsz {
+            let mut g = self.gp[b];
+            crate::vector::axpy(1.0, &self.gn.as_flattened()[b], &mut g);
+            self.model.backward(Side::Query, batch.queries[b].as_ref(), &self.gq[b]);
+            self.model.backward(Side::Item, batch.positives[b].as_ref(), &g);
+        }
+        self.model.backward_scale(sum.grad_scale);
+        Ok(softmax_report(sum, evals, alpha))
     }
 
     fn in_batch_step(&mut self, batch: &Batch<'_, Q, I>) -> Result<StepReport> {
@@ -563,6 +618,21 @@ where
         }
         self.model.backward_scale(sum.grad_scale);
         Ok(softmax_report(sum, evals + bsz as u32, alpha))
+    }
+}
+
+/// The items of packed negatives, looked up through their slots.
+struct NegIds<'a, I> {
+    items: &'a [I],
+    slots: &'a [usize],
+}
+
+impl<I> softmax::Ids<I> for NegIds<'_, I> {
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+    fn id(&self, k: usize) -> &I {
+        &self.items[self.slots[k]]
     }
 }
 

@@ -96,7 +96,8 @@ pub fn run_config(file: &CompareFile, entry: &RunEntry, seed: u64) -> anyhow::Re
 /// Trains every run (reusing saved summaries) and writes the results.
 pub fn run(path: &Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let file: CompareFile = toml::from_str(&text).with_context(|| format!("{}: invalid comparison file", path.display()))?;
+    let file: CompareFile =
+        toml::from_str(&text).with_context(|| format!("{}: invalid comparison file", path.display()))?;
     if file.runs.is_empty() || file.seeds.is_empty() {
         bail!("{}: needs at least one [[run]] and one seed", path.display());
     }
@@ -180,12 +181,25 @@ fn write_results(file: &CompareFile, results: &[RunResult], b: &Baselines, cfg: 
         let i = file.runs.iter().position(|e| e.name == r.name).unwrap_or(0);
         by_run.entry(i).or_default().push(r);
     }
-    let headers =
-        ["run", "seeds", "Recall@10", "MRR@10", "Recall@100", "train s", "tower evals/step", "trainer MB", "what it tests"];
+    let headers = [
+        "run",
+        "seeds",
+        "Recall@10",
+        "MRR@10",
+        "Recall@100",
+        "train s",
+        "tower evals/step",
+        "trainer MB",
+        "what it tests",
+    ];
     let mut rows = Vec::new();
     let pm = |xs: Vec<f64>| {
         let (m, sd) = mean_spread(&xs);
-        if xs.len() > 1 { format!("{} ± {:.4}", fmt_metric(m), sd) } else { fmt_metric(m) }
+        if xs.len() > 1 {
+            format!("{} ± {:.4}", fmt_metric(m), sd)
+        } else {
+            fmt_metric(m)
+        }
     };
     for (i, rs) in &by_run {
         let e = &file.runs[*i];
@@ -221,7 +235,8 @@ fn write_results(file: &CompareFile, results: &[RunResult], b: &Baselines, cfg: 
         let n = rs.iter().map(|r| r.curve.len()).min().unwrap_or(0);
         (0..n)
             .map(|k| {
-                let x = rs.iter().map(|r| if x_secs { r.curve[k].1 } else { r.curve[k].0 as f64 }).sum::<f64>() / rs.len() as f64;
+                let x = rs.iter().map(|r| if x_secs { r.curve[k].1 } else { r.curve[k].0 as f64 }).sum::<f64>()
+                    / rs.len() as f64;
                 let y = rs.iter().map(|r| r.curve[k].2).sum::<f64>() / rs.len() as f64;
                 (x, y)
             })

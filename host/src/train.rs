@@ -34,6 +34,8 @@ pub enum ObjectiveName {
     Sampled,
     /// Exact full softmax.
     Full,
+    /// The cache's drawn negatives and in-batch negatives in one softmax.
+    CacheMixed,
 }
 
 /// Which optimiser.
@@ -199,6 +201,7 @@ impl TrainConfig {
                 ObjectiveName::InBatch => Objective::InBatch,
                 ObjectiveName::Sampled => Objective::Sampled { negatives: self.sampled_negatives },
                 ObjectiveName::Full => Objective::Full,
+                ObjectiveName::CacheMixed => Objective::CacheMixed,
             },
             cache_mode: if self.corpus_cache { CacheMode::Corpus } else { CacheMode::Streaming },
             eviction: if self.lru { Eviction::Lru } else { Eviction::Fifo },
@@ -313,7 +316,7 @@ impl Run {
         let mut session = new_session(cfg.tying, cfg.negatives, cfg.tower(), cfg.trainer())?;
         let mut rng = Pcg64Mcg::seed_from_u64(cfg.seed);
         session.init(&mut rng)?;
-        if cfg.corpus_cache && matches!(cfg.objective, ObjectiveName::Cache) {
+        if cfg.corpus_cache && matches!(cfg.objective, ObjectiveName::Cache | ObjectiveName::CacheMixed) {
             session.fill_cache(&data.features.items)?;
         }
         Ok(Self { cfg, session, step: 0 })

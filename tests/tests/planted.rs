@@ -65,6 +65,11 @@ fn full_softmax_learns_the_planted_towers() {
 }
 
 #[test]
+fn mixed_cache_and_in_batch_learns_the_planted_towers() {
+    check("cache_mixed", Objective::CacheMixed);
+}
+
+#[test]
 fn sampled_softmax_learns_the_planted_towers() {
     check("sampled", Objective::Sampled { negatives: 256 });
 }
@@ -96,6 +101,7 @@ fn measure_planted_bands() {
         ("in_batch", Objective::InBatch),
         ("sampled", Objective::Sampled { negatives: 256 }),
         ("full", Objective::Full),
+        ("cache_mixed", Objective::CacheMixed),
     ] {
         let mut r = Vec::new();
         for seed in 0..5 {
