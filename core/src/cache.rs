@@ -92,16 +92,9 @@ impl<I: Item, const CAP: usize, const DIM: usize> NegativeCache<I, CAP, DIM> {
         self.clock = 0;
     }
 
-    /// A read-only view.
+    /// A read-only view of every slot.
     pub fn as_ref(&self) -> CacheRef<'_, I, DIM> {
-        CacheRef {
-            embeddings: &self.embeddings,
-            items: &self.items,
-            ages: &self.ages,
-            stamps: &self.stamps,
-            occupied: &self.occupied,
-            clock: self.clock,
-        }
+        self.prefix(CAP)
     }
 
     /// A read-only view of the first `n` slots (all of them when `n` is 0
@@ -144,16 +137,9 @@ impl<I: Item, const CAP: usize, const DIM: usize> NegativeCache<I, CAP, DIM> {
         }
     }
 
-    /// A mutable view.
+    /// A mutable view of every slot.
     pub fn as_mut(&mut self) -> CacheMut<'_, I, DIM> {
-        CacheMut {
-            embeddings: &mut self.embeddings,
-            items: &mut self.items,
-            ages: &mut self.ages,
-            stamps: &mut self.stamps,
-            occupied: &mut self.occupied,
-            clock: &mut self.clock,
-        }
+        self.prefix_mut(CAP)
     }
 }
 

@@ -338,6 +338,14 @@ where
         Ok(report)
     }
 
+    /// Back-propagates `gq` and `gp` through the query and item towers.
+    fn backward_batch(&mut self, batch: &Batch<'_, Q, I>) {
+        for (b, (x, y)) in batch.queries.iter().zip(batch.positives).enumerate() {
+            self.model.backward(Side::Query, x.as_ref(), &self.gq[b]);
+            self.model.backward(Side::Item, y.as_ref(), &self.gp[b]);
+        }
+    }
+
     fn embed_batch(&mut self, batch: &Batch<'_, Q, I>) {
         for (b, (x, y)) in batch.queries.iter().zip(batch.positives).enumerate() {
             self.model.embed(Side::Query, x.as_ref(), &mut self.q[b]);
@@ -521,10 +529,7 @@ where
             grad_shared: None,
         };
         let sum = softmax::in_batch(&self.q[..bsz], &self.p[..bsz], ids, None, alpha, out)?;
-        for b in 0..bsz {
-            self.model.backward(Side::Query, batch.queries[b].as_ref(), &self.gq[b]);
-            self.model.backward(Side::Item, batch.positives[b].as_ref(), &self.gp[b]);
-        }
+        self.backward_batch(batch);
         self.model.backward_scale(sum.grad_scale);
         Ok(softmax_report(sum, 2 * bsz as u32, alpha))
     }
@@ -581,10 +586,7 @@ where
             alpha,
             out,
         )?;
-        for b in 0..bsz {
-            self.model.backward(Side::Query, batch.queries[b].as_ref(), &self.gq[b]);
-            self.model.backward(Side::Item, batch.positives[b].as_ref(), &self.gp[b]);
-        }
+        self.backward_batch(batch);
         self.model.backward_scale(sum.grad_scale);
         Ok(softmax_report(sum, (2 * bsz + negatives) as u32, alpha))
     }
