@@ -276,8 +276,15 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
     if pairs.is_empty() {
         bail!("{}: the train split has no positive judgements", cfg.data.display());
     }
-    if ds.corpus.len() > CAP && matches!(cfg.objective, ObjectiveName::Full) {
-        bail!("full softmax holds the corpus in the cache: {} items exceed {CAP}", ds.corpus.len());
+    let holds_corpus = matches!(cfg.objective, ObjectiveName::Full)
+        || (cfg.corpus_cache && matches!(cfg.objective, ObjectiveName::Cache | ObjectiveName::CacheMixed));
+    if holds_corpus && ds.corpus.len() > cfg.cache_capacity {
+        bail!(
+            "this run holds the corpus in the cache: {} items need cache_capacity >= {} (it is {}; at most {CAP})",
+            ds.corpus.len(),
+            ds.corpus.len(),
+            cfg.cache_capacity
+        );
     }
     let equivalent = ds.duplicate_text_groups();
     Ok(Prepared { ds, features, pairs, equivalent })
