@@ -38,6 +38,10 @@ pub struct CompareFile {
     pub runs: Vec<RunEntry>,
 }
 
+fn default_group() -> String {
+    "main".into()
+}
+
 fn default_title() -> String {
     "Comparison".into()
 }
@@ -53,6 +57,10 @@ pub struct RunEntry {
     /// Seeds for this run only (default: the file's).
     #[serde(default)]
     pub seeds: Option<Vec<u64>>,
+    /// Which pair of plots the run is drawn in (default `main`), so that no
+    /// plot has more curves than can be told apart.
+    #[serde(default = "default_group")]
+    pub group: String,
     /// Settings over the base.
     #[serde(flatten)]
     pub settings: toml::Table,
@@ -243,28 +251,47 @@ fn write_results(file: &CompareFile, results: &[RunResult], b: &Baselines, cfg: 
             .collect()
     };
     let refs = [("BM25".to_owned(), b.bm25.recall_at_10), ("popularity".to_owned(), b.popularity.recall_at_10)];
-    let steps: Vec<Series> =
-        by_run.iter().map(|(i, rs)| Series::new(file.runs[*i].name.clone(), mean_curve(rs, false))).collect();
-    let secs: Vec<Series> =
-        by_run.iter().map(|(i, rs)| Series::new(file.runs[*i].name.clone(), mean_curve(rs, true))).collect();
-    line_chart(&stem.with_file_name("compare-steps"), "Recall@10 against steps", "step", "Recall@10", &steps, &refs)?;
-    line_chart(
-        &stem.with_file_name("compare-seconds"),
-        "Recall@10 against training time",
-        "seconds of training",
-        "Recall@10",
-        &secs,
-        &refs,
-    )?;
+    let mut groups: Vec<&str> = Vec::new();
+    for e in &file.runs {
+        if !groups.contains(&e.group.as_str()) {
+            groups.push(&e.group);
+        }
+    }
+    let mut plots = Vec::new();
+    for g in &groups {
+        let in_group = |i: &usize| file.runs[*i].group == *g;
+        let steps: Vec<Series> = by_run
+            .iter()
+            .filter(|(i, _)| in_group(i))
+            .map(|(i, rs)| Series::new(file.runs[*i].name.clone(), mean_curve(rs, false)))
+            .collect();
+        let secs: Vec<Series> = by_run
+            .iter()
+            .filter(|(i, _)| in_group(i))
+            .map(|(i, rs)| Series::new(file.runs[*i].name.clone(), mean_curve(rs, true)))
+            .collect();
+        let name = format!("compare-{g}");
+        line_chart(&stem.with_file_name(format!("{name}-steps")), &format!("Recall@10 against steps ({g})"), "step", "Recall@10", &steps, &refs)?;
+        line_chart(
+            &stem.with_file_name(format!("{name}-seconds")),
+            &format!("Recall@10 against training time ({g})"),
+            "seconds of training",
+            "Recall@10",
+            &secs,
+            &refs,
+        )?;
+        plots.push(format!("`{name}-steps.svg`, `{name}-seconds.svg`"));
+    }
     let doc = format!(
         "# {}\n\nData: `{}`, split `{}`; {} steps of batch {} per run (unless the run says otherwise); \
-         mean ± standard deviation over seeds. Curves: `compare-steps.svg`, `compare-seconds.svg` \
+         mean ± standard deviation over seeds. Curves: {} \
          (periodic evaluations on the first {} judged queries; the table's figures use every query).\n\n{}\n",
         file.title,
         cfg.data.display(),
         cfg.eval_split,
         cfg.steps,
         cfg.batch,
+        plots.join("; "),
         cfg.eval_queries,
         table
     );
