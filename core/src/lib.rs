@@ -20,6 +20,8 @@
 //! ## Modules
 //! - [`cache`]: the cache's slots and their update rules.
 //! - [`loss`]: the streaming scoring pass and the cache loss.
+//! - [`kernel`]: the blocked scoring-and-sampling pass, its fast `exp`,
+//!   quantized cache rows and exactly merged shards.
 //! - [`sampler`]: how negatives are chosen among candidates.
 //! - [`softmax`]: in-batch, sampled and full softmax, for comparison.
 //! - [`random`]: random variates from a caller-supplied generator.
@@ -32,6 +34,7 @@
 pub mod cache;
 pub mod error;
 pub mod item;
+pub mod kernel;
 pub mod layers;
 pub mod loss;
 mod math;

@@ -271,7 +271,14 @@ fn write_results(file: &CompareFile, results: &[RunResult], b: &Baselines, cfg: 
             .map(|(i, rs)| Series::new(file.runs[*i].name.clone(), mean_curve(rs, true)))
             .collect();
         let name = format!("compare-{g}");
-        line_chart(&stem.with_file_name(format!("{name}-steps")), &format!("Recall@10 against steps ({g})"), "step", "Recall@10", &steps, &refs)?;
+        line_chart(
+            &stem.with_file_name(format!("{name}-steps")),
+            &format!("Recall@10 against steps ({g})"),
+            "step",
+            "Recall@10",
+            &steps,
+            &refs,
+        )?;
         line_chart(
             &stem.with_file_name(format!("{name}-seconds")),
             &format!("Recall@10 against training time ({g})"),

@@ -86,6 +86,11 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Measure the scoring pass, a training step, the towers and exact
+    /// retrieval against the machine's measured fp32 peak.
+    ///
+    /// Example: negcache bench --write docs/results/bench.md
+    Bench(negcache_host::bench::BenchArgs),
     /// Convert Debian's WordNet (package wordnet-base) into a BEIR dataset.
     ///
     /// Example: negcache convert-wordnet --task hypernyms --seed 0 --out fixtures/data/wordnet-hypernyms
@@ -207,6 +212,11 @@ struct TrainArgs {
     /// Checkpoint every N steps, 0 for only at the end [default: 0].
     #[arg(long)]
     checkpoint_every: Option<u64>,
+    /// Train data-parallel over MPI with a sharded cache; run under
+    /// `mpirun -np P` (needs a build with the mpi feature; see
+    /// docs/distributed.md).
+    #[arg(long)]
+    distributed: bool,
 }
 
 impl TrainArgs {
@@ -263,6 +273,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             negcache_host::compare::run(&config)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(args) => {
+            negcache_host::bench::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::ConvertWordnet { task, seed, test_fraction, wordnet: dir, out, plain } => {
             let (ds, stats) = wordnet::convert(&dir, task, seed, test_fraction)?;
             beir::write(&out, &ds, !plain)?;
@@ -279,6 +293,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn train_command(args: &TrainArgs) -> anyhow::Result<ExitCode> {
+    if args.distributed {
+        return distributed_train(args);
+    }
     let mut run = match &args.resume {
         Some(path) => {
             let mut r = Run::resume(path, args.steps)?;
@@ -357,6 +374,26 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         cfg.out.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `train --distributed`: the settings as for `train`, then the MPI run.
+#[cfg(feature = "mpi")]
+fn distributed_train(args: &TrainArgs) -> anyhow::Result<ExitCode> {
+    let mut cfg = match &args.config {
+        Some(p) => TrainConfig::from_toml(p)?,
+        None => TrainConfig::default(),
+    };
+    args.apply(&mut cfg);
+    negcache_host::distributed::train_command(cfg, args.resume.as_deref(), args.steps, args.out.clone())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "mpi"))]
+fn distributed_train(_: &TrainArgs) -> anyhow::Result<ExitCode> {
+    anyhow::bail!(
+        "--distributed: this negcache was built without the mpi feature; build it with \
+         `cargo build --release -p negcache-host --features mpi` and run it under mpirun"
+    )
 }
 
 /// The columns of `metrics.csv`.

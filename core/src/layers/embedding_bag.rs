@@ -110,6 +110,18 @@ impl<const BUCKETS: usize, const DIM: usize, const S: usize> EmbeddingBag<BUCKET
         }
     }
 
+    /// Marks row `r` as having a gradient this step, leaving the gradient
+    /// as it is (ignored when `r` is out of range). A data-parallel run
+    /// needs it: each replica back-propagates only its own examples, so
+    /// after the gradients are summed across replicas every replica must
+    /// also update the rows that only another replica touched, or the lazy
+    /// sparse update would let the replicas' tables drift apart.
+    pub fn touch(&mut self, r: usize) {
+        if let Some(t) = self.touched.get_mut(r) {
+            *t = true;
+        }
+    }
+
     /// Clears the gradients of the touched rows.
     pub fn zero_grad(&mut self) {
         for r in 0..BUCKETS {
@@ -171,5 +183,17 @@ mod tests {
         assert!(bag.grad.iter().all(|r| r == &[0.0, 0.0]) && !bag.touched.iter().any(|&x| x));
         bag.forward(&[PAD, PAD], Pooling::Mean, &mut y);
         assert_eq!(y, [0.0, 0.0]);
+    }
+
+    #[test]
+    fn a_touched_row_is_updated_and_cleared_like_a_backward_one() {
+        let mut bag = EmbeddingBag::<5, 2, 0>::new();
+        bag.backward(&[1], Pooling::Sum, &[1.0, 2.0]);
+        bag.touch(4);
+        bag.touch(9); // out of range: ignored
+        assert_eq!(bag.touched, [false, true, false, false, true]);
+        assert_eq!(bag.grad[4], [0.0, 0.0], "touching leaves the gradient as it is");
+        bag.zero_grad();
+        assert!(!bag.touched.iter().any(|&t| t));
     }
 }

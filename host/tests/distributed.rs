@@ -1,0 +1,436 @@
+//! `negcache train --distributed`: without the mpi feature, a clear error;
+//! with it (`.ci/run` builds it), runs under `mpirun` on this machine that
+//! check the sharded cache's draw, the replicas' towers, the loss curve and
+//! checkpoints in both directions. See docs/distributed.md.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn without_the_mpi_feature_distributed_is_a_clear_error() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_negcache"))
+        .args(["train", "--distributed", "--steps", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("built without the mpi feature"), "{err}");
+}
+
+#[cfg(feature = "mpi")]
+mod mpi_runs {
+    use std::path::Path;
+    use std::process::{Command, Output};
+    use std::sync::Mutex;
+
+    use negcache::sampler::LogSumExp;
+    use negcache::vector::dot;
+    use negcache::{CacheLoss, LossConfig, NegativeCache, Retrieval};
+    use negcache_host::checkpoint::{Checkpoint, Reader};
+    use negcache_host::data::{beir, Dataset, Doc, Qrel, Query};
+    use negcache_host::distributed::{model_checksum, rank_rng, Comm, ShardedSampler};
+    use negcache_host::featurize::{ItemTokens, ITEM_TOKENS};
+    use negcache_host::report::read_series;
+    use negcache_host::session::{CAP, DIM};
+    use negcache_host::train::{prepare, train, Run, TrainConfig};
+    use rand_core::SeedableRng;
+
+    /// One `mpirun` at a time: the machine has two cores, and concurrent
+    /// jobs would only slow each other down.
+    static MPIRUN: Mutex<()> = Mutex::new(());
+
+    /// Set in the environment of the processes `mpirun` starts from this
+    /// test binary, naming the worker they run.
+    const WORKER: &str = "NEGCACHE_MPI_WORKER";
+
+    fn mpirun(np: usize, program: &str, args: &[&str], worker: Option<&str>) -> Output {
+        let _one = MPIRUN.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = Command::new("mpirun");
+        // Root is allowed (CI runs as root); more processes than cores and no
+        // binding, so that the runs share the machine with whatever else runs.
+        c.args(["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", &np.to_string()]);
+        if let Some(w) = worker {
+            c.env(WORKER, w).args(["-x", WORKER]);
+        }
+        let out = c.arg(program).args(args).output().expect("mpirun is installed (Debian: openmpi-bin)");
+        assert!(
+            out.status.success(),
+            "mpirun -np {np} {program} {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn negcache(np: usize, args: &[&str]) -> Output {
+        mpirun(np, env!("CARGO_BIN_EXE_negcache"), args, None)
+    }
+
+    /// A small dataset, as in checkpoint_resume.rs: 40 items, 120 queries
+    /// naming their item's words.
+    fn tiny_dataset(dir: &Path) {
+        let words = ["red", "blue", "green", "cat", "dog", "fish", "tree", "rock", "sun", "moon"];
+        let mut ds = Dataset::default();
+        for i in 0..40 {
+            ds.corpus.push(Doc {
+                id: format!("d{i}"),
+                title: String::new(),
+                text: format!("{} {}", words[i % 10], words[(i / 10 + 3) % 10]),
+            });
+            ds.doc_index.insert(format!("d{i}"), i as u32);
+        }
+        let (mut train, mut test) = (Vec::new(), Vec::new());
+        for q in 0..120u32 {
+            let d = q % 40;
+            ds.queries.push(Query { id: format!("q{q}"), text: format!("a {} thing", ds.corpus[d as usize].text) });
+            ds.query_index.insert(format!("q{q}"), q);
+            let qrel = Qrel { query: q, doc: d, score: 1 };
+            if q < 100 {
+                train.push(qrel)
+            } else {
+                test.push(qrel)
+            }
+        }
+        ds.qrels.insert("train".into(), train);
+        ds.qrels.insert("test".into(), test);
+        beir::write(dir, &ds, true).unwrap();
+    }
+
+    fn config(data: &Path, out: &Path, steps: u64) -> TrainConfig {
+        TrainConfig {
+            data: data.to_path_buf(),
+            out: out.to_path_buf(),
+            steps,
+            batch: 8,
+            cache_capacity: 64,
+            warmup: 3,
+            eval_every: 0,
+            ..TrainConfig::default()
+        }
+    }
+
+    /// The `train --distributed` flags of [`config`].
+    fn flags(data: &Path, out: &Path, steps: u64) -> Vec<String> {
+        let s = |x: &str| x.to_owned();
+        vec![
+            s("train"),
+            s("--distributed"),
+            s("--data"),
+            data.display().to_string(),
+            s("--out"),
+            out.display().to_string(),
+            s("--steps"),
+            steps.to_string(),
+            s("--batch"),
+            s("8"),
+            s("--cache-capacity"),
+            s("64"),
+            s("--warmup"),
+            s("3"),
+            s("--eval-every"),
+            s("0"),
+        ]
+    }
+
+    fn run_distributed(np: usize, args: &[String]) -> Output {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        negcache(np, &args)
+    }
+
+    fn summary_checksums(out: &Path) -> Vec<u32> {
+        let text = std::fs::read_to_string(out.join("summary.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["distributed"]["model_checksums"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap() as u32).collect()
+    }
+
+    /// The occupied cache entries of a checkpoint body, sorted: (item,
+    /// embedding bits, age, stamp).
+    fn cache_entries(body: &[u8]) -> Vec<(ItemTokens, Vec<u32>, u32, u32)> {
+        let at = body.len() - (4 + (8 + CAP * DIM * 4) + (8 + CAP * ITEM_TOKENS * 4) + 3 * (8 + CAP * 4) + 8);
+        let mut r = Reader::new(&body[at..]);
+        r.tag(b"CACH").unwrap();
+        let mut emb = vec![0f32; CAP * DIM];
+        let mut items = vec![0u32; CAP * ITEM_TOKENS];
+        let (mut ages, mut stamps, mut occ) = (vec![0u32; CAP], vec![0u32; CAP], vec![0u32; CAP]);
+        r.f32s_into(&mut emb).unwrap();
+        r.u32s_into(&mut items).unwrap();
+        r.u32s_into(&mut ages).unwrap();
+        r.u32s_into(&mut stamps).unwrap();
+        r.u32s_into(&mut occ).unwrap();
+        let mut out: Vec<_> = (0..CAP)
+            .filter(|&j| occ[j] != 0)
+            .map(|j| {
+                let item: ItemTokens = items[j * ITEM_TOKENS..(j + 1) * ITEM_TOKENS].try_into().unwrap();
+                let e = emb[j * DIM..(j + 1) * DIM].iter().map(|x| x.to_bits()).collect();
+                (item, e, ages[j], stamps[j])
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    // ---- (a) the sharded draw against one cache of the same capacity ----
+
+    const ITEMS: usize = 13;
+    const SHARD_SLOTS: usize = 8;
+    const LOCAL_QUERIES: usize = 32;
+    const ROUNDS: u64 = 1250;
+    const ALPHA: f32 = 2.0;
+
+    /// Item `j`'s tokens, never the empty item.
+    fn item(j: usize) -> ItemTokens {
+        [j as u32 + 1; ITEM_TOKENS]
+    }
+
+    /// The fixed scene every process and the checking test rebuild from the
+    /// same seed: item embeddings, two queries, and their positives (query
+    /// 0's is item 5, cached and so masked; query 1's is not cached).
+    fn scene() -> (Vec<[f32; DIM]>, [[f32; DIM]; 2], [ItemTokens; 2]) {
+        let mut r = rand_pcg::Pcg64Mcg::seed_from_u64(42);
+        let mut unit = || {
+            let mut v: [f32; DIM] = std::array::from_fn(|_| negcache::random::normal(&mut r));
+            let n = dot(&v, &v).sqrt();
+            v.iter_mut().for_each(|x| *x /= n);
+            v
+        };
+        let emb: Vec<[f32; DIM]> = (0..ITEMS).map(|_| unit()).collect();
+        let mut q0 = emb[3];
+        let q1 = unit();
+        // Lean query 0 towards item 3 so that the distribution is uneven.
+        let noise = unit();
+        q0.iter_mut().zip(noise).for_each(|(a, b)| *a = 0.8 * *a + 0.6 * b);
+        (emb, [q0, q1], [item(5), item(40)])
+    }
+
+    /// The worker: every process holds the items `j` with `j mod P = rank`
+    /// in a shard of 8 slots, and draws for 32 local queries (alternately
+    /// the two queries) per round, half the rounds by exp-jump, half by
+    /// Gumbel-max. Process 0 prints the counts per (sampler, query, item)
+    /// and the merged log-sum-exp of each query.
+    fn sampling_worker() {
+        let universe = mpi::initialize().unwrap();
+        let mut comm = Comm::new(universe.world());
+        let (rank, p) = (comm.rank(), comm.size());
+        let (emb, qs, pos) = scene();
+        let mut cache = NegativeCache::<ItemTokens, SHARD_SLOTS, DIM>::new();
+        let mut c = cache.as_mut();
+        for (k, j) in (rank..ITEMS).step_by(p).enumerate() {
+            c.set_slot(k, &emb[j], item(j), 0, true).unwrap();
+        }
+        let queries: Vec<[f32; DIM]> = (0..LOCAL_QUERIES).map(|i| qs[i % 2]).collect();
+        let positives: Vec<ItemTokens> = (0..LOCAL_QUERIES).map(|i| pos[i % 2]).collect();
+        let mut counts = vec![0u32; 2 * 2 * ITEMS];
+        let mut lse = [LogSumExp::EMPTY; 2];
+        let (mut sampler, mut draws) = (ShardedSampler::new(), Vec::new());
+        for round in 0..2 * ROUNDS {
+            let (which, retrieval) = if round < ROUNDS {
+                (0, Retrieval::ExpJump { inv_temp: 1.0 })
+            } else {
+                (1, Retrieval::Gumbel { inv_temp: 1.0 })
+            };
+            let mut rng = rank_rng(11, round, rank);
+            sampler
+                .draw(&mut comm, cache.as_ref(), &queries, &positives, ALPHA, true, retrieval, &mut rng, &mut draws)
+                .unwrap();
+            for (i, d) in draws.iter().enumerate() {
+                let (shard, slot) = d.pick.expect("every query has candidates");
+                let j = d.item[0] as usize - 1;
+                assert_eq!(j % p, shard, "item {j} came from shard {shard}");
+                assert_eq!(j, rank_slot_item(shard, slot as usize, p));
+                counts[(which * 2 + i % 2) * ITEMS + j] += 1;
+                lse[i % 2] = d.lse;
+            }
+        }
+        if let Some(all) = comm.gather_to_root("counts", &counts) {
+            let total: Vec<u32> = (0..counts.len()).map(|k| (0..p).map(|r| all[r * counts.len() + k]).sum()).collect();
+            // The harness may have started a line already: the reader finds
+            // the tag anywhere in a line.
+            println!("COUNTS {}", total.iter().map(u32::to_string).collect::<Vec<_>>().join(" "));
+            for (t, z) in lse.iter().enumerate() {
+                println!("LSE {t} {} {}", z.max, z.sum);
+            }
+        }
+    }
+
+    /// The item in slot `slot` of shard `shard` of the worker's layout.
+    fn rank_slot_item(shard: usize, slot: usize, p: usize) -> usize {
+        shard + slot * p
+    }
+
+    #[test]
+    fn sharded_draws_follow_one_cache_of_the_same_capacity() {
+        if std::env::var(WORKER).as_deref() == Ok("sampling") {
+            return sampling_worker();
+        }
+        let exe = std::env::current_exe().unwrap();
+        let name = "mpi_runs::sharded_draws_follow_one_cache_of_the_same_capacity";
+        let out =
+            mpirun(2, exe.to_str().unwrap(), &["--exact", name, "--nocapture", "--test-threads=1"], Some("sampling"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let counts: Vec<u64> = stdout
+            .lines()
+            .find_map(|l| l.split_once("COUNTS ").map(|(_, c)| c))
+            .unwrap_or_else(|| panic!("no counts in:\n{stdout}"))
+            .split(' ')
+            .map(|x| x.parse().unwrap())
+            .collect();
+        let lse: Vec<LogSumExp> = (0..2)
+            .map(|t| {
+                let tag = format!("LSE {t} ");
+                let l = stdout.lines().find_map(|l| l.split_once(tag.as_str()).map(|(_, v)| v)).unwrap();
+                let v: Vec<f32> = l.split(' ').map(|x| x.parse().unwrap()).collect();
+                LogSumExp { max: v[0], sum: v[1] }
+            })
+            .collect();
+
+        // One cache of 2 x 8 slots holding all 13 items: the core's own
+        // log-sum-exp, and the softmax its sampler follows.
+        let (emb, qs, pos) = scene();
+        let mut one = NegativeCache::<ItemTokens, { 2 * SHARD_SLOTS }, DIM>::new();
+        let mut c = one.as_mut();
+        for (j, e) in emb.iter().enumerate() {
+            c.set_slot(j, e, item(j), 0, true).unwrap();
+        }
+        let mut loss = CacheLoss::<2, 1>::new();
+        let cfg = LossConfig { score_scale: ALPHA, top_k: 0, mask_accidental_hits: true };
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(0);
+        loss.score_and_sample(one.as_ref(), &qs, &qs, Some(&pos), &cfg, Retrieval::default(), &mut rng, None).unwrap();
+        for (t, merged) in lse.iter().enumerate() {
+            let (want, got) = (loss.candidate_lse(t).minus(0.0), merged.minus(0.0));
+            assert!((want - got).abs() < 1e-5, "query {t}: merged log Z {got}, one cache {want}");
+        }
+        let total = (ROUNDS as usize * LOCAL_QUERIES) as u64; // per (sampler, query): 2 processes x 16
+        for which in 0..2 {
+            for t in 0..2 {
+                let scores: Vec<f64> = (0..ITEMS)
+                    .map(|j| if item(j) == pos[t] { f64::NEG_INFINITY } else { (ALPHA * dot(&qs[t], &emb[j])) as f64 })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+                let probs: Vec<f64> = scores.iter().map(|s| (s - m).exp() / z).collect();
+                let cell = &counts[(which * 2 + t) * ITEMS..(which * 2 + t + 1) * ITEMS];
+                assert_eq!(cell.iter().sum::<u64>(), total);
+                if t == 0 {
+                    assert_eq!(cell[5], 0, "query 0's own positive was drawn");
+                }
+                let test = negcache::stats::chi_square(cell, &probs).unwrap();
+                assert!(test.p_value > 1e-3, "sampler {which}, query {t}: {test:?}, counts {cell:?}, probs {probs:?}");
+            }
+        }
+    }
+
+    // ---- one process is the single-process run ----
+
+    #[test]
+    fn one_process_reproduces_the_single_process_run_bit_for_bit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        tiny_dataset(&data);
+        let out = tmp.path().join("one");
+        run_distributed(1, &flags(&data, &out, 40));
+
+        let cfg = config(&data, &tmp.path().join("single"), 40);
+        let prepared = prepare(&cfg).unwrap();
+        let mut single = Run::start(cfg, &prepared).unwrap();
+        let summary = train(&mut single, &prepared, &mut |_, _, _| Ok(())).unwrap();
+        let ck = Checkpoint::load(&out.join("checkpoint.ckpt")).unwrap();
+        assert!(ck.body == single.checkpoint().unwrap().body, "one process differs from the single-process run");
+        let rows = read_series(&out.join("metrics.csv")).unwrap();
+        let logged: Vec<(u64, f64, f64)> =
+            rows.iter().filter_map(|r| Some((r.step, r.get("training_loss")?, r.get("interpretable_loss")?))).collect();
+        assert_eq!(logged, summary.losses);
+    }
+
+    // ---- (b) identical towers, (c) the loss curve, resuming ----
+
+    /// How far each 100-step window mean of the (training, interpretable)
+    /// loss may be from the single-process run's: four standard deviations
+    /// of that window mean across seeds 0-9 of the single-process run on
+    /// this dataset and configuration (measured: (0.052, 0.137) for the
+    /// first window, which holds the warm-up; (0.013, 0.022) and
+    /// (0.012, 0.019) for the next two). A draw that ignored the other
+    /// shard would lower the interpretable loss well outside this band, as
+    /// the positive would compete with half the candidates.
+    const LOSS_BAND: [(f64, f64); 3] = [(0.21, 0.55), (0.052, 0.088), (0.048, 0.076)];
+
+    #[test]
+    fn two_processes_keep_identical_towers_and_follow_the_single_process_loss() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        tiny_dataset(&data);
+        let steps = 300;
+        let whole = tmp.path().join("whole");
+        run_distributed(2, &flags(&data, &whole, steps));
+        let sums = summary_checksums(&whole);
+        assert_eq!(sums.len(), 2);
+        assert_eq!(sums[0], sums[1], "the two processes' towers differ");
+
+        // The checkpoint loads in a single-process run, with the towers and
+        // optimiser every process had, and trains on.
+        let ck_path = whole.join("checkpoint.ckpt");
+        let mut resumed = Run::resume(&ck_path, Some(steps + 5)).unwrap();
+        assert_eq!(resumed.step, steps);
+        assert_eq!(model_checksum(&resumed.checkpoint().unwrap().body), sums[0]);
+        let cfg = config(&data, &tmp.path().join("single"), steps);
+        let prepared = prepare(&cfg).unwrap();
+        resumed.cfg.out = tmp.path().join("resumed");
+        train(&mut resumed, &prepared, &mut |_, _, _| Ok(())).unwrap();
+        assert_eq!(resumed.step, steps + 5);
+
+        // A distributed run resumed from its own checkpoint equals an
+        // uninterrupted one: every process restores its shard as it was.
+        let half = tmp.path().join("half");
+        run_distributed(2, &flags(&data, &half, steps / 2));
+        let mut args = flags(&data, &half, steps);
+        args.extend(["--resume".to_owned(), half.join("checkpoint.ckpt").display().to_string()]);
+        run_distributed(2, &args);
+        let (a, b) = (Checkpoint::load(&ck_path).unwrap(), Checkpoint::load(&half.join("checkpoint.ckpt")).unwrap());
+        assert!(a.body == b.body, "a resumed distributed run differs from an uninterrupted one");
+
+        // The loss curve against the single-process run with the same global
+        // batch and seed: not equal, because the two processes draw their
+        // batches and negatives from streams of their own, so each 100-step
+        // window mean is compared within a band (see LOSS_BAND).
+        let mut single = Run::start(cfg, &prepared).unwrap();
+        let summary = train(&mut single, &prepared, &mut |_, _, _| Ok(())).unwrap();
+        let rows = read_series(&whole.join("metrics.csv")).unwrap();
+        let dist: Vec<(u64, f64, f64)> =
+            rows.iter().filter_map(|r| Some((r.step, r.get("training_loss")?, r.get("interpretable_loss")?))).collect();
+        assert_eq!(dist.len(), LOSS_BAND.len());
+        assert_eq!(summary.losses.len(), LOSS_BAND.len());
+        for ((d, s), band) in dist.iter().zip(&summary.losses).zip(LOSS_BAND) {
+            assert_eq!(d.0, s.0);
+            eprintln!("step {}: training {:.4} vs {:.4}, interpretable {:.4} vs {:.4}", d.0, d.1, s.1, d.2, s.2);
+            assert!((d.1 - s.1).abs() < band.0, "training loss at step {}: {} vs {}", d.0, d.1, s.1);
+            assert!((d.2 - s.2).abs() < band.1, "interpretable loss at step {}: {} vs {}", d.0, d.2, s.2);
+        }
+    }
+
+    // ---- a single-process checkpoint resumes on two processes ----
+
+    #[test]
+    fn a_single_process_checkpoint_is_split_into_shards_and_gathered_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        tiny_dataset(&data);
+        let cfg = config(&data, &tmp.path().join("single"), 20);
+        let prepared = prepare(&cfg).unwrap();
+        let mut single = Run::start(cfg, &prepared).unwrap();
+        train(&mut single, &prepared, &mut |_, _, _| Ok(())).unwrap();
+        let ck_path = tmp.path().join("single/checkpoint.ckpt");
+        let before = Checkpoint::load(&ck_path).unwrap();
+
+        // No further steps: the shards are taken from the single cache and
+        // gathered straight back into the checkpoint.
+        let out = tmp.path().join("split");
+        let mut args = flags(&data, &out, 20);
+        args.extend(["--resume".to_owned(), ck_path.display().to_string()]);
+        run_distributed(2, &args);
+        let after = Checkpoint::load(&out.join("checkpoint.ckpt")).unwrap();
+        assert_eq!(after.header["step"], 20);
+        assert_eq!(model_checksum(&after.body), model_checksum(&before.body));
+        assert_eq!(summary_checksums(&out), vec![model_checksum(&before.body); 2]);
+        let (a, b) = (cache_entries(&before.body), cache_entries(&after.body));
+        assert!(!a.is_empty());
+        assert!(a == b, "the cache changed on its way through the shards");
+    }
+}
