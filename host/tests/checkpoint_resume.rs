@@ -6,38 +6,10 @@
 use std::path::Path;
 
 use negcache_host::checkpoint::{write_atomically, Checkpoint};
-use negcache_host::data::{beir, Dataset, Doc, Qrel, Query};
 use negcache_host::train::{prepare, train, Run, TrainConfig};
 
-/// A small dataset: 40 items, 120 queries naming their item's words.
-fn tiny_dataset(dir: &Path) {
-    let words = ["red", "blue", "green", "cat", "dog", "fish", "tree", "rock", "sun", "moon"];
-    let mut ds = Dataset::default();
-    for i in 0..40 {
-        ds.corpus.push(Doc {
-            id: format!("d{i}"),
-            title: String::new(),
-            text: format!("{} {}", words[i % 10], words[(i / 10 + 3) % 10]),
-        });
-        ds.doc_index.insert(format!("d{i}"), i as u32);
-    }
-    let mut train = Vec::new();
-    let mut test = Vec::new();
-    for q in 0..120u32 {
-        let d = q % 40;
-        ds.queries.push(Query { id: format!("q{q}"), text: format!("a {} thing", ds.corpus[d as usize].text) });
-        ds.query_index.insert(format!("q{q}"), q);
-        let qrel = Qrel { query: q, doc: d, score: 1 };
-        if q < 100 {
-            train.push(qrel)
-        } else {
-            test.push(qrel)
-        }
-    }
-    ds.qrels.insert("train".into(), train);
-    ds.qrels.insert("test".into(), test);
-    beir::write(dir, &ds, true).unwrap();
-}
+mod common;
+use common::tiny_dataset;
 
 fn config(dir: &Path, out: &Path, steps: u64) -> TrainConfig {
     TrainConfig {

@@ -17,7 +17,11 @@ fn without_the_mpi_feature_distributed_is_a_clear_error() {
 }
 
 #[cfg(feature = "mpi")]
+mod common;
+
+#[cfg(feature = "mpi")]
 mod mpi_runs {
+    use crate::common::tiny_dataset;
     use std::path::Path;
     use std::process::{Command, Output};
     use std::sync::Mutex;
@@ -26,7 +30,6 @@ mod mpi_runs {
     use negcache::vector::dot;
     use negcache::{CacheLoss, LossConfig, NegativeCache, Retrieval};
     use negcache_host::checkpoint::{Checkpoint, Reader};
-    use negcache_host::data::{beir, Dataset, Doc, Qrel, Query};
     use negcache_host::distributed::{model_checksum, rank_rng, Comm, ShardedSampler};
     use negcache_host::featurize::{ItemTokens, ITEM_TOKENS};
     use negcache_host::report::read_series;
@@ -63,36 +66,6 @@ mod mpi_runs {
 
     fn negcache(np: usize, args: &[&str]) -> Output {
         mpirun(np, env!("CARGO_BIN_EXE_negcache"), args, None)
-    }
-
-    /// A small dataset, as in checkpoint_resume.rs: 40 items, 120 queries
-    /// naming their item's words.
-    fn tiny_dataset(dir: &Path) {
-        let words = ["red", "blue", "green", "cat", "dog", "fish", "tree", "rock", "sun", "moon"];
-        let mut ds = Dataset::default();
-        for i in 0..40 {
-            ds.corpus.push(Doc {
-                id: format!("d{i}"),
-                title: String::new(),
-                text: format!("{} {}", words[i % 10], words[(i / 10 + 3) % 10]),
-            });
-            ds.doc_index.insert(format!("d{i}"), i as u32);
-        }
-        let (mut train, mut test) = (Vec::new(), Vec::new());
-        for q in 0..120u32 {
-            let d = q % 40;
-            ds.queries.push(Query { id: format!("q{q}"), text: format!("a {} thing", ds.corpus[d as usize].text) });
-            ds.query_index.insert(format!("q{q}"), q);
-            let qrel = Qrel { query: q, doc: d, score: 1 };
-            if q < 100 {
-                train.push(qrel)
-            } else {
-                test.push(qrel)
-            }
-        }
-        ds.qrels.insert("train".into(), train);
-        ds.qrels.insert("test".into(), test);
-        beir::write(dir, &ds, true).unwrap();
     }
 
     fn config(data: &Path, out: &Path, steps: u64) -> TrainConfig {
