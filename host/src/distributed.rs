@@ -66,13 +66,9 @@ use serde::Serialize;
 use crate::checkpoint::{Checkpoint, Reader, Writer};
 use crate::featurize::{ItemTokens, QueryTokens, ITEM_TOKENS};
 use crate::memory::boxed;
-use crate::report::{read_series, MetricsLog};
+use crate::report::MetricsLog;
 use crate::session::{Session, Tying, BATCH, BUCKETS, CAP, DIM, E, H, NEG, S};
-use crate::train::{self, ObjectiveName, Prepared, TrainConfig, TrainSummary};
-
-/// The columns of `metrics.csv`, as `negcache train` writes them.
-const METRIC_COLUMNS: [&str; 7] =
-    ["training_loss", "interpretable_loss", "staleness", "prob_pos", "steps_per_s", "recall_at_10", "mrr_at_10"];
+use crate::train::{self, ObjectiveName, Prepared, TrainConfig, TrainSummary, METRIC_COLUMNS};
 
 /// Steps per logging window, as in `train::train`.
 const WINDOW: u64 = 100;
@@ -1281,21 +1277,8 @@ fn go<M: Towers>(comm: Comm, cfg: TrainConfig, data: &Prepared, ck: Option<Check
         );
     }
     let metrics_path = cfg.out.join("metrics.csv");
-    let mut log = if lead {
-        let earlier = if resumed && metrics_path.exists() {
-            read_series(&metrics_path)?.into_iter().filter(|r| r.step <= w.step).collect()
-        } else {
-            Vec::new()
-        };
-        let mut log = MetricsLog::create(&metrics_path, &METRIC_COLUMNS)?;
-        for r in &earlier {
-            let values: Vec<(&str, f64)> = METRIC_COLUMNS.iter().filter_map(|c| r.get(c).map(|v| (*c, v))).collect();
-            log.log_at(r.step, r.wall_s, &values)?;
-        }
-        Some(log)
-    } else {
-        None
-    };
+    let mut log =
+        if lead { Some(MetricsLog::reopen(&metrics_path, &METRIC_COLUMNS, resumed.then_some(w.step))?) } else { None };
     let summary = train_loop(&mut w, data, &mut log)?;
     if let Some(log) = log {
         log.close()?;

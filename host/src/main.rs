@@ -9,7 +9,7 @@ use negcache_host::data::{beir, wordnet};
 use negcache_host::eval::evaluate_baselines;
 use negcache_host::report::{column_points, line_chart, read_series, MetricsLog, Series};
 use negcache_host::session::Tying;
-use negcache_host::train::{self, ObjectiveName, OptimizerName, Run, SamplerName, TrainConfig};
+use negcache_host::train::{self, ObjectiveName, OptimizerName, Run, SamplerName, TrainConfig, METRIC_COLUMNS};
 use negcache_host::{convergence, reference};
 
 #[derive(Parser, Debug)]
@@ -342,16 +342,7 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<ExitCode> {
     // Metrics go to <out>/metrics.csv row by row, so a killed run keeps
     // what it logged; a resumed run keeps the rows up to its step.
     let metrics_path = cfg.out.join("metrics.csv");
-    let earlier = if args.resume.is_some() && metrics_path.exists() {
-        read_series(&metrics_path)?.into_iter().filter(|r| r.step <= run.step).collect()
-    } else {
-        Vec::new()
-    };
-    let mut log = MetricsLog::create(&metrics_path, &METRIC_COLUMNS)?;
-    for r in &earlier {
-        let values: Vec<(&str, f64)> = METRIC_COLUMNS.iter().filter_map(|c| r.get(c).map(|v| (*c, v))).collect();
-        log.log_at(r.step, r.wall_s, &values)?;
-    }
+    let mut log = MetricsLog::reopen(&metrics_path, &METRIC_COLUMNS, args.resume.is_some().then_some(run.step))?;
     let summary = train::train(&mut run, &data, &mut |step, secs, values| log.log_at(step, secs, values))?;
     log.close()?;
     let baselines = evaluate_baselines(&data.ds, &cfg.eval_split, Some(&data.equivalent));
@@ -395,10 +386,6 @@ fn distributed_train(_: &TrainArgs) -> anyhow::Result<ExitCode> {
          `cargo build --release -p negcache-host --features mpi` and run it under mpirun"
     )
 }
-
-/// The columns of `metrics.csv`.
-const METRIC_COLUMNS: [&str; 7] =
-    ["training_loss", "interpretable_loss", "staleness", "prob_pos", "steps_per_s", "recall_at_10", "mrr_at_10"];
 
 /// Loss and recall curves of a run, as SVG and PNG, with the baselines'
 /// Recall@10 as reference lines.

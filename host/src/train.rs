@@ -465,6 +465,10 @@ pub struct TrainSummary {
     pub state_bytes: usize,
 }
 
+/// The columns a training run logs to `metrics.csv`.
+pub const METRIC_COLUMNS: [&str; 7] =
+    ["training_loss", "interpretable_loss", "staleness", "prob_pos", "steps_per_s", "recall_at_10", "mrr_at_10"];
+
 /// Receives each logging window: `(step, training seconds, named values)`.
 pub type LogFn<'a> = &'a mut dyn FnMut(u64, f64, &[(&str, f64)]) -> anyhow::Result<()>;
 

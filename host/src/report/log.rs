@@ -100,6 +100,22 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
+    /// Like [`Self::create`], but first copies back the rows of an existing
+    /// log at `path` whose step is at most `keep_up_to` (`None`: start
+    /// afresh). A resumed run keeps what it logged before its checkpoint.
+    pub fn reopen(path: &Path, columns: &[&str], keep_up_to: Option<u64>) -> Result<Self> {
+        let earlier = match keep_up_to {
+            Some(step) if path.exists() => read_series(path)?.into_iter().filter(|r| r.step <= step).collect(),
+            _ => Vec::new(),
+        };
+        let mut log = Self::create(path, columns)?;
+        for r in &earlier {
+            let values: Vec<(&str, f64)> = columns.iter().filter_map(|c| r.get(c).map(|v| (*c, v))).collect();
+            log.log_at(r.step, r.wall_s, &values)?;
+        }
+        Ok(log)
+    }
+
     /// Creates (or truncates) the log at `path`, creating missing parent
     /// directories, with the metric `columns` every row may fill, in the
     /// order they will be written. The wall clock starts now.
