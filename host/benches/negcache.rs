@@ -75,10 +75,11 @@ fn eval(c: &mut Criterion) {
     let items: Vec<[f32; DIM]> = (0..EVAL_ITEMS).map(|_| bench::unit(&mut r)).collect();
     let ids: Vec<u32> = (0..16).collect();
     let tokens: Vec<QueryTokens> = (0..16).map(|i| bench::query_tokens(i, 2)).collect();
+    let ev = bench::eval_evaluator(EVAL_ITEMS, 16).unwrap();
     let mut g = c.benchmark_group("eval");
     g.throughput(Throughput::Elements(16)).sample_size(10);
     g.bench_function("rank_16_queries_117659_items", |b| {
-        b.iter(|| black_box(bench::run_eval(sd.session.as_ref(), &items, &ids, &tokens)))
+        b.iter(|| black_box(bench::run_eval(sd.session.as_ref(), &ev, &items, &ids, &tokens)))
     });
     g.finish();
 }

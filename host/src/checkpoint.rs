@@ -102,20 +102,28 @@ impl Checkpoint {
 
 /// Writes `path` through a temporary file in the same directory: if `fill`
 /// fails or the process dies before the rename, `path` is untouched.
-pub fn write_atomically(
-    path: &Path,
-    fill: impl FnOnce(&mut std::fs::File) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+pub fn write_atomically(path: &Path, fill: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>) -> anyhow::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("{}: cannot create a temporary file", dir.display()))?;
-    fill(tmp.as_file_mut())
-        .with_context(|| format!("{}: writing failed; the previous file is kept", path.display()))?;
-    tmp.as_file().sync_all()?;
+    let mut builder = tempfile::Builder::new();
+    // Temporary files are owner-only by default; an output is created with
+    // the mode any other file gets (0666 less the umask), like metrics.csv.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let mut tmp =
+        builder.tempfile_in(dir).with_context(|| format!("{}: cannot create a temporary file", dir.display()))?;
+    {
+        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+        fill(&mut w).with_context(|| format!("{}: writing failed; the previous file is kept", path.display()))?;
+        w.flush().with_context(|| format!("{}: writing failed; the previous file is kept", path.display()))?;
+    }
+    tmp.as_file().sync_all().with_context(|| format!("{}: cannot sync", path.display()))?;
     tmp.persist(path).with_context(|| format!("{}: cannot rename the temporary file into place", path.display()))?;
     Ok(())
 }

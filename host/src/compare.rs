@@ -171,7 +171,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             results.push(r);
         }
     }
-    let baselines = evaluate_baselines(&data.ds, &first.eval_split, Some(&data.equivalent));
+    let baselines = evaluate_baselines(&data.ds, &data.evaluator, first.bm25())?;
     write_results(&file, &results, &baselines, &first)?;
     Ok(())
 }
@@ -223,7 +223,8 @@ fn write_results(file: &CompareFile, results: &[RunResult], b: &Baselines, cfg: 
             e.about.clone(),
         ]);
     }
-    for (name, m) in [("BM25 (k1 0.9, b 0.4)", &b.bm25), ("popularity", &b.popularity)] {
+    let bm25 = format!("BM25 (k1 {}, b {})", b.bm25_config.k1, b.bm25_config.b);
+    for (name, m) in [(bm25.as_str(), &b.bm25), ("popularity", &b.popularity)] {
         rows.push(vec![
             name.into(),
             "-".into(),
@@ -302,10 +303,7 @@ fn write_results(file: &CompareFile, results: &[RunResult], b: &Baselines, cfg: 
         cfg.eval_queries,
         table
     );
-    write_atomically(&stem.with_extension("md"), |f| {
-        use std::io::Write;
-        f.write_all(doc.as_bytes()).map_err(Into::into)
-    })?;
+    write_atomically(&stem.with_extension("md"), |f| f.write_all(doc.as_bytes()).map_err(Into::into))?;
     println!("{doc}");
     Ok(())
 }

@@ -1362,7 +1362,7 @@ fn train_loop<M: Towers>(
             (sum_train, sum_interp, sum_prob, n) = (0.0, 0.0, 0.0, 0);
         }
         if cfg.eval_every > 0 && w.step % cfg.eval_every == 0 && w.step < cfg.steps && lead {
-            let m = train::evaluate(&*w.trainer, data, &cfg.eval_split, cfg.eval_queries)?;
+            let m = train::evaluate(&*w.trainer, data, cfg.eval_queries);
             eprintln!(
                 "step {}: {} Recall@10 {:.4}, MRR@10 {:.4} ({} queries)",
                 w.step, cfg.eval_split, m.recall_at_10, m.mrr_at_10, m.queries
@@ -1403,7 +1403,7 @@ fn train_loop<M: Towers>(
         return Ok(None);
     };
     ck.save(&ckpt)?;
-    let m = train::evaluate(&*w.trainer, data, &cfg.eval_split, 0)?;
+    let m = train::evaluate(&*w.trainer, data, 0);
     if let Some(log) = log.as_mut() {
         log.log_at(w.step, train_time, &[("recall_at_10", m.recall_at_10), ("mrr_at_10", m.mrr_at_10)])?;
     }

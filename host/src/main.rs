@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use negcache_host::data::{beir, wordnet};
-use negcache_host::eval::evaluate_baselines;
+use negcache_host::eval::{
+    evaluate_baselines, rank_baselines, read_run, write_run, Baselines, Evaluator, Metrics, Protocol, Ranking,
+};
 use negcache_host::report::{column_points, line_chart, read_series, MetricsLog, Series};
 use negcache_host::session::Tying;
 use negcache_host::train::{self, ObjectiveName, OptimizerName, Run, SamplerName, TrainConfig, METRIC_COLUMNS};
@@ -34,26 +36,19 @@ enum Command {
     ///   negcache train --objective in-batch --out runs/in-batch
     ///   negcache train --resume runs/default/checkpoint.ckpt --steps 6000
     Train(Box<TrainArgs>),
-    /// Evaluate a checkpoint by exact retrieval over the whole corpus.
+    /// Evaluate a checkpoint by exact retrieval over the whole corpus, or
+    /// score a TREC run file.
     ///
     /// Prints Recall@1/10/100, MRR@10 and NDCG@10 for the model, BM25 and
-    /// popularity; optionally writes a TREC run file.
+    /// popularity under BEIR's protocol (see --exclude-train and the other
+    /// protocol flags); optionally writes TREC run files with the systems'
+    /// real scores. With --run, scores that run file against the split's
+    /// qrels as trec_eval / pytrec_eval would.
     ///
-    /// Example: negcache eval --checkpoint runs/default/checkpoint.ckpt --split test --trec runs/default/test.run
-    Eval {
-        /// The checkpoint to evaluate.
-        #[arg(long)]
-        checkpoint: PathBuf,
-        /// The split to evaluate.
-        #[arg(long, default_value = "test")]
-        split: String,
-        /// The dataset (default: the one the checkpoint was trained on).
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// Also write the model's top-100 per query as a TREC run file.
-        #[arg(long)]
-        trec: Option<PathBuf>,
-    },
+    /// Examples:
+    ///   negcache eval --checkpoint runs/default/checkpoint.ckpt --trec runs/default/test.run
+    ///   negcache eval --run runs/default/test.run --data fixtures/data/wordnet-hypernyms
+    Eval(Box<EvalArgs>),
     /// Check this build against reference cases and convergence bands.
     ///
     /// Runs every case of each reference file (or of every *.json file in
@@ -114,6 +109,74 @@ enum Command {
         #[arg(long)]
         plain: bool,
     },
+}
+
+/// Flags of `eval`.
+#[derive(Args, Debug, Default)]
+struct EvalArgs {
+    /// The checkpoint to evaluate.
+    #[arg(long, required_unless_present = "run", conflicts_with = "run")]
+    checkpoint: Option<PathBuf>,
+    /// Score this TREC run file (qid Q0 docid rank score tag) instead of a
+    /// checkpoint.
+    #[arg(long)]
+    run: Option<PathBuf>,
+    /// The split to evaluate.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// The dataset (default: the checkpoint's; with --run, the bundled
+    /// WordNet task).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Write the model's ranking as a TREC run file (real scores, depth
+    /// --eval-depth, trec_eval's tie order).
+    #[arg(long)]
+    trec: Option<PathBuf>,
+    /// Write BM25's and popularity's rankings as TREC run files into this
+    /// directory (bm25.run, popularity.run).
+    #[arg(long)]
+    baseline_trec: Option<PathBuf>,
+    /// Write the metrics as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    protocol: ProtocolArgs,
+}
+
+/// The evaluation protocol's flags, shared by `train` and `eval`; each
+/// overrides the config file (or the checkpoint's settings).
+#[derive(Args, Debug, Default)]
+struct ProtocolArgs {
+    /// Remove each query's training positives from its ranking before the
+    /// metrics and the run file (standard for user-item data) [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    exclude_train: Option<bool>,
+    /// Drop a retrieved document whose id is the query's id, as BEIR does
+    /// [default: true].
+    #[arg(long)]
+    ignore_identical_ids: Option<bool>,
+    /// Count documents with identical text as one document; NOT standard,
+    /// and labelled wherever printed [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    merge_identical_text: Option<bool>,
+    /// Documents per query in rankings and TREC run files [default: 1000].
+    #[arg(long)]
+    eval_depth: Option<usize>,
+    /// BM25 baseline's k1 [default: 0.9].
+    #[arg(long)]
+    bm25_k1: Option<f32>,
+    /// BM25 baseline's b [default: 0.4].
+    #[arg(long)]
+    bm25_b: Option<f32>,
+}
+
+impl ProtocolArgs {
+    fn apply(&self, c: &mut TrainConfig) {
+        macro_rules! set {
+            ($($f:ident),*) => {$( if let Some(v) = &self.$f { c.$f = v.clone(); } )*};
+        }
+        set!(exclude_train, ignore_identical_ids, merge_identical_text, eval_depth, bm25_k1, bm25_b);
+    }
 }
 
 /// Flags of `train`; each overrides the config file.
@@ -217,6 +280,8 @@ struct TrainArgs {
     /// docs/distributed.md).
     #[arg(long)]
     distributed: bool,
+    #[command(flatten)]
+    protocol: ProtocolArgs,
 }
 
 impl TrainArgs {
@@ -250,6 +315,7 @@ impl TrainArgs {
             char_ngrams
         );
         set!(scale, learn_scale, optimizer, clip_norm, eval_every, eval_queries, eval_split, checkpoint_every);
+        self.protocol.apply(c);
     }
 }
 
@@ -267,7 +333,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Train(args) => train_command(&args),
-        Command::Eval { checkpoint, split, data, trec } => eval_command(&checkpoint, &split, data, trec),
+        Command::Eval(args) => eval_command(&args),
         Command::Verify { reference, expected } => verify(&reference, &expected),
         Command::Compare { config } => {
             negcache_host::compare::run(&config)?;
@@ -282,7 +348,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             beir::write(&out, &ds, !plain)?;
             let license = wordnet::license_text(&dir)?;
             negcache_host::checkpoint::write_atomically(&out.join("LICENSE-WORDNET"), |f| {
-                use std::io::Write;
                 f.write_all(license.as_bytes()).map_err(Into::into)
             })?;
             println!("{stats}");
@@ -345,7 +410,7 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<ExitCode> {
     let mut log = MetricsLog::reopen(&metrics_path, &METRIC_COLUMNS, args.resume.is_some().then_some(run.step))?;
     let summary = train::train(&mut run, &data, &mut |step, secs, values| log.log_at(step, secs, values))?;
     log.close()?;
-    let baselines = evaluate_baselines(&data.ds, &cfg.eval_split, Some(&data.equivalent));
+    let baselines = evaluate_baselines(&data.ds, &data.evaluator, cfg.bm25())?;
     print_summary(&cfg, &summary.metrics, &baselines);
     println!(
         "{} steps in {:.1} s ({:.1} steps/s), {:.1} tower evaluations per step, trainer state {:.1} MB",
@@ -389,7 +454,7 @@ fn distributed_train(_: &TrainArgs) -> anyhow::Result<ExitCode> {
 
 /// Loss and recall curves of a run, as SVG and PNG, with the baselines'
 /// Recall@10 as reference lines.
-fn plot_run(metrics: &Path, out: &Path, b: &negcache_host::eval::Baselines) -> anyhow::Result<()> {
+fn plot_run(metrics: &Path, out: &Path, b: &Baselines) -> anyhow::Result<()> {
     let rows = read_series(metrics)?;
     let losses = [
         Series::new("cross-entropy over candidates", column_points(&rows, "interpretable_loss")),
@@ -401,50 +466,137 @@ fn plot_run(metrics: &Path, out: &Path, b: &negcache_host::eval::Baselines) -> a
     line_chart(&out.join("recall"), "Recall@10 during training", "step", "Recall@10", &recall, &refs)
 }
 
-fn print_summary(cfg: &TrainConfig, m: &negcache_host::eval::Metrics, b: &negcache_host::eval::Baselines) {
-    println!("\n{} split, {} queries:", cfg.eval_split, m.queries);
+fn print_summary(cfg: &TrainConfig, m: &Metrics, b: &Baselines) {
+    let protocol = cfg.protocol();
+    println!("\n{} split, {} queries; evaluation: {}", cfg.eval_split, m.queries, protocol.describe());
+    print_table(&protocol, &[("negcache towers".to_owned(), *m)], b);
+}
+
+/// The metrics table, every row labelled with a non-standard protocol.
+fn print_table(protocol: &Protocol, systems: &[(String, Metrics)], b: &Baselines) {
+    let label = protocol.label();
+    let bm25 = format!("BM25 (k1 {}, b {})", b.bm25_config.k1, b.bm25_config.b);
     println!("| system | Recall@1 | Recall@10 | Recall@100 | MRR@10 | NDCG@10 |");
     println!("|---|---|---|---|---|---|");
-    for (name, x) in [("negcache towers", m), ("BM25", &b.bm25), ("popularity", &b.popularity)] {
+    let rows =
+        systems.iter().map(|(n, x)| (n.as_str(), x)).chain([(bm25.as_str(), &b.bm25), ("popularity", &b.popularity)]);
+    for (name, x) in rows {
         println!(
-            "| {name} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} |",
+            "| {name}{label} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} |",
             x.recall_at_1, x.recall_at_10, x.recall_at_100, x.mrr_at_10, x.ndcg_at_10
         );
     }
 }
 
-fn eval_command(
-    checkpoint: &Path,
-    split: &str,
-    data: Option<PathBuf>,
-    trec: Option<PathBuf>,
-) -> anyhow::Result<ExitCode> {
-    let mut run = Run::resume(checkpoint, None)?;
-    if let Some(d) = data {
-        run.cfg.data = d;
+fn eval_command(args: &EvalArgs) -> anyhow::Result<ExitCode> {
+    if let Some(run_file) = &args.run {
+        return eval_run_file(args, run_file);
     }
-    run.cfg.eval_split = split.to_owned();
-    let prepared = train::prepare(&run.cfg)?;
-    let m = train::evaluate(run.session.as_ref(), &prepared, split, 0)?;
-    let baselines = evaluate_baselines(&prepared.ds, split, Some(&prepared.equivalent));
-    print_summary(&run.cfg, &m, &baselines);
-    if let Some(path) = trec {
-        let qrels = &prepared.ds.qrels[split];
-        let mut judged: Vec<u32> = qrels.iter().filter(|q| q.score > 0).map(|q| q.query).collect();
-        judged.sort_unstable();
-        judged.dedup();
-        let items = train::embed_all(run.session.as_ref(), negcache::tower::Side::Item, &prepared.features.items);
-        let ranks = train::rank(run.session.as_ref(), &judged, &prepared.features.queries, &items, 100);
-        let results: Vec<_> = judged
-            .iter()
-            .zip(ranks)
-            .map(|(&q, r)| {
-                let len = r.len();
-                (q, r.into_iter().enumerate().map(|(i, d)| (d, (len - i) as f32)).collect())
-            })
-            .collect();
-        negcache_host::eval::write_run(&path, &prepared.ds, &results, "negcache")?;
+    let Some(checkpoint) = &args.checkpoint else { anyhow::bail!("eval needs --checkpoint or --run") };
+    let mut run = Run::resume(checkpoint, None)?;
+    if let Some(d) = &args.data {
+        run.cfg.data = d.clone();
+    }
+    run.cfg.eval_split = args.split.clone();
+    args.protocol.apply(&mut run.cfg);
+    run.cfg.protocol().validate()?;
+    run.cfg.bm25().validate()?;
+    let cfg = run.cfg.clone();
+    let prepared = train::prepare(&cfg)?;
+    let ev = &prepared.evaluator;
+    let queries = ev.queries();
+    let items = train::embed_all(run.session.as_ref(), negcache::tower::Side::Item, &prepared.features.items);
+    let depth = if args.trec.is_some() { cfg.eval_depth } else { ev.metrics_depth() };
+    let ranks = train::rank(run.session.as_ref(), ev, &queries, &prepared.features.queries, &items, depth);
+    let model: Vec<(u32, Ranking)> = queries.iter().copied().zip(ranks).collect();
+    let by_query: std::collections::HashMap<u32, Ranking> = model.iter().cloned().collect();
+    let m = ev.metrics_of(&by_query);
+    let baseline_depth = if args.baseline_trec.is_some() { cfg.eval_depth } else { ev.metrics_depth() };
+    let ranked = rank_baselines(&prepared.ds, ev, cfg.bm25(), baseline_depth)?;
+    let baselines = Baselines {
+        popularity: ev.metrics_of(&ranked.popularity),
+        bm25: ev.metrics_of(&ranked.bm25),
+        bm25_config: cfg.bm25(),
+    };
+    print_summary(&cfg, &m, &baselines);
+    if let Some(path) = &args.trec {
+        write_run(path, &prepared.ds, &model, "negcache")?;
+        println!("wrote {} (score: the dot product <q, d>, the model's score divided by alpha)", path.display());
+    }
+    if let Some(dir) = &args.baseline_trec {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+        for (name, r) in [("bm25", &ranked.bm25), ("popularity", &ranked.popularity)] {
+            let mut run: Vec<(u32, Ranking)> = r.iter().map(|(&q, r)| (q, r.clone())).collect();
+            run.sort_by_key(|p| p.0);
+            let path = dir.join(format!("{name}.run"));
+            write_run(&path, &prepared.ds, &run, name)?;
+            println!("wrote {}", path.display());
+        }
+    }
+    if let Some(path) = &args.json {
+        let report = serde_json::json!({
+            "split": cfg.eval_split, "protocol": cfg.protocol(), "protocol_text": cfg.protocol().describe(),
+            "towers": m, "baselines": baselines,
+        });
+        negcache_host::checkpoint::write_atomically(path, |f| {
+            serde_json::to_writer_pretty(f, &report).map_err(Into::into)
+        })?;
         println!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `eval --run FILE`: scores a TREC run file against the split's qrels.
+fn eval_run_file(args: &EvalArgs, run_file: &Path) -> anyhow::Result<ExitCode> {
+    let mut cfg = TrainConfig::default();
+    if let Some(d) = &args.data {
+        cfg.data = d.clone();
+    }
+    args.protocol.apply(&mut cfg);
+    let mut splits = vec![args.split.as_str()];
+    if cfg.exclude_train && args.split != "train" {
+        splits.push("train");
+    }
+    let ds = beir::load(&cfg.data, &splits).with_context(|| format!("loading {}", cfg.data.display()))?;
+    let ev = Evaluator::new(&ds, &args.split, cfg.protocol())?;
+    let lines = read_run(run_file)?;
+    let rankings = negcache_host::eval::trec::rankings_of_run(run_file, &lines, &ds, &ev)?;
+    // As pytrec_eval and BEIR: the mean over the run's queries that have a
+    // relevant judgement.
+    let mut in_run: Vec<u32> = rankings.keys().copied().collect();
+    in_run.sort_unstable();
+    let m = ev.metrics_on(&in_run, |q| rankings.get(&q).cloned());
+    anyhow::ensure!(
+        m.queries > 0,
+        "{}: no query of the run has a relevant judgement in the {} split",
+        run_file.display(),
+        args.split
+    );
+    let label = ev.protocol().label();
+    println!(
+        "{} split of {}: {} queries of the run (of {} judged); evaluation: {}",
+        args.split,
+        cfg.data.display(),
+        m.queries,
+        ev.queries().len(),
+        ev.protocol().describe()
+    );
+    println!("| run | Recall@1 | Recall@10 | Recall@100 | MRR@10 | NDCG@10 |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| {}{label} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} |",
+        run_file.display(),
+        m.recall_at_1,
+        m.recall_at_10,
+        m.recall_at_100,
+        m.mrr_at_10,
+        m.ndcg_at_10
+    );
+    if let Some(path) = &args.json {
+        let report = serde_json::json!({ "split": args.split, "protocol": cfg.protocol(), "run": m });
+        negcache_host::checkpoint::write_atomically(path, |f| {
+            serde_json::to_writer_pretty(f, &report).map_err(Into::into)
+        })?;
     }
     Ok(ExitCode::SUCCESS)
 }

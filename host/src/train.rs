@@ -1,7 +1,6 @@
 //! The `train` and `eval` commands: configuration, the training loop,
 //! exact-retrieval evaluation and the run's outputs.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -17,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Checkpoint, Reader, Writer};
 use crate::data::{beir, Dataset};
-use crate::eval::{evaluate_with_equivalence, top_k, Metrics};
+use crate::eval::{Bm25Config, Evaluator, Metrics, Protocol, Ranking};
 use crate::featurize::{featurize, Features, QueryTokens};
 use crate::session::{new_session, Session, Tying, BATCH, CAP, DIM};
 
@@ -125,6 +124,21 @@ pub struct TrainConfig {
     pub eval_split: String,
     /// Write a checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: u64,
+    /// Evaluation: drop a retrieved document whose id is the query's id
+    /// (BEIR's default).
+    pub ignore_identical_ids: bool,
+    /// Evaluation: drop each query's training positives from its ranking
+    /// (the standard for user-item data).
+    pub exclude_train: bool,
+    /// Evaluation: count documents with identical text as one (not BEIR;
+    /// labelled wherever printed).
+    pub merge_identical_text: bool,
+    /// Evaluation: documents per query in rankings and TREC run files.
+    pub eval_depth: usize,
+    /// BM25 baseline: k1.
+    pub bm25_k1: f32,
+    /// BM25 baseline: b.
+    pub bm25_b: f32,
 }
 
 impl Default for TrainConfig {
@@ -159,6 +173,12 @@ impl Default for TrainConfig {
             eval_queries: 2000,
             eval_split: "test".into(),
             checkpoint_every: 0,
+            ignore_identical_ids: Protocol::BEIR.ignore_identical_ids,
+            exclude_train: Protocol::BEIR.exclude_train,
+            merge_identical_text: Protocol::BEIR.merge_identical_text,
+            eval_depth: Protocol::BEIR.depth,
+            bm25_k1: Bm25Config::DEFAULT.k1,
+            bm25_b: Bm25Config::DEFAULT.b,
         }
     }
 }
@@ -190,7 +210,24 @@ impl TrainConfig {
         if self.char_ngrams > 8 {
             bail!("char_ngrams must be at most 8, got {}", self.char_ngrams);
         }
+        self.protocol().validate()?;
+        self.bm25().validate()?;
         Ok(())
+    }
+
+    /// The evaluation protocol.
+    pub fn protocol(&self) -> Protocol {
+        Protocol {
+            ignore_identical_ids: self.ignore_identical_ids,
+            exclude_train: self.exclude_train,
+            merge_identical_text: self.merge_identical_text,
+            depth: self.eval_depth,
+        }
+    }
+
+    /// The BM25 baseline's parameters.
+    pub fn bm25(&self) -> Bm25Config {
+        Bm25Config { k1: self.bm25_k1, b: self.bm25_b }
     }
 
     /// The core's trainer settings.
@@ -260,8 +297,8 @@ pub struct Prepared {
     pub features: Features,
     /// (query, positive doc) pairs of the training split.
     pub pairs: Vec<(u32, u32)>,
-    /// Corpus index to the first document with identical text.
-    pub equivalent: HashMap<u32, u32>,
+    /// The evaluation split's evaluator, under the configured protocol.
+    pub evaluator: Evaluator,
 }
 
 /// Loads and featurises the data a config names.
@@ -286,8 +323,9 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
             cfg.cache_capacity
         );
     }
-    let equivalent = ds.duplicate_text_groups();
-    Ok(Prepared { ds, features, pairs, equivalent })
+    let evaluator = Evaluator::new(&ds, &cfg.eval_split, cfg.protocol())
+        .with_context(|| format!("{}: evaluating split {:?}", cfg.data.display(), cfg.eval_split))?;
+    Ok(Prepared { ds, features, pairs, evaluator })
 }
 
 /// The generator of step `step`: a function of the seed and the step only,
@@ -384,23 +422,19 @@ pub fn shape_json() -> serde_json::Value {
     serde_json::json!({ "buckets": BUCKETS, "e": E, "h": H, "dim": DIM, "state_slots": S, "cap": CAP, "batch": BATCH, "neg": NEG })
 }
 
-/// Exact retrieval over the whole corpus for the judged queries of `split`
-/// (the first `max_queries` of them when non-zero), then the metrics.
-/// Documents with identical text count as the same document.
-pub fn evaluate(session: &dyn Session, data: &Prepared, split: &str, max_queries: usize) -> anyhow::Result<Metrics> {
-    let qrels = data.ds.qrels.get(split).with_context(|| format!("no split {split:?} loaded"))?;
-    let mut judged: Vec<u32> = qrels.iter().filter(|q| q.score > 0).map(|q| q.query).collect();
-    judged.sort_unstable();
-    judged.dedup();
-    if max_queries > 0 && judged.len() > max_queries {
-        judged.truncate(max_queries);
+/// Exact retrieval over the whole corpus for the evaluated queries (the
+/// first `max_queries` of them when non-zero), then the metrics under the
+/// configured protocol.
+pub fn evaluate(session: &dyn Session, data: &Prepared, max_queries: usize) -> Metrics {
+    let ev = &data.evaluator;
+    let mut queries = ev.queries();
+    if max_queries > 0 && queries.len() > max_queries {
+        queries.truncate(max_queries);
     }
-    let keep: std::collections::HashSet<u32> = judged.iter().copied().collect();
-    let qrels: Vec<_> = qrels.iter().copied().filter(|q| keep.contains(&q.query)).collect();
     let items = embed_all(session, Side::Item, &data.features.items);
-    let rankings = rank(session, &judged, &data.features.queries, &items, 100);
-    let by_query: HashMap<u32, Vec<u32>> = judged.iter().copied().zip(rankings).collect();
-    Ok(evaluate_with_equivalence(&qrels, Some(&data.equivalent), |q| by_query.get(&q).cloned().unwrap_or_default()))
+    let rankings = rank(session, ev, &queries, &data.features.queries, &items, ev.metrics_depth());
+    let by_query: std::collections::HashMap<u32, Ranking> = queries.iter().copied().zip(rankings).collect();
+    ev.metrics_on(&queries, |q| by_query.get(&q).cloned())
 }
 
 /// Embeds token lists with one tower, on every core.
@@ -416,14 +450,17 @@ pub fn embed_all<const L: usize>(session: &dyn Session, side: Side, inputs: &[[u
     out
 }
 
-/// The top `k` corpus indices for each query, by exact dot product.
+/// Each query's ranking of the corpus by exact dot product (the towers'
+/// score up to the scale alpha, which does not change the order), `depth`
+/// documents under the evaluator's protocol.
 pub fn rank(
     session: &dyn Session,
+    ev: &Evaluator,
     queries: &[u32],
     query_tokens: &[QueryTokens],
     items: &[[f32; DIM]],
-    k: usize,
-) -> Vec<Vec<u32>> {
+    depth: usize,
+) -> Vec<Ranking> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = queries.len().div_ceil(threads).max(1);
     let mut out = vec![Vec::new(); queries.len()];
@@ -437,12 +474,48 @@ pub fn rank(
                     for (s, it) in scores.iter_mut().zip(items) {
                         *s = negcache::vector::dot(&e, it);
                     }
-                    *r = top_k(&scores, k);
+                    *r = ev.rank_to(q, (0u32..).zip(scores.iter().copied()), depth);
                 }
             });
         }
     });
     out
+}
+
+/// Progress lines for a log file: one every [`LogLines::EVERY`] with the
+/// steps done, the rate, the loss and the latest periodic evaluation.
+struct LogLines {
+    on: bool,
+    last: std::time::Instant,
+    last_eval: Option<(u64, f64, usize)>,
+    loss_sum: f64,
+    loss_n: u64,
+}
+
+impl LogLines {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn new(on: bool) -> Self {
+        Self { on, last: std::time::Instant::now(), last_eval: None, loss_sum: 0.0, loss_n: 0 }
+    }
+
+    fn step(&mut self, step: u64, steps: u64, rate: f64, loss: f32) {
+        if !self.on {
+            return;
+        }
+        self.loss_sum += f64::from(loss);
+        self.loss_n += 1;
+        if self.last.elapsed() < Self::EVERY && step < steps {
+            return;
+        }
+        let eval =
+            self.last_eval.map_or(String::new(), |(s, r, q)| format!(", Recall@10 {r:.4} at step {s} ({q} queries)"));
+        eprintln!(
+            "step {step}/{steps}: {rate:.1} steps/s, loss {:.4} (mean since the last line){eval}",
+            self.loss_sum / self.loss_n.max(1) as f64
+        );
+        (self.loss_sum, self.loss_n, self.last) = (0.0, 0, std::time::Instant::now());
+    }
 }
 
 /// Progress and results reported to the caller of [`train`].
@@ -487,6 +560,9 @@ pub fn train(run: &mut Run, data: &Prepared, log: LogFn<'_>) -> anyhow::Result<T
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    // indicatif draws only on a terminal; in a log file (CI, nohup, a
+    // pipe) a plain line every few seconds tells how the run goes.
+    let mut log_lines = LogLines::new(!std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let mut summary = TrainSummary { state_bytes: run.session.state_bytes(), ..TrainSummary::default() };
     let window = 100u64;
     let (mut sum_train, mut sum_interp, mut sum_stale, mut sum_prob, mut n) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0u64);
@@ -504,6 +580,12 @@ pub fn train(run: &mut Run, data: &Prepared, log: LogFn<'_>) -> anyhow::Result<T
         sum_prob += r.prob_pos as f64;
         n += 1;
         bar.inc(1);
+        log_lines.step(
+            run.step,
+            cfg.steps,
+            (run.step - start_step) as f64 / train_time.max(1e-9),
+            r.interpretable_loss,
+        );
         if run.step % window == 0 || run.step == cfg.steps {
             let k = n.max(1) as f64;
             let (tl, il) = (sum_train / k, sum_interp / k);
@@ -523,12 +605,13 @@ pub fn train(run: &mut Run, data: &Prepared, log: LogFn<'_>) -> anyhow::Result<T
             (sum_train, sum_interp, sum_stale, sum_prob, n) = (0.0, 0.0, 0.0, 0.0, 0);
         }
         if cfg.eval_every > 0 && run.step % cfg.eval_every == 0 && run.step < cfg.steps {
-            let m = evaluate(run.session.as_ref(), data, &cfg.eval_split, cfg.eval_queries)?;
+            let m = evaluate(run.session.as_ref(), data, cfg.eval_queries);
             bar.println(format!(
                 "step {}: {} Recall@10 {:.4}, MRR@10 {:.4} ({} queries)",
                 run.step, cfg.eval_split, m.recall_at_10, m.mrr_at_10, m.queries
             ));
             log(run.step, train_time, &[("recall_at_10", m.recall_at_10), ("mrr_at_10", m.mrr_at_10)])?;
+            log_lines.last_eval = Some((run.step, m.recall_at_10, m.queries));
             summary.curve.push((run.step, m));
         }
         if cfg.checkpoint_every > 0 && run.step % cfg.checkpoint_every == 0 && run.step < cfg.steps {
@@ -537,7 +620,7 @@ pub fn train(run: &mut Run, data: &Prepared, log: LogFn<'_>) -> anyhow::Result<T
     }
     bar.finish_and_clear();
     run.checkpoint()?.save(&ckpt)?;
-    let m = evaluate(run.session.as_ref(), data, &cfg.eval_split, 0)?;
+    let m = evaluate(run.session.as_ref(), data, 0);
     log(run.step, train_time, &[("recall_at_10", m.recall_at_10), ("mrr_at_10", m.mrr_at_10)])?;
     summary.curve.push((run.step, m));
     summary.metrics = m;

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use approx::assert_relative_eq;
 use negcache_host::data::{Dataset, Doc, Qrel, Query};
 use negcache_host::eval::{
-    evaluate, evaluate_baselines, evaluate_with_equivalence, popularity_ranking, read_run, write_qrels, write_run,
-    Bm25Config, Bm25Index, Metrics,
+    evaluate, evaluate_baselines, popularity_ranking, read_run, write_qrels, write_run, Bm25Config, Bm25Index,
+    Evaluator, Metrics, Protocol,
 };
 
 fn doc(id: &str, title: &str, text: &str) -> Doc {
@@ -61,30 +61,33 @@ fn assert_metrics(got: Metrics, want: Metrics) {
     assert_relative_eq!(got.ndcg_at_10, want.ndcg_at_10, epsilon = 1e-12);
 }
 
+fn beir(ds: &Dataset, split: &str) -> Evaluator {
+    Evaluator::new(ds, split, Protocol::BEIR).unwrap()
+}
+
 #[test]
 fn baselines_on_recipes() {
     let ds = recipes();
-    let b = evaluate_baselines(&ds, "test", None);
+    let b = evaluate_baselines(&ds, &beir(&ds, "test"), Bm25Config::default()).unwrap();
 
-    // BM25: q0 matches d0 and d3 equally (tie → d0 first), so the relevant
-    // d3 is second: R@1 0, MRR 1/2, NDCG 1/log2(3). q1 finds d1 and q2 finds
-    // d4 at rank 1: every metric 1. Means over the 3 judged queries.
-    assert_metrics(
-        b.bm25,
-        Metrics {
-            queries: 3,
-            recall_at_1: 2.0 / 3.0,
-            recall_at_10: 1.0,
-            recall_at_100: 1.0,
-            mrr_at_10: (0.5 + 1.0 + 1.0) / 3.0,
-            ndcg_at_10: (1.0 / l2(3.0) + 2.0) / 3.0,
-        },
-    );
+    // BM25: q0 matches d0 and d3 equally; trec_eval's order puts the larger
+    // id first, so the relevant d3 is at rank 1. q1 finds d1 and q2 finds d4
+    // at rank 1: every metric is 1.
+    let ones = Metrics {
+        queries: 3,
+        recall_at_1: 1.0,
+        recall_at_10: 1.0,
+        recall_at_100: 1.0,
+        mrr_at_10: 1.0,
+        ndcg_at_10: 1.0,
+    };
+    assert_metrics(b.bm25, ones);
 
-    // Popularity ranks d2, d1, d0, d3, d4 for every query:
+    // Popularity: d2 (2 train positives), d1 (1), then the zero counts by
+    // decreasing id: d4, d3, d0.
     // q0 (d3) at rank 4: MRR 1/4, NDCG 1/log2(5);
     // q1 (d1, grade 2) at rank 2: MRR 1/2, NDCG (2/log2 3)/2 = 1/log2(3);
-    // q2 (d4) at rank 5: MRR 1/5, NDCG 1/log2(6).
+    // q2 (d4) at rank 3: MRR 1/3, NDCG 1/log2(4).
     assert_metrics(
         b.popularity,
         Metrics {
@@ -92,52 +95,50 @@ fn baselines_on_recipes() {
             recall_at_1: 0.0,
             recall_at_10: 1.0,
             recall_at_100: 1.0,
-            mrr_at_10: (0.25 + 0.5 + 0.2) / 3.0,
-            ndcg_at_10: (1.0 / l2(5.0) + 1.0 / l2(3.0) + 1.0 / l2(6.0)) / 3.0,
+            mrr_at_10: (0.25 + 0.5 + 1.0 / 3.0) / 3.0,
+            ndcg_at_10: (1.0 / l2(5.0) + 1.0 / l2(3.0) + 0.5) / 3.0,
         },
     );
 }
 
 #[test]
-fn baselines_with_equivalent_documents() {
+fn popularity_without_training_positives() {
+    // exclude_train: q0 loses d1 (its train positive), q1 loses d2.
+    // q0: d2, d4, d3, d0 → d3 at rank 3; q1: d1, d4, d3, d0 → d1 at rank 1;
+    // q2 (no train positive): d2, d1, d4 → d4 at rank 3.
     let ds = recipes();
-    let eq = HashMap::from([(3u32, 0u32)]);
-    let b = evaluate_baselines(&ds, "test", Some(&eq));
-
-    // BM25: q0's first hit d0 now counts as its twin d3: all metrics are 1.
-    assert_metrics(
-        b.bm25,
-        Metrics {
-            queries: 3,
-            recall_at_1: 1.0,
-            recall_at_10: 1.0,
-            recall_at_100: 1.0,
-            mrr_at_10: 1.0,
-            ndcg_at_10: 1.0,
-        },
-    );
-
-    // Popularity d2, d1, d0, d3, d4 becomes d2, d1, d0, d4 after merging:
-    // q0's relevant item (d0 ≡ d3) is at rank 3: MRR 1/3, NDCG 1/log2(4);
-    // q1 is unchanged; q2's d4 moves up to rank 4: MRR 1/4, NDCG 1/log2(5).
+    let ev = Evaluator::new(&ds, "test", Protocol { exclude_train: true, ..Protocol::BEIR }).unwrap();
+    let b = evaluate_baselines(&ds, &ev, Bm25Config::default()).unwrap();
     assert_metrics(
         b.popularity,
         Metrics {
             queries: 3,
-            recall_at_1: 0.0,
+            recall_at_1: 1.0 / 3.0,
             recall_at_10: 1.0,
             recall_at_100: 1.0,
-            mrr_at_10: (1.0 / 3.0 + 0.5 + 0.25) / 3.0,
-            ndcg_at_10: (0.5 + 1.0 / l2(3.0) + 1.0 / l2(5.0)) / 3.0,
+            mrr_at_10: (1.0 / 3.0 + 1.0 + 1.0 / 3.0) / 3.0,
+            ndcg_at_10: (0.5 + 1.0 + 0.5) / 3.0,
         },
     );
 }
 
 #[test]
-fn missing_split_evaluates_nothing() {
-    let b = evaluate_baselines(&recipes(), "dev", None);
-    assert_eq!(b.bm25, Metrics::default());
-    assert_eq!(b.popularity, Metrics::default());
+fn baselines_with_identical_texts_merged() {
+    let ds = recipes();
+    let ev = Evaluator::new(&ds, "test", Protocol { merge_identical_text: true, ..Protocol::BEIR }).unwrap();
+    let b = evaluate_baselines(&ds, &ev, Bm25Config::default()).unwrap();
+    assert!(!ev.protocol().label().is_empty());
+
+    // Popularity d2, d1, d4, d3, d0 becomes d2, d1, d4, d0 (d3 ≡ d0, first
+    // seen as d3 at rank 4): q0 at rank 4, q1 at rank 2, q2 at rank 3, as
+    // without merging, since d0 came after its twin.
+    assert_relative_eq!(b.popularity.mrr_at_10, (0.25 + 0.5 + 1.0 / 3.0) / 3.0, epsilon = 1e-12);
+    assert_relative_eq!(b.bm25.recall_at_1, 1.0, epsilon = 1e-12);
+}
+
+#[test]
+fn missing_split_is_an_error() {
+    assert!(Evaluator::new(&recipes(), "dev", Protocol::BEIR).is_err());
 }
 
 #[test]
@@ -150,38 +151,42 @@ fn popularity_and_bm25_building_blocks() {
     assert_eq!(hits.iter().map(|h| h.0).collect::<Vec<_>>(), vec![0, 3]);
     assert_eq!(hits[0].1, hits[1].1);
 
-    // A hand-made evaluation matches what the baseline helper reports.
-    let by_bm25 =
-        |q: u32| -> Vec<u32> { index.search(&ds.queries[q as usize].text, 100).into_iter().map(|(d, _)| d).collect() };
+    // A hand-made evaluation (trec_eval's tie order by hand: d3 before d0)
+    // matches what the baseline helper reports.
+    let ev = beir(&ds, "test");
+    let by_bm25 = |q: u32| -> Vec<u32> {
+        let mut hits = index.search(&ds.queries[q as usize].text, 100);
+        hits.sort_by(|a, b| b.1.total_cmp(&a.1).then(ds.corpus[b.0 as usize].id.cmp(&ds.corpus[a.0 as usize].id)));
+        hits.into_iter().map(|(d, _)| d).collect()
+    };
     let test = &ds.qrels["test"];
-    assert_eq!(evaluate(test, by_bm25), evaluate_baselines(&ds, "test", None).bm25);
-    let eq = HashMap::from([(3u32, 0u32)]);
-    assert_eq!(evaluate_with_equivalence(test, Some(&eq), by_bm25), evaluate_baselines(&ds, "test", Some(&eq)).bm25);
+    assert_eq!(evaluate(test, by_bm25), evaluate_baselines(&ds, &ev, Bm25Config::default()).unwrap().bm25);
 }
 
-/// With many twins ahead of the relevant document, BM25 must retrieve deeper
-/// than 100 to fill 100 distinct slots.
+/// Merging identical texts counts a group of twins once, so a relevant
+/// document behind many twins moves up; the evaluator then ranks deeper
+/// than 100 so that 100 distinct documents are scored.
 #[test]
-fn equivalence_deepens_bm25() {
-    // Docs 0..60 are identical ("common word"); docs 60..160 are "common uN".
-    // All have the same length and one "common", so for the query "common"
-    // every score ties and the ranking is index order. The relevant doc 130
-    // is at rank 131, but at distinct rank 72 once 1..60 merge into 0.
-    let mut corpus: Vec<Doc> = (0..60).map(|i| doc(&format!("d{i}"), "", "common word")).collect();
-    corpus.extend((60..160).map(|i| doc(&format!("d{i}"), "", &format!("common u{i}"))));
+fn merging_looks_deeper_than_100() {
+    // d000..d059 read "common word", d060..d119 "common uN": for the query
+    // "common" every score ties, so the order is by decreasing id: d119 ..
+    // d060 (60 documents), then d059 .. d000. The relevant d000 is at rank
+    // 120; merged, d059 .. d000 are one document at distinct rank 61.
+    let mut corpus: Vec<Doc> = (0..60).map(|i| doc(&format!("d{i:03}"), "", "common word")).collect();
+    corpus.extend((60..120).map(|i| doc(&format!("d{i:03}"), "", &format!("common u{i}"))));
     let ds = Dataset {
         corpus,
         queries: vec![Query { id: "q".into(), text: "common".into() }],
-        qrels: HashMap::from([("test".to_owned(), vec![qrel(0, 130, 1)])]),
+        qrels: HashMap::from([("test".to_owned(), vec![qrel(0, 0, 1)])]),
         ..Dataset::default()
     };
-    let eq: HashMap<u32, u32> = (1..60).map(|d| (d, 0)).collect();
-
-    let plain = evaluate_baselines(&ds, "test", None).bm25;
+    let plain = evaluate_baselines(&ds, &beir(&ds, "test"), Bm25Config::default()).unwrap().bm25;
     assert_eq!(plain.recall_at_100, 0.0);
-    let merged = evaluate_baselines(&ds, "test", Some(&eq)).bm25;
+    let ev = Evaluator::new(&ds, "test", Protocol { merge_identical_text: true, ..Protocol::BEIR }).unwrap();
+    let merged = evaluate_baselines(&ds, &ev, Bm25Config::default()).unwrap().bm25;
     assert_eq!(merged.recall_at_100, 1.0);
     assert_eq!(merged.recall_at_10, 0.0);
+    assert_relative_eq!(merged.mrr_at_10, 0.0);
 }
 
 #[test]

@@ -1,28 +1,29 @@
-//! A small in-memory BM25 retriever, used as a lexical baseline.
+//! BM25 as Lucene scores it, the lexical baseline.
 //!
 //! # Scoring
 //!
 //! For a query with term counts `qtf(t)` and a document `d` of `|d|` tokens,
 //!
 //! ```text
-//! score(q, d) = Σ_t  qtf(t) · idf(t) · tf(t,d)·(k1 + 1) / (tf(t,d) + k1·(1 − b + b·|d|/avgdl))
+//! score(q, d) = Σ_t  qtf(t) · idf(t) · tf(t,d) / (tf(t,d) + k1·(1 − b + b·|d|/avgdl))
 //! idf(t)      = ln(1 + (N − df(t) + 0.5) / (df(t) + 0.5))
 //! ```
 //!
-//! with `N` documents and `avgdl` their mean length. Repeated query terms
-//! count once per occurrence, like Anserini's bag-of-words queries. Lucene
-//! (and so Anserini) drops the constant `(k1 + 1)` factor and stores lengths
-//! lossily, so its scores differ by a constant factor and rounding, but not in
-//! any other way. The idf is always positive, hence so is every non-zero
-//! contribution.
+//! with `N` documents and `avgdl` their mean length: Lucene's BM25 since
+//! version 8 (no constant `(k1 + 1)` factor), and the "lucene" method of
+//! bm25s, against which `fixtures/eval/gen.py` checks this module. Repeated
+//! query terms count once per occurrence, as in a Lucene bag-of-words query.
+//! Lengths are exact (Lucene itself stores them in one byte, a rounding this
+//! module does not copy). The idf is always positive, hence so is every
+//! non-zero contribution.
 //!
 //! # Tokenisation
 //!
-//! Text is lowercased (Unicode-aware) and split on every character that is
-//! not alphanumeric per [`char::is_alphanumeric`]; empty pieces are dropped.
-//! There is no stemming and no stopword list, unlike Anserini's default
-//! English analyser: this keeps the baseline dependency-free and
-//! language-neutral, at some cost in effectiveness on English text.
+//! The usual English analysis of bm25s and scikit-learn: text is lowercased
+//! (Unicode-aware); a token is a maximal run of two or more word characters
+//! (alphanumeric or `_`, the regex `\b\w\w+\b`); tokens in the English
+//! stopword list ([`STOPWORDS_EN`], bm25s's list) are dropped, from
+//! documents and queries alike, before lengths are counted. No stemming.
 //!
 //! A document is indexed as its `title`, a space, then its `text`.
 
@@ -32,9 +33,10 @@ use crate::data::Doc;
 use crate::eval::topk::top_k_pairs;
 
 /// BM25 parameters.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Bm25Config {
-    /// Term-frequency saturation, ≥ 0. Default 0.9 (Anserini's default).
+    /// Term-frequency saturation, ≥ 0. Default 0.9 (Anserini's default,
+    /// used by BEIR's Lucene baselines).
     pub k1: f32,
     /// Length normalisation strength in [0, 1]. Default 0.4 (Anserini's
     /// default).
@@ -43,11 +45,36 @@ pub struct Bm25Config {
 
 impl Default for Bm25Config {
     fn default() -> Self {
-        Self { k1: 0.9, b: 0.4 }
+        Self::DEFAULT
     }
 }
 
-/// Splits `text` into lowercase alphanumeric tokens (see the module docs).
+impl Bm25Config {
+    /// k1 0.9, b 0.4.
+    pub const DEFAULT: Self = Self { k1: 0.9, b: 0.4 };
+
+    /// Checks the ranges (either out of range could make a denominator
+    /// vanish).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.k1.is_finite() && self.k1 >= 0.0, "bm25_k1 must be finite and >= 0, got {}", self.k1);
+        anyhow::ensure!((0.0..=1.0).contains(&self.b), "bm25_b must be in [0, 1], got {}", self.b);
+        Ok(())
+    }
+}
+
+/// The English stopword list (bm25s's `en` list, one word per line in
+/// `stopwords_en.txt`).
+pub const STOPWORDS_EN: &str = include_str!("stopwords_en.txt");
+
+/// Whether `token` (lowercase) is an English stopword.
+fn is_stopword(token: &str) -> bool {
+    use std::sync::OnceLock;
+    static SET: OnceLock<std::collections::HashSet<&'static str>> = OnceLock::new();
+    SET.get_or_init(|| STOPWORDS_EN.lines().map(str::trim).filter(|w| !w.is_empty()).collect()).contains(token)
+}
+
+/// Splits `text` into lowercase tokens, stopwords dropped (see the module
+/// docs).
 pub fn tokenize(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     for_each_token(text, |t| out.push(t.to_owned()));
@@ -58,7 +85,10 @@ pub fn tokenize(text: &str) -> Vec<String> {
 /// token.
 fn for_each_token(text: &str, mut f: impl FnMut(&str)) {
     let lower = text.to_lowercase();
-    lower.split(|c: char| !c.is_alphanumeric()).filter(|t| !t.is_empty()).for_each(&mut f);
+    lower
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .filter(|t| t.chars().nth(1).is_some() && !is_stopword(t))
+        .for_each(&mut f);
 }
 
 /// An inverted index with precomputed per-posting impacts.
@@ -77,7 +107,7 @@ pub struct Bm25Index {
     /// `offsets[t]..offsets[t + 1]` is the range of term `t`'s postings.
     offsets: Vec<usize>,
     post_docs: Vec<u32>,
-    /// `tf·(k1 + 1) / (tf + k1·(1 − b + b·|d|/avgdl))` for each posting.
+    /// `tf / (tf + k1·(1 − b + b·|d|/avgdl))` for each posting.
     post_impacts: Vec<f32>,
 }
 
@@ -86,10 +116,10 @@ impl Bm25Index {
     ///
     /// # Panics
     ///
-    /// If `cfg.k1` is negative or `cfg.b` is outside [0, 1] (either could make
-    /// a denominator vanish), or the corpus exceeds `u32` indices.
+    /// If `cfg` fails [`Bm25Config::validate`] (check it first), or the
+    /// corpus exceeds `u32` indices.
     pub fn build(docs: &[Doc], cfg: Bm25Config) -> Bm25Index {
-        assert!(cfg.k1 >= 0.0 && (0.0..=1.0).contains(&cfg.b), "invalid BM25 parameters {cfg:?}");
+        assert!(cfg.validate().is_ok(), "invalid BM25 parameters {cfg:?}");
         let num_docs = docs.len();
         assert!(u32::try_from(num_docs).is_ok(), "more than u32::MAX documents");
 
@@ -162,7 +192,7 @@ impl Bm25Index {
                 let slot = &mut cursor[term as usize];
                 let tf = f64::from(tf);
                 post_docs[*slot] = doc as u32;
-                post_impacts[*slot] = (tf * (k1 + 1.0) / (tf + norms[doc])) as f32;
+                post_impacts[*slot] = (tf / (tf + norms[doc])) as f32;
                 *slot += 1;
             }
         }
@@ -239,6 +269,13 @@ pub struct Bm25Searcher<'a> {
 impl Bm25Searcher<'_> {
     /// Same as [`Bm25Index::search`], reusing this searcher's buffers.
     pub fn search(&mut self, query: &str, k: usize) -> Vec<(u32, f32)> {
+        self.with_matches(query, |matches| top_k_pairs(matches, k))
+    }
+
+    /// Calls `take` with every document that matches `query`, with its
+    /// score, in no particular order (so that a caller can rank them its own
+    /// way), and returns what `take` returns.
+    pub fn with_matches<R>(&mut self, query: &str, take: impl FnOnce(&mut dyn Iterator<Item = (u32, f32)>) -> R) -> R {
         let index = self.index;
         let mut terms: Vec<u32> = Vec::new();
         for_each_token(query, |tok| {
@@ -288,18 +325,24 @@ impl Bm25Searcher<'_> {
         // query; that also reports a document listed twice in `touched`
         // (possible only if a contribution underflowed to zero) once.
         let scores = &mut self.scores;
+        // `take` may stop early; the rest is drained so the buffers are
+        // clean for the next query either way.
         if dense {
-            let candidates = scores.iter_mut().enumerate().filter_map(|(doc, slot)| {
+            let mut candidates = scores.iter_mut().enumerate().filter_map(|(doc, slot)| {
                 let s = std::mem::take(slot);
                 (s != 0.0).then_some((doc as u32, s))
             });
-            top_k_pairs(candidates, k)
+            let out = take(&mut candidates);
+            candidates.for_each(drop);
+            out
         } else {
-            let candidates = self.touched.drain(..).filter_map(|doc| {
+            let mut candidates = self.touched.drain(..).filter_map(|doc| {
                 let s = std::mem::take(&mut scores[doc as usize]);
                 (s != 0.0).then_some((doc, s))
             });
-            top_k_pairs(candidates, k)
+            let out = take(&mut candidates);
+            candidates.for_each(drop);
+            out
         }
     }
 }
@@ -352,69 +395,64 @@ mod tests {
 
     fn corpus() -> Vec<Doc> {
         vec![
-            // tokens: [the, cat, sat] → |d| = 3
+            // tokens: [cat, sat] ("the" is a stopword) → |d| = 2
             doc("a", "", "The cat sat"),
-            // tokens: [cats, the, dog, the, dog, ran] → |d| = 6
+            // tokens: [cats, dog, dog, ran] → |d| = 4
             doc("b", "Cats!", "the DOG, the dog ran"),
-            // tokens: [a, dog] → |d| = 2
+            // tokens: [dog] ("a" is a stopword and too short) → |d| = 1
             doc("c", "", "a dog"),
         ]
     }
 
     #[test]
     fn tokenizer() {
-        assert_eq!(tokenize("Hello, World! x2-y_z"), ["hello", "world", "x2", "y", "z"]);
+        // Runs of two or more word characters (letters, digits, '_'),
+        // lowercased; single characters and stopwords dropped.
+        assert_eq!(tokenize("Hello, World! x2-y_z a I"), ["hello", "world", "x2", "y_z"]);
         assert_eq!(tokenize("Ünïcode ÄÖ straße 東京"), ["ünïcode", "äö", "straße", "東京"]);
+        assert_eq!(tokenize("The state of the art, and THIS is it"), ["state", "art"]);
         assert!(tokenize(" ,.; ").is_empty());
+        assert_eq!(STOPWORDS_EN.lines().count(), 33);
     }
 
     #[test]
     fn statistics() {
         let idx = Bm25Index::build(&corpus(), Bm25Config::default());
-        // N = 3, avgdl = (3 + 6 + 2) / 3 = 11/3.
+        // N = 3, avgdl = (2 + 4 + 1) / 3 = 7/3.
         assert_eq!(idx.num_docs(), 3);
-        assert_relative_eq!(idx.avgdl(), 11.0 / 3.0, epsilon = 1e-12);
-        // Terms: the, cat, sat, cats, dog, ran, a.
-        assert_eq!(idx.vocab_len(), 7);
+        assert_relative_eq!(idx.avgdl(), 7.0 / 3.0, epsilon = 1e-12);
+        // Terms: cat, sat, cats, dog, ran.
+        assert_eq!(idx.vocab_len(), 5);
         // df(dog) = 2: idf = ln(1 + (3 - 2 + 0.5)/(2 + 0.5)) = ln(1.6) = 0.470004
         assert_relative_eq!(idx.idf("dog").unwrap(), 1.6f32.ln(), epsilon = 1e-6);
         // df(cat) = 1: idf = ln(1 + 2.5/1.5) = ln(8/3) = 0.980829
         assert_relative_eq!(idx.idf("cat").unwrap(), (8.0f32 / 3.0).ln(), epsilon = 1e-6);
         assert_eq!(idx.idf("Cat"), None);
+        assert_eq!(idx.idf("the"), None);
     }
 
     #[test]
     fn hand_computed_scores() {
         let idx = Bm25Index::build(&corpus(), Bm25Config::default());
-        // k1 = 0.9, b = 0.4, avgdl = 11/3.
-        // norm(d) = k1·(1 − b + b·|d|/avgdl):
-        //   doc a (3): 0.9·(0.6 + 0.4·9/11)  = 0.9·0.927273 = 0.834545
-        //   doc b (6): 0.9·(0.6 + 0.4·18/11) = 0.9·1.254545 = 1.129091
-        //   doc c (2): 0.9·(0.6 + 0.4·6/11)  = 0.9·0.818182 = 0.736364
-        // idf(dog) = ln 1.6 = 0.470004.
-        // Query "dog":
-        //   b: tf 2 → 0.470004·2·1.9/(2 + 1.129091) = 0.470004·1.214408 = 0.570777
-        //   c: tf 1 → 0.470004·1·1.9/(1 + 0.736364) = 0.470004·1.094241 = 0.514297
+        // k1 = 0.9, b = 0.4, avgdl = 7/3; norm(d) = k1·(1 − b + b·|d|/avgdl):
+        //   doc a (2): 0.848571; doc b (4): 1.157143; doc c (1): 0.694286.
+        // Query "dog", idf ln 1.6 = 0.470004:
+        //   b: tf 2 → 0.470004·2/(2 + 1.157143) = 0.297740
+        //   c: tf 1 → 0.470004·1/(1 + 0.694286) = 0.277405
         let hits = idx.search("dog", 10);
         assert_eq!(hits.iter().map(|h| h.0).collect::<Vec<_>>(), [1, 2]);
-        assert_relative_eq!(hits[0].1, 0.570777, epsilon = 1e-5);
-        assert_relative_eq!(hits[1].1, 0.514297, epsilon = 1e-5);
+        assert_relative_eq!(hits[0].1, 0.297740, epsilon = 1e-5);
+        assert_relative_eq!(hits[1].1, 0.277405, epsilon = 1e-5);
 
-        // Query "the cat": idf(the) = ln(1 + 1.5/2.5) = ln 1.6 as well.
-        //   a: the tf 1 → 0.470004·1.9/1.834545 = 0.486773
-        //      cat tf 1 → 0.980829·1.9/1.834545 = 1.015824 ; total 1.502597
-        //   b: the tf 2 → 0.470004·3.8/3.129091 = 0.570777 ; total 0.570777
-        //   c: no match → absent.
+        // Query "the cat": "the" is dropped; cat in a: 0.980829/1.848571 = 0.530588.
         let hits = idx.search("the cat", 10);
-        assert_eq!(hits.len(), 2);
+        assert_eq!(hits.len(), 1);
         assert_eq!(hits[0].0, 0);
-        assert_relative_eq!(hits[0].1, 1.502597, epsilon = 1e-5);
-        assert_eq!(hits[1].0, 1);
-        assert_relative_eq!(hits[1].1, 0.570777, epsilon = 1e-5);
+        assert_relative_eq!(hits[0].1, 0.530588, epsilon = 1e-5);
 
         // A repeated query term counts twice: "dog dog" doubles every score.
         let twice = idx.search("DOG dog", 10);
-        assert_relative_eq!(twice[0].1, 2.0 * 0.570777, epsilon = 1e-5);
+        assert_relative_eq!(twice[0].1, 2.0 * 0.297740, epsilon = 1e-5);
 
         // Unknown terms contribute nothing; k truncates.
         assert!(idx.search("zebra", 10).is_empty());
@@ -428,7 +466,7 @@ mod tests {
     #[test]
     fn searcher_reuse_and_batch_agree() {
         let idx = Bm25Index::build(&corpus(), Bm25Config::default());
-        let queries = ["dog", "the cat", "zebra", "a dog sat"];
+        let queries = ["dog", "the cat", "zebra", "a dog sat", "cats ran"];
         let mut s = idx.searcher();
         let one_by_one: Vec<_> = queries.iter().map(|q| s.search(q, 3)).collect();
         // The scratch buffer is all zeros again after each search.
@@ -460,7 +498,7 @@ mod tests {
                             return 0.0;
                         }
                         let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
-                        idf * tf * (k1 + 1.0) / (tf + k1 * (1.0 - b + b * doc.len() as f64 / avgdl))
+                        idf * tf / (tf + k1 * (1.0 - b + b * doc.len() as f64 / avgdl))
                     })
                     .sum()
             })
@@ -548,14 +586,13 @@ mod tests {
     #[test]
     fn custom_parameters() {
         // With b = 0 length is ignored: norm = k1 = 1.2 for every doc, so for
-        // "dog" doc c (tf 1) scores idf·2.2/2.2 = idf and doc b (tf 2)
-        // scores idf·4.4/3.2 = 1.375·idf.
+        // "dog" doc c (tf 1) scores idf/2.2 and doc b (tf 2) idf·2/3.2.
         let cfg = Bm25Config { k1: 1.2, b: 0.0 };
         let idx = Bm25Index::build(&corpus(), cfg);
         assert_eq!(idx.config(), cfg);
         let hits = idx.search("dog", 10);
         let idf = 1.6f32.ln();
-        assert_relative_eq!(hits[0].1, 1.375 * idf, epsilon = 1e-6);
-        assert_relative_eq!(hits[1].1, idf, epsilon = 1e-6);
+        assert_relative_eq!(hits[0].1, idf * 2.0 / 3.2, epsilon = 1e-6);
+        assert_relative_eq!(hits[1].1, idf / 2.2, epsilon = 1e-6);
     }
 }

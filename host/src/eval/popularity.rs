@@ -18,7 +18,7 @@ pub fn popularity_ranking(train: &[Qrel], num_docs: usize) -> Vec<u32> {
 }
 
 /// Number of positive judgements per document.
-fn positive_counts(train: &[Qrel], num_docs: usize) -> Vec<u32> {
+pub(crate) fn positive_counts(train: &[Qrel], num_docs: usize) -> Vec<u32> {
     let mut counts = vec![0u32; num_docs];
     for j in train.iter().filter(|j| j.score > 0) {
         if let Some(c) = counts.get_mut(j.doc as usize) {

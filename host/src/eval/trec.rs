@@ -6,23 +6,25 @@
 //!
 //! Fields are separated by single spaces, so ids and tags may not contain
 //! whitespace (or be empty); writing such a value is an error rather than a
-//! silently unreadable file. Files are written to a temporary file in the
-//! target's directory and renamed into place, so readers never see a
-//! half-written file and a failed write leaves any previous file intact.
+//! silently unreadable file. Files are written atomically
+//! ([`write_atomically`]): readers never see a half-written file and a failed
+//! write leaves any previous file intact.
 //!
 //! Note that trec_eval ignores the rank column: it re-sorts each query's
 //! lines by decreasing score and breaks ties by decreasing docid. Runs whose
 //! scores tie may therefore be evaluated in a different order from the one
 //! written.
 
+use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 
+use crate::checkpoint::write_atomically;
 use anyhow::{bail, ensure, Context, Result};
-use tempfile::NamedTempFile;
 
 use crate::data::{Dataset, Qrel};
+use crate::eval::protocol::{Evaluator, Ranking};
 
 /// Results of one query: its index into [`Dataset::queries`] and its ranked
 /// (doc index, score) pairs, best first.
@@ -41,6 +43,8 @@ pub struct RunLine {
     pub score: f32,
     /// The run's tag.
     pub tag: String,
+    /// The line's number in its file, from 1.
+    pub line: usize,
 }
 
 /// Writes `run` as a TREC run file at `path` (atomically; see the module
@@ -84,21 +88,26 @@ pub fn write_qrels_to(mut w: impl Write, ds: &Dataset, qrels: &[Qrel]) -> Result
 }
 
 /// Reads a run file written by [`write_run`] (or any whitespace-separated
-/// six-column TREC run).
+/// six-column TREC run), gzip-compressed when its name ends in `.gz`.
 pub fn read_run(path: &Path) -> Result<Vec<RunLine>> {
     let file = File::open(path).with_context(|| format!("opening run file {}", path.display()))?;
+    let reader: Box<dyn BufRead> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(file)))
+    } else {
+        Box::new(BufReader::new(file))
+    };
     let mut out = Vec::new();
-    for (n, line) in BufReader::new(file).lines().enumerate() {
+    for (n, line) in reader.lines().enumerate() {
         let line = line.with_context(|| format!("reading {}", path.display()))?;
         if line.trim().is_empty() {
             continue;
         }
-        out.push(parse_run_line(&line).with_context(|| format!("{}:{}", path.display(), n + 1))?);
+        out.push(parse_run_line(&line, n + 1).with_context(|| format!("{}:{}", path.display(), n + 1))?);
     }
     Ok(out)
 }
 
-fn parse_run_line(line: &str) -> Result<RunLine> {
+fn parse_run_line(line: &str, number: usize) -> Result<RunLine> {
     let fields: Vec<&str> = line.split_whitespace().collect();
     let [qid, _q0, did, rank, score, tag] = fields.as_slice() else {
         bail!("expected 6 fields, found {}: {line:?}", fields.len());
@@ -109,7 +118,35 @@ fn parse_run_line(line: &str) -> Result<RunLine> {
         rank: rank.parse().with_context(|| format!("bad rank {rank:?}"))?,
         score: score.parse().with_context(|| format!("bad score {score:?}"))?,
         tag: (*tag).to_owned(),
+        line: number,
     })
+}
+
+/// The rankings a run file holds, under the evaluator's protocol: each
+/// query's lines re-ordered as trec_eval orders them (the rank column is
+/// ignored, as trec_eval ignores it), after dropping what the protocol
+/// drops, cut at its depth.
+///
+/// # Errors
+/// A query or document id the dataset does not have, a non-finite score, or
+/// a document listed twice for one query, each naming `path` and the line.
+pub fn rankings_of_run(path: &Path, lines: &[RunLine], ds: &Dataset, ev: &Evaluator) -> Result<HashMap<u32, Ranking>> {
+    let queries: HashMap<&str, u32> = (0u32..).zip(&ds.queries).map(|(i, q)| (q.id.as_str(), i)).collect();
+    let docs: HashMap<&str, u32> = (0u32..).zip(&ds.corpus).map(|(i, d)| (d.id.as_str(), i)).collect();
+    let mut by_query: HashMap<u32, HashMap<u32, f32>> = HashMap::new();
+    for l in lines {
+        let at = || format!("{}:{}", path.display(), l.line);
+        let q = *queries
+            .get(l.query_id.as_str())
+            .with_context(|| format!("{}: unknown query id {:?}", at(), l.query_id))?;
+        let d =
+            *docs.get(l.doc_id.as_str()).with_context(|| format!("{}: unknown document id {:?}", at(), l.doc_id))?;
+        ensure!(l.score.is_finite(), "{}: score {} is not finite", at(), l.score);
+        if by_query.entry(q).or_default().insert(d, l.score).is_some() {
+            bail!("{}: document {:?} is listed twice for query {:?}", at(), l.doc_id, l.query_id);
+        }
+    }
+    Ok(by_query.into_iter().map(|(q, scored)| (q, ev.rank(q, scored))).collect())
 }
 
 fn query_id(ds: &Dataset, query: u32) -> Result<&str> {
@@ -136,35 +173,6 @@ fn check_field(what: &str, value: &str) -> Result<()> {
         !value.is_empty() && !value.chars().any(char::is_whitespace),
         "{what} {value:?} is empty or contains whitespace"
     );
-    Ok(())
-}
-
-/// Writes through `fill` into a temporary file beside `path`, then renames it
-/// to `path`. On error the temporary file is removed and `path` untouched.
-fn write_atomically(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
-    // The temporary file must be on the same file system for the rename to
-    // be atomic, hence the target's own directory.
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp =
-        NamedTempFile::new_in(dir).with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    {
-        let mut w = BufWriter::new(tmp.as_file_mut());
-        fill(&mut w)?;
-        w.flush()?;
-    }
-    // Temporary files are created owner-only; results are meant to be shared
-    // like any other output file.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
-    }
-    // Make the data durable before the rename makes it visible.
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
 
@@ -195,7 +203,7 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert_eq!(
             lines[1],
-            RunLine { query_id: "q2".into(), doc_id: "d1".into(), rank: 2, score: 1.25, tag: "bm25".into() }
+            RunLine { query_id: "q2".into(), doc_id: "d1".into(), rank: 2, score: 1.25, tag: "bm25".into(), line: 2 }
         );
         // The score survives the round trip exactly.
         assert_eq!(lines[2].score, 0.1f32);
