@@ -263,7 +263,12 @@ impl<'a, I: Item, const DIM: usize> CacheRef<'a, I, DIM> {
 
     /// Whether an occupied slot holds `item`.
     pub fn contains(&self, item: &I) -> bool {
-        self.items.iter().zip(self.occupied).any(|(it, &o)| o && it == item)
+        self.position(item).is_some()
+    }
+
+    /// The lowest occupied slot holding `item`, if any.
+    pub fn position(&self, item: &I) -> Option<usize> {
+        self.items.iter().zip(self.occupied).position(|(it, &o)| o && it == item)
     }
 
     /// The `out.len()` slots whose embeddings were written longest ago

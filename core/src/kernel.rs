@@ -382,13 +382,32 @@ pub(crate) struct Pass<'a, I, R, const DIM: usize> {
 }
 
 /// Where one pass writes, one entry per query. `picks` are read first (the
-/// fixed retrieval presets them) and written back.
-pub(crate) struct Outputs<'o, 't, const NEG: usize> {
+/// fixed retrieval presets them) and written back. `jump[b].lse` receives
+/// the log-sum-exp of the sampling logits `inv_temp * c` when they differ
+/// from the scores and one negative is drawn (for the importance weight);
+/// otherwise the scores' own.
+///
+/// `mean`, if given, receives each query's candidate mean of the stale
+/// embeddings, `sum_j softmax(c)_j e_j` (zero without candidates), kept
+/// during the pass like the log-sum-exp: `sum_j exp(c_j - max) e_j`,
+/// rescaled whenever the maximum moves, divided by the sum at the end.
+pub(crate) struct Outputs<'o, 't, const NEG: usize, const DIM: usize> {
     pub lse: &'o mut [LogSumExp],
     pub picks: &'o mut [Picks<NEG>],
     pub jump: &'o mut [Jump],
     pub group: &'o mut [(f32, u32)],
     pub top: Option<&'o mut TopKOut<'t>>,
+    pub mean: Option<&'o mut [[f32; DIM]]>,
+}
+
+/// Whether the pass keeps a second log-sum-exp over the sampling logits.
+#[inline]
+fn tempered<const NEG: usize>(mode: Mode<'_>) -> bool {
+    match mode {
+        Mode::Jump(_) => true,
+        Mode::Gumbel(temp) => NEG == 1 && temp != 1.0,
+        _ => false,
+    }
 }
 
 /// One tile's running state, one lane per query.
@@ -505,7 +524,7 @@ fn score_block<const DIM: usize>(
 /// score was not finite.
 pub(crate) fn pass<I: Item, R: Rows<DIM>, const DIM: usize, const NEG: usize>(
     p: &Pass<'_, I, R, DIM>,
-    out: &mut Outputs<'_, '_, NEG>,
+    out: &mut Outputs<'_, '_, NEG, DIM>,
     rng: &mut impl RngCore,
 ) -> bool {
     let bsz = p.queries.len();
@@ -521,6 +540,9 @@ pub(crate) fn pass<I: Item, R: Rows<DIM>, const DIM: usize, const NEG: usize>(
                 t.rng[l] = LaneRng(rng.next_u64());
             }
         }
+        if let Some(mean) = out.mean.as_deref_mut() {
+            mean[q0..q0 + nq].fill([0.0; DIM]);
+        }
         let mut q: Transposed<DIM> = [[[0.0; LANES]; DIM]; GROUPS];
         for (l, row) in p.queries[q0..q0 + nq].iter().enumerate() {
             for d in 0..DIM {
@@ -532,13 +554,17 @@ pub(crate) fn pass<I: Item, R: Rows<DIM>, const DIM: usize, const NEG: usize>(
             let b = q0 + l;
             finite &= !t.bad[l].is_nan();
             out.lse[b] = LogSumExp { max: t.m[l], sum: t.sum[l] };
-            let sampling = match p.mode {
-                Mode::Jump(_) => LogSumExp { max: t.m2[l], sum: t.sum2[l] },
-                _ => out.lse[b],
-            };
+            let sampling =
+                if tempered::<NEG>(p.mode) { LogSumExp { max: t.m2[l], sum: t.sum2[l] } } else { out.lse[b] };
             out.jump[b] = Jump { lse: sampling, threshold: t.thr[l] };
             out.picks[b] = t.picks[l];
             out.group[b] = (t.gbest[l], t.gslot[l]);
+            if let Some(mean) = out.mean.as_deref_mut() {
+                let sum = t.sum[l];
+                for x in mean[b].iter_mut() {
+                    *x = if sum > 0.0 { *x / sum } else { 0.0 };
+                }
+            }
         }
         q0 += nq;
     }
@@ -552,7 +578,7 @@ fn tile<I: Item, R: Rows<DIM>, const DIM: usize, const NEG: usize>(
     q0: usize,
     nq: usize,
     t: &mut Lanes<NEG>,
-    out: &mut Outputs<'_, '_, NEG>,
+    out: &mut Outputs<'_, '_, NEG, DIM>,
 ) {
     let halves = nq.div_ceil(LANES);
     let hits = p.hits.map(|h| &h[q0..q0 + nq]);
@@ -618,16 +644,26 @@ fn tile<I: Item, R: Rows<DIM>, const DIM: usize, const NEG: usize>(
         if p.top_k > 0 {
             top_k_block(p, j0, nb, q0, nq, &c, t, out);
         } else {
-            block(p.mode, j0, nq, &c, t);
+            let mean = out.mean.as_deref_mut().map(|m| &mut m[q0..q0 + nq]);
+            block(p.mode, j0, nq, &c, e, t, mean);
         }
         j0 += nb;
     }
 }
 
 /// The epilogue of one block without top-k: every valid score is a
-/// candidate (invalid ones are `-inf`).
+/// candidate (invalid ones are `-inf`). `e` are the block's rows, `mean`
+/// the tile's candidate-mean accumulators (if asked for).
 #[inline(always)]
-fn block<const NEG: usize>(mode: Mode<'_>, j0: usize, nq: usize, c: &[[f32; TILE]; BLOCK], t: &mut Lanes<NEG>) {
+fn block<const NEG: usize, const DIM: usize>(
+    mode: Mode<'_>,
+    j0: usize,
+    nq: usize,
+    c: &[[f32; TILE]; BLOCK],
+    e: &[[f32; DIM]; BLOCK],
+    t: &mut Lanes<NEG>,
+    mean: Option<&mut [[f32; DIM]]>,
+) {
     // The loss's log-sum-exp: rescale to the block's maximum once.
     let mut bm = [f32::NEG_INFINITY; TILE];
     for row in c.iter() {
@@ -636,6 +672,7 @@ fn block<const NEG: usize>(mode: Mode<'_>, j0: usize, nq: usize, c: &[[f32; TILE
         }
     }
     let jump1 = matches!(mode, Mode::Jump1);
+    let mut rescale = [1.0f32; TILE];
     for l in 0..TILE {
         let nm = if bm[l] > t.m[l] { bm[l] } else { t.m[l] };
         let r = exp_le0(t.m[l] - nm);
@@ -644,11 +681,28 @@ fn block<const NEG: usize>(mode: Mode<'_>, j0: usize, nq: usize, c: &[[f32; TILE
             t.thr[l] *= r;
         }
         t.m[l] = nm;
+        rescale[l] = r;
     }
     let start = t.sum;
     for row in c.iter() {
         for l in 0..TILE {
             t.sum[l] += exp_le0(row[l] - t.m[l]);
+        }
+    }
+    if let Some(mean) = mean {
+        // The same weights as the sum, in the same order, times the rows.
+        for l in 0..nq {
+            if rescale[l] != 1.0 {
+                mean[l].iter_mut().for_each(|x| *x *= rescale[l]);
+            }
+            for (s, row) in c.iter().enumerate() {
+                if row[l] != f32::NEG_INFINITY {
+                    let w = exp_le0(row[l] - t.m[l]);
+                    for d in 0..DIM {
+                        mean[l][d] += w * e[s][d];
+                    }
+                }
+            }
         }
     }
     match mode {
@@ -661,7 +715,7 @@ fn block<const NEG: usize>(mode: Mode<'_>, j0: usize, nq: usize, c: &[[f32; TILE
                         acc += exp_le0(row[l] - t.m[l]);
                         if acc > t.thr[l] {
                             t.thr[l] = acc / random::open01(&mut t.rng[l]);
-                            t.picks[l].set_one((j0 + s) as u32);
+                            t.picks[l].set_one((j0 + s) as u32, row[l]);
                         }
                     }
                 }
@@ -696,18 +750,39 @@ fn block<const NEG: usize>(mode: Mode<'_>, j0: usize, nq: usize, c: &[[f32; TILE
                         acc += exp_le0(temp * row[l] - t.m2[l]);
                         if acc > t.thr[l] {
                             t.thr[l] = acc / random::open01(&mut t.rng[l]);
-                            t.picks[l].set_one((j0 + s) as u32);
+                            t.picks[l].set_one((j0 + s) as u32, row[l]);
                         }
                     }
                 }
             }
         }
         Mode::Gumbel(temp) => {
+            if tempered::<NEG>(mode) {
+                // The sampling logits' log-sum-exp, for the importance
+                // weight of a single tempered draw (as in `Mode::Jump`).
+                let mut bm2 = [f32::NEG_INFINITY; TILE];
+                for row in c.iter() {
+                    for l in 0..TILE {
+                        let u = temp * row[l];
+                        bm2[l] = if u > bm2[l] { u } else { bm2[l] };
+                    }
+                }
+                for l in 0..TILE {
+                    let nm = if bm2[l] > t.m2[l] { bm2[l] } else { t.m2[l] };
+                    t.sum2[l] *= exp_le0(t.m2[l] - nm);
+                    t.m2[l] = nm;
+                }
+                for row in c.iter() {
+                    for l in 0..TILE {
+                        t.sum2[l] += exp_le0(temp * row[l] - t.m2[l]);
+                    }
+                }
+            }
             for l in 0..nq {
                 for (s, row) in c.iter().enumerate() {
                     if row[l] != f32::NEG_INFINITY {
                         let key = temp * row[l] + random::gumbel(&mut t.rng[l]);
-                        t.picks[l].offer(key, (j0 + s) as u32);
+                        t.picks[l].offer(key, row[l], (j0 + s) as u32);
                     }
                 }
             }
@@ -718,7 +793,7 @@ fn block<const NEG: usize>(mode: Mode<'_>, j0: usize, nq: usize, c: &[[f32; TILE
                 if bm[l] > worst || (t.picks[l].len < NEG && bm[l] != f32::NEG_INFINITY) {
                     for (s, row) in c.iter().enumerate() {
                         if row[l] != f32::NEG_INFINITY {
-                            t.picks[l].offer(row[l], (j0 + s) as u32);
+                            t.picks[l].offer(row[l], row[l], (j0 + s) as u32);
                         }
                     }
                 }
@@ -739,7 +814,7 @@ fn top_k_block<I, R: Rows<DIM>, const DIM: usize, const NEG: usize>(
     nq: usize,
     c: &[[f32; TILE]; BLOCK],
     t: &mut Lanes<NEG>,
-    out: &mut Outputs<'_, '_, NEG>,
+    out: &mut Outputs<'_, '_, NEG, DIM>,
 ) {
     let n = p.rows.len();
     let k = p.top_k;
@@ -764,7 +839,19 @@ fn top_k_block<I, R: Rows<DIM>, const DIM: usize, const NEG: usize>(
                     o.slots[(q0 + l) * k + g] = slot;
                 }
                 if slot != NO_SLOT {
-                    candidate(p.mode, t, l, q0 + l, cand, slot, g);
+                    let r = candidate(p.mode, t, l, q0 + l, cand, slot, g);
+                    if let Some(mean) = out.mean.as_deref_mut() {
+                        let acc = &mut mean[q0 + l];
+                        if r != 1.0 {
+                            acc.iter_mut().for_each(|x| *x *= r);
+                        }
+                        let w = exp_le0(cand - t.m[l]);
+                        let mut row = [0.0; DIM];
+                        p.rows.row(slot as usize, &mut row);
+                        for d in 0..DIM {
+                            acc[d] += w * row[d];
+                        }
+                    }
                 }
             }
         }
@@ -772,8 +859,17 @@ fn top_k_block<I, R: Rows<DIM>, const DIM: usize, const NEG: usize>(
 }
 
 /// One candidate of lane `l` (query `b`), scalar: for top-k's group bests.
+/// Returns the factor by which the lane's log-sum-exp sum was rescaled.
 #[inline]
-fn candidate<const NEG: usize>(mode: Mode<'_>, t: &mut Lanes<NEG>, l: usize, b: usize, c: f32, slot: u32, g: usize) {
+fn candidate<const NEG: usize>(
+    mode: Mode<'_>,
+    t: &mut Lanes<NEG>,
+    l: usize,
+    b: usize,
+    c: f32,
+    slot: u32,
+    g: usize,
+) -> f32 {
     let r = push(&mut t.m[l], &mut t.sum[l], c);
     match mode {
         Mode::Jump1 | Mode::Jump(_) => {
@@ -786,21 +882,25 @@ fn candidate<const NEG: usize>(mode: Mode<'_>, t: &mut Lanes<NEG>, l: usize, b: 
             };
             let mut jump = Jump { lse: LogSumExp::EMPTY, threshold: t.thr[l] };
             if jump.step(sum, r, &mut t.rng[l]) {
-                t.picks[l].set_one(slot);
+                t.picks[l].set_one(slot, c);
             }
             t.thr[l] = jump.threshold;
         }
         Mode::Gumbel(temp) => {
+            if tempered::<NEG>(mode) {
+                push(&mut t.m2[l], &mut t.sum2[l], temp * c);
+            }
             let key = temp * c + random::gumbel(&mut t.rng[l]);
-            t.picks[l].offer(key, slot);
+            t.picks[l].offer(key, c, slot);
         }
-        Mode::Max => t.picks[l].offer(c, slot),
+        Mode::Max => t.picks[l].offer(c, c, slot),
         Mode::Fixed(chosen) => {
             if chosen[b] == g {
-                t.picks[l].set_one(slot);
+                t.picks[l].set_one(slot, c);
             }
         }
     }
+    r
 }
 
 /// One query's result of a shard: its candidates' log-sum-exp (the loss's,
@@ -898,6 +998,7 @@ pub fn sample_shard<I: Item, R: Rows<DIM>, const DIM: usize>(
             jump: &mut jump[..nq],
             group: &mut group[..nq],
             top: None,
+            mean: None,
         };
         finite &= pass(&p, &mut o, rng);
         for l in 0..nq {

@@ -51,5 +51,5 @@ pub mod vector;
 pub use cache::{CacheMut, CacheRef, Eviction, NegativeCache, SlotsMut, Update};
 pub use error::{Error, Result};
 pub use item::Item;
-pub use loss::{CacheLoss, LossConfig, LossGrads, LossSummary, TopKOut};
+pub use loss::{CacheLoss, ControlVariate, LossConfig, LossGrads, LossSummary, TopKOut};
 pub use sampler::Retrieval;

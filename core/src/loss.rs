@@ -17,19 +17,52 @@
 //! afresh (`f`), and
 //!
 //! ```text
-//! training_loss_b = (1 - prob_pos_b) * (alpha * mean_i <q_b, f_bi> - s_b)
+//! training_loss_b = (1 - prob_pos_b) * (alpha * sum_i w_bi <q_b, f_bi> - s_b)
 //! ```
 //!
-//! with `prob_pos_b` held constant. Its gradient equals, in expectation over
-//! the draw, that of the softmax cross-entropy over the candidates. The
-//! gradients of the batch mean `L = mean_b training_loss_b` are
+//! with `prob_pos_b` held constant. `sum_i w_bi f_bi` is an unbiased
+//! estimate of the softmax mean `sum_j P_bj f_j` over the candidates
+//! (`P_bj = exp(c_bj) / sum_k exp(c_bk)`), so the gradient equals, in
+//! expectation over the draw, that of the softmax cross-entropy over the
+//! candidates. The weights ([`CacheLoss::negative_weights`]) are
+//!
+//! - one draw from `softmax(c)` (exponential jumps or Gumbel-max at inverse
+//!   temperature 1): `w = 1`, exactly;
+//! - one draw from `rho = softmax(t c)`, `t != 1`: the importance weight
+//!   `w = P_n / rho_n`, both over the same candidates;
+//! - Gumbel-top-m, m > 1 (priority sampling, Horvitz-Thompson): with
+//!   `tau` the (m+1)-th largest key `t c_j + G_j`, candidate `j` is drawn
+//!   with probability `q_j = 1 - exp(-exp(t c_j - tau))` given `tau`, and
+//!   `w_j = P_j / q_j`; `E[sum_{j drawn} w_j f_j] = sum_j P_j f_j`. The
+//!   weights sum to 1 only in expectation. With at most m candidates all
+//!   are drawn, `q_j = 1` and `w_j = P_j`;
+//! - the m highest scores ([`Retrieval::MaxScore`]): `1 / m` each (a plain
+//!   mean; not an estimate of anything).
+//!
+//! The gradients of the batch mean `L = mean_b training_loss_b` are
 //!
 //! ```text
-//! dL/dq_b  = (1 - p_b) * alpha * (mean_i f_bi - p_b) / B
+//! dL/dq_b  = (1 - p_b) * alpha * (sum_i w_bi f_bi - p_b) / B
 //! dL/dp_b  = -(1 - p_b) * alpha * q_b / B
-//! dL/df_bi = (1 - p_b) * alpha * q_b / (B * m)
-//! dL/dalpha = mean_b (1 - p_b) * (mean_i <q_b, f_bi> - <q_b, p_b>)
+//! dL/df_bi = (1 - p_b) * alpha * w_bi * q_b / B
+//! dL/dalpha = mean_b (1 - p_b) * (sum_i w_bi <q_b, f_bi> - <q_b, p_b>)
 //! ```
+//!
+//! With a control variate ([`CacheLoss::backward_with`], `beta` in
+//! `[0, 1]`) the query gradient becomes
+//!
+//! ```text
+//! dL/dq_b = (1 - p_b) * alpha * (beta * sum_i w_bi (f_bi - e_bi) + e_bar_b - p_b) / B
+//! ```
+//!
+//! with `e_bar_b = sum_j P_bj e_j` the softmax mean of the stale cached
+//! embeddings, accumulated during phase 1
+//! ([`CacheLoss::score_and_sample_with`]). Its expectation is that of the
+//! plain estimator plus `(1 - beta) (e_bar - sum_j P_j f_j)`: `beta = 1` is
+//! unbiased and has less variance when the cache is nearly fresh; `beta = 0`
+//! is the memory-bank gradient (no sampling noise, all of the staleness).
+//! Only the query gradient changes; the loss, `dL/dp`, `dL/df` and
+//! `dL/dalpha` are those above.
 //!
 //! `1 - prob_pos` is computed from the candidates' own sum, not by
 //! subtraction from 1, so it keeps its precision when the positive dominates.
@@ -41,8 +74,9 @@ use rand_core::RngCore;
 use crate::cache::CacheRef;
 use crate::error::{check_len, Error, Result};
 use crate::item::Item;
-use crate::kernel::{self, Mode, Outputs, Pass};
-use crate::sampler::{Jump, LogSumExp, Picks, Retrieval};
+use crate::kernel::{self, Mode, Outputs, Pass, Rows};
+use crate::math;
+use crate::sampler::{inclusion_probability, Jump, LogSumExp, Picks, Retrieval};
 use crate::vector::{self, dot};
 
 /// Settings of the cache loss.
@@ -95,6 +129,30 @@ pub struct LossGrads<'a, const DIM: usize> {
     pub negative: &'a mut [[f32; DIM]],
 }
 
+/// The control variate of the query gradient (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct ControlVariate<'a, const DIM: usize> {
+    /// beta in `[0, 1]`: 1 unbiased, 0 the memory-bank estimator.
+    pub beta: f32,
+    /// Per query, the softmax mean of the stale cached embeddings over its
+    /// candidates, as written by [`CacheLoss::score_and_sample_with`] for
+    /// this batch.
+    pub candidate_mean: &'a [[f32; DIM]],
+}
+
+/// How a batch's negatives are weighted (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Weighting {
+    /// Weight 1: one draw from the softmax itself, or a fixed negative.
+    One,
+    /// `1 / m` each: the highest scores.
+    Mean,
+    /// `P_n / rho_n` for one draw from `softmax(inv_temp * c)`.
+    Ratio(f32),
+    /// Horvitz-Thompson weights `P_j / q_j` for Gumbel-top-m at `inv_temp`.
+    Priority(f32),
+}
+
 /// Batch means of a step's loss quantities.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct LossSummary {
@@ -119,8 +177,8 @@ pub struct LossSummary {
 /// - `NEG`: negatives drawn per query (1 in the paper).
 ///
 /// # Memory
-/// O(BATCH x NEG): `BATCH * (60 + 8 * NEG) + 12` bytes before padding
-/// (2,192 for `CacheLoss<32, 1>`), independent of the cache's size: no
+/// O(BATCH x NEG): `BATCH * (64 + 16 * NEG) + 13` bytes before padding
+/// (2,576 for `CacheLoss<32, 1>`), independent of the cache's size: no
 /// score matrix is ever stored.
 ///
 /// ```
@@ -132,8 +190,10 @@ pub struct LossSummary {
 pub struct CacheLoss<const BATCH: usize, const NEG: usize> {
     batch: usize,
     alpha: f32,
+    average: bool,
     lse: [LogSumExp; BATCH],
     picks: [Picks<NEG>; BATCH],
+    weights: [[f32; NEG]; BATCH],
     jump: [Jump; BATCH],
     group: [(f32, u32); BATCH],
     pos_score: [f32; BATCH],
@@ -153,8 +213,10 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
         Self {
             batch: 0,
             alpha: 1.0,
+            average: false,
             lse: [LogSumExp::EMPTY; BATCH],
             picks: [Picks::EMPTY; BATCH],
+            weights: [[0.0; NEG]; BATCH],
             jump: [Jump::EMPTY; BATCH],
             group: [(f32::NEG_INFINITY, NO_SLOT); BATCH],
             pos_score: [0.0; BATCH],
@@ -183,6 +245,28 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
         retrieval: Retrieval<'_>,
         rng: &mut impl RngCore,
         top_k_out: Option<TopKOut<'_>>,
+    ) -> Result<()> {
+        self.score_and_sample_with(cache, queries, positives, positive_items, cfg, retrieval, rng, top_k_out, None)
+    }
+
+    /// [`Self::score_and_sample`], and, if `candidate_mean` is given (one
+    /// row per query), writes into it each query's softmax mean of the
+    /// stale cached embeddings over its candidates, `sum_j P_bj e_j` (zero
+    /// without candidates), accumulated in the same pass: the input of a
+    /// [`ControlVariate`]. It costs `DIM` multiply-adds per candidate and
+    /// query, as much again as the scoring.
+    #[allow(clippy::too_many_arguments)]
+    pub fn score_and_sample_with<I: Item, const DIM: usize>(
+        &mut self,
+        cache: CacheRef<'_, I, DIM>,
+        queries: &[[f32; DIM]],
+        positives: &[[f32; DIM]],
+        positive_items: Option<&[I]>,
+        cfg: &LossConfig,
+        retrieval: Retrieval<'_>,
+        rng: &mut impl RngCore,
+        top_k_out: Option<TopKOut<'_>>,
+        candidate_mean: Option<&mut [[f32; DIM]]>,
     ) -> Result<()> {
         let bsz = queries.len();
         let n = cache.capacity();
@@ -218,6 +302,9 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
             check_len("top-k scores", bsz * cfg.top_k, out.scores.len())?;
             check_len("top-k slots", bsz * cfg.top_k, out.slots.len())?;
         }
+        if let Some(mean) = &candidate_mean {
+            check_len("candidate mean", bsz, mean.len())?;
+        }
 
         self.batch = bsz;
         self.alpha = cfg.score_scale;
@@ -231,6 +318,19 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
 
         let alpha = cfg.score_scale;
         let top_k = cfg.top_k;
+        let weighting = match retrieval {
+            Retrieval::Gumbel { inv_temp } | Retrieval::ExpJump { inv_temp } => {
+                if NEG > 1 {
+                    Weighting::Priority(inv_temp)
+                } else if inv_temp == 1.0 {
+                    Weighting::One
+                } else {
+                    Weighting::Ratio(inv_temp)
+                }
+            }
+            Retrieval::MaxScore => Weighting::Mean,
+            Retrieval::Fixed(_) => Weighting::One,
+        };
         let mode = match retrieval {
             Retrieval::Gumbel { inv_temp } => {
                 check_inv_temp(inv_temp)?;
@@ -266,7 +366,8 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
                         if !cache.occupied()[r] {
                             return Err(Error::EmptyCandidate { query: b });
                         }
-                        self.picks[b].set_one(r as u32);
+                        // The score is unused: a fixed negative has weight 1.
+                        self.picks[b].set_one(r as u32, 0.0);
                     }
                 }
                 Mode::Fixed(chosen)
@@ -278,6 +379,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
             jump: &mut self.jump[..bsz],
             group: &mut self.group[..bsz],
             top: top_k_out.as_mut(),
+            mean: candidate_mean,
         };
         let finite = stream(cache, queries, hit_items, alpha, top_k, mode, &mut out, rng);
         if !finite {
@@ -302,7 +404,9 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
             self.prob_pos[b] = z.weight(s);
             self.prob_neg[b] = if cand.sum > 0.0 { cand.sum * z.weight(cand.max) } else { 0.0 };
             self.interpretable[b] = z.minus(s);
+            self.weights[b] = negative_weights(&self.picks[b], cand, &self.jump[b].lse, weighting);
         }
+        self.average = weighting == Weighting::Mean;
         Ok(())
     }
 
@@ -322,6 +426,23 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
         fresh: &[[f32; DIM]],
         grads: Option<LossGrads<'_, DIM>>,
     ) -> Result<LossSummary> {
+        self.backward_with(cache, queries, positives, fresh, None, grads)
+    }
+
+    /// [`Self::backward`] with an optional control variate on the query
+    /// gradient (see the module docs); `None` is [`Self::backward`].
+    /// `control.candidate_mean` must be what
+    /// [`Self::score_and_sample_with`] wrote for this batch, and the cache
+    /// must not have changed since.
+    pub fn backward_with<I: Item, const DIM: usize>(
+        &mut self,
+        cache: CacheRef<'_, I, DIM>,
+        queries: &[[f32; DIM]],
+        positives: &[[f32; DIM]],
+        fresh: &[[f32; DIM]],
+        control: Option<ControlVariate<'_, DIM>>,
+        grads: Option<LossGrads<'_, DIM>>,
+    ) -> Result<LossSummary> {
         let bsz = self.batch;
         check_len("queries", bsz, queries.len())?;
         check_len("positives", bsz, positives.len())?;
@@ -331,6 +452,15 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
             check_len("query gradient", bsz, g.query.len())?;
             check_len("positive gradient", bsz, g.positive.len())?;
             check_len("negative gradient", bsz * NEG, g.negative.len())?;
+        }
+        if let Some(cv) = &control {
+            if !(0.0..=1.0).contains(&cv.beta) {
+                return Err(Error::InvalidConfig { what: "control variate beta must be in [0, 1]" });
+            }
+            check_len("candidate mean", bsz, cv.candidate_mean.len())?;
+            if !vector::rows_finite(cv.candidate_mean) {
+                return Err(Error::NonFinite { what: "candidate mean" });
+            }
         }
         let alpha = self.alpha;
         let inv_b = if bsz > 0 { 1.0 / bsz as f32 } else { 0.0 };
@@ -342,21 +472,31 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
             if !vector::rows_finite(rows) {
                 return Err(Error::NonFinite { what: "fresh negative embedding" });
             }
+            let weights = &self.weights[b][..m];
             let w = self.prob_neg[b];
-            let (mut neg_dot, mut stale) = (0.0f32, 0.0f32);
+            let (mut neg_dot, mut weighted_dot, mut stale) = (0.0f32, 0.0f32, 0.0f32);
             for (i, f) in rows.iter().enumerate() {
-                neg_dot += dot(&queries[b], f);
+                let d = dot(&queries[b], f);
+                neg_dot += d;
+                weighted_dot += weights[i] * d;
                 let e = &cache.embeddings()[self.picks[b].slots[i] as usize];
                 stale += relative_staleness(e, f);
             }
-            let (mean_dot, inv_m) = if m > 0 { (neg_dot / m as f32, 1.0 / m as f32) } else { (0.0, 0.0) };
+            // The highest scores keep their plain mean (as computed before
+            // weights existed); for m = 1 both are the one dot product.
+            let est_dot = match m {
+                0 => 0.0,
+                _ if self.average => neg_dot / m as f32,
+                _ => weighted_dot,
+            };
+            let inv_m = if m > 0 { 1.0 / m as f32 } else { 0.0 };
             let pos_dot = dot(&queries[b], &positives[b]);
-            self.training[b] = if m > 0 { w * (alpha * mean_dot - self.pos_score[b]) } else { 0.0 };
+            self.training[b] = if m > 0 { w * (alpha * est_dot - self.pos_score[b]) } else { 0.0 };
             self.staleness[b] = stale * inv_m;
             if m > 0 {
                 with_negative += 1;
                 sum.staleness += self.staleness[b];
-                sum.grad_scale += w * (mean_dot - pos_dot);
+                sum.grad_scale += w * (est_dot - pos_dot);
             }
             sum.training_loss += self.training[b];
             sum.interpretable_loss += self.interpretable[b];
@@ -366,17 +506,31 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
                 let c = if m > 0 { w * alpha * inv_b } else { 0.0 };
                 let gq = &mut g.query[b];
                 *gq = [0.0; DIM];
-                for f in rows {
-                    vector::axpy(c * inv_m, f, gq);
+                match &control {
+                    None => {
+                        for (f, &wi) in rows.iter().zip(weights) {
+                            vector::axpy(c * wi, f, gq);
+                        }
+                    }
+                    Some(cv) => {
+                        // A query without candidates has c = 0 (and a zero
+                        // mean): no gradient, as without the variate.
+                        for (i, (f, &wi)) in rows.iter().zip(weights).enumerate() {
+                            let k = c * cv.beta * wi;
+                            let e = stale_row(cache, self.picks[b].slots[i] as usize);
+                            vector::axpy(k, f, gq);
+                            vector::axpy(-k, &e, gq);
+                        }
+                        vector::axpy(c, &cv.candidate_mean[b], gq);
+                    }
                 }
                 vector::axpy(-c, &positives[b], gq);
                 g.positive[b] = [0.0; DIM];
                 vector::axpy(-c, &queries[b], &mut g.positive[b]);
-                for i in 0..NEG {
-                    let gn = &mut g.negative[b * NEG + i];
+                for (i, gn) in g.negative[b * NEG..(b + 1) * NEG].iter_mut().enumerate() {
                     *gn = [0.0; DIM];
-                    if i < m {
-                        vector::axpy(c * inv_m, &queries[b], gn);
+                    if let Some(&wi) = weights.get(i) {
+                        vector::axpy(c * wi, &queries[b], gn);
                     }
                 }
             }
@@ -400,6 +554,18 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
     pub fn negatives(&self, b: usize) -> &[u32] {
         if b < self.batch {
             self.picks[b].as_slice()
+        } else {
+            &[]
+        }
+    }
+    /// The weights of query `b`'s negatives, in the order of
+    /// [`Self::negatives`] (see the module docs): 1 for one draw from the
+    /// softmax itself, `P_n / rho_n` for one tempered draw, the
+    /// Horvitz-Thompson weights `P_j / q_j` for Gumbel-top-m, `1 / m` for
+    /// the highest scores.
+    pub fn negative_weights(&self, b: usize) -> &[f32] {
+        if b < self.batch {
+            &self.weights[b][..self.picks[b].len]
         } else {
             &[]
         }
@@ -452,6 +618,57 @@ fn check_inv_temp(inv_temp: f32) -> Result<()> {
     }
 }
 
+/// The weights of one query's negatives (see the module docs): `cand` is
+/// the log-sum-exp of its candidates' scores, `sampling` that of its
+/// sampling logits (used by a single tempered draw).
+fn negative_weights<const NEG: usize>(
+    picks: &Picks<NEG>,
+    cand: &LogSumExp,
+    sampling: &LogSumExp,
+    weighting: Weighting,
+) -> [f32; NEG] {
+    let m = picks.len;
+    let mut w = [0.0; NEG];
+    match weighting {
+        Weighting::One => w[..m].fill(1.0),
+        Weighting::Mean => w[..m].fill(if m > 0 { 1.0 / m as f32 } else { 0.0 }),
+        Weighting::Ratio(temp) => {
+            // P_n / rho_n = exp((c - max) - (t c - max_t)) * sum_t / sum:
+            // one exponential of a difference, which neither underflows
+            // nor divides by a flushed probability.
+            for (wi, &c) in w[..m].iter_mut().zip(&picks.scores[..m]) {
+                *wi = math::exp((c - cand.max) - (temp * c - sampling.max)) * (sampling.sum / cand.sum);
+            }
+        }
+        Weighting::Priority(temp) => {
+            let tau = picks.threshold;
+            for (wi, &c) in w[..m].iter_mut().zip(&picks.scores[..m]) {
+                let x = temp * c - tau;
+                *wi = if x < -15.0 {
+                    // q = e^x (1 - e^x / 2 + ...): P / q = exp(c - max - x) / sum
+                    // to a relative 2e-7, without q underflowing.
+                    math::exp((c - cand.max) - x) / cand.sum
+                } else {
+                    cand.weight(c) / inclusion_probability(temp * c, tau)
+                };
+            }
+        }
+    }
+    w
+}
+
+/// A cached embedding as the pass read it (through int8 quantization with
+/// the `int8-scoring` feature), so that the control variate subtracts the
+/// same vectors that its candidate mean averaged.
+fn stale_row<I: Item, const DIM: usize>(cache: CacheRef<'_, I, DIM>, j: usize) -> [f32; DIM] {
+    let mut row = [0.0; DIM];
+    #[cfg(feature = "int8-scoring")]
+    kernel::QuantizedView(cache.embeddings()).row(j, &mut row);
+    #[cfg(not(feature = "int8-scoring"))]
+    kernel::F32Rows(cache.embeddings()).row(j, &mut row);
+    row
+}
+
 /// `|e - f|^2 / |f|^2`; 0 when both are zero, `+inf` when only `f` is.
 pub fn relative_staleness<const DIM: usize>(stale: &[f32; DIM], fresh: &[f32; DIM]) -> f32 {
     let d = vector::dist_sq(stale, fresh);
@@ -481,7 +698,7 @@ fn stream<I: Item, const DIM: usize, const NEG: usize>(
     alpha: f32,
     top_k: usize,
     mode: Mode<'_>,
-    out: &mut Outputs<'_, '_, NEG>,
+    out: &mut Outputs<'_, '_, NEG, DIM>,
     rng: &mut impl RngCore,
 ) -> bool {
     #[cfg(feature = "int8-scoring")]
@@ -862,5 +1079,446 @@ mod tests {
             None,
         );
         assert!(matches!(e, Err(Error::Unsupported { .. })));
+    }
+
+    // ---- Several negatives and tempered draws: unbiasedness ----
+
+    /// `alpha * <x, y>` in f64 from f32 inputs.
+    fn score64(alpha: f32, x: &[f32; D], y: &[f32; D]) -> f64 {
+        alpha as f64 * (0..D).map(|d| x[d] as f64 * y[d] as f64).sum::<f64>()
+    }
+
+    /// Inclusion probabilities of m ordered draws without replacement with
+    /// probabilities `rho` (Plackett-Luce), by enumerating every ordered
+    /// sequence: `P(s_1..s_m) = prod_k rho_{s_k} / (1 - sum_{l<k} rho_{s_l})`.
+    fn plackett_luce_inclusion(rho: &[f64], m: usize) -> heapless::Vec<f64, 8> {
+        fn walk(rho: &[f64], left: usize, used: &mut [bool; 8], prob: f64, acc: &mut [f64]) {
+            if left == 0 {
+                for (j, &u) in used.iter().enumerate().take(rho.len()) {
+                    if u {
+                        acc[j] += prob;
+                    }
+                }
+                return;
+            }
+            let rest: f64 = 1.0 - (0..rho.len()).filter(|&j| used[j]).map(|j| rho[j]).sum::<f64>();
+            for j in 0..rho.len() {
+                if !used[j] {
+                    used[j] = true;
+                    walk(rho, left - 1, used, prob * rho[j] / rest, acc);
+                    used[j] = false;
+                }
+            }
+        }
+        let mut acc: heapless::Vec<f64, 8> = rho.iter().map(|_| 0.0).collect();
+        walk(rho, m.min(rho.len()), &mut [false; 8], 1.0, &mut acc);
+        acc
+    }
+
+    /// What one Monte Carlo check of the cache loss's estimator found: the
+    /// distance of the old averaging estimator's exact expectation from
+    /// the exact gradient, in standard errors of the new one.
+    #[derive(Debug)]
+    struct Found {
+        /// max over dimensions of |old E[dL/dq] - exact| / s.e.
+        old_grad_sigmas: f64,
+        /// |old E[weight of the dominant candidate] - P| / s.e.
+        old_weight_sigmas: f64,
+    }
+
+    /// Draws `draws` negative sets for one query with `NEG = M` and stale
+    /// = fresh, and checks, against closed forms in f64:
+    ///
+    /// - the mean query gradient equals the exact softmax gradient
+    ///   `alpha (1 - p) (sum_j P_j e_j - p)`, within 5 standard errors
+    ///   (plus 1e-5 for f32 rounding);
+    /// - each candidate's mean weight (read off `dL/df = c w q`, so that the
+    ///   check also ran on the code before weights existed) equals its
+    ///   softmax probability `P_j`, within 5 standard errors (plus 1e-6).
+    ///
+    /// The old estimator (every negative weighted `1 / m`) has expected
+    /// weight `pi_j / m`, with `pi_j` the exact Plackett-Luce inclusion
+    /// probability under `softmax(inv_temp * c)`; the result says how many
+    /// standard errors it would have been off.
+    #[allow(clippy::too_many_arguments)]
+    fn check_estimator<const N: usize, const M: usize>(
+        emb: &[[f32; D]; N],
+        q: &[f32; D],
+        p: &[f32; D],
+        alpha: f32,
+        top_k: usize,
+        retrieval: Retrieval<'_>,
+        draws: usize,
+        seed: u64,
+    ) -> Found {
+        let inv_temp = match retrieval {
+            Retrieval::Gumbel { inv_temp } | Retrieval::ExpJump { inv_temp } => inv_temp as f64,
+            _ => unreachable!(),
+        };
+        let cache = filled(emb);
+        let cfg = LossConfig { score_scale: alpha, top_k, ..NO_MASK };
+        // Candidates: every slot, or each group's best.
+        let mut cand: heapless::Vec<usize, 16> = heapless::Vec::new();
+        if let Some(g) = N.checked_div(top_k) {
+            for k in 0..top_k {
+                let best = (k * g..(k + 1) * g).fold(k * g, |a, j| {
+                    if score64(alpha, q, &emb[j]) > score64(alpha, q, &emb[a]) {
+                        j
+                    } else {
+                        a
+                    }
+                });
+                cand.push(best).unwrap();
+            }
+        } else {
+            cand.extend(0..N);
+        }
+        let c: heapless::Vec<f64, 16> = cand.iter().map(|&j| score64(alpha, q, &emb[j])).collect();
+        let big_p = softmax(&c, 1.0);
+        let rho = softmax(&c, inv_temp);
+        let s = score64(alpha, q, p);
+        let mx = c.iter().fold(s, |a, &x| a.max(x));
+        let z = (s - mx).exp() + c.iter().map(|&x| (x - mx).exp()).sum::<f64>();
+        let neg = 1.0 - (s - mx).exp() / z;
+        let exact: [f64; D] = core::array::from_fn(|d| {
+            alpha as f64
+                * neg
+                * (cand.iter().zip(&big_p).map(|(&j, &pj)| pj * emb[j][d] as f64).sum::<f64>() - p[d] as f64)
+        });
+        let pi = plackett_luce_inclusion(&rho, M);
+        let old: [f64; D] = core::array::from_fn(|d| {
+            alpha as f64
+                * neg
+                * (cand.iter().zip(&pi).map(|(&j, &pj)| pj / M.min(cand.len()) as f64 * emb[j][d] as f64).sum::<f64>()
+                    - p[d] as f64)
+        });
+
+        let mut r = rng(seed);
+        let mut loss = CacheLoss::<1, M>::new();
+        let (mut g1, mut g2) = ([0f64; D], [0f64; D]);
+        let (mut w1, mut w2) = ([0f64; 16], [0f64; 16]);
+        let q_norm2 = (0..D).map(|d| q[d] as f64 * q[d] as f64).sum::<f64>();
+        for _ in 0..draws {
+            loss.score_and_sample(cache.as_ref(), &[*q], &[*p], None, &cfg, retrieval, &mut r, None).unwrap();
+            let negs: heapless::Vec<u32, M> = loss.negatives(0).iter().copied().collect();
+            let mut fresh = [[0.0f32; D]; M];
+            for (i, &slot) in negs.iter().enumerate() {
+                fresh[i] = emb[slot as usize];
+            }
+            let (mut gq, mut gp, mut gf) = ([[0.0; D]; 1], [[0.0; D]; 1], [[0.0; D]; M]);
+            let grads = LossGrads { query: &mut gq, positive: &mut gp, negative: &mut gf };
+            loss.backward(cache.as_ref(), &[*q], &[*p], &fresh, Some(grads)).unwrap();
+            for d in 0..D {
+                let g = gq[0][d] as f64;
+                g1[d] += g;
+                g2[d] += g * g;
+            }
+            // dL/df_i = alpha (1 - p) w_i q.
+            let c = alpha as f64 * (1.0 - loss.prob_pos()[0] as f64);
+            let mut per_slot = [0f64; 16];
+            for (i, &slot) in negs.iter().enumerate() {
+                let proj = (0..D).map(|d| gf[i][d] as f64 * q[d] as f64).sum::<f64>();
+                per_slot[cand.iter().position(|&j| j == slot as usize).unwrap()] += proj / (c * q_norm2);
+            }
+            for k in 0..cand.len() {
+                w1[k] += per_slot[k];
+                w2[k] += per_slot[k] * per_slot[k];
+            }
+        }
+        let n = draws as f64;
+        let se = |s1: f64, s2: f64| ((s2 / n - (s1 / n).powi(2)).max(0.0) / (n - 1.0)).sqrt();
+        let mut found = Found { old_grad_sigmas: 0.0, old_weight_sigmas: 0.0 };
+        for d in 0..D {
+            let (mean, e) = (g1[d] / n, se(g1[d], g2[d]));
+            assert!(
+                (mean - exact[d]).abs() <= 5.0 * e + 1e-5,
+                "{retrieval:?} m {M} top_k {top_k} dim {d}: mean {mean} vs exact {} (s.e. {e})",
+                exact[d]
+            );
+            found.old_grad_sigmas = found.old_grad_sigmas.max((old[d] - exact[d]).abs() / e);
+        }
+        let dominant = (0..cand.len()).fold(0, |a, k| if big_p[k] > big_p[a] { k } else { a });
+        for k in 0..cand.len() {
+            let (mean, e) = (w1[k] / n, se(w1[k], w2[k]));
+            assert!(
+                (mean - big_p[k]).abs() <= 5.0 * e + 1e-6,
+                "{retrieval:?} m {M} top_k {top_k} candidate {k}: mean weight {mean} vs P {} (s.e. {e})",
+                big_p[k]
+            );
+            if k == dominant {
+                found.old_weight_sigmas = (pi[k] / M.min(cand.len()) as f64 - big_p[k]).abs() / e;
+            }
+        }
+        found
+    }
+
+    /// A query, its positive and five cached embeddings, one of which
+    /// dominates the softmax (P ~ 0.86 at alpha 2.5).
+    const Q5: [f32; D] = [0.6, -0.3, 0.5, 0.2];
+    const P5: [f32; D] = [0.2, 0.1, 0.3, -0.4];
+    const E5: [[f32; D]; 5] = [
+        [1.0, -0.4, 0.9, 0.3],
+        [0.1, 0.5, -0.2, 0.4],
+        [-0.3, 0.2, 0.1, -0.5],
+        [0.4, 0.1, -0.6, 0.2],
+        [-0.2, -0.3, 0.3, 0.1],
+    ];
+
+    #[test]
+    fn several_negatives_and_tempered_draws_are_unbiased() {
+        let draws = 100_000;
+        let gumbel = |t: f32| Retrieval::Gumbel { inv_temp: t };
+        // One draw from the softmax itself: unbiased before and after.
+        check_estimator::<5, 1>(&E5, &Q5, &P5, 2.5, 0, gumbel(1.0), draws, 31);
+        // The cases that were biased: the old averaging would have been off
+        // by far more than the tolerance (5 s.e.), in the gradient and in
+        // the dominant item's weight (its P, not inclusion / m).
+        let biased = [
+            check_estimator::<5, 1>(&E5, &Q5, &P5, 2.5, 0, gumbel(0.5), draws, 32),
+            check_estimator::<5, 1>(&E5, &Q5, &P5, 2.5, 0, Retrieval::ExpJump { inv_temp: 0.5 }, draws, 33),
+            check_estimator::<5, 2>(&E5, &Q5, &P5, 2.5, 0, gumbel(1.0), draws, 34),
+            check_estimator::<5, 2>(&E5, &Q5, &P5, 2.5, 0, gumbel(0.5), draws, 35),
+            check_estimator::<5, 3>(&E5, &Q5, &P5, 2.5, 0, gumbel(1.0), draws, 36),
+            check_estimator::<5, 3>(&E5, &Q5, &P5, 2.5, 0, gumbel(0.5), draws, 37),
+        ];
+        for f in &biased {
+            assert!(f.old_grad_sigmas > 20.0 && f.old_weight_sigmas > 20.0, "{f:?}");
+        }
+        // Top-k candidates (group bests, scored one at a time), tempered.
+        let mut r = rng(38);
+        let emb: [[f32; D]; 6] = random_rows(&mut r, 0.8);
+        check_estimator::<6, 1>(&emb, &Q5, &P5, 2.0, 3, gumbel(0.5), draws, 39);
+        check_estimator::<6, 2>(&emb, &Q5, &P5, 2.0, 3, gumbel(0.5), draws, 40);
+        // m equal to the number of candidates: all drawn, q = 1, w = P.
+        check_estimator::<6, 3>(&emb, &Q5, &P5, 2.0, 3, gumbel(1.0), 1_000, 41);
+    }
+
+    #[test]
+    fn single_draws_at_temperature_one_keep_weight_exactly_one() {
+        // The reference cases and every earlier run use these paths; their
+        // numbers must not move, so the weight must be exactly 1.0.
+        let cache = filled(&E5);
+        let mut r = rng(5);
+        let mut loss = CacheLoss::<2, 1>::new();
+        let q = [Q5, P5];
+        for (ret, top_k) in [
+            (Retrieval::ExpJump { inv_temp: 1.0 }, 0),
+            (Retrieval::Gumbel { inv_temp: 1.0 }, 0),
+            (Retrieval::ExpJump { inv_temp: 1.0 }, 5),
+            (Retrieval::Gumbel { inv_temp: 1.0 }, 5),
+            (Retrieval::Fixed(&[3, 1]), 0),
+            (Retrieval::MaxScore, 0),
+        ] {
+            let cfg = LossConfig { top_k, ..NO_MASK };
+            for _ in 0..50 {
+                loss.score_and_sample(cache.as_ref(), &q, &q, None, &cfg, ret, &mut r, None).unwrap();
+                for b in 0..2 {
+                    let w = loss.negative_weights(b);
+                    assert_eq!(w.len(), 1);
+                    assert_eq!(w[0].to_bits(), 1.0f32.to_bits(), "{ret:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weights_are_what_backward_applies() {
+        // dL/df_i = (1 - p) alpha w_i q / B for the weights reported, and
+        // a tempered single draw reports P_n / rho_n (closed form, f64).
+        let cache = filled(&E5);
+        let mut r = rng(6);
+        let alpha = 2.5f32;
+        let cfg = LossConfig { score_scale: alpha, ..NO_MASK };
+        let c: heapless::Vec<f64, 8> = E5.iter().map(|e| score64(alpha, &Q5, e)).collect();
+        let (big_p, rho) = (softmax(&c, 1.0), softmax(&c, 0.5));
+        let mut one = CacheLoss::<1, 1>::new();
+        for ret in [Retrieval::Gumbel { inv_temp: 0.5 }, Retrieval::ExpJump { inv_temp: 0.5 }] {
+            one.score_and_sample(cache.as_ref(), &[Q5], &[P5], None, &cfg, ret, &mut r, None).unwrap();
+            let n = one.negatives(0)[0] as usize;
+            assert_relative_eq!(one.negative_weights(0)[0] as f64, big_p[n] / rho[n], max_relative = 1e-5);
+        }
+        let mut three = CacheLoss::<1, 3>::new();
+        let ret = Retrieval::Gumbel { inv_temp: 0.5 };
+        three.score_and_sample(cache.as_ref(), &[Q5], &[P5], None, &cfg, ret, &mut r, None).unwrap();
+        let fresh: [[f32; D]; 3] = random_rows(&mut r, 1.0);
+        let (mut gq, mut gp, mut gf) = ([[0.0; D]; 1], [[0.0; D]; 1], [[0.0; D]; 3]);
+        let grads = LossGrads { query: &mut gq, positive: &mut gp, negative: &mut gf };
+        three.backward(cache.as_ref(), &[Q5], &[P5], &fresh, Some(grads)).unwrap();
+        let k = alpha * (1.0 - three.prob_pos()[0]);
+        for (i, &w) in three.negative_weights(0).iter().enumerate() {
+            assert!(w > 0.0 && w.is_finite());
+            for d in 0..D {
+                assert_relative_eq!(gf[i][d], k * w * Q5[d], epsilon = 1e-6, max_relative = 1e-5);
+            }
+        }
+    }
+
+    // ---- The control variate ----
+
+    #[test]
+    fn candidate_mean_is_the_softmax_mean_of_the_stale_rows() {
+        // 20 queries (two tiles of lanes) against 37 slots (a partial
+        // block), one slot empty and one query's positive masked; and the
+        // top-k path (group bests, scored one at a time). Reference: the
+        // closed form sum_j P_j e_j in f64 over the same candidates.
+        let mut r = rng(12);
+        let emb: [[f32; D]; 36] = random_rows(&mut r, 0.7);
+        let mut cache = NegativeCache::<u32, 37, D>::new();
+        let mut cm = cache.as_mut();
+        for (j, e) in emb.iter().enumerate() {
+            if j != 5 {
+                cm.set_slot(j, e, j as u32, 0, true).unwrap();
+            }
+        }
+        cm.set_slot(36, &emb[0], 36, 0, true).unwrap();
+        let q: [[f32; D]; 20] = random_rows(&mut r, 1.0);
+        let items: [u32; 20] = core::array::from_fn(|b| if b == 3 { 7 } else { 1000 + b as u32 });
+        let alpha = 2.0f32;
+        let row = |j: usize| if j == 36 { emb[0] } else { emb[j] };
+        for top_k in [0usize, 1] {
+            let cfg = LossConfig { score_scale: alpha, top_k, mask_accidental_hits: true };
+            let mut loss = CacheLoss::<20, 1>::new();
+            let mut mean = [[0.0f32; D]; 20];
+            let ret = Retrieval::Gumbel { inv_temp: 1.0 };
+            loss.score_and_sample_with(cache.as_ref(), &q, &q, Some(&items), &cfg, ret, &mut r, None, Some(&mut mean))
+                .unwrap();
+            for b in 0..20 {
+                let cand: heapless::Vec<usize, 37> = (0..37).filter(|&j| j != 5 && !(b == 3 && j == 7)).collect();
+                let cand: heapless::Vec<usize, 37> = if top_k == 1 {
+                    let best = cand.iter().copied().fold(cand[0], |a, j| {
+                        if score64(alpha, &q[b], &row(j)) > score64(alpha, &q[b], &row(a)) {
+                            j
+                        } else {
+                            a
+                        }
+                    });
+                    core::iter::once(best).collect()
+                } else {
+                    cand
+                };
+                let c: heapless::Vec<f64, 37> = cand.iter().map(|&j| score64(alpha, &q[b], &row(j))).collect();
+                let pr = softmax(&c, 1.0);
+                for (d, &got) in mean[b].iter().enumerate() {
+                    let want = cand.iter().zip(&pr).map(|(&j, &pj)| pj * row(j)[d] as f64).sum::<f64>();
+                    assert_relative_eq!(got as f64, want, epsilon = 1e-5, max_relative = 1e-4);
+                }
+            }
+        }
+        // No candidate: a zero mean.
+        let empty = NegativeCache::<u32, 4, D>::new();
+        let mut loss = CacheLoss::<1, 1>::new();
+        let mut mean = [[9.0f32; D]; 1];
+        loss.score_and_sample_with(
+            empty.as_ref(),
+            &q[..1],
+            &q[..1],
+            None,
+            &NO_MASK,
+            Retrieval::default(),
+            &mut r,
+            None,
+            Some(&mut mean),
+        )
+        .unwrap();
+        assert_eq!(mean, [[0.0; D]; 1]);
+    }
+
+    #[test]
+    fn control_variate_keeps_the_expectation_and_cuts_the_variance() {
+        // Exact enumeration: with one draw at temperature 1, slot j is the
+        // negative with probability P_j (the sampler's law, checked by
+        // `exp_jump_follows_the_softmax`), and its weight is 1; so every
+        // expectation is sum_j P_j g(j), with g(j) the gradient computed
+        // with `Retrieval::Fixed(&[j])`.
+        let mut r = rng(13);
+        let alpha = 2.5f32;
+        let cfg = LossConfig { score_scale: alpha, ..NO_MASK };
+        let cache = filled(&E5);
+        let c: heapless::Vec<f64, 8> = E5.iter().map(|e| score64(alpha, &Q5, e)).collect();
+        let big_p = softmax(&c, 1.0);
+        for (noise, cuts) in [(0.01f32, true), (1.0, false)] {
+            let fresh_all: [[f32; D]; 5] =
+                core::array::from_fn(|j| core::array::from_fn(|d| E5[j][d] + noise * random::normal(&mut r)));
+            let mut loss = CacheLoss::<1, 1>::new();
+            // g[k][j]: estimator k (plain, beta 1, beta 0.5, beta 0) with
+            // negative j.
+            let mut g = [[[0f64; D]; 5]; 4];
+            let mut mean = [[0.0f32; D]; 1];
+            let mut neg = 0.0;
+            for j in 0..5 {
+                let fixed = [j];
+                loss.score_and_sample_with(
+                    cache.as_ref(),
+                    &[Q5],
+                    &[P5],
+                    None,
+                    &cfg,
+                    Retrieval::Fixed(&fixed),
+                    &mut r,
+                    None,
+                    Some(&mut mean),
+                )
+                .unwrap();
+                neg = 1.0 - loss.prob_pos()[0] as f64;
+                for (k, beta) in [None, Some(1.0), Some(0.5), Some(0.0)].into_iter().enumerate() {
+                    let cv = beta.map(|beta| ControlVariate { beta, candidate_mean: &mean });
+                    let (mut gq, mut gp, mut gf) = ([[0.0; D]; 1], [[0.0; D]; 1], [[0.0; D]; 1]);
+                    let grads = LossGrads { query: &mut gq, positive: &mut gp, negative: &mut gf };
+                    loss.backward_with(cache.as_ref(), &[Q5], &[P5], &[fresh_all[j]], cv, Some(grads)).unwrap();
+                    g[k][j] = gq[0].map(|x| x as f64);
+                    // The item side is the plain estimator's.
+                    assert_relative_eq!(gf[0][0], alpha * neg as f32 * Q5[0], max_relative = 1e-5);
+                }
+            }
+            let expect =
+                |k: usize| -> [f64; D] { core::array::from_fn(|d| (0..5).map(|j| big_p[j] * g[k][j][d]).sum()) };
+            let var = |k: usize| -> f64 {
+                let e = expect(k);
+                (0..5).map(|j| big_p[j] * (0..D).map(|d| (g[k][j][d] - e[d]).powi(2)).sum::<f64>()).sum()
+            };
+            // Closed forms: F = sum P f, E_bar = sum P e.
+            let fbar: [f64; D] = core::array::from_fn(|d| (0..5).map(|j| big_p[j] * fresh_all[j][d] as f64).sum());
+            let ebar: [f64; D] = core::array::from_fn(|d| (0..5).map(|j| big_p[j] * E5[j][d] as f64).sum());
+            let a = alpha as f64 * neg;
+            for d in 0..D {
+                let plain = a * (fbar[d] - P5[d] as f64);
+                assert_relative_eq!(expect(0)[d], plain, epsilon = 1e-5, max_relative = 1e-4);
+                assert_relative_eq!(expect(1)[d], plain, epsilon = 1e-5, max_relative = 1e-4);
+                let half = a * (0.5 * (fbar[d] - ebar[d]) + ebar[d] - P5[d] as f64);
+                assert_relative_eq!(expect(2)[d], half, epsilon = 1e-5, max_relative = 1e-4);
+                let bank = a * (ebar[d] - P5[d] as f64);
+                assert_relative_eq!(expect(3)[d], bank, epsilon = 1e-5, max_relative = 1e-4);
+            }
+            // beta = 0 has no sampling noise at all (to f32 rounding).
+            assert!(var(3) < 1e-10, "{}", var(3));
+            if cuts {
+                // Nearly fresh: the variate removes almost all the variance.
+                assert!(var(1) < 0.01 * var(0), "{} vs {}", var(1), var(0));
+            }
+        }
+    }
+
+    #[test]
+    fn control_variate_inputs_are_checked() {
+        let cache = filled(&E5);
+        let mut loss = CacheLoss::<1, 1>::new();
+        let mut r = rng(1);
+        let mut mean = [[0.0f32; D]; 2];
+        let e = loss.score_and_sample_with(
+            cache.as_ref(),
+            &[Q5],
+            &[P5],
+            None,
+            &NO_MASK,
+            Retrieval::MaxScore,
+            &mut r,
+            None,
+            Some(&mut mean),
+        );
+        assert!(matches!(e, Err(Error::LengthMismatch { .. })), "{e:?}");
+        loss.score_and_sample(cache.as_ref(), &[Q5], &[P5], None, &NO_MASK, Retrieval::MaxScore, &mut r, None).unwrap();
+        let cv = ControlVariate { beta: 1.5, candidate_mean: &mean[..1] };
+        let e = loss.backward_with(cache.as_ref(), &[Q5], &[P5], &[E5[0]], Some(cv), None);
+        assert!(matches!(e, Err(Error::InvalidConfig { .. })), "{e:?}");
     }
 }

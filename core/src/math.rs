@@ -17,6 +17,12 @@ pub(crate) fn ln(x: f32) -> f32 {
     libm::logf(x)
 }
 
+/// e^x - 1, accurate for small x.
+#[inline]
+pub(crate) fn exp_m1(x: f32) -> f32 {
+    libm::expm1f(x)
+}
+
 /// ln(1 + x), accurate for small x.
 #[inline]
 pub(crate) fn ln_1p(x: f32) -> f32 {

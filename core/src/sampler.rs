@@ -9,7 +9,10 @@
 //!   `inv_temp * c + G` with `G` a standard Gumbel variate; the candidate
 //!   with the largest key is a draw from `softmax(inv_temp * c)`, and the m
 //!   largest keys are m distinct draws without replacement (Gumbel-top-m).
-//!   One logarithm pair per candidate.
+//!   The (m+1)-th largest key is kept too: given it, each candidate's
+//!   inclusion probability is known in closed form
+//!   ([`inclusion_probability`]), which gives the loss its unbiased
+//!   Horvitz-Thompson weights. One logarithm pair per candidate.
 //! - [`Retrieval::ExpJump`]: the same distribution for m = 1 from a weighted
 //!   reservoir that jumps. With `W_j` the running sum of weights
 //!   `w = exp(inv_temp * c)`, the current pick, chosen at total `W_i`,
@@ -118,40 +121,66 @@ impl LogSumExp {
     }
 }
 
-/// Per-query selection state: the m best keys so far and their slots.
+/// Per-query selection state: the m best keys so far, their slots and
+/// scores, and the largest key that did not make it.
+///
+/// `threshold` is the (m+1)-th largest key offered (`-inf` while at most m
+/// were offered). For Gumbel-top-m it is the `tau` of priority sampling:
+/// given `tau`, candidate `j` is among the m picks exactly when its key
+/// `c'_j + G_j` exceeds `tau`, which has probability
+/// `1 - exp(-exp(c'_j - tau))` (see [`inclusion_probability`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Picks<const NEG: usize> {
     pub(crate) keys: [f32; NEG],
+    /// Each pick's score `c = alpha <q, e>` (before any temperature).
+    pub(crate) scores: [f32; NEG],
     pub(crate) slots: [u32; NEG],
     pub(crate) len: usize,
+    pub(crate) threshold: f32,
 }
 
 impl<const NEG: usize> Picks<NEG> {
-    pub(crate) const EMPTY: Self = Self { keys: [f32::NEG_INFINITY; NEG], slots: [0; NEG], len: 0 };
+    pub(crate) const EMPTY: Self = Self {
+        keys: [f32::NEG_INFINITY; NEG],
+        scores: [0.0; NEG],
+        slots: [0; NEG],
+        len: 0,
+        threshold: f32::NEG_INFINITY,
+    };
 
-    /// Offers a candidate; keeps the `NEG` largest keys, an earlier
-    /// candidate winning ties.
+    /// Offers a candidate with selection key `key` and score `score`; keeps
+    /// the `NEG` largest keys, an earlier candidate winning ties, and the
+    /// largest key left out.
     #[inline]
-    pub(crate) fn offer(&mut self, key: f32, slot: u32) {
+    pub(crate) fn offer(&mut self, key: f32, score: f32, slot: u32) {
         if self.len == NEG {
             if key <= self.keys[NEG - 1] {
+                if key > self.threshold {
+                    self.threshold = key;
+                }
                 return;
             }
+            // The evicted key was among the m largest, so it is at least
+            // every key left out before it.
+            self.threshold = self.keys[NEG - 1];
             self.len -= 1;
         }
         let mut pos = self.len;
         while pos > 0 && key > self.keys[pos - 1] {
             self.keys[pos] = self.keys[pos - 1];
+            self.scores[pos] = self.scores[pos - 1];
             self.slots[pos] = self.slots[pos - 1];
             pos -= 1;
         }
         self.keys[pos] = key;
+        self.scores[pos] = score;
         self.slots[pos] = slot;
         self.len += 1;
     }
 
-    pub(crate) fn set_one(&mut self, slot: u32) {
+    pub(crate) fn set_one(&mut self, slot: u32, score: f32) {
         self.keys[0] = 0.0;
+        self.scores[0] = score;
         self.slots[0] = slot;
         self.len = 1;
     }
@@ -159,6 +188,21 @@ impl<const NEG: usize> Picks<NEG> {
     pub(crate) fn as_slice(&self) -> &[u32] {
         &self.slots[..self.len]
     }
+}
+
+/// Gumbel-top-m's inclusion probability of a candidate with sampling logit
+/// `logit` given the threshold `tau` (the (m+1)-th largest key):
+/// `P(logit + G > tau) = 1 - exp(-exp(logit - tau))` for a standard Gumbel
+/// `G`; 1 when `tau = -inf` (fewer than m+1 candidates: all are taken).
+///
+/// Computed as `-expm1(-exp(logit - tau))`, which keeps full relative
+/// precision when the probability is small.
+#[inline]
+pub fn inclusion_probability(logit: f32, tau: f32) -> f32 {
+    if tau == f32::NEG_INFINITY {
+        return 1.0;
+    }
+    -math::exp_m1(-math::exp(logit - tau))
 }
 
 /// The jumping reservoir's state for one query (m = 1).
@@ -218,13 +262,35 @@ mod tests {
     fn picks_keep_the_largest_with_ties_to_the_first() {
         let mut p = Picks::<3>::EMPTY;
         for (k, s) in [(1.0, 0), (5.0, 1), (3.0, 2), (5.0, 3), (0.5, 4), (4.0, 5)] {
-            p.offer(k, s);
+            p.offer(k, -k, s);
         }
         assert_eq!(p.as_slice(), &[1, 3, 5]);
+        assert_eq!(&p.scores[..3], &[-5.0, -5.0, -4.0]);
+        // The largest key left out: 3 (slot 2, evicted by slot 5's 4).
+        assert_eq!(p.threshold, 3.0);
         let mut one = Picks::<1>::EMPTY;
         for (k, s) in [(2.0, 7), (2.0, 8)] {
-            one.offer(k, s);
+            one.offer(k, 0.0, s);
         }
         assert_eq!(one.as_slice(), &[7]);
+        assert_eq!(one.threshold, 2.0);
+        // With at most m candidates offered nothing is left out.
+        let mut few = Picks::<3>::EMPTY;
+        few.offer(1.0, 0.0, 0);
+        few.offer(2.0, 0.0, 1);
+        assert_eq!(few.threshold, f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn inclusion_probability_matches_the_gumbel_tail() {
+        // P(c + G > tau) = 1 - exp(-exp(c - tau)), in f64 as the reference.
+        for (c, tau) in [(0.0f32, 0.0f32), (1.5, -0.5), (-3.0, 4.0), (-20.0, 5.0), (10.0, -1.0)] {
+            let want = 1.0 - (-((c as f64) - (tau as f64)).exp()).exp();
+            approx::assert_relative_eq!(inclusion_probability(c, tau) as f64, want, max_relative = 1e-6);
+        }
+        // Tiny probabilities keep their relative precision: e^-25 ~ 1.4e-11.
+        let want = (-25.0f64).exp() * (1.0 - 0.5 * (-25.0f64).exp());
+        approx::assert_relative_eq!(inclusion_probability(0.0, 25.0) as f64, want, max_relative = 1e-6);
+        assert_eq!(inclusion_probability(-3.0, f32::NEG_INFINITY), 1.0);
     }
 }

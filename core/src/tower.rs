@@ -58,7 +58,9 @@ pub enum Scale {
     /// A constant alpha.
     Fixed(f32),
     /// alpha = exp(theta) is learned, starting at `init` and kept within
-    /// `[min, max]` (no gradient flows while it is held at a bound).
+    /// `[min, max]`: theta is projected onto `[ln min, ln max]` after every
+    /// optimiser update (and at `init`), and at a bound its gradient is
+    /// kept only when a descent step would move it back inside.
     Learned {
         /// Starting value.
         init: f32,
@@ -173,6 +175,7 @@ impl<
             Scale::Fixed(a) => math::ln(a),
             Scale::Learned { init, .. } => math::ln(init),
         }];
+        self.project_scale();
         self.log_scale_grad = [0.0];
         self.log_scale_state = [[0.0]; S];
     }
@@ -214,6 +217,21 @@ impl<
         match self.cfg.scale {
             Scale::Fixed(a) => (a, a),
             Scale::Learned { min, max, .. } => (min, max),
+        }
+    }
+
+    /// Projects a learned theta onto `[ln min, ln max]` (NaN stays NaN).
+    fn project_scale(&mut self) {
+        if let Scale::Learned { min, max, .. } = self.cfg.scale {
+            let (lo, hi) = (math::ln(min), math::ln(max));
+            let t = self.log_scale[0];
+            self.log_scale[0] = if t < lo {
+                lo
+            } else if t > hi {
+                hi
+            } else {
+                t
+            };
         }
     }
 }
@@ -261,6 +279,11 @@ impl<
             if a > min && a < max {
                 // d L / d theta = alpha * d L / d alpha for alpha = e^theta.
                 self.log_scale_grad[0] += a * d_alpha;
+            } else if (a >= max && d_alpha > 0.0) || (a <= min && d_alpha < 0.0) {
+                // At a bound, alpha is clamped; a descent step along this
+                // gradient moves theta back inside, so let it through (with
+                // the alpha actually used).
+                self.log_scale_grad[0] += self.score_scale() * d_alpha;
             }
         }
     }
@@ -288,6 +311,10 @@ impl<
         if let Scale::Learned { .. } = self.cfg.scale {
             let mut st = self.log_scale_state.each_mut().map(|s| &mut s[..]);
             d.dense(&mut self.log_scale, &mut self.log_scale_grad, &mut st);
+            // After an optimiser's update (a no-op for visitors that only
+            // read): theta never leaves the bounds, so it cannot stick
+            // outside them with its gradient dropped.
+            self.project_scale();
         }
     }
 
@@ -401,5 +428,44 @@ mod tests {
         m.backward_scale(-100.0);
         opt.step(0.01, &mut |v| m.visit(v)).unwrap();
         assert_relative_eq!(m.score_scale(), 6.0);
+    }
+
+    #[test]
+    fn learned_scale_leaves_a_bound_when_the_gradient_points_inside() {
+        // theta starts above ln max (as a checkpoint may hold it).
+        let cfg = TowerConfig { scale: Scale::Learned { init: 5.0, min: 1.0, max: 6.0 }, ..TowerConfig::DEFAULT };
+        let mut m = SiameseTowers::<13, 4, 5, 3, 0>::new(cfg);
+        m.init(&mut rand_pcg::Pcg32::seed_from_u64(1));
+        let sgd = crate::optim::OptimizerKind::Sgd { momentum: 0.0, weight_decay: 0.0 };
+        let mut opt = crate::optim::Optimizer::new(sgd, 0.0);
+        let (lo, hi) = (math::ln(1.0), math::ln(6.0));
+        *m.log_scale_mut() = math::ln(10.0);
+        assert_relative_eq!(m.score_scale(), 6.0);
+        // A gradient pointing outside (dL/dalpha < 0 wants alpha larger):
+        // theta is projected onto the bound and stays there.
+        m.backward_scale(-2.0);
+        opt.step(0.01, &mut |v| m.visit(v)).unwrap();
+        assert!(*m.log_scale_mut() <= hi, "{}", m.log_scale_mut());
+        assert_relative_eq!(m.score_scale(), 6.0, max_relative = 1e-6);
+        // A gradient pointing inside: the step is taken. At the bound,
+        // alpha = 6 (to an ulp), theta gradient = 6 * 2 = 12, lr 0.01:
+        // theta = ln 6 - 0.12, alpha = 6 e^-0.12.
+        m.backward_scale(2.0);
+        opt.step(0.01, &mut |v| m.visit(v)).unwrap();
+        assert_relative_eq!(m.score_scale(), 6.0 * math::exp(-0.12), max_relative = 1e-5);
+        // The same from below the lower bound.
+        *m.log_scale_mut() = math::ln(0.5);
+        m.backward_scale(3.0);
+        opt.step(0.01, &mut |v| m.visit(v)).unwrap();
+        assert_relative_eq!(*m.log_scale_mut(), lo, epsilon = 1e-7);
+        m.backward_scale(-3.0);
+        opt.step(0.01, &mut |v| m.visit(v)).unwrap();
+        // theta gradient = 1 * -3, lr 0.01: theta = 0.03.
+        assert_relative_eq!(m.score_scale(), math::exp(0.03), max_relative = 1e-5);
+        // A start outside the bounds is projected at init.
+        let cfg = TowerConfig { scale: Scale::Learned { init: 50.0, min: 1.0, max: 6.0 }, ..TowerConfig::DEFAULT };
+        let mut m = SiameseTowers::<13, 4, 5, 3, 0>::new(cfg);
+        m.init(&mut rand_pcg::Pcg32::seed_from_u64(1));
+        assert_relative_eq!(*m.log_scale_mut(), hi);
     }
 }

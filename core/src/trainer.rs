@@ -11,9 +11,9 @@
 //! 4. embeds the drawn negatives afresh and computes the loss and its
 //!    gradients ([`CacheLoss::backward`]);
 //! 5. back-propagates through both towers and steps the optimiser;
-//! 6. refreshes the drawn entries with their fresh embeddings and inserts
-//!    the batch's positives (streaming mode), skipping items already cached
-//!    and repeats within the batch.
+//! 6. refreshes the drawn entries and the positives already cached with
+//!    their fresh embeddings, and inserts the other positives (streaming
+//!    mode), skipping repeats within the batch.
 //!
 //! The same trainer runs the objectives the cache is compared against:
 //! in-batch softmax, uniform sampled softmax with logQ correction, and
@@ -27,7 +27,7 @@ use rand_core::RngCore;
 use crate::cache::{Eviction, NegativeCache, Update};
 use crate::error::{check_len, Error, Result};
 use crate::item::Item;
-use crate::loss::{CacheLoss, LossConfig, LossGrads};
+use crate::loss::{CacheLoss, ControlVariate, LossConfig, LossGrads};
 use crate::optim::{Optimizer, OptimizerKind};
 use crate::random;
 use crate::sampler::{LogSumExp, Retrieval};
@@ -159,7 +159,8 @@ pub struct Batch<'a, Q, I> {
 ///
 /// # Memory
 /// The model, the cache (`CAP * (4 * DIM + size_of::<I>() + 13)` bytes),
-/// and `O(BATCH * NEG * DIM)` floats of buffers: nothing grows with the
+/// and `O(BATCH * NEG * DIM)` floats of buffers (among them `BATCH * DIM`
+/// for the control variate's candidate means): nothing grows with the
 /// cache beyond the cache itself. [`Trainer::new`] is a `const fn`, so a
 /// trainer can be a `static`.
 #[derive(Debug)]
@@ -178,8 +179,11 @@ pub struct Trainer<M, Q, I, const CAP: usize, const DIM: usize, const BATCH: usi
     log_q: [f32; BATCH],
     keep: [bool; BATCH],
     slots: [usize; BATCH],
+    pos_cached: [bool; BATCH],
     neg_slots: [[usize; NEG]; BATCH],
     neg_valid: [[bool; NEG]; BATCH],
+    candidate_mean: [[f32; DIM]; BATCH],
+    control_variate: Option<f32>,
     opt: Optimizer,
     cfg: TrainerConfig,
     steps: u64,
@@ -209,8 +213,11 @@ where
             log_q: [0.0; BATCH],
             keep: [false; BATCH],
             slots: [0; BATCH],
+            pos_cached: [false; BATCH],
             neg_slots: [[0; NEG]; BATCH],
             neg_valid: [[false; NEG]; BATCH],
+            candidate_mean: [[0.0; DIM]; BATCH],
+            control_variate: None,
             opt: Optimizer::new(cfg.optimizer, cfg.clip_norm),
             cfg,
             steps: 0,
@@ -253,6 +260,26 @@ where
     /// The settings.
     pub fn config(&self) -> &TrainerConfig {
         &self.cfg
+    }
+
+    /// Sets the control variate of the cache objective's query gradient
+    /// (see [`crate::loss`]): `Some(beta)` with beta in `[0, 1]` (1
+    /// unbiased, 0 the memory-bank estimator), or `None` (the default: the
+    /// plain estimator, today's numbers). It costs a second multiply-add
+    /// per cached value and query in the scoring pass. The mixed objective
+    /// ignores it. Kept apart from [`TrainerConfig`] so that code building
+    /// that struct field by field keeps compiling.
+    pub fn set_control_variate(&mut self, beta: Option<f32>) -> Result<()> {
+        if beta.is_some_and(|b| !(0.0..=1.0).contains(&b)) {
+            return Err(Error::InvalidConfig { what: "control variate beta must be in [0, 1]" });
+        }
+        self.control_variate = beta;
+        Ok(())
+    }
+
+    /// The control variate's beta, if one is used.
+    pub fn control_variate(&self) -> Option<f32> {
+        self.control_variate
     }
 
     /// The number of cache slots in use.
@@ -365,7 +392,8 @@ where
             mask_accidental_hits: self.cfg.mask_accidental_hits,
         };
         let (q, p) = (&self.q[..bsz], &self.p[..bsz]);
-        self.loss.score_and_sample(
+        let control = self.control_variate.filter(|_| self.cfg.objective == Objective::Cache);
+        self.loss.score_and_sample_with(
             self.cache.prefix(self.cfg.cache_capacity),
             q,
             p,
@@ -374,6 +402,7 @@ where
             self.cfg.retrieval,
             rng,
             None,
+            control.map(|_| &mut self.candidate_mean[..bsz]),
         )?;
         let items = self.cache.prefix(self.cfg.cache_capacity).items();
         for b in 0..bsz {
@@ -391,7 +420,9 @@ where
             negative: self.gn[..bsz].as_flattened_mut(),
         };
         let fresh = self.n[..bsz].as_flattened();
-        let sum = self.loss.backward(self.cache.prefix(self.cfg.cache_capacity), q, p, fresh, Some(grads))?;
+        let control = control.map(|beta| ControlVariate { beta, candidate_mean: &self.candidate_mean[..bsz] });
+        let cache = self.cache.prefix(self.cfg.cache_capacity);
+        let sum = self.loss.backward_with(cache, q, p, fresh, control, Some(grads))?;
         for b in 0..bsz {
             self.model.backward(Side::Query, batch.queries[b].as_ref(), &self.gq[b]);
             self.model.backward(Side::Item, batch.positives[b].as_ref(), &self.gp[b]);
@@ -435,8 +466,10 @@ where
         Ok(evals)
     }
 
-    /// After the optimiser step: refresh the drawn entries, insert the
-    /// positives not yet cached (streaming mode), age every entry.
+    /// After the optimiser step: refresh the positives already cached and
+    /// the drawn entries, insert the positives not yet cached (streaming
+    /// mode), age every entry. Every refresh writes the embedding the
+    /// step computed before its optimiser update (`p`, `n`).
     fn update_cache(&mut self, batch: &Batch<'_, Q, I>) -> Result<()> {
         let bsz = batch.queries.len();
         let streaming = self.cfg.cache_mode == CacheMode::Streaming;
@@ -444,9 +477,21 @@ where
             let cache = self.cache.prefix(self.cfg.cache_capacity);
             for b in 0..bsz {
                 let y = &batch.positives[b];
-                self.keep[b] = streaming && !cache.contains(y) && !batch.positives[..b].contains(y);
+                let found = cache.position(y);
+                self.pos_cached[b] = found.is_some();
+                self.slots[b] = found.unwrap_or(0);
+                self.keep[b] = streaming && found.is_none() && !batch.positives[..b].contains(y);
             }
         }
+        // The positives found by the in-cache filter take their fresh
+        // embeddings (a refresh, no ageing; the update below ages).
+        let up = Update {
+            refresh_indices: &self.slots[..bsz],
+            refresh_embeddings: &self.p[..bsz],
+            refresh_mask: Some(&self.pos_cached[..bsz]),
+            ..Update::default()
+        };
+        self.cache.prefix_mut(self.cfg.cache_capacity).refresh(&up, self.cfg.eviction)?;
         // Refreshes: one per drawn negative, in query order; queries with
         // fewer negatives leave masked holes.
         for b in 0..bsz {
@@ -511,6 +556,16 @@ where
             crate::vector::axpy(1.0, &self.gn.as_flattened()[b], &mut g);
             self.model.backward(Side::Query, batch.queries[b].as_ref(), &self.gq[b]);
             self.model.backward(Side::Item, batch.positives[b].as_ref(), &g);
+        }
+        // Unpack: `update_cache` pairs row (b, k) of `n` with query b's k-th
+        // negative. Going backwards, each row moves towards the back, onto
+        // rows already moved or never packed.
+        let mut next = count;
+        for b in (0..bsz).rev() {
+            for k in (0..self.loss.negatives(b).len()).rev() {
+                next -= 1;
+                self.n[b][k] = self.n.as_flattened()[next];
+            }
         }
         self.model.backward_scale(sum.grad_scale);
         Ok(softmax_report(sum, evals, alpha))
@@ -647,5 +702,115 @@ fn softmax_report(sum: softmax::SoftmaxSummary, evals: u32, alpha: f32) -> StepR
         tower_evals: evals,
         grad_norm: 0.0,
         score_scale: alpha,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tower::{SeparateTowers, TowerConfig};
+    use rand_core::SeedableRng;
+    use rand_pcg::Pcg64Mcg;
+
+    type Towers = SeparateTowers<13, 4, 5, 3, 0>;
+    type Item2 = [u32; 2];
+    /// 4 slots, 3-dimensional embeddings, batches of 2, 2 negatives.
+    type Small = Trainer<Towers, Item2, Item2, 4, 3, 2, 2>;
+
+    const A: Item2 = [1, 2];
+    const B: Item2 = [3, 4];
+    const C: Item2 = [5, 6];
+    const D: Item2 = [7, 8];
+    /// Stale embeddings: nothing the towers output (unit vectors).
+    const STALE: [[f32; 3]; 4] = [[9.0, 0.0, 0.0], [0.0, 9.0, 0.0], [0.0, 0.0, 9.0], [9.0, 9.0, 0.0]];
+
+    /// A trainer whose cache holds `items` in slots 0.. with stale
+    /// embeddings, stepping with learning rate 0 so that the towers after
+    /// the step are the towers that embedded the batch: every refreshed
+    /// slot must then hold exactly `embed(its item)`.
+    fn trainer(objective: Objective, cache_mode: CacheMode, items: &[Item2]) -> Small {
+        let cfg = TrainerConfig {
+            objective,
+            cache_mode,
+            retrieval: Retrieval::Gumbel { inv_temp: 1.0 },
+            optimizer: OptimizerKind::Sgd { momentum: 0.0, weight_decay: 0.0 },
+            ..TrainerConfig::DEFAULT
+        };
+        let mut t = Small::new(Towers::new(TowerConfig::DEFAULT), cfg);
+        t.model.init(&mut Pcg64Mcg::seed_from_u64(3));
+        t.init().unwrap();
+        let mut c = t.cache_mut().as_mut();
+        for (j, item) in items.iter().enumerate() {
+            c.set_slot(j, &STALE[j], *item, 5, true).unwrap();
+        }
+        t
+    }
+
+    fn embed(t: &Small, item: &Item2) -> [f32; 3] {
+        let mut e = [0.0; 3];
+        t.model.embed(Side::Item, item, &mut e);
+        e
+    }
+
+    fn assert_fresh(t: &Small, slot: usize) {
+        let c = t.cache().as_ref();
+        let want = embed(t, &c.items()[slot]);
+        // Bit for bit: the cache stores the very embedding computed.
+        assert_eq!(c.embeddings()[slot], want, "slot {slot} ({:?})", c.items()[slot]);
+    }
+
+    #[test]
+    fn mixed_objective_refreshes_each_slot_with_its_own_embedding() {
+        // The cache holds A and B. Query 0's positive A is masked, so it has
+        // one candidate (B) for NEG = 2; query 1 (positive C) draws both A
+        // and B. The mixed objective packs the negatives' rows, so query
+        // 1's rows move forwards; each slot must still get its own row.
+        for seed in 0..20 {
+            let mut t = trainer(Objective::CacheMixed, CacheMode::Corpus, &[A, B]);
+            let batch = Batch { queries: &[[11, 12], [13, 14]], positives: &[A, C], positive_index: None };
+            t.step(&batch, &[], 0.0, &mut Pcg64Mcg::seed_from_u64(seed)).unwrap();
+            assert_eq!(t.loss.negatives(0).len(), 1);
+            assert_eq!(t.loss.negatives(1).len(), 2);
+            assert_fresh(&t, 0);
+            assert_fresh(&t, 1);
+        }
+    }
+
+    #[test]
+    fn cached_positives_are_refreshed() {
+        for (objective, mode) in [
+            (Objective::Cache, CacheMode::Streaming),
+            (Objective::Cache, CacheMode::Corpus),
+            (Objective::CacheMixed, CacheMode::Streaming),
+        ] {
+            // One query whose positive A sits in slot 0 with a stale
+            // embedding; its only candidate (masked A) is B.
+            let mut t = trainer(objective, mode, &[A, B]);
+            let batch = Batch { queries: &[[11, 12]], positives: &[A], positive_index: None };
+            t.step(&batch, &[], 0.0, &mut Pcg64Mcg::seed_from_u64(1)).unwrap();
+            assert_fresh(&t, 0);
+            assert_fresh(&t, 1);
+            // Not inserted a second time; slots 2 and 3 stay empty.
+            assert_eq!(t.cache().as_ref().occupied(), &[true, true, false, false]);
+        }
+    }
+
+    #[test]
+    fn control_variate_setting_is_checked_and_used() {
+        let mut t = trainer(Objective::Cache, CacheMode::Streaming, &[A, B, D]);
+        assert_eq!(t.control_variate(), None);
+        assert!(t.set_control_variate(Some(1.5)).is_err());
+        assert!(t.set_control_variate(Some(f32::NAN)).is_err());
+        assert_eq!(t.control_variate(), None);
+        // With beta = 0 the query gradient is the memory bank's; the step
+        // differs from the plain one (same seed) only through it.
+        let batch = Batch { queries: &[[11, 12], [13, 14]], positives: &[A, C], positive_index: None };
+        let mut plain = trainer(Objective::Cache, CacheMode::Streaming, &[A, B, D]);
+        let r0 = plain.step(&batch, &[], 0.1, &mut Pcg64Mcg::seed_from_u64(2)).unwrap();
+        t.set_control_variate(Some(0.0)).unwrap();
+        let r1 = t.step(&batch, &[], 0.1, &mut Pcg64Mcg::seed_from_u64(2)).unwrap();
+        assert_eq!(r0.training_loss.to_bits(), r1.training_loss.to_bits());
+        assert!(r0.grad_norm.is_finite() && r1.grad_norm.is_finite());
+        assert_ne!(r0.grad_norm.to_bits(), r1.grad_norm.to_bits());
     }
 }

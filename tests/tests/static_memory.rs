@@ -18,9 +18,11 @@ fn cache_and_loss_sizes_are_as_documented() {
     assert_eq!(size_of::<NegativeCache<u32, 65536, 64>>(), 17_629_188);
     assert_eq!(CACHE.capacity(), 65536);
     // The loss state does not depend on the cache size at all. Per query:
-    // log-sum-exp 8, picks 8 * NEG + 8, reservoir 12, top-k group 8, six
-    // per-query floats 24: 60 + 8 * NEG bytes; plus the batch length (8)
-    // and alpha (4): 32 * 68 + 12 = 2188, padded to 8 bytes.
-    assert_eq!(size_of::<CacheLoss<32, 1>>(), 2192);
+    // log-sum-exp 8, picks 12 * NEG + 12 (keys, scores, slots, length,
+    // threshold), weights 4 * NEG, reservoir 12, top-k group 8, six
+    // per-query floats 24: 64 + 16 * NEG bytes; plus the batch length (8),
+    // alpha (4) and the averaging flag (1): 32 * 80 + 13 = 2573, padded to
+    // 8 bytes.
+    assert_eq!(size_of::<CacheLoss<32, 1>>(), 2576);
     assert_eq!(LOSS.batch_len(), 0);
 }
