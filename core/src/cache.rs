@@ -392,6 +392,14 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
         Ok(())
     }
 
+    /// Marks slot `j` occupied or empty, keeping its contents: hides a
+    /// slot from a scoring pass (which skips empty slots) and restores it.
+    pub fn set_occupied(&mut self, j: usize, occupied: bool) -> Result<()> {
+        let n = self.occupied.len();
+        *self.occupied.get_mut(j).ok_or(Error::IndexOutOfRange { what: "slot", index: j, bound: n })? = occupied;
+        Ok(())
+    }
+
     /// Refreshes slots without inserting or ageing: step 1 of
     /// [`Self::update`] alone, for re-embedding entries outside the
     /// update call. `up`'s insertion fields must be empty.

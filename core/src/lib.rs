@@ -25,6 +25,7 @@
 //! - [`sampler`]: how negatives are chosen among candidates.
 //! - [`softmax`]: in-batch, sampled and full softmax, for comparison.
 //! - [`random`]: random variates from a caller-supplied generator.
+//! - [`retrieve`]: exact top-k over stored embeddings, in a caller's buffer.
 //! - [`vector`]: small fixed-size vector operations.
 //! - [`stats`]: the chi-square test used to check samplers.
 #![no_std]
@@ -40,6 +41,8 @@ pub mod loss;
 mod math;
 pub mod optim;
 pub mod random;
+pub mod remainder;
+pub mod retrieve;
 pub mod sampler;
 pub mod softmax;
 pub mod stats;
@@ -52,4 +55,5 @@ pub use cache::{CacheMut, CacheRef, Eviction, NegativeCache, SlotsMut, Update};
 pub use error::{Error, Result};
 pub use item::Item;
 pub use loss::{CacheLoss, ControlVariate, LossConfig, LossGrads, LossSummary, TopKOut};
+pub use retrieve::{Hit, TopK};
 pub use sampler::Retrieval;

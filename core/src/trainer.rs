@@ -30,6 +30,7 @@ use crate::item::Item;
 use crate::loss::{CacheLoss, ControlVariate, LossConfig, LossGrads};
 use crate::optim::{Optimizer, OptimizerKind};
 use crate::random;
+use crate::remainder::{self, CacheSide, RemainderGrads};
 use crate::sampler::{LogSumExp, Retrieval};
 use crate::softmax::{self, SoftmaxOut};
 use crate::tower::{Model, Side};
@@ -52,6 +53,19 @@ pub enum Objective {
     /// The cache's drawn negatives and the batch's other positives in one
     /// softmax (the cache is filled and refreshed as for `Cache`).
     CacheMixed,
+    /// The softmax over the batch's positives, exact, and the cache's
+    /// other items, sampled: every in-batch term enters exactly and the
+    /// drawn negatives estimate the cache's share without bias
+    /// ([`crate::remainder`]). Cache slots holding a batch item are left
+    /// out of the draw (they are in the batch, fresh).
+    CacheInBatch,
+}
+
+impl Objective {
+    /// Whether the objective draws from, and maintains, the cache.
+    pub const fn uses_cache(&self) -> bool {
+        matches!(self, Self::Cache | Self::CacheMixed | Self::CacheInBatch)
+    }
 }
 
 /// How the cache is filled.
@@ -183,6 +197,8 @@ pub struct Trainer<M, Q, I, const CAP: usize, const DIM: usize, const BATCH: usi
     neg_slots: [[usize; NEG]; BATCH],
     neg_valid: [[bool; NEG]; BATCH],
     candidate_mean: [[f32; DIM]; BATCH],
+    neg_weight: [[f32; NEG]; BATCH],
+    stale: [[[f32; DIM]; NEG]; BATCH],
     control_variate: Option<f32>,
     opt: Optimizer,
     cfg: TrainerConfig,
@@ -217,6 +233,8 @@ where
             neg_slots: [[0; NEG]; BATCH],
             neg_valid: [[false; NEG]; BATCH],
             candidate_mean: [[0.0; DIM]; BATCH],
+            neg_weight: [[0.0; NEG]; BATCH],
+            stale: [[[0.0; DIM]; NEG]; BATCH],
             control_variate: None,
             opt: Optimizer::new(cfg.optimizer, cfg.clip_norm),
             cfg,
@@ -234,7 +252,7 @@ where
         if cfg.cache_capacity > CAP {
             return Err(Error::CapacityExceeded { requested: cfg.cache_capacity, capacity: CAP });
         }
-        if matches!(cfg.objective, Objective::Cache | Objective::CacheMixed) && cfg.top_k > 0 && cap % cfg.top_k != 0 {
+        if cfg.objective.uses_cache() && cfg.top_k > 0 && cap % cfg.top_k != 0 {
             return Err(Error::TopKNotDivisor { k: cfg.top_k, slots: cap });
         }
         if let Objective::Sampled { negatives } = cfg.objective {
@@ -349,7 +367,7 @@ where
         check_len("positives", bsz, batch.positives.len())?;
         self.model.zero_grad();
         let mut report = match self.cfg.objective {
-            Objective::Cache | Objective::CacheMixed => self.cache_step(batch, rng)?,
+            Objective::Cache | Objective::CacheMixed | Objective::CacheInBatch => self.cache_step(batch, rng)?,
             Objective::InBatch => self.in_batch_step(batch)?,
             Objective::Sampled { negatives } => self.sampled_step(batch, corpus, negatives, rng)?,
             Objective::Full => self.full_step(batch, corpus)?,
@@ -358,7 +376,7 @@ where
         let stats = self.opt.step(lr, &mut |v| model.visit(v))?;
         self.model.zero_grad();
         report.grad_norm = stats.grad_norm;
-        if matches!(self.cfg.objective, Objective::Cache | Objective::CacheMixed) {
+        if self.cfg.objective.uses_cache() {
             self.update_cache(batch)?;
         }
         self.steps += 1;
@@ -392,8 +410,26 @@ where
             mask_accidental_hits: self.cfg.mask_accidental_hits,
         };
         let (q, p) = (&self.q[..bsz], &self.p[..bsz]);
-        let control = self.control_variate.filter(|_| self.cfg.objective == Objective::Cache);
-        self.loss.score_and_sample_with(
+        let in_batch = self.cfg.objective == Objective::CacheInBatch;
+        let control = self.control_variate.filter(|_| self.cfg.objective != Objective::CacheMixed);
+        // With exact in-batch terms, the slots holding batch items are
+        // hidden from the pass (marked empty for its duration) so that no
+        // item is counted twice.
+        if in_batch {
+            let cache = self.cache.prefix(self.cfg.cache_capacity);
+            for b in 0..bsz {
+                let found = cache.position(&batch.positives[b]);
+                self.pos_cached[b] = found.is_some();
+                self.slots[b] = found.unwrap_or(0);
+            }
+            set_occupied(
+                self.cache.prefix_mut(self.cfg.cache_capacity),
+                &self.slots[..bsz],
+                &self.pos_cached[..bsz],
+                false,
+            )?;
+        }
+        let drawn = self.loss.score_and_sample_with(
             self.cache.prefix(self.cfg.cache_capacity),
             q,
             p,
@@ -403,7 +439,16 @@ where
             rng,
             None,
             control.map(|_| &mut self.candidate_mean[..bsz]),
-        )?;
+        );
+        if in_batch {
+            set_occupied(
+                self.cache.prefix_mut(self.cfg.cache_capacity),
+                &self.slots[..bsz],
+                &self.pos_cached[..bsz],
+                true,
+            )?;
+        }
+        drawn?;
         let items = self.cache.prefix(self.cfg.cache_capacity).items();
         for b in 0..bsz {
             for (i, &slot) in self.loss.negatives(b).iter().enumerate() {
@@ -413,6 +458,9 @@ where
         }
         if self.cfg.objective == Objective::CacheMixed {
             return self.mixed_backward(batch, evals, alpha);
+        }
+        if in_batch {
+            return self.remainder_backward(batch, evals, alpha, control);
         }
         let grads = LossGrads {
             query: &mut self.gq[..bsz],
@@ -435,6 +483,64 @@ where
             training_loss: sum.training_loss,
             interpretable_loss: sum.interpretable_loss,
             staleness: sum.staleness,
+            prob_pos: sum.prob_pos,
+            tower_evals: evals,
+            grad_norm: 0.0,
+            score_scale: alpha,
+        })
+    }
+
+    /// The exact in-batch softmax with the sampled cache remainder
+    /// ([`crate::remainder`]), once the batch and its drawn negatives are
+    /// embedded (`q`, `p`, `n`).
+    fn remainder_backward(
+        &mut self,
+        batch: &Batch<'_, Q, I>,
+        evals: u32,
+        alpha: f32,
+        control: Option<f32>,
+    ) -> Result<StepReport> {
+        let bsz = batch.queries.len();
+        let cache = self.cache.prefix(self.cfg.cache_capacity);
+        let (mut stale_sum, mut drawn) = (0.0f32, 0usize);
+        for b in 0..bsz {
+            self.lse[b] = self.loss.candidate_lse(b);
+            let (slots, weights) = (self.loss.negatives(b), self.loss.negative_weights(b));
+            for i in 0..NEG {
+                self.neg_weight[b][i] = weights.get(i).copied().unwrap_or(0.0);
+                self.stale[b][i] = slots.get(i).map_or([0.0; DIM], |&s| cache.embeddings()[s as usize]);
+                if i < slots.len() {
+                    stale_sum += crate::loss::relative_staleness(&self.stale[b][i], &self.n[b][i]);
+                    drawn += 1;
+                }
+            }
+        }
+        let side = CacheSide {
+            lse: &self.lse[..bsz],
+            fresh: self.n[..bsz].as_flattened(),
+            weights: self.neg_weight[..bsz].as_flattened(),
+            control: control.map(|beta| (beta, self.stale[..bsz].as_flattened(), &self.candidate_mean[..bsz])),
+        };
+        let grads = RemainderGrads {
+            query: &mut self.gq[..bsz],
+            positive: &mut self.gp[..bsz],
+            negative: self.gn[..bsz].as_flattened_mut(),
+        };
+        let ids = self.cfg.mask_accidental_hits.then_some(batch.positives);
+        let sum = remainder::in_batch_with_remainder(&self.q[..bsz], &self.p[..bsz], ids, alpha, NEG, side, grads)?;
+        let items = cache.items();
+        for b in 0..bsz {
+            self.model.backward(Side::Query, batch.queries[b].as_ref(), &self.gq[b]);
+            self.model.backward(Side::Item, batch.positives[b].as_ref(), &self.gp[b]);
+            for (i, &slot) in self.loss.negatives(b).iter().enumerate() {
+                self.model.backward(Side::Item, items[slot as usize].as_ref(), &self.gn[b][i]);
+            }
+        }
+        self.model.backward_scale(sum.grad_scale);
+        Ok(StepReport {
+            training_loss: sum.loss,
+            interpretable_loss: sum.loss,
+            staleness: if drawn > 0 { stale_sum / drawn as f32 } else { 0.0 },
             prob_pos: sum.prob_pos,
             tower_evals: evals,
             grad_norm: 0.0,
@@ -678,6 +784,19 @@ where
     }
 }
 
+/// Marks `slots[b]` occupied or empty for each `b` with `which[b]` set.
+fn set_occupied<I: Item, const DIM: usize>(
+    mut cache: crate::cache::CacheMut<'_, I, DIM>,
+    slots: &[usize],
+    which: &[bool],
+    occupied: bool,
+) -> Result<()> {
+    for (&slot, _) in slots.iter().zip(which).filter(|(_, &w)| w) {
+        cache.set_occupied(slot, occupied)?;
+    }
+    Ok(())
+}
+
 /// The items of packed negatives, looked up through their slots.
 struct NegIds<'a, I> {
     items: &'a [I],
@@ -773,6 +892,30 @@ mod tests {
             assert_eq!(t.loss.negatives(1).len(), 2);
             assert_fresh(&t, 0);
             assert_fresh(&t, 1);
+        }
+    }
+
+    #[test]
+    fn exact_in_batch_hides_batch_items_from_the_draw() {
+        // The cache holds A, B, C and D; the batch's positives are A and C.
+        // Both are in the softmax exactly, so neither query may draw them
+        // from the cache: every draw is B or D, and afterwards all four
+        // slots are occupied again (the hiding is undone).
+        for seed in 0..20 {
+            let mut t = trainer(Objective::CacheInBatch, CacheMode::Corpus, &[A, B, C, D]);
+            let batch = Batch { queries: &[[11, 12], [13, 14]], positives: &[A, C], positive_index: None };
+            let r = t.step(&batch, &[], 0.0, &mut Pcg64Mcg::seed_from_u64(seed)).unwrap();
+            for b in 0..2 {
+                assert_eq!(t.loss.negatives(b).len(), 2);
+                assert!(t.loss.negatives(b).iter().all(|&s| s == 1 || s == 3), "{:?}", t.loss.negatives(b));
+            }
+            assert!(t.cache().as_ref().occupied().iter().all(|&o| o));
+            assert!(r.interpretable_loss.is_finite() && r.prob_pos > 0.0 && r.prob_pos < 1.0);
+            for slot in 0..4 {
+                if slot == 0 || slot == 2 || t.loss.negatives(0).contains(&(slot as u32)) {
+                    assert_fresh(&t, slot);
+                }
+            }
         }
     }
 

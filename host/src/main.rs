@@ -233,6 +233,10 @@ struct TrainArgs {
     /// Sampling inverse temperature [default: 1].
     #[arg(long)]
     inv_temp: Option<f32>,
+    /// Query-side control variate of the cache objective, beta in [0, 1]
+    /// (1 unbiased, 0 memory bank) [default: none].
+    #[arg(long)]
+    control_variate: Option<f32>,
     /// Approximate top-k groups, 0 for off [default: 0].
     #[arg(long)]
     top_k: Option<usize>,
@@ -303,6 +307,9 @@ impl TrainArgs {
             corpus_cache,
             lru
         );
+        if let Some(beta) = self.control_variate {
+            c.control_variate = Some(beta);
+        }
         set!(
             sampler,
             negatives,
@@ -421,7 +428,12 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         summary.state_bytes as f64 / 1e6
     );
     plot_run(&metrics_path, &cfg.out, &baselines)?;
-    let report = serde_json::json!({ "config": cfg, "summary": summary, "baselines": baselines });
+    let report = serde_json::json!({
+        "config": cfg,
+        "protocol": cfg.protocol().describe(),
+        "summary": summary,
+        "baselines": baselines,
+    });
     negcache_host::checkpoint::write_atomically(&cfg.out.join("summary.json"), |f| {
         serde_json::to_writer_pretty(f, &report).map_err(Into::into)
     })?;
@@ -440,6 +452,7 @@ fn distributed_train(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         None => TrainConfig::default(),
     };
     args.apply(&mut cfg);
+    anyhow::ensure!(cfg.control_variate.is_none(), "--distributed does not support control_variate yet");
     negcache_host::distributed::train_command(cfg, args.resume.as_deref(), args.steps, args.out.clone())?;
     Ok(ExitCode::SUCCESS)
 }

@@ -66,12 +66,18 @@ pub trait Session: Send + Sync {
     fn embed(&self, side: Side, tokens: &[u32], out: &mut [f32; DIM]);
     /// The trainer's settings.
     fn config(&self) -> &TrainerConfig;
+    /// Sets the cache objective's control variate (see
+    /// `negcache::trainer::Trainer::set_control_variate`).
+    fn set_control_variate(&mut self, beta: Option<f32>) -> negcache::Result<()>;
     /// Writes parameters, optimiser state and cache.
     fn save(&mut self, w: &mut Writer);
     /// Reads what [`Session::save`] wrote.
     fn load(&mut self, r: &mut Reader<'_>) -> anyhow::Result<()>;
     /// Bytes of trainer state (model, optimiser state, cache, buffers).
     fn state_bytes(&self) -> usize;
+    /// The first part of the state holding a NaN or an infinity
+    /// ("parameters", "optimiser state", "cache embeddings"), if any.
+    fn non_finite(&mut self) -> Option<&'static str>;
 }
 
 type T<M, const N: usize> = Trainer<M, QueryTokens, ItemTokens, CAP, DIM, BATCH, N>;
@@ -98,6 +104,9 @@ impl<M: Model<DIM> + Send + Sync, const N: usize> Session for T<M, N> {
     }
     fn config(&self) -> &TrainerConfig {
         Trainer::config(self)
+    }
+    fn set_control_variate(&mut self, beta: Option<f32>) -> negcache::Result<()> {
+        Trainer::set_control_variate(self, beta)
     }
     fn save(&mut self, w: &mut Writer) {
         w.tag(b"PARM");
@@ -137,6 +146,42 @@ impl<M: Model<DIM> + Send + Sync, const N: usize> Session for T<M, N> {
     }
     fn state_bytes(&self) -> usize {
         size_of::<Self>()
+    }
+    fn non_finite(&mut self) -> Option<&'static str> {
+        let mut check = FiniteCheck::default();
+        self.model.visit(&mut check);
+        if check.values {
+            return Some("parameters");
+        }
+        if check.state {
+            return Some("optimiser state");
+        }
+        let slots = self.cache_mut().slots_mut();
+        let cache_ok = slots.embeddings.as_flattened().iter().all(|x| x.is_finite());
+        (!cache_ok).then_some("cache embeddings")
+    }
+}
+
+/// Finds non-finite parameters and optimiser state.
+#[derive(Default)]
+struct FiniteCheck {
+    values: bool,
+    state: bool,
+}
+
+impl FiniteCheck {
+    fn check(&mut self, value: &[f32], state: &[&mut [f32]]) {
+        self.values |= !value.iter().all(|x| x.is_finite());
+        self.state |= !state.iter().all(|s| s.iter().all(|x| x.is_finite()));
+    }
+}
+
+impl ParamVisitor for FiniteCheck {
+    fn dense(&mut self, value: &mut [f32], _: &mut [f32], state: &mut [&mut [f32]]) {
+        self.check(value, state);
+    }
+    fn sparse(&mut self, _: usize, value: &mut [f32], _: &mut [f32], state: &mut [&mut [f32]], _: &[bool]) {
+        self.check(value, state);
     }
 }
 

@@ -18,6 +18,7 @@ use crate::checkpoint::{Checkpoint, Reader, Writer};
 use crate::data::{beir, Dataset};
 use crate::eval::{Bm25Config, Evaluator, Metrics, Protocol, Ranking};
 use crate::featurize::{featurize, Features, QueryTokens};
+use crate::resume::{LossWindow, Progress, LOSS_WINDOW};
 use crate::session::{new_session, Session, Tying, BATCH, CAP, DIM};
 
 /// What a run minimises (see `negcache::trainer::Objective`).
@@ -35,6 +36,9 @@ pub enum ObjectiveName {
     Full,
     /// The cache's drawn negatives and in-batch negatives in one softmax.
     CacheMixed,
+    /// The batch's positives exactly, the rest of the cache sampled,
+    /// without bias.
+    CacheInBatch,
 }
 
 /// Which optimiser.
@@ -96,6 +100,9 @@ pub struct TrainConfig {
     pub negatives: usize,
     /// Sampling inverse temperature.
     pub inv_temp: f32,
+    /// Query-side control variate of the cache objective: beta in [0, 1]
+    /// (1 unbiased, 0 the memory-bank estimator); absent for none.
+    pub control_variate: Option<f32>,
     /// Approximate top-k groups (0: off).
     pub top_k: usize,
     /// Remove the query's own positive from its negatives.
@@ -159,6 +166,7 @@ impl Default for TrainConfig {
             sampler: SamplerName::ExpJump,
             negatives: 1,
             inv_temp: 1.0,
+            control_variate: None,
             top_k: 0,
             mask_accidental_hits: true,
             refresh_per_step: 0,
@@ -190,25 +198,78 @@ impl TrainConfig {
         toml::from_str(&text).with_context(|| format!("{}: invalid config", path.display()))
     }
 
-    /// Checks ranges before any work starts.
+    /// Checks every setting before any work starts and before any output
+    /// is touched, including what the trainer would otherwise reject only
+    /// at its first step.
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.steps == 0 {
+            bail!("steps must be at least 1, got 0");
+        }
         if self.batch == 0 || self.batch > BATCH {
             bail!("batch must be between 1 and {BATCH}, got {}", self.batch);
         }
         if self.cache_capacity == 0 || self.cache_capacity > CAP {
             bail!("cache_capacity must be between 1 and {CAP}, got {}", self.cache_capacity);
         }
+        let caches =
+            matches!(self.objective, ObjectiveName::Cache | ObjectiveName::CacheMixed | ObjectiveName::CacheInBatch);
+        if caches && !self.corpus_cache && self.cache_capacity < self.batch {
+            bail!(
+                "cache_capacity ({}) must be at least the batch ({}): each step inserts up to a batch of positives",
+                self.cache_capacity,
+                self.batch
+            );
+        }
+        if caches && self.top_k > 0 && self.cache_capacity % self.top_k != 0 {
+            bail!("top_k ({}) must divide cache_capacity ({})", self.top_k, self.cache_capacity);
+        }
+        if self.objective == ObjectiveName::Sampled
+            && (self.sampled_negatives == 0 || self.sampled_negatives > self.cache_capacity)
+        {
+            bail!(
+                "sampled_negatives must be between 1 and cache_capacity ({}), got {}",
+                self.cache_capacity,
+                self.sampled_negatives
+            );
+        }
+        if self.refresh_per_step > self.cache_capacity {
+            bail!(
+                "refresh_per_step must be at most cache_capacity ({}), got {}",
+                self.cache_capacity,
+                self.refresh_per_step
+            );
+        }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            bail!("lr must be positive, got {}", self.lr);
+            bail!("lr must be positive and finite, got {}", self.lr);
         }
         if !(self.scale.is_finite() && self.scale > 0.0) {
-            bail!("scale must be positive, got {}", self.scale);
+            bail!("scale must be positive and finite, got {}", self.scale);
+        }
+        if self.learn_scale && !(1.0..=100.0).contains(&self.scale) {
+            bail!("scale must be between 1 and 100 when it is learned (learn_scale), got {}", self.scale);
+        }
+        if !(self.inv_temp.is_finite() && self.inv_temp >= 0.0) {
+            bail!("inv_temp must be finite and at least 0, got {}", self.inv_temp);
+        }
+        if !(self.clip_norm.is_finite() && self.clip_norm >= 0.0) {
+            bail!("clip_norm must be finite and at least 0 (0: no clipping), got {}", self.clip_norm);
+        }
+        if self.eval_split.is_empty()
+            || self.eval_split.starts_with('.')
+            || self.eval_split.contains(['/', '\\', '\0'])
+        {
+            bail!("eval_split must be a split name such as test (qrels/<name>.tsv), got {:?}", self.eval_split);
         }
         if self.negatives != crate::session::NEG && self.negatives != crate::session::NEG_MANY {
             bail!("negatives must be {} or {}, got {}", crate::session::NEG, crate::session::NEG_MANY, self.negatives);
         }
         if self.char_ngrams > 8 {
             bail!("char_ngrams must be at most 8, got {}", self.char_ngrams);
+        }
+        if let Some(beta) = self.control_variate {
+            if !(0.0..=1.0).contains(&beta) {
+                bail!("control_variate must be in [0, 1], got {beta}");
+            }
         }
         self.protocol().validate()?;
         self.bm25().validate()?;
@@ -239,6 +300,7 @@ impl TrainConfig {
                 ObjectiveName::Sampled => Objective::Sampled { negatives: self.sampled_negatives },
                 ObjectiveName::Full => Objective::Full,
                 ObjectiveName::CacheMixed => Objective::CacheMixed,
+                ObjectiveName::CacheInBatch => Objective::CacheInBatch,
             },
             cache_mode: if self.corpus_cache { CacheMode::Corpus } else { CacheMode::Streaming },
             eviction: if self.lru { Eviction::Lru } else { Eviction::Fifo },
@@ -303,19 +365,40 @@ pub struct Prepared {
 
 /// Loads and featurises the data a config names.
 pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
-    let mut splits = vec!["train"];
-    if cfg.eval_split != "train" {
+    prepare_with(cfg, true)
+}
+
+/// Like [`prepare`] for evaluation only: the train split is read only when
+/// the protocol excludes training positives, and may have none; `pairs` is
+/// empty.
+pub fn prepare_eval(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
+    prepare_with(cfg, false)
+}
+
+fn prepare_with(cfg: &TrainConfig, training: bool) -> anyhow::Result<Prepared> {
+    let mut splits = Vec::new();
+    if training || cfg.exclude_train {
+        splits.push("train");
+    }
+    if !splits.contains(&cfg.eval_split.as_str()) {
         splits.push(&cfg.eval_split);
     }
     let ds = beir::load(&cfg.data, &splits).with_context(|| format!("loading {}", cfg.data.display()))?;
+    crate::data::check::texts(&ds, &cfg.data)?;
     let features = featurize(&ds, &cfg.tokenizer(), cfg.item_id_token);
-    let pairs: Vec<(u32, u32)> = ds.qrels["train"].iter().filter(|q| q.score > 0).map(|q| (q.query, q.doc)).collect();
-    if pairs.is_empty() {
-        bail!("{}: the train split has no positive judgements", cfg.data.display());
+    let pairs: Vec<(u32, u32)> = match ds.qrels.get("train") {
+        Some(train) if training => train.iter().filter(|q| q.score > 0).map(|q| (q.query, q.doc)).collect(),
+        _ => Vec::new(),
+    };
+    if training && pairs.is_empty() {
+        bail!(
+            "{}: the train split has no positive judgements (score > 0): nothing to train on",
+            crate::data::check::qrels_file(&cfg.data, "train").display()
+        );
     }
     let holds_corpus = matches!(cfg.objective, ObjectiveName::Full)
-        || (cfg.corpus_cache && matches!(cfg.objective, ObjectiveName::Cache | ObjectiveName::CacheMixed));
-    if holds_corpus && ds.corpus.len() > cfg.cache_capacity {
+        || (cfg.corpus_cache && matches!(cfg.objective, ObjectiveName::Cache | ObjectiveName::CacheMixed | ObjectiveName::CacheInBatch));
+    if training && holds_corpus && ds.corpus.len() > cfg.cache_capacity {
         bail!(
             "this run holds the corpus in the cache: {} items need cache_capacity >= {} (it is {}; at most {CAP})",
             ds.corpus.len(),
@@ -325,6 +408,13 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
     }
     let evaluator = Evaluator::new(&ds, &cfg.eval_split, cfg.protocol())
         .with_context(|| format!("{}: evaluating split {:?}", cfg.data.display(), cfg.eval_split))?;
+    if evaluator.queries().is_empty() {
+        bail!(
+            "{}: no query of split {:?} has a relevant judgement (score > 0): there is nothing to evaluate",
+            crate::data::check::qrels_file(&cfg.data, &cfg.eval_split).display(),
+            cfg.eval_split
+        );
+    }
     Ok(Prepared { ds, features, pairs, evaluator })
 }
 
@@ -346,6 +436,8 @@ pub struct Run {
     pub session: Box<dyn Session>,
     /// Steps done.
     pub step: u64,
+    /// The logging window and clock, continued across a resume.
+    pub progress: Progress,
 }
 
 impl std::fmt::Debug for Run {
@@ -359,12 +451,13 @@ impl Run {
     pub fn start(cfg: TrainConfig, data: &Prepared) -> anyhow::Result<Self> {
         cfg.validate()?;
         let mut session = new_session(cfg.tying, cfg.negatives, cfg.tower(), cfg.trainer())?;
+        session.set_control_variate(cfg.control_variate)?;
         let mut rng = Pcg64Mcg::seed_from_u64(cfg.seed);
         session.init(&mut rng)?;
-        if cfg.corpus_cache && matches!(cfg.objective, ObjectiveName::Cache | ObjectiveName::CacheMixed) {
+        if cfg.corpus_cache && matches!(cfg.objective, ObjectiveName::Cache | ObjectiveName::CacheMixed | ObjectiveName::CacheInBatch) {
             session.fill_cache(&data.features.items)?;
         }
-        Ok(Self { cfg, session, step: 0 })
+        Ok(Self { cfg, session, step: 0, progress: Progress::default() })
     }
 
     /// A run restored from a checkpoint (its configuration comes from the
@@ -376,11 +469,20 @@ impl Run {
         if let Some(s) = steps {
             cfg.steps = s;
         }
+        cfg.validate().with_context(|| format!("{}: the checkpoint's settings are invalid", path.display()))?;
+        if let Some(shape) = ck.header.get("shape").filter(|s| **s != shape_json()) {
+            bail!("{}: the checkpoint's model shape {shape} is not this build's {}", path.display(), shape_json());
+        }
         let step = ck.header["step"].as_u64().with_context(|| format!("{}: header has no step", path.display()))?;
+        let progress = Progress::from_header(&ck.header, path)?;
         let mut session = new_session(cfg.tying, cfg.negatives, cfg.tower(), cfg.trainer())?;
+        session.set_control_variate(cfg.control_variate)?;
         session.init(&mut Pcg64Mcg::seed_from_u64(cfg.seed))?;
         session.load(&mut Reader::new(&ck.body)).with_context(|| format!("{}: cannot restore", path.display()))?;
-        Ok(Self { cfg, session, step })
+        if let Some(part) = session.non_finite() {
+            bail!("{}: cannot restore: the checkpoint's {part} hold NaN or infinite values", path.display());
+        }
+        Ok(Self { cfg, session, step, progress })
     }
 
     /// One step on a batch drawn from the step's own generator.
@@ -403,14 +505,19 @@ impl Run {
         Ok(report)
     }
 
-    /// The run as a checkpoint.
+    /// The run as a checkpoint; refused when the state holds a NaN or an
+    /// infinity, so that a diverged run never replaces a good checkpoint.
     pub fn checkpoint(&mut self) -> anyhow::Result<Checkpoint> {
+        if let Some(part) = self.session.non_finite() {
+            bail!("training diverged by step {}: the {part} hold NaN or infinite values", self.step);
+        }
         let mut w = Writer::default();
         self.session.save(&mut w);
         let header = serde_json::json!({
             "config": self.cfg,
             "step": self.step,
             "shape": shape_json(),
+            "progress": self.progress,
         });
         Ok(Checkpoint { header, body: w.0 })
     }

@@ -1,0 +1,324 @@
+//! Exact in-batch terms plus a sampled cache remainder: the softmax over the
+//! batch's positives (fresh, exact) and the cache (stale, sampled).
+//!
+//! For query `b` the candidates are every positive of the batch, `p_j`
+//! (its own `p_b` is the target; another query's positive equal to its own
+//! is an accidental hit and left out when items are given), and every cache
+//! slot not holding a batch item. With `s_bj = alpha <q_b, p_j>` and the
+//! cache's log-sum-exp `C_b` over its (stale) scores,
+//!
+//! ```text
+//! Z_b      = sum_j exp(s_bj) + exp(C_b)
+//! pi_bj    = exp(s_bj) / Z_b           (in-batch probabilities, exact)
+//! M_b      = exp(C_b) / Z_b            (the cache's share, the remainder)
+//! loss_b   = log Z_b - s_bb            (the cross-entropy)
+//! ```
+//!
+//! The gradient of `loss_b` needs `sum_k P_bk f_k`, the cache softmax mean
+//! of the fresh item embeddings, which the negatives drawn from the cache
+//! estimate without bias: `sum_i w_bi f_bi` (one draw from the cache
+//! softmax has weight 1; [`crate::CacheLoss::negative_weights`] gives the
+//! weights of tempered and several draws). So, for the batch mean
+//! `L = (1/B) sum_b loss_b`,
+//!
+//! ```text
+//! dL/dq_b  = alpha/B (sum_j pi_bj p_j - p_b + M_b sum_i w_bi f_bi)
+//! dL/dp_j  = alpha/B (sum_b pi_bj q_b - q_j)
+//! dL/df_bi = alpha/B M_b w_bi q_b
+//! dL/dalpha = 1/B sum_b (sum_j pi_bj <q_b, p_j> - <q_b, p_b> + M_b sum_i w_bi <q_b, f_bi>)
+//! ```
+//!
+//! whose expectation over the draw is the exact gradient of this softmax
+//! (with the cache's probabilities from its stored scores, as in the
+//! paper). With a control variate (see [`crate::loss`]), the query's cache
+//! term becomes `M_b (beta sum_i w_bi (f_bi - e_bi) + e_bar_b)`, with the
+//! drawn slots' stale rows `e_bi` and the cache softmax mean of the stale
+//! rows `e_bar_b`. The B in-batch terms cost `B^2 D` multiply-adds and no
+//! tower evaluation: the positives are embedded anyway.
+
+use crate::error::{check_len, Error, Result};
+use crate::sampler::LogSumExp;
+use crate::vector::{self, dot};
+
+/// The cache's side of the remainder for a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSide<'a, const DIM: usize> {
+    /// Per query: the log-sum-exp of its cache candidates' scores
+    /// ([`LogSumExp::EMPTY`] when it has none).
+    pub lse: &'a [LogSumExp],
+    /// `neg` rows per query: the drawn negatives' fresh embeddings (row
+    /// `b * neg + i`).
+    pub fresh: &'a [[f32; DIM]],
+    /// The draws' weights, laid out as `fresh`; 0 for rows past a query's
+    /// draws.
+    pub weights: &'a [f32],
+    /// A query-side control variate: `(beta, stale rows of the drawn slots
+    /// laid out as fresh, per query the cache softmax mean of the stale
+    /// rows)`.
+    pub control: Option<(f32, &'a [[f32; DIM]], &'a [[f32; DIM]])>,
+}
+
+/// Where the gradients of the batch mean go (overwritten).
+#[derive(Debug)]
+pub struct RemainderGrads<'a, const DIM: usize> {
+    /// d L / d q_b.
+    pub query: &'a mut [[f32; DIM]],
+    /// d L / d p_j.
+    pub positive: &'a mut [[f32; DIM]],
+    /// d L / d f_bi, laid out as [`CacheSide::fresh`].
+    pub negative: &'a mut [[f32; DIM]],
+}
+
+/// Batch means.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RemainderSummary {
+    /// Mean cross-entropy `log Z_b - s_bb`.
+    pub loss: f32,
+    /// Mean probability of the positive.
+    pub prob_pos: f32,
+    /// Mean cache share `M_b`.
+    pub cache_mass: f32,
+    /// d L / d alpha.
+    pub grad_scale: f32,
+}
+
+/// Computes the loss and gradients above. `items` (optional) are the
+/// positives' identities, for leaving accidental hits out; `neg` is the
+/// number of rows per query in `cache.fresh`.
+///
+/// # Errors
+/// Mismatched lengths, or non-finite embeddings or scale.
+pub fn in_batch_with_remainder<I: PartialEq, const DIM: usize>(
+    queries: &[[f32; DIM]],
+    positives: &[[f32; DIM]],
+    items: Option<&[I]>,
+    alpha: f32,
+    neg: usize,
+    cache: CacheSide<'_, DIM>,
+    grads: RemainderGrads<'_, DIM>,
+) -> Result<RemainderSummary> {
+    let bsz = queries.len();
+    check_len("positives", bsz, positives.len())?;
+    if let Some(ids) = items {
+        check_len("positive items", bsz, ids.len())?;
+    }
+    check_len("cache log-sum-exp", bsz, cache.lse.len())?;
+    check_len("fresh negatives", bsz * neg, cache.fresh.len())?;
+    check_len("negative weights", bsz * neg, cache.weights.len())?;
+    if let Some((beta, stale, mean)) = cache.control {
+        if !(0.0..=1.0).contains(&beta) {
+            return Err(Error::InvalidConfig { what: "control variate beta must be in [0, 1]" });
+        }
+        check_len("stale negatives", bsz * neg, stale.len())?;
+        check_len("candidate means", bsz, mean.len())?;
+    }
+    check_len("query gradient", bsz, grads.query.len())?;
+    check_len("positive gradient", bsz, grads.positive.len())?;
+    check_len("negative gradient", bsz * neg, grads.negative.len())?;
+    if !alpha.is_finite() {
+        return Err(Error::NonFinite { what: "score scale" });
+    }
+    if !vector::rows_finite(queries) || !vector::rows_finite(positives) || !vector::rows_finite(cache.fresh) {
+        return Err(Error::NonFinite { what: "embedding" });
+    }
+    let hit = |b: usize, j: usize| j != b && items.is_some_and(|ids| ids[j] == ids[b]);
+    let inv_b = if bsz > 0 { 1.0 / bsz as f32 } else { 0.0 };
+    let c = alpha * inv_b;
+    grads.positive.iter_mut().for_each(|g| *g = [0.0; DIM]);
+    let mut sum = RemainderSummary::default();
+    for b in 0..bsz {
+        let q = &queries[b];
+        let own = alpha * dot(q, &positives[b]);
+        let mut z = LogSumExp::EMPTY;
+        for (j, p) in positives.iter().enumerate() {
+            if !hit(b, j) {
+                z.push(alpha * dot(q, p));
+            }
+        }
+        let rest = cache.lse[b];
+        z.merge(&rest);
+        let mass = if rest.sum > 0.0 { rest.sum * z.weight(rest.max) } else { 0.0 };
+        sum.loss += z.minus(own);
+        let prob_pos = z.weight(own);
+        sum.prob_pos += prob_pos;
+        sum.cache_mass += mass;
+
+        // In-batch terms, exact.
+        let gq = &mut grads.query[b];
+        *gq = [0.0; DIM];
+        let mut scale_grad = -dot(q, &positives[b]);
+        for (j, p) in positives.iter().enumerate() {
+            if hit(b, j) {
+                continue;
+            }
+            let d = dot(q, p);
+            let pi = z.weight(alpha * d);
+            vector::axpy(c * pi, p, gq);
+            vector::axpy(c * pi, q, &mut grads.positive[j]);
+            scale_grad += pi * d;
+        }
+        vector::axpy(-c, &positives[b], gq);
+        vector::axpy(-c, q, &mut grads.positive[b]);
+
+        // The cache remainder, sampled.
+        let rows = b * neg..(b + 1) * neg;
+        for k in rows.clone() {
+            let w = cache.weights[k];
+            let f = &cache.fresh[k];
+            scale_grad += mass * w * dot(q, f);
+            grads.negative[k] = [0.0; DIM];
+            if w != 0.0 {
+                vector::axpy(c * mass * w, q, &mut grads.negative[k]);
+            }
+        }
+        match cache.control {
+            None => {
+                for k in rows {
+                    vector::axpy(c * mass * cache.weights[k], &cache.fresh[k], gq);
+                }
+            }
+            Some((beta, stale, mean)) => {
+                for k in rows {
+                    let w = c * mass * beta * cache.weights[k];
+                    vector::axpy(w, &cache.fresh[k], gq);
+                    vector::axpy(-w, &stale[k], gq);
+                }
+                vector::axpy(c * mass, &mean[b], gq);
+            }
+        }
+        sum.grad_scale += scale_grad;
+    }
+    sum.loss *= inv_b;
+    sum.prob_pos *= inv_b;
+    sum.cache_mass *= inv_b;
+    sum.grad_scale *= inv_b;
+    Ok(sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_core::SeedableRng;
+    use rand_pcg::Pcg64Mcg;
+
+    const D: usize = 3;
+
+    fn rows<const N: usize>(r: &mut Pcg64Mcg) -> [[f32; D]; N] {
+        core::array::from_fn(|_| core::array::from_fn(|_| crate::random::normal(r) * 0.7))
+    }
+
+    type Exact = (f64, [[f64; D]; 3], [[f64; D]; 3], [[f64; D]; 5]);
+
+    /// The exact softmax over {batch positives} and {cache rows}, in f64:
+    /// (mean loss, d/dq, d/dp, d/d(cache row)).
+    fn exact(q: &[[f32; D]; 3], p: &[[f32; D]; 3], cache: &[[f32; D]; 5], alpha: f64) -> Exact {
+        let d64 = |x: &[f32; D], y: &[f32; D]| (0..D).map(|i| f64::from(x[i]) * f64::from(y[i])).sum::<f64>();
+        let (mut loss, mut gq, mut gp, mut gc) = (0.0, [[0.0; D]; 3], [[0.0; D]; 3], [[0.0; D]; 5]);
+        for b in 0..3 {
+            let row = |j: usize| if j < 3 { &p[j] } else { &cache[j - 3] };
+            let logits: [f64; 8] = core::array::from_fn(|j| alpha * d64(&q[b], row(j)));
+            let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
+            loss += (z.ln() + m - logits[b]) / 3.0;
+            for (j, l) in logits.iter().enumerate() {
+                let pi = (l - m).exp() / z - if j == b { 1.0 } else { 0.0 };
+                for i in 0..D {
+                    gq[b][i] += alpha * pi * f64::from(row(j)[i]) / 3.0;
+                    let g = alpha * pi * f64::from(q[b][i]) / 3.0;
+                    if j < 3 {
+                        gp[j][i] += g;
+                    } else {
+                        gc[j - 3][i] += g;
+                    }
+                }
+            }
+        }
+        (loss, gq, gp, gc)
+    }
+
+    /// With stale = fresh, the expectation over one exact draw from the
+    /// cache softmax equals the exact softmax gradient: enumerate the draws,
+    /// each with its probability, through the function's fixed-draw form.
+    #[test]
+    fn expected_gradient_is_the_exact_softmax_gradient() {
+        let mut r = Pcg64Mcg::seed_from_u64(11);
+        let q: [[f32; D]; 3] = rows(&mut r);
+        let p: [[f32; D]; 3] = rows(&mut r);
+        let cache: [[f32; D]; 5] = rows(&mut r);
+        let alpha = 2.5f32;
+        for control in [None, Some(1.0f32), Some(0.0)] {
+            let (want_loss, want_q, want_p, want_c) = exact(&q, &p, &cache, f64::from(alpha));
+            let mut lse = [LogSumExp::EMPTY; 3];
+            let mut mean = [[0.0f32; D]; 3];
+            let mut probs = [[0.0f64; 5]; 3];
+            for b in 0..3 {
+                for e in &cache {
+                    lse[b].push(alpha * dot(&q[b], e));
+                }
+                for (k, e) in cache.iter().enumerate() {
+                    probs[b][k] = f64::from(lse[b].weight(alpha * dot(&q[b], e)));
+                    vector::axpy(probs[b][k] as f32, e, &mut mean[b]);
+                }
+            }
+            let (mut eq, mut ep, mut ec) = ([[0.0f64; D]; 3], [[0.0f64; D]; 3], [[0.0f64; D]; 5]);
+            let mut e_loss = 0.0;
+            // Every combination of one draw per query, with its probability.
+            for draw in 0..125usize {
+                let pick = [draw % 5, (draw / 5) % 5, draw / 25];
+                let prob: f64 = (0..3).map(|b| probs[b][pick[b]]).product();
+                let fresh: [[f32; D]; 3] = core::array::from_fn(|b| cache[pick[b]]);
+                let (mut gq, mut gp, mut gn) = ([[0.0; D]; 3], [[0.0; D]; 3], [[0.0; D]; 3]);
+                let side = CacheSide {
+                    lse: &lse,
+                    fresh: &fresh,
+                    weights: &[1.0; 3],
+                    control: control.map(|beta| (beta, &fresh[..], &mean[..])),
+                };
+                let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
+                let s = in_batch_with_remainder::<u32, D>(&q, &p, None, alpha, 1, side, grads).unwrap();
+                e_loss += prob * f64::from(s.loss);
+                for b in 0..3 {
+                    for i in 0..D {
+                        eq[b][i] += prob * f64::from(gq[b][i]);
+                        ep[b][i] += prob * f64::from(gp[b][i]);
+                        ec[pick[b]][i] += prob * f64::from(gn[b][i]);
+                    }
+                }
+            }
+            assert!((e_loss - want_loss).abs() < 1e-5, "loss {e_loss} against {want_loss}");
+            for (got, want) in [(&eq[..], &want_q[..]), (&ep[..], &want_p[..]), (&ec[..], &want_c[..])] {
+                for (g, w) in got.iter().zip(want) {
+                    for i in 0..D {
+                        assert!((g[i] - w[i]).abs() < 1e-5, "{control:?}: {g:?} against {w:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn accidental_hits_and_empty_cache() {
+        // Two queries share an item: each other's positive is left out, so
+        // with an empty cache each query's softmax has only its own
+        // positive: loss 0, probability 1, zero gradients.
+        let q = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]];
+        let p = [[0.5, 0.5, 0.0], [0.1, 0.2, 0.3]];
+        let (mut gq, mut gp, mut gn) = ([[0.0; D]; 2], [[0.0; D]; 2], [[0.0; D]; 2]);
+        let side = CacheSide { lse: &[LogSumExp::EMPTY; 2], fresh: &[[0.0; D]; 2], weights: &[0.0; 2], control: None };
+        let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
+        let s = in_batch_with_remainder(&q, &p, Some(&[7u32, 7]), 3.0, 1, side, grads).unwrap();
+        assert!(s.loss.abs() < 1e-6 && (s.prob_pos - 1.0).abs() < 1e-6 && s.cache_mass == 0.0);
+        assert!(gq.iter().chain(&gp).chain(&gn).all(|g| g.iter().all(|x| x.abs() < 1e-6)));
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let q = [[1.0, 0.0, 0.0]];
+        let (mut gq, mut gp, mut gn) = ([[0.0; D]; 1], [[0.0; D]; 1], [[0.0; D]; 1]);
+        let side = CacheSide { lse: &[LogSumExp::EMPTY], fresh: &[[0.0; D]; 1], weights: &[0.0], control: None };
+        let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
+        assert!(in_batch_with_remainder::<u32, D>(&q, &[], None, 1.0, 1, side, grads).is_err());
+        let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
+        assert!(in_batch_with_remainder::<u32, D>(&q, &q, None, f32::NAN, 1, side, grads).is_err());
+    }
+}
