@@ -52,10 +52,19 @@ pub struct CacheSide<'a, const DIM: usize> {
     /// The draws' weights, laid out as `fresh`; 0 for rows past a query's
     /// draws.
     pub weights: &'a [f32],
-    /// A query-side control variate: `(beta, stale rows of the drawn slots
-    /// laid out as fresh, per query the cache softmax mean of the stale
-    /// rows)`.
-    pub control: Option<(f32, &'a [[f32; DIM]], &'a [[f32; DIM]])>,
+    /// A query-side control variate.
+    pub control: Option<Control<'a, DIM>>,
+}
+
+/// The control variate of the query's cache term.
+#[derive(Debug, Clone, Copy)]
+pub struct Control<'a, const DIM: usize> {
+    /// beta in [0, 1]: 1 unbiased, 0 the memory-bank estimator.
+    pub beta: f32,
+    /// The drawn slots' stale rows, laid out as [`CacheSide::fresh`].
+    pub stale: &'a [[f32; DIM]],
+    /// Per query, the cache softmax mean of the stale rows.
+    pub mean: &'a [[f32; DIM]],
 }
 
 /// Where the gradients of the batch mean go (overwritten).
@@ -105,7 +114,7 @@ pub fn in_batch_with_remainder<I: PartialEq, const DIM: usize>(
     check_len("cache log-sum-exp", bsz, cache.lse.len())?;
     check_len("fresh negatives", bsz * neg, cache.fresh.len())?;
     check_len("negative weights", bsz * neg, cache.weights.len())?;
-    if let Some((beta, stale, mean)) = cache.control {
+    if let Some(Control { beta, stale, mean }) = cache.control {
         if !(0.0..=1.0).contains(&beta) {
             return Err(Error::InvalidConfig { what: "control variate beta must be in [0, 1]" });
         }
@@ -177,7 +186,7 @@ pub fn in_batch_with_remainder<I: PartialEq, const DIM: usize>(
                     vector::axpy(c * mass * cache.weights[k], &cache.fresh[k], gq);
                 }
             }
-            Some((beta, stale, mean)) => {
+            Some(Control { beta, stale, mean }) => {
                 for k in rows {
                     let w = c * mass * beta * cache.weights[k];
                     vector::axpy(w, &cache.fresh[k], gq);
@@ -272,7 +281,7 @@ mod tests {
                     lse: &lse,
                     fresh: &fresh,
                     weights: &[1.0; 3],
-                    control: control.map(|beta| (beta, &fresh[..], &mean[..])),
+                    control: control.map(|beta| Control { beta, stale: &fresh[..], mean: &mean[..] }),
                 };
                 let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
                 let s = in_batch_with_remainder::<u32, D>(&q, &p, None, alpha, 1, side, grads).unwrap();

@@ -519,7 +519,11 @@ where
             lse: &self.lse[..bsz],
             fresh: self.n[..bsz].as_flattened(),
             weights: self.neg_weight[..bsz].as_flattened(),
-            control: control.map(|beta| (beta, self.stale[..bsz].as_flattened(), &self.candidate_mean[..bsz])),
+            control: control.map(|beta| remainder::Control {
+                beta,
+                stale: self.stale[..bsz].as_flattened(),
+                mean: &self.candidate_mean[..bsz],
+            }),
         };
         let grads = RemainderGrads {
             query: &mut self.gq[..bsz],

@@ -3,7 +3,8 @@
 //!
 //! This library holds everything but the entry points: the data (decoded
 //! from flash at compile time, [`data`]), the model and trainer sizes, the
-//! training loop and the evaluation ([`run`]). `src/main.rs` runs it on a
+//! training loop, the evaluation, and after training the answers to a few
+//! queries with their top items by exact retrieval ([`run`], [`answer`]). `src/main.rs` runs it on a
 //! Cortex-M4 under QEMU with semihosting output; `src/bin/host-sim.rs` runs
 //! it on the host. Both print the lines written by [`run`]; the lines that
 //! start with one of [`DETERMINISTIC_PREFIXES`] must be identical between
@@ -21,6 +22,7 @@ use core::fmt::{self, Write};
 
 use negcache::layers::ParamVisitor;
 use negcache::optim::OptimizerKind;
+use negcache::retrieve::{search, Hit};
 use negcache::sampler::LogSumExp;
 use negcache::tower::{Model, SharedTokenTowers, Side, TowerConfig};
 use negcache::trainer::{Batch, Trainer, TrainerConfig};
@@ -45,6 +47,11 @@ pub const CAP: usize = 64;
 pub const BATCH: usize = 16;
 /// Negatives drawn from the cache per query.
 pub const NEG: usize = 1;
+/// Items retrieved per query answered after training.
+pub const TOP_K: usize = 5;
+/// Queries answered after training, from each of the training and the
+/// held-out queries (spread evenly over each).
+pub const ANSWERED: usize = 3;
 
 /// One token table shared by both sides (queries and items use the same
 /// words, so sharing lets them match from the first step and halves the
@@ -116,7 +123,7 @@ impl Default for Scratch {
 pub static SCRATCH: ConstStaticCell<Scratch> = ConstStaticCell::new(Scratch::new());
 
 /// Line prefixes whose lines must be identical on the host and the device.
-pub const DETERMINISTIC_PREFIXES: &[&str] = &["data ", "config ", "recall ", "loss ", "checksum "];
+pub const DETERMINISTIC_PREFIXES: &[&str] = &["data ", "config ", "recall ", "loss ", "topk ", "checksum "];
 
 /// Why a run stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,6 +238,37 @@ fn write_recall(out: &mut dyn Write, when: &str, split: &str, r: &Recall) -> fmt
         r.r10(),
         r.full_ce
     )
+}
+
+/// Answers one query as a server would: its [`TOP_K`] items by exact
+/// retrieval over all item embeddings (the core's [`search`], a bounded heap
+/// in a buffer on the stack; equal scores go to the lower item index),
+/// printed as `item:score:bits`, best first, with the rank of the query's
+/// positive among them (`-` when it is not there).
+pub fn answer(
+    out: &mut dyn Write,
+    model: &Towers,
+    items: &[[f32; DIM]; N_ITEMS],
+    split: &str,
+    i: usize,
+    query: &Query,
+) -> Result<(), RunError> {
+    let mut q = [0.0; DIM];
+    model.embed(Side::Query, &query.tokens, &mut q);
+    let mut buf = [Hit::EMPTY; TOP_K];
+    let hits = search(&q, items, &mut buf)?;
+    write!(out, "topk {split}[{i}] positive={} at=", query.positive)?;
+    match hits.iter().position(|h| h.key == query.positive) {
+        Some(r) => write!(out, "{}", r + 1)?,
+        None => out.write_str("-")?,
+    }
+    out.write_str(" hits=")?;
+    for (r, h) in hits.iter().enumerate() {
+        let sep = if r == 0 { "" } else { "," };
+        write!(out, "{sep}{}:{:.4}:{:08x}", h.key, h.score, h.score.to_bits())?;
+    }
+    writeln!(out)?;
+    Ok(())
 }
 
 /// FNV-1a over the bits of every parameter, in the order an optimiser
@@ -351,6 +389,13 @@ pub fn run(t: &mut FwTrainer, scratch: &mut Scratch, s: &Settings, out: &mut dyn
     summary.heldout = recall(&t.model, &scratch.item_embeddings, &HELDOUT);
     write_recall(out, "after", "train", &summary.train)?;
     write_recall(out, "after", "heldout", &summary.heldout)?;
+    for (split, queries) in [("train", &TRAIN[..]), ("heldout", &HELDOUT[..])] {
+        // Spread over the set: queries 0, n/3 and 2n/3.
+        let stride = (queries.len() / ANSWERED).max(1);
+        for (i, query) in queries.iter().enumerate().step_by(stride).take(ANSWERED) {
+            answer(out, &t.model, &scratch.item_embeddings, split, i, query)?;
+        }
+    }
     writeln!(out, "checksum params={:08x}", checksum(&mut t.model))?;
     Ok(summary)
 }

@@ -561,6 +561,12 @@ fn rows_table(out: &mut String, unit: &str, rows: &[Row]) {
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let secs = args.seconds;
+    // NaN or infinite seconds would time nothing and report 0 GFLOP/s,
+    // "inf %" and a passing verdict.
+    anyhow::ensure!(
+        secs.is_finite() && (0.01..=3600.0).contains(&secs),
+        "--seconds must be a number of seconds between 0.01 and 3600, got {secs}"
+    );
     let machine = machine();
     for (k, v) in &machine {
         eprintln!("{k}: {v}");

@@ -100,8 +100,39 @@ impl Checkpoint {
     }
 }
 
+/// The name prefix of every temporary file the host writes beside an
+/// output (checkpoints, summaries, plots, metrics logs). A process killed
+/// while writing leaves such a file behind; [`remove_stale_temp_files`]
+/// removes them when the next run starts in that directory.
+pub const TEMP_PREFIX: &str = ".negcache-tmp-";
+
+/// Removes the temporary files ([`TEMP_PREFIX`]) that killed runs left in
+/// `dir`, and returns how many there were. A missing `dir` has none. Two
+/// runs must not write into the same directory at once: the second would
+/// remove the first one's file in the middle of a write.
+pub fn remove_stale_temp_files(dir: &Path) -> anyhow::Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("{}: cannot list", dir.display()))),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("{}: cannot list", dir.display()))?;
+        let stale = entry.file_name().to_str().is_some_and(|n| n.starts_with(TEMP_PREFIX));
+        if stale && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let path = entry.path();
+            std::fs::remove_file(&path)
+                .with_context(|| format!("{}: cannot remove a temporary file left by a killed run", path.display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Writes `path` through a temporary file in the same directory: if `fill`
-/// fails or the process dies before the rename, `path` is untouched.
+/// fails or the process dies before the rename, `path` is untouched (a
+/// killed process leaves a [`TEMP_PREFIX`] file, removed by the next run).
 pub fn write_atomically(path: &Path, fill: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>) -> anyhow::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -109,6 +140,7 @@ pub fn write_atomically(path: &Path, fill: impl FnOnce(&mut dyn Write) -> anyhow
     };
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
     let mut builder = tempfile::Builder::new();
+    builder.prefix(TEMP_PREFIX);
     // Temporary files are owner-only by default; an output is created with
     // the mode any other file gets (0666 less the umask), like metrics.csv.
     #[cfg(unix)]
@@ -124,7 +156,11 @@ pub fn write_atomically(path: &Path, fill: impl FnOnce(&mut dyn Write) -> anyhow
         w.flush().with_context(|| format!("{}: writing failed; the previous file is kept", path.display()))?;
     }
     tmp.as_file().sync_all().with_context(|| format!("{}: cannot sync", path.display()))?;
-    tmp.persist(path).with_context(|| format!("{}: cannot rename the temporary file into place", path.display()))?;
+    // The io::Error alone: a PersistError's message is its source's, and
+    // would be printed twice.
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("{}: cannot rename the temporary file into place", path.display()))?;
     Ok(())
 }
 

@@ -83,6 +83,11 @@ pub struct RunResult {
     pub state_bytes: usize,
     /// (step, seconds, Recall@10) of periodic evaluations.
     pub curve: Vec<(u64, f64, f64)>,
+    /// The settings the run was trained and evaluated with; a saved result
+    /// is reused only under the same settings.
+    pub config: TrainConfig,
+    /// The evaluation protocol, in words.
+    pub protocol: String,
 }
 
 /// The settings of one run: defaults, then the base, then the run's own.
@@ -111,6 +116,17 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     }
     let mut names = std::collections::HashSet::new();
     for e in &file.runs {
+        // Names become directory and file names under `out`.
+        for (what, name) in [("run name", &e.name), ("group", &e.group)] {
+            if !plain_name(name) {
+                bail!(
+                    "{}: {what} {name:?} must be a plain name (letters, digits, '-', '_', '.'; not starting \
+                     with '.'), since it names files under {}",
+                    path.display(),
+                    file.out.display()
+                );
+            }
+        }
         if !names.insert(&e.name) {
             bail!("{}: run name {:?} is used twice", path.display(), e.name);
         }
@@ -121,7 +137,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let first = run_config(&file, &file.runs[0], file.seeds[0])?;
     eprintln!("loading {} ...", first.data.display());
     let mut data = prepare(&first)?;
-    let key = |c: &TrainConfig| (c.data.clone(), c.eval_split.clone(), c.item_id_token, c.char_ngrams);
+    let key = |c: &TrainConfig| (c.data.clone(), c.eval_split.clone(), c.item_id_token, c.char_ngrams, c.protocol());
     let mut data_key = key(&first);
     let mut results: Vec<RunResult> = Vec::new();
     let total: usize = file.runs.iter().map(|e| e.seeds.as_ref().unwrap_or(&file.seeds).len()).sum();
@@ -133,14 +149,19 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             if cfg.data != first.data || cfg.eval_split != first.eval_split {
                 bail!("run {:?}: every run must use the same data and evaluation split", entry.name);
             }
+            crate::checkpoint::remove_stale_temp_files(&cfg.out)?;
             let saved = cfg.out.join("result.json");
-            if let Some(r) = std::fs::read(&saved).ok().and_then(|b| serde_json::from_slice::<RunResult>(&b).ok()) {
+            let reusable = std::fs::read(&saved)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<RunResult>(&b).ok())
+                .filter(|r| r.config == cfg);
+            if let Some(r) = reusable {
                 eprintln!("[{done}/{total}] {} seed {seed}: reused {}", entry.name, saved.display());
                 results.push(r);
                 continue;
             }
             if key(&cfg) != data_key {
-                // Another featurisation (item-id token, n-grams).
+                // Another featurisation (item-id token, n-grams) or protocol.
                 data = prepare(&cfg)?;
                 data_key = key(&cfg);
             }
@@ -161,6 +182,8 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
                 tower_evals_per_step: summary.tower_evals_per_step,
                 state_bytes: summary.state_bytes,
                 curve,
+                config: cfg.clone(),
+                protocol: cfg.protocol().describe(),
             };
             let _ = std::fs::remove_file(cfg.out.join("checkpoint.ckpt"));
             write_atomically(&saved, |f| serde_json::to_writer_pretty(f, &r).map_err(Into::into))?;
@@ -174,6 +197,14 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let baselines = evaluate_baselines(&data.ds, &data.evaluator, first.bm25())?;
     write_results(&file, &results, &baselines, &first)?;
     Ok(())
+}
+
+/// Whether `name` can be used as one file-name component: no separators,
+/// no `..`, no hidden or empty names.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn mean_spread(xs: &[f64]) -> (f64, f64) {
@@ -212,7 +243,7 @@ fn write_results(file: &CompareFile, results: &[RunResult], b: &Baselines, cfg: 
     for (i, rs) in &by_run {
         let e = &file.runs[*i];
         rows.push(vec![
-            e.name.clone(),
+            format!("{}{}", e.name, cfg.protocol().label()),
             rs.len().to_string(),
             pm(rs.iter().map(|r| r.metrics.recall_at_10).collect()),
             pm(rs.iter().map(|r| r.metrics.mrr_at_10).collect()),
@@ -226,7 +257,7 @@ fn write_results(file: &CompareFile, results: &[RunResult], b: &Baselines, cfg: 
     let bm25 = format!("BM25 (k1 {}, b {})", b.bm25_config.k1, b.bm25_config.b);
     for (name, m) in [(bm25.as_str(), &b.bm25), ("popularity", &b.popularity)] {
         rows.push(vec![
-            name.into(),
+            format!("{name}{}", cfg.protocol().label()),
             "-".into(),
             fmt_metric(m.recall_at_10),
             fmt_metric(m.mrr_at_10),
@@ -291,12 +322,13 @@ fn write_results(file: &CompareFile, results: &[RunResult], b: &Baselines, cfg: 
         plots.push(format!("`{name}-steps.svg`, `{name}-seconds.svg`"));
     }
     let doc = format!(
-        "# {}\n\nData: `{}`, split `{}`; {} steps of batch {} per run (unless the run says otherwise); \
+        "# {}\n\nData: `{}`, split `{}`; evaluation: {}. {} steps of batch {} per run (unless the run says otherwise); \
          mean ± standard deviation over seeds. Curves: {} \
          (periodic evaluations on the first {} judged queries; the table's figures use every query).\n\n{}\n",
         file.title,
         cfg.data.display(),
         cfg.eval_split,
+        cfg.protocol().describe(),
         cfg.steps,
         cfg.batch,
         plots.join("; "),

@@ -41,11 +41,37 @@ struct RunSpec {
     measured: serde_json::Value,
 }
 
+/// The metrics a band may bound.
+const METRICS: [&str; 5] = ["recall_at_1", "recall_at_10", "recall_at_100", "mrr_at_10", "ndcg_at_10"];
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Band {
     min: f64,
     max: f64,
+}
+
+/// Fixture formats of this project that `verify` does not run (other tests
+/// check them): found in a directory of fixtures they are skipped, named
+/// on their own they are refused. Any other format is an error, so that a
+/// misspelled tag cannot pass unchecked.
+pub const OTHER_FORMATS: &[&str] = &[
+    "negcache-firmware-v1",
+    "negcache-planted-v1",
+    "negcache-optim-v1",
+    "negcache-bm25-reference-v1",
+    "negcache-trec-metrics-v1",
+];
+
+/// The format tag of a JSON fixture file; errors name the file.
+pub fn file_format(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    match v.get("format").and_then(serde_json::Value::as_str) {
+        Some(f) => Ok(f.to_owned()),
+        None => bail!("{}: no string field `format` (expected {FORMAT:?})", path.display()),
+    }
 }
 
 /// Whether `path` is a convergence fixture (by its format tag).
@@ -62,7 +88,10 @@ pub fn run_file(path: &Path) -> anyhow::Result<Vec<CaseResult>> {
     let file: File =
         serde_json::from_str(&text).with_context(|| format!("{}: not a convergence fixture", path.display()))?;
     if file.format != FORMAT {
-        bail!("{}: format must be {FORMAT:?}", path.display());
+        bail!("{}: format must be {FORMAT:?}, found {:?}", path.display(), file.format);
+    }
+    if file.runs.is_empty() {
+        bail!("{}: field `runs` is empty: a convergence fixture must hold at least one run", path.display());
     }
     let base = path.parent().unwrap_or(Path::new("."));
     let mut out = Vec::new();
@@ -82,6 +111,20 @@ pub fn run_file(path: &Path) -> anyhow::Result<Vec<CaseResult>> {
 }
 
 fn run_one(spec: &RunSpec, base: &Path) -> anyhow::Result<CaseResult> {
+    // The bands are checked before anything is trained.
+    if spec.bands.is_empty() {
+        bail!("bands: empty, so nothing would be checked");
+    }
+    for metric in spec.bands.keys() {
+        if !METRICS.contains(&metric.as_str()) {
+            bail!("bands.{metric}: unknown metric; expected one of {}", METRICS.join(", "));
+        }
+    }
+    for (metric, band) in &spec.bands {
+        if !(band.min.is_finite() && band.max.is_finite() && band.min <= band.max) {
+            bail!("bands.{metric}: min {} and max {} must be finite with min <= max", band.min, band.max);
+        }
+    }
     let mut merged = serde_json::to_value(TrainConfig::default())?;
     let overrides = spec.config.as_object().context("config must be an object of settings")?;
     for (k, v) in overrides {
@@ -91,6 +134,7 @@ fn run_one(spec: &RunSpec, base: &Path) -> anyhow::Result<CaseResult> {
         merged[k] = v.clone();
     }
     let mut cfg: TrainConfig = serde_json::from_value(merged).context("config")?;
+    cfg.validate().context("config")?;
     cfg.data = base.join(&cfg.data);
     cfg.out = std::env::temp_dir().join(format!("negcache-verify-{}-{}", spec.name, std::process::id()));
     cfg.eval_every = 0;

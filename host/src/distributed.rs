@@ -649,8 +649,12 @@ impl ParamVisitor for CountParams {
 pub fn validate(cfg: &TrainConfig, processes: usize) -> anyhow::Result<()> {
     cfg.validate()?;
     let p = processes;
-    ensure!(cfg.objective == ObjectiveName::Cache, "--distributed trains the cache objective only");
+    ensure!(
+        cfg.objective == ObjectiveName::Cache,
+        "--distributed trains the paper's cache objective only (--objective cache --negatives 1 --control-variate false)"
+    );
     ensure!(cfg.negatives == 1, "--distributed draws one negative per query (negatives = 1)");
+    ensure!(!cfg.control_variate, "--distributed has no control variate yet (control_variate = false)");
     ensure!(
         cfg.inv_temp == 1.0,
         "--distributed needs inv_temp = 1: only then do the shards' log-sum-exps merge into an exact draw"
@@ -1049,9 +1053,10 @@ impl<M: Towers> Worker<M> {
         const WORDS: usize = 2 + DIM;
         let (rank, p, bl, n) = (self.comm.rank(), self.comm.size(), self.local_batch, self.shard_cap);
         let streaming = !self.cfg.corpus_cache;
-        // Each positive's owner, looked up once rather than once per shard.
-        let owner: Vec<Option<usize>> =
-            self.positives.iter().map(|y| if streaming { self.owners.of(y) } else { None }).collect();
+        // Each positive's owner, looked up once rather than once per shard:
+        // the shard that holds it (then refreshed, as the single-process
+        // trainer refreshes cached positives) or would insert it.
+        let owner: Vec<Option<usize>> = self.positives.iter().map(|y| self.owners.of(y)).collect();
         self.words.clear();
         let mut counts = vec![0 as Count; p];
         for (dest, c) in counts.iter_mut().enumerate() {
@@ -1078,6 +1083,7 @@ impl<M: Towers> Worker<M> {
         self.rows.clear();
         self.items.clear();
         let mut fresh_rows: Vec<[f32; DIM]> = Vec::new();
+        let (mut cached_slots, mut cached_rows): (Vec<usize>, Vec<[f32; DIM]>) = (Vec::new(), Vec::new());
         let mut seen: Vec<ItemTokens> = Vec::new();
         let (mut stale_sum, mut stale_count) = (0.0f32, 0.0f32);
         let cache = self.trainer.cache().prefix(n);
@@ -1095,7 +1101,10 @@ impl<M: Towers> Worker<M> {
                 KIND_INSERT => {
                     let g = r[1] as usize;
                     let item = *self.sampler.positives().get(g).context("an insert for an unknown query")?;
-                    if !cache.contains(&item) && !seen.contains(&item) {
+                    if let Some(slot) = cache.position(&item) {
+                        cached_slots.push(slot);
+                        cached_rows.push(e);
+                    } else if streaming && !seen.contains(&item) {
                         self.items.push(item);
                         fresh_rows.push(e);
                     }
@@ -1104,6 +1113,12 @@ impl<M: Towers> Worker<M> {
                 k => bail!("unknown update record kind {k}"),
             }
         }
+        let eviction = self.trainer.config().eviction;
+        // First the cached positives (a refresh, no ageing), then the drawn
+        // negatives and the inserts: the single-process order.
+        let positives =
+            Update { refresh_indices: &cached_slots, refresh_embeddings: &cached_rows, ..Update::default() };
+        self.trainer.cache_mut().prefix_mut(n).refresh(&positives, eviction)?;
         let up = Update {
             refresh_indices: &self.slots,
             refresh_embeddings: &self.rows,
@@ -1112,7 +1127,6 @@ impl<M: Towers> Worker<M> {
             new_items: &self.items,
             new_mask: None,
         };
-        let eviction = self.trainer.config().eviction;
         self.trainer.cache_mut().prefix_mut(n).update(&up, eviction)?;
         Ok((stale_sum, stale_count))
     }

@@ -6,10 +6,14 @@ pub mod convergence;
 pub mod data;
 #[cfg(feature = "mpi")]
 pub mod distributed;
+pub mod embed;
 pub mod eval;
+pub mod export;
 pub mod featurize;
+pub mod interrupt;
 pub mod memory;
 pub mod reference;
 pub mod report;
+pub mod resume;
 pub mod session;
 pub mod train;

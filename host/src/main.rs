@@ -12,7 +12,7 @@ use negcache_host::eval::{
 use negcache_host::report::{column_points, line_chart, read_series, MetricsLog, Series};
 use negcache_host::session::Tying;
 use negcache_host::train::{self, ObjectiveName, OptimizerName, Run, SamplerName, TrainConfig, METRIC_COLUMNS};
-use negcache_host::{convergence, reference};
+use negcache_host::{convergence, reference, resume};
 
 #[derive(Parser, Debug)]
 #[command(name = "negcache", version, about = "Train two-tower retrieval models with a negative cache")]
@@ -28,7 +28,10 @@ enum Command {
     ///
     /// Writes <out>/metrics.csv, <out>/summary.json, plots and an atomic
     /// checkpoint <out>/checkpoint.ckpt. Settings come from defaults, then
-    /// --config, then flags.
+    /// --config, then flags, and are all checked before any output is
+    /// touched. Ctrl-C stops at the next step with a checkpoint (exit 130);
+    /// a run whose losses turn NaN or explode stops with an error, keeping
+    /// its last good checkpoint.
     ///
     /// Examples:
     ///   negcache train
@@ -75,7 +78,7 @@ enum Command {
     /// settings and `[[run]]` tables (`name`, `about`, settings). Finished
     /// runs are saved and reused, so an interrupted comparison continues.
     ///
-    /// Example: negcache compare --config docs/results/compare.toml
+    /// Example: negcache compare --config docs/results/estimators/compare.toml
     Compare {
         /// The comparison file.
         #[arg(long)]
@@ -86,6 +89,27 @@ enum Command {
     ///
     /// Example: negcache bench --write docs/results/bench.md
     Bench(negcache_host::bench::BenchArgs),
+    /// Export a checkpoint for serving: item embeddings of the whole corpus
+    /// with their ids, optionally the query embeddings of a split, and the
+    /// towers' weights, as safetensors files numpy and PyTorch read.
+    ///
+    /// Writes <out>/embeddings.safetensors (item_embeddings, item_tokens,
+    /// and with --split query_embeddings, query_tokens), <out>/item_ids.txt,
+    /// <out>/query_ids.txt and <out>/weights.safetensors. Rows are
+    /// L2-normalised; the model's score is score_scale (in the metadata)
+    /// times the dot product, so a plain dot product ranks as `eval` does.
+    ///
+    /// Example: negcache export --checkpoint runs/default/checkpoint.ckpt --split test --out runs/default/export
+    Export(negcache_host::export::ExportArgs),
+    /// Embed new text with a checkpoint's query (or item) tower.
+    ///
+    /// Reads JSON lines on stdin ({"_id": ..., "title": ..., "text": ...})
+    /// or plain lines of text, and writes JSON lines {"id": ..., "vector":
+    /// [...]} to stdout, or a safetensors file (tensor `embeddings`) with
+    /// --out, its ids in <out stem>.ids.txt.
+    ///
+    /// Example: echo '{"_id": "q1", "text": "a small songbird"}' | negcache embed --checkpoint runs/default/checkpoint.ckpt
+    Embed(negcache_host::embed::EmbedArgs),
     /// Convert Debian's WordNet (package wordnet-base) into a BEIR dataset.
     ///
     /// Example: negcache convert-wordnet --task hypernyms --seed 0 --out fixtures/data/wordnet-hypernyms
@@ -185,7 +209,10 @@ struct TrainArgs {
     /// A TOML file with any of the settings below (snake_case keys).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Continue from a checkpoint; the result equals an uninterrupted run.
+    /// Continue from a checkpoint; the result and the log equal an
+    /// uninterrupted run's. Writes beside the checkpoint (or into --out).
+    /// Only --steps, the evaluation and checkpoint settings and --data may
+    /// differ from the checkpoint's; other settings are refused.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// BEIR dataset directory [default: fixtures/data/wordnet-hypernyms].
@@ -209,7 +236,7 @@ struct TrainArgs {
     /// Warm-up steps [default: 100].
     #[arg(long)]
     warmup: Option<u64>,
-    /// Objective [default: cache].
+    /// Objective [default: cache-in-batch].
     #[arg(long, value_enum)]
     objective: Option<ObjectiveName>,
     /// Negatives per step for --objective sampled [default: 8192].
@@ -227,16 +254,19 @@ struct TrainArgs {
     /// Sampler [default: exp-jump].
     #[arg(long, value_enum)]
     sampler: Option<SamplerName>,
-    /// Negatives per query from the cache, 1 or 4 [default: 1].
+    /// Negatives per query from the cache, 1, 2 or 4 [default: 4].
     #[arg(long)]
     negatives: Option<usize>,
     /// Sampling inverse temperature [default: 1].
     #[arg(long)]
     inv_temp: Option<f32>,
-    /// Query-side control variate of the cache objective, beta in [0, 1]
-    /// (1 unbiased, 0 memory bank) [default: none].
+    /// Query-side control variate in the cache objectives [default: true].
     #[arg(long)]
-    control_variate: Option<f32>,
+    control_variate: Option<bool>,
+    /// The control variate's beta in [0, 1]: 1 unbiased, 0 the memory-bank
+    /// estimator [default: 1].
+    #[arg(long)]
+    control_variate_beta: Option<f32>,
     /// Approximate top-k groups, 0 for off [default: 0].
     #[arg(long)]
     top_k: Option<usize>,
@@ -246,7 +276,7 @@ struct TrainArgs {
     /// Cache entries re-embedded per step [default: 0].
     #[arg(long)]
     refresh_per_step: Option<usize>,
-    /// Tower tying [default: shared-tokens].
+    /// Tower tying [default: siamese].
     #[arg(long, value_enum)]
     tying: Option<Tying>,
     /// Append an item-id token to items [default: true].
@@ -307,13 +337,12 @@ impl TrainArgs {
             corpus_cache,
             lru
         );
-        if let Some(beta) = self.control_variate {
-            c.control_variate = Some(beta);
-        }
         set!(
             sampler,
             negatives,
             inv_temp,
+            control_variate,
+            control_variate_beta,
             top_k,
             mask_accidental_hits,
             refresh_per_step,
@@ -350,6 +379,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             negcache_host::bench::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Export(args) => {
+            negcache_host::export::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Embed(args) => {
+            negcache_host::embed::run(&args, std::io::stdin().lock(), std::io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::ConvertWordnet { task, seed, test_fraction, wordnet: dir, out, plain } => {
             let (ds, stats) = wordnet::convert(&dir, task, seed, test_fraction)?;
             beir::write(&out, &ds, !plain)?;
@@ -368,18 +405,13 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<ExitCode> {
     if args.distributed {
         return distributed_train(args);
     }
-    let mut run = match &args.resume {
+    let resumed = args.resume.is_some();
+    let (mut run, data) = match &args.resume {
         Some(path) => {
-            let mut r = Run::resume(path, args.steps)?;
-            if args.config.is_some() || args.data.is_some() {
-                eprintln!(
-                    "note: --resume takes the configuration stored in the checkpoint; only --steps and --out apply"
-                );
-            }
-            if let Some(out) = &args.out {
-                r.cfg.out = out.clone();
-            }
-            r
+            let Some(run) = resume_run(args, path)? else { return Ok(ExitCode::SUCCESS) };
+            eprintln!("loading {} ...", run.cfg.data.display());
+            let data = train::prepare(&run.cfg)?;
+            (run, data)
         }
         None => {
             let mut cfg = match &args.config {
@@ -387,21 +419,21 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<ExitCode> {
                 None => TrainConfig::default(),
             };
             args.apply(&mut cfg);
+            // Every setting is checked, and the data loaded, before any
+            // output is touched.
             cfg.validate()?;
-            Run {
-                cfg: cfg.clone(),
-                session: negcache_host::session::new_session(cfg.tying, cfg.negatives, cfg.tower(), cfg.trainer())?,
-                step: 0,
-            }
+            eprintln!("loading {} ...", cfg.data.display());
+            let data = train::prepare(&cfg)?;
+            (Run::start(cfg, &data)?, data)
         }
     };
     let cfg = run.cfg.clone();
-    eprintln!("loading {} ...", cfg.data.display());
-    let data = train::prepare(&cfg)?;
-    if args.resume.is_none() {
-        run = Run::start(cfg.clone(), &data)?;
-    }
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("{}: cannot create", cfg.out.display()))?;
+    let stale = negcache_host::checkpoint::remove_stale_temp_files(&cfg.out)?;
+    if stale > 0 {
+        eprintln!("removed {stale} temporary file(s) left in {} by a killed run", cfg.out.display());
+    }
+    negcache_host::interrupt::install()?;
     eprintln!(
         "training: {} queries, {} items, {} training pairs; objective {:?}, {} steps of batch {}",
         data.ds.queries.len(),
@@ -412,11 +444,47 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         cfg.batch
     );
     // Metrics go to <out>/metrics.csv row by row, so a killed run keeps
-    // what it logged; a resumed run keeps the rows up to its step.
+    // what it logged; a resumed run keeps the rows an uninterrupted run
+    // would have logged by its step.
     let metrics_path = cfg.out.join("metrics.csv");
-    let mut log = MetricsLog::reopen(&metrics_path, &METRIC_COLUMNS, args.resume.is_some().then_some(run.step))?;
-    let summary = train::train(&mut run, &data, &mut |step, secs, values| log.log_at(step, secs, values))?;
+    let mut log = if resumed {
+        match std::fs::metadata(&metrics_path) {
+            Ok(m) if m.len() == 0 => eprintln!(
+                "warning: {} is empty: the rows of steps up to {} are lost; logging continues from there",
+                metrics_path.display(),
+                run.step
+            ),
+            Err(_) => eprintln!("note: {} does not exist: it starts at step {}", metrics_path.display(), run.step),
+            Ok(_) => {}
+        }
+        let (step, finished, to_complete) = (run.step, run.progress.finished, run.step >= cfg.steps);
+        MetricsLog::reopen_keeping(&metrics_path, &METRIC_COLUMNS, &|r| {
+            if to_complete {
+                resume::keeps_row_to_complete(r, step)
+            } else {
+                resume::keeps_row(r, step, finished)
+            }
+        })?
+    } else {
+        MetricsLog::create(&metrics_path, &METRIC_COLUMNS)?
+    };
+    let mut log_row = |step, secs, values: &[(&str, f64)]| log.log_at(step, secs, values);
+    let trained = if run.step < cfg.steps {
+        train::train(&mut run, &data, &mut log_row)
+    } else {
+        train::complete(&mut run, &data, &mut log_row)
+    };
     log.close()?;
+    let summary = match trained {
+        Ok(s) => s,
+        Err(e) => match e.downcast_ref::<negcache_host::interrupt::Interrupted>() {
+            Some(stop) => {
+                eprintln!("{stop}");
+                return Ok(ExitCode::from(negcache_host::interrupt::EXIT_STATUS));
+            }
+            None => return Err(e),
+        },
+    };
     let baselines = evaluate_baselines(&data.ds, &data.evaluator, cfg.bm25())?;
     print_summary(&cfg, &summary.metrics, &baselines);
     println!(
@@ -427,6 +495,15 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         summary.tower_evals_per_step,
         summary.state_bytes as f64 / 1e6
     );
+    if summary.session_steps < summary.steps {
+        println!(
+            "this run: steps {} to {} in {:.1} s ({:.1} steps/s)",
+            summary.steps - summary.session_steps + 1,
+            summary.steps,
+            summary.session_seconds,
+            summary.session_steps as f64 / summary.session_seconds.max(1e-9)
+        );
+    }
     plot_run(&metrics_path, &cfg.out, &baselines)?;
     let report = serde_json::json!({
         "config": cfg,
@@ -444,6 +521,61 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The run `train --resume PATH` continues, with the changeable settings
+/// of the config file and flags applied (and named) and the others refused
+/// when they differ; `None` when it is already at its last step. It writes
+/// into `--out`, or beside the checkpoint, never into the directory stored
+/// in the checkpoint.
+fn resume_run(args: &TrainArgs, path: &Path) -> anyhow::Result<Option<Run>> {
+    let mut run = Run::resume(path, None)?;
+    let stored = run.cfg.clone();
+    let mut requested = match &args.config {
+        Some(p) => resume::overlay_toml(&stored, p)?,
+        None => stored.clone(),
+    };
+    args.apply(&mut requested);
+    let (mut cfg, applied) =
+        resume::apply_settings(&stored, &requested).with_context(|| format!("--resume {}", path.display()))?;
+    cfg.out = resume::out_dir(path, args.out.as_deref());
+    cfg.validate().with_context(|| format!("--resume {}", path.display()))?;
+    if cfg.steps < run.step {
+        anyhow::bail!(
+            "--steps {}: {} is already at step {}; pass --steps above {} to train further",
+            cfg.steps,
+            path.display(),
+            run.step,
+            run.step
+        );
+    }
+    if cfg.steps == run.step {
+        // A final checkpoint whose run was stopped before its outputs were
+        // all written is completed; anything else has nothing to do.
+        if run.progress.finished && !resume::outputs_complete(&cfg.out, run.step) {
+            eprintln!(
+                "resume: {} is the final checkpoint of a run whose outputs in {} are incomplete; completing them",
+                path.display(),
+                cfg.out.display()
+            );
+            run.cfg = cfg;
+            return Ok(Some(run));
+        }
+        println!(
+            "nothing to do: {} is at step {} of {}; pass --steps above {} to train further",
+            path.display(),
+            run.step,
+            cfg.steps,
+            run.step
+        );
+        return Ok(None);
+    }
+    for line in &applied {
+        eprintln!("resume: applying {line}");
+    }
+    eprintln!("resume: from step {} of {}, writing to {}", run.step, path.display(), cfg.out.display());
+    run.cfg = cfg;
+    Ok(Some(run))
+}
+
 /// `train --distributed`: the settings as for `train`, then the MPI run.
 #[cfg(feature = "mpi")]
 fn distributed_train(args: &TrainArgs) -> anyhow::Result<ExitCode> {
@@ -452,7 +584,6 @@ fn distributed_train(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         None => TrainConfig::default(),
     };
     args.apply(&mut cfg);
-    anyhow::ensure!(cfg.control_variate.is_none(), "--distributed does not support control_variate yet");
     negcache_host::distributed::train_command(cfg, args.resume.as_deref(), args.steps, args.out.clone())?;
     Ok(ExitCode::SUCCESS)
 }
@@ -512,10 +643,9 @@ fn eval_command(args: &EvalArgs) -> anyhow::Result<ExitCode> {
     }
     run.cfg.eval_split = args.split.clone();
     args.protocol.apply(&mut run.cfg);
-    run.cfg.protocol().validate()?;
-    run.cfg.bm25().validate()?;
+    run.cfg.validate()?;
     let cfg = run.cfg.clone();
-    let prepared = train::prepare(&cfg)?;
+    let prepared = train::prepare_eval(&cfg)?;
     let ev = &prepared.evaluator;
     let queries = ev.queries();
     let items = train::embed_all(run.session.as_ref(), negcache::tower::Side::Item, &prepared.features.items);
@@ -566,6 +696,8 @@ fn eval_run_file(args: &EvalArgs, run_file: &Path) -> anyhow::Result<ExitCode> {
         cfg.data = d.clone();
     }
     args.protocol.apply(&mut cfg);
+    cfg.eval_split = args.split.clone();
+    cfg.validate()?;
     let mut splits = vec![args.split.as_str()];
     if cfg.exclude_train && args.split != "train" {
         splits.push("train");
@@ -629,8 +761,10 @@ fn json_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
                 anyhow::bail!("{}: no .json files in this directory", p.display());
             }
             files.extend(found);
-        } else {
+        } else if p.exists() {
             files.push(p.clone());
+        } else {
+            anyhow::bail!("{}: no such file or directory", p.display());
         }
     }
     Ok(files)
@@ -645,18 +779,44 @@ fn verify(reference: &[PathBuf], expected: &[PathBuf]) -> anyhow::Result<ExitCod
         passed += ok;
         failed += results.len() - ok;
     };
-    for f in json_files(reference)? {
-        report(&f, reference::run_file(&f)?);
-    }
+    // Every file is classified by its format before anything runs: a file
+    // that cannot be read, or whose format is unknown or misspelled, is an
+    // error, never a file quietly skipped.
     let skip = expected.len() == 1 && expected[0].as_os_str() == "none";
+    let mut convergence_files = Vec::new();
     if !skip {
-        for f in json_files(expected)? {
-            if convergence::is_convergence_file(&f) {
-                eprintln!("training the runs of {} ...", f.display());
-                report(&f, convergence::run_file(&f)?);
+        for p in expected {
+            for f in json_files(std::slice::from_ref(p))? {
+                let format = convergence::file_format(&f)?;
+                if format == convergence::FORMAT {
+                    convergence_files.push(f);
+                } else if p.is_dir() && convergence::OTHER_FORMATS.contains(&format.as_str()) {
+                    eprintln!("skipping {} (format {format}: checked by its own tests)", f.display());
+                } else {
+                    anyhow::bail!(
+                        "{}: format {format:?} is not a convergence fixture ({:?}){}",
+                        f.display(),
+                        convergence::FORMAT,
+                        if convergence::OTHER_FORMATS.contains(&format.as_str()) {
+                            ""
+                        } else {
+                            "; an unknown format tag"
+                        }
+                    );
+                }
             }
         }
     }
+    for f in json_files(reference)? {
+        report(&f, reference::run_file(&f)?);
+    }
+    for f in &convergence_files {
+        eprintln!("training the runs of {} ...", f.display());
+        report(f, convergence::run_file(f)?);
+    }
     println!("verify: {passed} passed, {failed} failed");
+    if passed + failed == 0 {
+        anyhow::bail!("verify: no case was checked");
+    }
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -68,6 +68,9 @@ pub fn run_file(path: &Path) -> anyhow::Result<Vec<CaseResult>> {
     let Some(cases) = root.get("cases").and_then(Value::as_array) else {
         bail!("{}: field `cases` must be an array of cases, found {}", path.display(), describe(root.get("cases")));
     };
+    if cases.is_empty() {
+        bail!("{}: field `cases` is empty: a reference file must hold at least one case", path.display());
+    }
     let mut seen = std::collections::HashSet::new();
     let mut results = Vec::with_capacity(cases.len());
     for (i, case) in cases.iter().enumerate() {
@@ -188,15 +191,25 @@ fn describe(v: Option<&Value>) -> String {
     }
 }
 
-/// Field access with the dotted path kept for messages.
+/// Field access with the dotted path kept for messages; every field looked
+/// at is recorded in `used`, so that fields nothing looked at (misspelled,
+/// or not part of the case's kind) are reported instead of ignored.
 #[derive(Clone, Copy)]
 struct Obj<'a> {
     v: &'a Value,
     path: &'a str,
+    used: &'a Used,
 }
 
+/// The dotted paths of the fields a case's runner looked at.
+type Used = std::cell::RefCell<std::collections::HashSet<String>>;
+
 impl<'a> Obj<'a> {
+    fn at(&self, v: &'a Value, path: &'a str) -> Obj<'a> {
+        Obj { v, path, used: self.used }
+    }
     fn field(&self, name: &str) -> Option<&'a Value> {
+        self.used.borrow_mut().insert(self.path(name));
         self.v.get(name).filter(|v| !v.is_null())
     }
     fn path(&self, name: &str) -> String {
@@ -353,11 +366,62 @@ fn widen(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
 
+/// Runs a case, then fails it when it has fields its runner never looked
+/// at (a misspelled expectation would otherwise pass unchecked).
 fn run_case(case: &Value) -> Parse<Check> {
-    let top = Obj { v: case, path: "" };
+    let used = Used::default();
+    used.borrow_mut().extend(["name", "tolerance", "tolerance.abs", "tolerance.rel"].map(String::from));
+    let result = run_known_fields(case, &used);
+    let mut unknown = Vec::new();
+    unused_fields(case, "", &used.borrow(), &mut unknown);
+    if unknown.is_empty() {
+        return result;
+    }
+    let kind = case.get("kind").and_then(Value::as_str).unwrap_or("?");
+    let list = unknown.join(", ");
+    // A case that stopped early has not looked at its later fields; only
+    // one that ran through, or found nothing to check, can name them.
+    Err(Bad(match result {
+        Err(Bad(why)) if why.contains(NOTHING_CHECKED) => format!("{why}; unknown field(s) for a {kind} case: {list}"),
+        Err(bad) => return Err(bad),
+        Ok(_) => format!("unknown field(s) for a {kind} case, so nothing was checked against them: {list}"),
+    }))
+}
+
+/// The end of the message of a case whose expectation names no field its
+/// kind checks.
+const NOTHING_CHECKED: &str = "no known field is given, so nothing would be checked";
+
+/// The non-null fields under `v` whose path is not in `used`.
+fn unused_fields(v: &Value, path: &str, used: &std::collections::HashSet<String>, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                if x.is_null() {
+                    continue;
+                }
+                if used.contains(&p) {
+                    unused_fields(x, &p, used, out);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate().filter(|(_, x)| x.is_object()) {
+                unused_fields(x, &format!("{path}[{i}]"), used, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn run_known_fields(case: &Value, used: &Used) -> Parse<Check> {
+    let top = Obj { v: case, path: "", used };
     let kind = top.string("kind")?;
-    let inputs = Obj { v: top.required("inputs", "an object of inputs")?, path: "inputs" };
-    let expected = Obj { v: top.required("expected", "an object of expected values")?, path: "expected" };
+    let inputs = top.at(top.required("inputs", "an object of inputs")?, "inputs");
+    let expected = top.at(top.required("expected", "an object of expected values")?, "expected");
     if !inputs.v.is_object() || !expected.v.is_object() {
         return Err(Bad("inputs and expected must be JSON objects".into()));
     }
@@ -395,6 +459,11 @@ fn with_dim(inputs: Obj<'_>, field: &str, f: impl FnOnce(usize) -> Parse<()>) ->
 }
 
 const MAX_BATCH: usize = 1024;
+
+/// Largest `cache_size` of a `cache_update` case: the host's largest cache.
+/// The runner allocates the cache before reading the steps, so a size from
+/// the file must be bounded (1e12 slots would abort the process).
+const MAX_CACHE_SIZE: usize = 1 << 16;
 
 /// Cache storage in vectors, for cases whose size is known only at run time.
 struct OwnedCache<I, const D: usize> {
@@ -530,7 +599,7 @@ fn cache_loss<const D: usize>(inputs: Obj<'_>, expected: Obj<'_>, check: &mut Ch
         return Err(Bad("expected.top_k_scores / top_k_indices given but inputs.top_k is null".into()));
     }
     if !any {
-        return Err(Bad("expected: no known field is given, so nothing would be checked".into()));
+        return Err(Bad(format!("expected: {NOTHING_CHECKED}")));
     }
     Ok(())
 }
@@ -545,11 +614,17 @@ fn cache_update(inputs: Obj<'_>, expected: Obj<'_>, check: &mut Check) -> Parse<
         .ok()
         .filter(|&n| n > 0)
         .ok_or_else(|| Bad(format!("inputs.cache_size: {n} must be positive")))?;
+    if n > MAX_CACHE_SIZE {
+        return Err(Bad(format!("inputs.cache_size: {n} is above the runner's limit of {MAX_CACHE_SIZE} slots")));
+    }
     let eviction = if inputs.boolean("use_lru")? { Eviction::Lru } else { Eviction::Fifo };
     let steps = inputs.required("steps", "an array of update calls")?;
     let steps = steps.as_array().ok_or_else(|| Bad("inputs.steps: expected an array of update calls".into()))?;
     let states = expected.required("states", "one state per step")?;
     let states = states.as_array().ok_or_else(|| Bad("expected.states: expected an array".into()))?;
+    if steps.is_empty() {
+        return Err(Bad("inputs.steps: no update calls, so nothing would be checked".into()));
+    }
     check_count("expected.states", "states (one per step)", Some(steps.len()), states.len())?;
 
     let mut owned: OwnedCache<Item8, D> = OwnedCache::new(n);
@@ -561,7 +636,7 @@ fn cache_update(inputs: Obj<'_>, expected: Obj<'_>, check: &mut Check) -> Parse<
         Ok((0..m.rows).map(|i| core::array::from_fn(|k| if k < m.cols { m.row(i)[k] as f32 } else { 0.0 })).collect())
     };
     if let Some(init) = inputs.field("initial") {
-        let init = Obj { v: init, path: "inputs.initial" };
+        let init = inputs.at(init, "inputs.initial");
         let e = init.matrix("embeddings", Some(n), None)?;
         if e.cols > D {
             return Err(Bad(format!(
@@ -582,7 +657,7 @@ fn cache_update(inputs: Obj<'_>, expected: Obj<'_>, check: &mut Check) -> Parse<
 
     for (s, (step, want)) in steps.iter().zip(states).enumerate() {
         let path = format!("inputs.steps[{s}]");
-        let st = Obj { v: step, path: &path };
+        let st = inputs.at(step, &path);
         let ui = st.opt_ints("updated_indices", None)?.unwrap_or_default();
         let u = ui.len();
         let ue = st.opt_matrix("updated_embeddings", Some(u), dims.map(|d| d.0))?;
@@ -623,8 +698,23 @@ fn cache_update(inputs: Obj<'_>, expected: Obj<'_>, check: &mut Check) -> Parse<
         cache.update(&up, eviction).map_err(|e| Bad(format!("{path}: the core rejected the update: {e}")))?;
 
         let wpath = format!("expected.states[{s}]");
-        let w = Obj { v: want, path: &wpath };
+        let w = expected.at(want, &wpath);
         let r = cache.as_ref();
+        const STATE: [&str; 3] = ["embeddings", "items", "age"];
+        if STATE.iter().all(|f| w.field(f).is_none()) {
+            let others: Vec<String> = want
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| !v.is_null() && !STATE.contains(&k.as_str()))
+                .map(|(k, _)| format!("{wpath}.{k}"))
+                .collect();
+            let unknown =
+                if others.is_empty() { String::new() } else { format!("; unknown field(s): {}", others.join(", ")) };
+            return Err(Bad(format!(
+                "{wpath}: none of embeddings, items or age is given, so nothing would be checked{unknown}"
+            )));
+        }
         if let Some(we) = w.opt_matrix("embeddings", Some(n), dims.map(|x| x.0))? {
             if we.cols > D {
                 return Err(Bad(format!(
@@ -806,27 +896,37 @@ fn softmax_loss<const D: usize>(inputs: Obj<'_>, expected: Obj<'_>, check: &mut 
         }
     };
     let summary = summary.map_err(|e| Bad(format!("the core rejected the inputs: {e}")))?;
+    let mut any = false;
     if let Some(w) = expected.opt_vector("loss", Some(b))? {
         check.numbers("loss", &widen(&loss), &w);
+        any = true;
     }
     if let Some(w) = expected.opt_number("mean_loss")? {
         check.numbers("mean_loss", &[summary.loss as f64], &[w]);
+        any = true;
     }
     if let Some(w) = expected.opt_number("grad_scale")? {
         check.numbers("grad_scale", &[summary.grad_scale as f64], &[w]);
+        any = true;
     }
     if let Some(w) = expected.opt_matrix("grad_query", Some(b), Some(d))? {
         check.numbers("grad_query", &flat(&gq, d), &w.data);
+        any = true;
     }
     if method != "full" {
         if let Some(w) = expected.opt_matrix("grad_positive", Some(b), Some(d))? {
             check.numbers("grad_positive", &flat(&gp, d), &w.data);
+            any = true;
         }
     }
     if let Some(name) = shared_name {
         if let Some(w) = expected.opt_matrix(name, Some(shared_rows), Some(d))? {
             check.numbers(name, &flat(&gs, d), &w.data);
+            any = true;
         }
+    }
+    if !any {
+        return Err(Bad(format!("expected: {NOTHING_CHECKED}")));
     }
     Ok(())
 }

@@ -29,11 +29,15 @@ pub const S: usize = 2;
 pub const CAP: usize = 65_536;
 /// Largest batch.
 pub const BATCH: usize = 256;
-/// Negatives drawn per query: the paper's one, or four (Gumbel-top-4,
-/// distinct) as a second shape.
+/// Negatives drawn per query: the paper's one, or two or four (Gumbel-top-m,
+/// distinct, with unbiased Horvitz-Thompson weights) as other shapes.
 pub const NEG: usize = 1;
-/// The second shape's negatives per query.
+/// The third shape's negatives per query.
 pub const NEG_MANY: usize = 4;
+/// The second shape's negatives per query.
+pub const NEG_TWO: usize = 2;
+/// Every negatives-per-query count a session can be built with.
+pub const NEGATIVES: [usize; 3] = [NEG, NEG_TWO, NEG_MANY];
 
 /// How the two towers share parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -42,9 +46,9 @@ pub enum Tying {
     /// Separate query and item towers.
     Separate,
     /// One token table, two MLPs.
-    #[default]
     SharedTokens,
-    /// One tower for both sides.
+    /// One tower for both sides (the default).
+    #[default]
     Siamese,
 }
 
@@ -186,7 +190,7 @@ impl ParamVisitor for FiniteCheck {
 }
 
 /// A boxed trainer of the standard shape with the given tying and
-/// negatives per query ([`NEG`] or [`NEG_MANY`]).
+/// negatives per query (one of [`NEGATIVES`]).
 pub fn new_session(
     tying: Tying,
     negatives: usize,
@@ -203,7 +207,10 @@ pub fn new_session(
         (Tying::Separate, NEG_MANY) => boxed(move || T::<_, NEG_MANY>::new(Sep::new(tower), cfg))?,
         (Tying::SharedTokens, NEG_MANY) => boxed(move || T::<_, NEG_MANY>::new(Shared::new(tower), cfg))?,
         (Tying::Siamese, NEG_MANY) => boxed(move || T::<_, NEG_MANY>::new(Siam::new(tower), cfg))?,
-        (_, n) => anyhow::bail!("negatives per query must be {NEG} or {NEG_MANY}, got {n}"),
+        (Tying::Separate, NEG_TWO) => boxed(move || T::<_, NEG_TWO>::new(Sep::new(tower), cfg))?,
+        (Tying::SharedTokens, NEG_TWO) => boxed(move || T::<_, NEG_TWO>::new(Shared::new(tower), cfg))?,
+        (Tying::Siamese, NEG_TWO) => boxed(move || T::<_, NEG_TWO>::new(Siam::new(tower), cfg))?,
+        (_, n) => anyhow::bail!("negatives per query must be one of {NEGATIVES:?}, got {n}"),
     })
 }
 

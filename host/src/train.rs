@@ -26,7 +26,6 @@ use crate::session::{new_session, Session, Tying, BATCH, CAP, DIM};
 #[serde(rename_all = "snake_case")]
 pub enum ObjectiveName {
     /// The negative cache.
-    #[default]
     Cache,
     /// In-batch softmax.
     InBatch,
@@ -37,7 +36,8 @@ pub enum ObjectiveName {
     /// The cache's drawn negatives and in-batch negatives in one softmax.
     CacheMixed,
     /// The batch's positives exactly, the rest of the cache sampled,
-    /// without bias.
+    /// without bias (the default).
+    #[default]
     CacheInBatch,
 }
 
@@ -96,13 +96,16 @@ pub struct TrainConfig {
     pub lru: bool,
     /// Sampler (with several negatives per query, Gumbel-top-m is used).
     pub sampler: SamplerName,
-    /// Negatives drawn per query from the cache: 1 or 4.
+    /// Negatives drawn per query from the cache: 1, 2 or 4 (several are
+    /// drawn by Gumbel-top-m with unbiased weights).
     pub negatives: usize,
     /// Sampling inverse temperature.
     pub inv_temp: f32,
-    /// Query-side control variate of the cache objective: beta in [0, 1]
-    /// (1 unbiased, 0 the memory-bank estimator); absent for none.
-    pub control_variate: Option<f32>,
+    /// Use the query-side control variate in the cache objectives.
+    pub control_variate: bool,
+    /// Its coefficient beta in [0, 1]: 1 unbiased, 0 the memory-bank
+    /// estimator (biased).
+    pub control_variate_beta: f32,
     /// Approximate top-k groups (0: off).
     pub top_k: usize,
     /// Remove the query's own positive from its negatives.
@@ -158,19 +161,25 @@ impl Default for TrainConfig {
             batch: 32,
             lr: 0.002,
             warmup: 100,
-            objective: ObjectiveName::Cache,
+            // The best estimator measured (docs/results/README.md): the
+            // batch's positives exactly, four weighted negatives from the
+            // cache for the rest, and the query-side control variate.
+            objective: ObjectiveName::CacheInBatch,
             sampled_negatives: 8192,
             cache_capacity: 8192,
             corpus_cache: false,
             lru: false,
             sampler: SamplerName::ExpJump,
-            negatives: 1,
+            negatives: 4,
             inv_temp: 1.0,
-            control_variate: None,
+            control_variate: true,
+            control_variate_beta: 1.0,
             top_k: 0,
             mask_accidental_hits: true,
             refresh_per_step: 0,
-            tying: Tying::SharedTokens,
+            // One tower for both sides: the best tying measured here
+            // (docs/results/README.md).
+            tying: Tying::Siamese,
             item_id_token: true,
             char_ngrams: 0,
             scale: 20.0,
@@ -254,24 +263,20 @@ impl TrainConfig {
         if !(self.clip_norm.is_finite() && self.clip_norm >= 0.0) {
             bail!("clip_norm must be finite and at least 0 (0: no clipping), got {}", self.clip_norm);
         }
-        if self.eval_split.is_empty()
-            || self.eval_split.starts_with('.')
-            || self.eval_split.contains(['/', '\\', '\0'])
+        if self.eval_split.is_empty() || self.eval_split.starts_with('.') || self.eval_split.contains(['/', '\\', '\0'])
         {
             bail!("eval_split must be a split name such as test (qrels/<name>.tsv), got {:?}", self.eval_split);
         }
-        if self.negatives != crate::session::NEG && self.negatives != crate::session::NEG_MANY {
-            bail!("negatives must be {} or {}, got {}", crate::session::NEG, crate::session::NEG_MANY, self.negatives);
+        if !crate::session::NEGATIVES.contains(&self.negatives) {
+            bail!("negatives must be one of {:?}, got {}", crate::session::NEGATIVES, self.negatives);
         }
         if self.char_ngrams > 8 {
             bail!("char_ngrams must be at most 8, got {}", self.char_ngrams);
         }
-        if let Some(beta) = self.control_variate {
-            if !(0.0..=1.0).contains(&beta) {
-                bail!("control_variate must be in [0, 1], got {beta}");
-            }
+        if !(0.0..=1.0).contains(&self.control_variate_beta) {
+            bail!("control_variate_beta must be in [0, 1], got {}", self.control_variate_beta);
         }
-        self.protocol().validate()?;
+        self.protocol().validate().context("eval_depth")?;
         self.bm25().validate()?;
         Ok(())
     }
@@ -284,6 +289,11 @@ impl TrainConfig {
             merge_identical_text: self.merge_identical_text,
             depth: self.eval_depth,
         }
+    }
+
+    /// The control variate's beta, when it is on.
+    pub fn control(&self) -> Option<f32> {
+        self.control_variate.then_some(self.control_variate_beta)
     }
 
     /// The BM25 baseline's parameters.
@@ -397,7 +407,8 @@ fn prepare_with(cfg: &TrainConfig, training: bool) -> anyhow::Result<Prepared> {
         );
     }
     let holds_corpus = matches!(cfg.objective, ObjectiveName::Full)
-        || (cfg.corpus_cache && matches!(cfg.objective, ObjectiveName::Cache | ObjectiveName::CacheMixed | ObjectiveName::CacheInBatch));
+        || (cfg.corpus_cache
+            && matches!(cfg.objective, ObjectiveName::Cache | ObjectiveName::CacheMixed | ObjectiveName::CacheInBatch));
     if training && holds_corpus && ds.corpus.len() > cfg.cache_capacity {
         bail!(
             "this run holds the corpus in the cache: {} items need cache_capacity >= {} (it is {}; at most {CAP})",
@@ -451,10 +462,12 @@ impl Run {
     pub fn start(cfg: TrainConfig, data: &Prepared) -> anyhow::Result<Self> {
         cfg.validate()?;
         let mut session = new_session(cfg.tying, cfg.negatives, cfg.tower(), cfg.trainer())?;
-        session.set_control_variate(cfg.control_variate)?;
+        session.set_control_variate(cfg.control())?;
         let mut rng = Pcg64Mcg::seed_from_u64(cfg.seed);
         session.init(&mut rng)?;
-        if cfg.corpus_cache && matches!(cfg.objective, ObjectiveName::Cache | ObjectiveName::CacheMixed | ObjectiveName::CacheInBatch) {
+        if cfg.corpus_cache
+            && matches!(cfg.objective, ObjectiveName::Cache | ObjectiveName::CacheMixed | ObjectiveName::CacheInBatch)
+        {
             session.fill_cache(&data.features.items)?;
         }
         Ok(Self { cfg, session, step: 0, progress: Progress::default() })
@@ -476,7 +489,7 @@ impl Run {
         let step = ck.header["step"].as_u64().with_context(|| format!("{}: header has no step", path.display()))?;
         let progress = Progress::from_header(&ck.header, path)?;
         let mut session = new_session(cfg.tying, cfg.negatives, cfg.tower(), cfg.trainer())?;
-        session.set_control_variate(cfg.control_variate)?;
+        session.set_control_variate(cfg.control())?;
         session.init(&mut Pcg64Mcg::seed_from_u64(cfg.seed))?;
         session.load(&mut Reader::new(&ck.body)).with_context(|| format!("{}: cannot restore", path.display()))?;
         if let Some(part) = session.non_finite() {
@@ -643,6 +656,10 @@ pub struct TrainSummary {
     pub tower_evals_per_step: f64,
     /// Bytes of trainer state.
     pub state_bytes: usize,
+    /// Steps trained by this call (fewer than `steps` when resumed).
+    pub session_steps: u64,
+    /// Seconds of training of this call.
+    pub session_seconds: f64,
 }
 
 /// The columns a training run logs to `metrics.csv`.
@@ -656,8 +673,19 @@ pub type LogFn<'a> = &'a mut dyn FnMut(u64, f64, &[(&str, f64)]) -> anyhow::Resu
 /// `eval_every` steps, a checkpoint every `checkpoint_every` steps and at
 /// the end (written atomically to `<out>/checkpoint.ckpt`), and each
 /// logging window passed to `log(step, seconds, values)`.
+///
+/// A resumed run logs what an uninterrupted one would from its step on
+/// (the loss window and the clock continue, see [`Progress`]). A step whose
+/// losses are NaN, infinite or beyond [`exploded_bound`] stops the run with an
+/// error before anything more is written, so the last checkpoint stays the
+/// last good one. After Ctrl-C ([`crate::interrupt`]) the run stops at the
+/// next step boundary, writes a checkpoint and returns
+/// [`crate::interrupt::Interrupted`].
 pub fn train(run: &mut Run, data: &Prepared, log: LogFn<'_>) -> anyhow::Result<TrainSummary> {
     let cfg = run.cfg.clone();
+    if run.step >= cfg.steps {
+        bail!("nothing to train: the run is at step {} and steps is {}", run.step, cfg.steps);
+    }
     let start_step = run.step;
     let bar = indicatif::ProgressBar::new(cfg.steps);
     bar.set_position(run.step);
@@ -671,45 +699,56 @@ pub fn train(run: &mut Run, data: &Prepared, log: LogFn<'_>) -> anyhow::Result<T
     // pipe) a plain line every few seconds tells how the run goes.
     let mut log_lines = LogLines::new(!std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let mut summary = TrainSummary { state_bytes: run.session.state_bytes(), ..TrainSummary::default() };
-    let window = 100u64;
-    let (mut sum_train, mut sum_interp, mut sum_stale, mut sum_prob, mut n) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0u64);
-    let mut evals_total = 0u64;
-    let mut train_time = 0.0f64;
+    let start_seconds = run.progress.train_seconds;
+    // Training seconds of this process only: its rate.
+    let rate = |run: &Run| (run.step - start_step) as f64 / (run.progress.train_seconds - start_seconds).max(1e-9);
     let ckpt = cfg.out.join("checkpoint.ckpt");
+    let mut saved_at: Option<u64> = None;
+    if std::mem::take(&mut run.progress.finished)
+        && cfg.eval_every > 0
+        && run.step % cfg.eval_every == 0
+        && run.step > 0
+    {
+        // Resumed from the end of a shorter run, whose all-query
+        // evaluation at this step is not one a longer run makes: log the
+        // periodic one instead.
+        let m = evaluate(run.session.as_ref(), data, cfg.eval_queries);
+        log(run.step, run.progress.train_seconds, &[("recall_at_10", m.recall_at_10), ("mrr_at_10", m.mrr_at_10)])?;
+        summary.curve.push((run.step, m));
+    }
     while run.step < cfg.steps {
         let t0 = std::time::Instant::now();
         let r = run.step(data)?;
-        train_time += t0.elapsed().as_secs_f64();
-        evals_total += r.tower_evals as u64;
-        sum_train += r.training_loss as f64;
-        sum_interp += r.interpretable_loss as f64;
-        sum_stale += r.staleness as f64;
-        sum_prob += r.prob_pos as f64;
-        n += 1;
+        run.progress.train_seconds += t0.elapsed().as_secs_f64();
+        if let Err(e) = check_step(&r, cfg.scale) {
+            bar.finish_and_clear();
+            let kept = match saved_at {
+                Some(k) => format!("the last good checkpoint, {} at step {k}, is kept", ckpt.display()),
+                None => format!("{} was not written by this run (see --checkpoint-every)", ckpt.display()),
+            };
+            bail!(
+                "training diverged at step {}: {e} (lr {}); stopped, and {kept}. Try a lower --lr or --clip-norm",
+                run.step,
+                cfg.lr_at(run.step - 1)
+            );
+        }
+        run.progress.tower_evals += r.tower_evals as u64;
+        run.progress.window.add(&r);
         bar.inc(1);
-        log_lines.step(
-            run.step,
-            cfg.steps,
-            (run.step - start_step) as f64 / train_time.max(1e-9),
-            r.interpretable_loss,
-        );
-        if run.step % window == 0 || run.step == cfg.steps {
-            let k = n.max(1) as f64;
-            let (tl, il) = (sum_train / k, sum_interp / k);
+        log_lines.step(run.step, cfg.steps, rate(run), r.interpretable_loss);
+        if run.step % LOSS_WINDOW == 0 || run.step == cfg.steps {
+            let means = run.progress.window.means();
+            let (tl, il) = (means[0].1, means[1].1);
             bar.set_message(format!("loss {il:.3}"));
             summary.losses.push((run.step, tl, il));
-            log(
-                run.step,
-                train_time,
-                &[
-                    ("training_loss", tl),
-                    ("interpretable_loss", il),
-                    ("staleness", sum_stale / k),
-                    ("prob_pos", sum_prob / k),
-                    ("steps_per_s", (run.step - start_step) as f64 / train_time.max(1e-9)),
-                ],
-            )?;
-            (sum_train, sum_interp, sum_stale, sum_prob, n) = (0.0, 0.0, 0.0, 0.0, 0);
+            let mut row = means.to_vec();
+            row.push(("steps_per_s", rate(run)));
+            log(run.step, run.progress.train_seconds, &row)?;
+            // The last, partial window stays in the checkpoint (see
+            // `Progress::window`).
+            if run.step % LOSS_WINDOW == 0 {
+                run.progress.window = LossWindow::default();
+            }
         }
         if cfg.eval_every > 0 && run.step % cfg.eval_every == 0 && run.step < cfg.steps {
             let m = evaluate(run.session.as_ref(), data, cfg.eval_queries);
@@ -717,22 +756,101 @@ pub fn train(run: &mut Run, data: &Prepared, log: LogFn<'_>) -> anyhow::Result<T
                 "step {}: {} Recall@10 {:.4}, MRR@10 {:.4} ({} queries)",
                 run.step, cfg.eval_split, m.recall_at_10, m.mrr_at_10, m.queries
             ));
-            log(run.step, train_time, &[("recall_at_10", m.recall_at_10), ("mrr_at_10", m.mrr_at_10)])?;
+            log(run.step, run.progress.train_seconds, &[("recall_at_10", m.recall_at_10), ("mrr_at_10", m.mrr_at_10)])?;
             log_lines.last_eval = Some((run.step, m.recall_at_10, m.queries));
             summary.curve.push((run.step, m));
         }
-        if cfg.checkpoint_every > 0 && run.step % cfg.checkpoint_every == 0 && run.step < cfg.steps {
+        let stop = crate::interrupt::requested() && run.step < cfg.steps;
+        if stop || (cfg.checkpoint_every > 0 && run.step % cfg.checkpoint_every == 0 && run.step < cfg.steps) {
             run.checkpoint()?.save(&ckpt)?;
+            saved_at = Some(run.step);
+        }
+        if stop {
+            bar.finish_and_clear();
+            return Err(crate::interrupt::Interrupted { step: run.step, checkpoint: ckpt }.into());
         }
     }
     bar.finish_and_clear();
+    run.progress.finished = true;
     run.checkpoint()?.save(&ckpt)?;
-    let m = evaluate(run.session.as_ref(), data, 0);
-    log(run.step, train_time, &[("recall_at_10", m.recall_at_10), ("mrr_at_10", m.mrr_at_10)])?;
-    summary.curve.push((run.step, m));
-    summary.metrics = m;
-    summary.steps = run.step;
-    summary.train_seconds = train_time;
-    summary.tower_evals_per_step = evals_total as f64 / (run.step - start_step).max(1) as f64;
+    let done = complete(run, data, log)?;
+    summary.curve.extend(done.curve);
+    summary.metrics = done.metrics;
+    summary.steps = done.steps;
+    summary.train_seconds = done.train_seconds;
+    summary.tower_evals_per_step = done.tower_evals_per_step;
+    summary.session_steps = run.step - start_step;
+    summary.session_seconds = run.progress.train_seconds - start_seconds;
     Ok(summary)
+}
+
+/// The end of a run at its last step: the evaluation on every query,
+/// logged at that step. [`train`] ends with it; a run whose final
+/// checkpoint was written but whose outputs were not (a process killed in
+/// between) is completed with it alone.
+pub fn complete(run: &mut Run, data: &Prepared, log: LogFn<'_>) -> anyhow::Result<TrainSummary> {
+    let m = evaluate(run.session.as_ref(), data, 0);
+    log(run.step, run.progress.train_seconds, &[("recall_at_10", m.recall_at_10), ("mrr_at_10", m.mrr_at_10)])?;
+    Ok(TrainSummary {
+        steps: run.step,
+        train_seconds: run.progress.train_seconds,
+        metrics: m,
+        curve: vec![(run.step, m)],
+        tower_evals_per_step: run.progress.tower_evals as f64 / run.step.max(1) as f64,
+        state_bytes: run.session.state_bytes(),
+        ..TrainSummary::default()
+    })
+}
+
+/// How far beyond its largest healthy value a loss counts as exploded: with
+/// unit-norm embeddings every score lies in [-alpha, alpha], so a loss over
+/// a cache of at most 2^16 entries stays below 2 alpha + ln 2^16 (about 212
+/// at alpha 100); a value [`EXPLODED`] times that is an overflow on its way.
+pub const EXPLODED: f32 = 1e4;
+
+/// The largest absolute loss, staleness or probability a step may report
+/// at `scale` (alpha, or its starting value when learned, at most 100).
+pub fn exploded_bound(scale: f32) -> f32 {
+    EXPLODED * (2.0 * scale.max(100.0) + (CAP as f32).ln())
+}
+
+/// Checks one step's report for NaN, infinite or exploding values.
+fn check_step(r: &StepReport, scale: f32) -> Result<(), String> {
+    let bound = exploded_bound(scale);
+    let values = [
+        ("training_loss", r.training_loss),
+        ("interpretable_loss", r.interpretable_loss),
+        ("staleness", r.staleness),
+        ("prob_pos", r.prob_pos),
+    ];
+    for (name, v) in values {
+        if !v.is_finite() {
+            return Err(format!("{name} = {v}"));
+        }
+        if v.abs() > bound {
+            return Err(format!("{name} = {v} exploded (beyond {bound:e})"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_and_exploding_steps_are_divergence() {
+        let ok = StepReport { training_loss: 2.5, interpretable_loss: 2.0, prob_pos: 0.3, ..StepReport::default() };
+        assert!(check_step(&ok, 20.0).is_ok());
+        for (bad, what) in [
+            (StepReport { staleness: f32::INFINITY, ..ok }, "staleness = inf"),
+            (StepReport { training_loss: f32::NAN, ..ok }, "training_loss = NaN"),
+            (StepReport { interpretable_loss: 3e6, ..ok }, "exploded"),
+        ] {
+            let e = check_step(&bad, 20.0).unwrap_err();
+            assert!(e.contains(what), "{e}");
+        }
+        // A large fixed scale moves the bound with it.
+        assert!(check_step(&StepReport { training_loss: 3e6, ..ok }, 1000.0).is_ok());
+    }
 }

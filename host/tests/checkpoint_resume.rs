@@ -96,7 +96,6 @@ fn a_write_that_dies_half_way_keeps_the_previous_checkpoint() {
     // The writer fails after writing part of a new checkpoint, as a killed
     // process would stop: the rename never happens.
     let err = write_atomically(&p, |f| {
-        use std::io::Write;
         f.write_all(b"NEGCACHE-CKPT\0\0\0partial")?;
         anyhow::bail!("killed")
     })

@@ -39,7 +39,7 @@ fn verify_rejects_malformed_and_failing_files() {
 
 #[test]
 fn every_command_has_help_with_examples() {
-    for cmd in ["train", "eval", "verify", "convert-wordnet"] {
+    for cmd in ["train", "eval", "verify", "compare", "bench", "export", "embed", "convert-wordnet"] {
         let (code, out, _) = negcache(&[cmd, "--help"]);
         assert_eq!(code, 0);
         assert!(out.contains("Example"), "{cmd}: {out}");

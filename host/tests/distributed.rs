@@ -77,6 +77,10 @@ mod mpi_runs {
             cache_capacity: 64,
             warmup: 3,
             eval_every: 0,
+            // The sharded path trains the paper's estimator.
+            objective: negcache_host::train::ObjectiveName::Cache,
+            negatives: 1,
+            control_variate: false,
             ..TrainConfig::default()
         }
     }
@@ -101,6 +105,12 @@ mod mpi_runs {
             s("3"),
             s("--eval-every"),
             s("0"),
+            s("--objective"),
+            s("cache"),
+            s("--negatives"),
+            s("1"),
+            s("--control-variate"),
+            s("false"),
         ]
     }
 

@@ -246,3 +246,38 @@ fn extension_is_case_insensitive_and_create_truncates() {
     log.close().unwrap();
     assert!(read_series(&path).unwrap().is_empty());
 }
+
+#[cfg(unix)]
+#[test]
+fn reopening_rewrites_atomically_and_refuses_an_unreadable_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("metrics.csv");
+    let mut log = MetricsLog::create(&path, &["training_loss"]).unwrap();
+    for step in [100, 200, 300] {
+        log.log_at(step, step as f64 / 100.0, &[("training_loss", 1.0 / step as f64)]).unwrap();
+    }
+    drop(log);
+    // A row torn by a kill, then a reopen keeping the rows up to step 200.
+    let mut text = fs::read_to_string(&path).unwrap();
+    text.push_str("400,4.0,0.0");
+    fs::write(&path, &text).unwrap();
+    let inode = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(p).unwrap().ino()
+    };
+    let before = inode(&path);
+    let mut log = MetricsLog::reopen_keeping(&path, &["training_loss"], &|r: &Row| r.step <= 200).unwrap();
+    log.log_at(250, 2.5, &[("training_loss", 0.5)]).unwrap();
+    log.close().unwrap();
+    // Replaced by a rename (a new file), not rewritten in place.
+    assert_ne!(inode(&path), before);
+    let steps: Vec<u64> = read_series(&path).unwrap().iter().map(|r| r.step).collect();
+    assert_eq!(steps, [100, 200, 250]);
+    let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["metrics.csv"], "a temporary file was left");
+    // A log that cannot be read is named and left as it is.
+    fs::write(&path, "this,is\n1,2\n").unwrap();
+    let e = format!("{:#}", MetricsLog::reopen_keeping(&path, &["training_loss"], &|_: &Row| true).unwrap_err());
+    assert!(e.contains("metrics.csv") && e.contains("line 1") && e.contains("\"step\""), "{e}");
+    assert_eq!(fs::read_to_string(&path).unwrap(), "this,is\n1,2\n");
+}

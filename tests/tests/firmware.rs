@@ -2,7 +2,8 @@
 //! falls, recall on its training queries reaches the band in
 //! `fixtures/expected/firmware.json`, the image and the RAM it uses fit an
 //! nRF52840-class part, and the host running the same library code prints
-//! bit-identical results.
+//! bit-identical results, including the top items the device retrieves for
+//! a few queries after training (`topk` lines).
 //!
 //! The firmware is a crate of its own (another target, another linker
 //! script), so this test drives it through cargo and QEMU as a person would:
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 const TARGET: &str = "thumbv7em-none-eabihf";
 /// Lines that must match between host and device (the firmware library's
 /// `DETERMINISTIC_PREFIXES`).
-const DETERMINISTIC: &[&str] = &["data ", "config ", "recall ", "loss ", "checksum "];
+const DETERMINISTIC: &[&str] = &["data ", "config ", "recall ", "loss ", "topk ", "checksum "];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -191,6 +192,28 @@ fn check_training(out: &str, band: &serde_json::Value, who: &str) {
     assert!(h10 >= b("heldout_recall_at_10_min"), "{who}: held-out recall@10 {h10} below the band");
 }
 
+/// The queries answered after training (`topk` lines): as many as the
+/// fixture says, each with its top items best first (scores non-increasing,
+/// distinct items).
+fn check_answers<'a>(out: &'a str, band: &serde_json::Value, who: &str) -> Vec<&'a str> {
+    let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("topk ")).collect();
+    let (n, k) = (band["answered_queries"].as_u64().unwrap() as usize, band["top_k"].as_u64().unwrap() as usize);
+    assert_eq!(lines.len(), n, "{who}: expected {n} answered queries:\n{out}");
+    for l in &lines {
+        let hits: Vec<(u32, f32)> = field(l, "hits")
+            .split(',')
+            .map(|h| {
+                let parts: Vec<&str> = h.split(':').collect();
+                let bits = u32::from_str_radix(parts[2], 16).unwrap();
+                (parts[0].parse().unwrap(), f32::from_bits(bits))
+            })
+            .collect();
+        assert_eq!(hits.len(), k, "{who}: {l}");
+        assert!(hits.windows(2).all(|w| w[0].1 >= w[1].1 && w[0].0 != w[1].0), "{who}: not best first: {l}");
+    }
+    lines
+}
+
 /// The device's memory lines: flash and RAM within the part's budget.
 fn check_memory(out: &str, band: &serde_json::Value) {
     let flash_line = line(out, "mem flash ");
@@ -236,11 +259,17 @@ fn firmware_trains_under_qemu_like_the_host() {
 
     let host = run_host_sim();
     check_training(&host, &band, "host");
+    let host_answers = check_answers(&host, &band, "host");
 
     if let Some(device) = device {
         assert!(device.lines().any(|l| l == "done"), "the firmware did not finish:\n{device}");
         check_training(&device, &band, "device");
         check_memory(&device, &band);
+        // The device answers the same queries with the same items and
+        // bit-identical scores (also covered by the line comparison below;
+        // asserted on its own for a clear message).
+        let device_answers = check_answers(&device, &band, "device");
+        assert_eq!(device_answers, host_answers, "the device's top-k differs from the host's");
         let (d, h) = (deterministic_lines(&device), deterministic_lines(&host));
         assert!(!d.is_empty(), "no comparable lines from the device:\n{device}");
         for (i, (dl, hl)) in d.iter().zip(&h).enumerate() {

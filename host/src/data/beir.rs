@@ -82,16 +82,41 @@ pub enum DataError {
         /// The plain (uncompressed) path.
         path: PathBuf,
     },
+    /// A dataset file's path names a directory, a FIFO, a device or
+    /// anything else that is not a regular file.
+    #[error("{}: not a regular file (it is {kind}); a dataset file must be a plain or gzip file", path.display())]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead ("a directory", "a FIFO", ...).
+        kind: &'static str,
+    },
+    /// A record's `_id` cannot be used: empty, containing a tab or a line
+    /// break (which the TSV qrels and TREC run files cannot hold), or a
+    /// number too large to be read exactly.
+    #[error("{}: line {line}: unusable _id {id:?}: {reason}", path.display())]
+    BadId {
+        /// The file.
+        path: PathBuf,
+        /// The offending line.
+        line: u64,
+        /// The id as read.
+        id: String,
+        /// Why it cannot be used.
+        reason: &'static str,
+    },
     /// A file exists but could not be opened.
-    #[error("cannot open {}: {source}", path.display())]
+    #[error("cannot open {}: {cause}", path.display())]
     Open {
         /// The file.
         path: PathBuf,
         /// The underlying error.
-        source: io::Error,
+        /// (Not an error `source`: its text is already in the message,
+        /// and would otherwise be printed twice.)
+        cause: io::Error,
     },
     /// Reading failed part-way, e.g. a corrupt or truncated gzip stream.
-    #[error("{}: read failed while reading line {line}: {source}", path.display())]
+    #[error("{}: read failed while reading line {line}: {cause}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
@@ -100,7 +125,9 @@ pub enum DataError {
         /// later part of the file.
         line: u64,
         /// The underlying error.
-        source: io::Error,
+        /// (Not an error `source`: its text is already in the message,
+        /// and would otherwise be printed twice.)
+        cause: io::Error,
     },
     /// A line exceeds [`MAX_LINE_BYTES`].
     #[error("{}: line {line} is longer than 16 MiB", path.display())]
@@ -201,12 +228,14 @@ pub enum DataError {
         path: PathBuf,
     },
     /// Writing a file failed.
-    #[error("cannot write {}: {source}", path.display())]
+    #[error("cannot write {}: {cause}", path.display())]
     Write {
         /// The file (or directory) being written.
         path: PathBuf,
         /// The underlying error.
-        source: io::Error,
+        /// (Not an error `source`: its text is already in the message,
+        /// and would otherwise be printed twice.)
+        cause: io::Error,
     },
     /// The dataset cannot be written in a form that would load back.
     #[error("cannot write {}: {message}", path.display())]
@@ -245,9 +274,17 @@ impl<'de> Deserialize<'de> for JsonId {
                 Ok(JsonId(v.to_string()))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<JsonId, E> {
+                // A number beyond 2^53 (e.g. an integer too large for u64,
+                // which serde_json reads as a float) has lost digits, and
+                // would only give a false "unknown id" in the qrels.
+                if v.abs() >= 9_007_199_254_740_992.0 {
+                    return Err(E::custom(format!(
+                        "numeric _id {v} is too large to be read exactly; write it as a string"
+                    )));
+                }
                 // A float id can only match a qrels entry if it is integral;
                 // print integral values without the ".0" so "12.0" matches "12".
-                if v.fract() == 0.0 && v.abs() < 1e15 {
+                if v.fract() == 0.0 {
                     Ok(JsonId(format!("{v:.0}")))
                 } else {
                     Ok(JsonId(v.to_string()))
@@ -317,18 +354,18 @@ impl LineReader {
     /// still reads correctly.
     fn open(plain: &Path) -> Result<Self, DataError> {
         let gz = gz_path(plain);
-        let path = if plain.is_file() {
-            plain.to_path_buf()
-        } else if gz.is_file() {
-            gz
-        } else {
-            return Err(DataError::MissingFile { path: plain.to_path_buf() });
+        // A path that exists but is no regular file (a directory, a FIFO,
+        // /dev/zero) is named as such, never reported as missing or read.
+        let path = match (regular_file(plain)?, regular_file(&gz)?) {
+            (true, _) => plain.to_path_buf(),
+            (false, true) => gz,
+            (false, false) => return Err(DataError::MissingFile { path: plain.to_path_buf() }),
         };
-        let file = File::open(&path).map_err(|source| DataError::Open { path: path.clone(), source })?;
+        let file = File::open(&path).map_err(|source| DataError::Open { path: path.clone(), cause: source })?;
         let mut raw = BufReader::with_capacity(READ_BUFFER, file);
         let magic = match raw.fill_buf() {
             Ok(head) => head.starts_with(&[0x1f, 0x8b]),
-            Err(source) => return Err(DataError::Read { path, line: 1, source }),
+            Err(source) => return Err(DataError::Read { path, line: 1, cause: source }),
         };
         let inner: Box<dyn BufRead> = if magic {
             // MultiGzDecoder so that concatenated gzip members (as written
@@ -349,7 +386,9 @@ impl LineReader {
             let available = match self.inner.fill_buf() {
                 Ok(bytes) => bytes,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => return Err(DataError::Read { path: self.path.clone(), line: self.line + 1, source }),
+                Err(source) => {
+                    return Err(DataError::Read { path: self.path.clone(), line: self.line + 1, cause: source })
+                }
             };
             if available.is_empty() {
                 break;
@@ -384,6 +423,53 @@ impl LineReader {
                 Err(DataError::InvalidUtf8 { path: self.path.clone(), line: self.line, byte: e.valid_up_to() + 1 })
             }
         }
+    }
+}
+
+/// Whether `path` is a regular file (following symbolic links): `false`
+/// when nothing is there, an error when something else is.
+fn regular_file(path: &Path) -> Result<bool, DataError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(DataError::Open { path: path.to_path_buf(), cause: e }),
+    };
+    let t = meta.file_type();
+    if t.is_file() {
+        return Ok(true);
+    }
+    let kind = if t.is_dir() {
+        "a directory"
+    } else {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileTypeExt;
+            if t.is_fifo() {
+                "a FIFO"
+            } else if t.is_char_device() || t.is_block_device() {
+                "a device"
+            } else if t.is_socket() {
+                "a socket"
+            } else {
+                "not a regular file"
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            "not a regular file"
+        }
+    };
+    Err(DataError::NotAFile { path: path.to_path_buf(), kind })
+}
+
+/// Why an `_id` cannot be used, if it cannot.
+fn id_problem(id: &str) -> Option<&'static str> {
+    if id.is_empty() {
+        Some("ids must not be empty")
+    } else if id.contains(['\t', '\n', '\r']) {
+        Some("ids must not contain a tab or a line break (qrels and TREC run files could not hold them)")
+    } else {
+        None
     }
 }
 
@@ -423,6 +509,22 @@ where
         if line.trim().is_empty() {
             continue;
         }
+        // serde reads a struct from a JSON array too (`["q1", "text"]`);
+        // a BEIR record is an object.
+        if !line.trim_start().starts_with('{') {
+            let column = line.len() - line.trim_start().len() + 1;
+            let found = match line.trim_start().chars().next() {
+                Some('[') => "an array",
+                Some('"') => "a string",
+                _ => "not an object",
+            };
+            return Err(DataError::Record {
+                path,
+                line: line_no,
+                column,
+                message: format!("expected a JSON object {{\"_id\": ..}}, found {found}"),
+            });
+        }
         let record: T = serde_json::from_str(line).map_err(|e| json_error(&path, line_no, &e))?;
         add(record, &path, line_no)?;
         records += 1;
@@ -445,7 +547,7 @@ fn insert_unique(
     let next = u32::try_from(lines.len()).map_err(|_| DataError::Read {
         path: path.to_path_buf(),
         line,
-        source: io::Error::other("more than 2^32 records"),
+        cause: io::Error::other("more than 2^32 records"),
     })?;
     match index.entry(id) {
         std::collections::hash_map::Entry::Occupied(e) => {
@@ -478,6 +580,9 @@ pub fn load(dir: &Path, splits: &[&str]) -> Result<Dataset, DataError> {
     let corpus_path = dir.join("corpus.jsonl");
     let mut lines = Vec::new();
     read_jsonl(&corpus_path, |r: CorpusRecord, path, line| {
+        if let Some(reason) = id_problem(&r.id.0) {
+            return Err(DataError::BadId { path: path.to_path_buf(), line, id: r.id.0, reason });
+        }
         insert_unique(&mut ds.doc_index, &mut lines, r.id.0.clone(), path, line)?;
         ds.corpus.push(Doc { id: r.id.0, title: r.title, text: r.text });
         Ok(())
@@ -486,6 +591,9 @@ pub fn load(dir: &Path, splits: &[&str]) -> Result<Dataset, DataError> {
     let queries_path = dir.join("queries.jsonl");
     let mut lines = Vec::new();
     read_jsonl(&queries_path, |r: QueryRecord, path, line| {
+        if let Some(reason) = id_problem(&r.id.0) {
+            return Err(DataError::BadId { path: path.to_path_buf(), line, id: r.id.0, reason });
+        }
         insert_unique(&mut ds.query_index, &mut lines, r.id.0.clone(), path, line)?;
         ds.queries.push(Query { id: r.id.0, text: r.text });
         Ok(())
@@ -579,7 +687,8 @@ pub fn write(dir: &Path, ds: &Dataset, gzip: bool) -> Result<(), DataError> {
     let qrels_dir = dir.join("qrels");
     check_writable(dir, ds, &corpus_path, &queries_path)?;
 
-    std::fs::create_dir_all(&qrels_dir).map_err(|source| DataError::Write { path: qrels_dir.clone(), source })?;
+    std::fs::create_dir_all(&qrels_dir)
+        .map_err(|source| DataError::Write { path: qrels_dir.clone(), cause: source })?;
 
     write_atomic(&corpus_path, gzip, |w| {
         for d in &ds.corpus {
@@ -677,7 +786,7 @@ where
 {
     let (path, other) =
         if gzip { (gz_path(plain), plain.to_path_buf()) } else { (plain.to_path_buf(), gz_path(plain)) };
-    let werr = |source: io::Error| DataError::Write { path: path.clone(), source };
+    let werr = |source: io::Error| DataError::Write { path: path.clone(), cause: source };
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -719,6 +828,6 @@ where
     match std::fs::remove_file(&other) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(DataError::Write { path: other, source }),
+        Err(source) => Err(DataError::Write { path: other, cause: source }),
     }
 }

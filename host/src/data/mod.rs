@@ -52,6 +52,7 @@ pub struct Dataset {
 }
 
 pub mod beir;
+pub mod check;
 pub mod dedup;
 pub mod wordnet;
 

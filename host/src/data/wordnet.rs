@@ -16,10 +16,10 @@
 //! consist of the single word "bank", so "bank (noun)" occurs six times.
 //! They are kept as separate items with their own ids (merging them would
 //! conflate different concepts and their different hypernym edges), the
-//! number of such repeats is reported in [`ConvertStats`], and evaluators
-//! should treat retrieving any item whose text is identical to a positive
-//! as a hit, using [`Dataset::duplicate_text_groups`]. See
-//! [`IDENTICAL_TEXT_POLICY`].
+//! number of such repeats is reported in [`ConvertStats`]. Standard
+//! evaluation scores them as the distinct items they are; merging them is an
+//! explicit, labelled option (`--merge-identical-text`, through
+//! [`Dataset::duplicate_text_groups`]). See [`IDENTICAL_TEXT_POLICY`].
 
 use std::collections::HashMap;
 use std::fmt;
@@ -36,9 +36,9 @@ use super::{Dataset, Doc, Qrel, Query};
 /// How items with identical text are handled, for printing beside stats.
 pub const IDENTICAL_TEXT_POLICY: &str = "Items whose text is identical \
 (e.g. several synsets consisting only of the word \"bank\") are kept as \
-separate items with distinct ids; evaluation should count retrieving any \
-item with the same text as a positive as a hit (Dataset::duplicate_text_groups \
-maps each item to the first item with identical text).";
+separate items with distinct ids, and standard evaluation scores them as \
+distinct items; `--merge-identical-text` counts them as one, a non-standard \
+option labelled wherever its numbers are printed.";
 
 /// Where Debian keeps WordNet's license, used when the data files carry no
 /// license header (e.g. a trimmed copy).

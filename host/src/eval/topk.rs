@@ -1,7 +1,6 @@
 //! Partial selection of the best-scoring items.
 
-use std::cmp::{Ordering, Reverse};
-use std::collections::BinaryHeap;
+use negcache::retrieve::{Hit, TopK};
 
 /// Indices of the `k` highest scores, best first.
 ///
@@ -9,7 +8,8 @@ use std::collections::BinaryHeap;
 /// every number (among themselves, again by index), so the result is fully
 /// determined by the input. Returns `min(k, scores.len())` indices.
 ///
-/// Runs in O(n log k) time and O(k) extra space with a bounded heap.
+/// Runs in O(n log k) time and O(k) extra space with a bounded heap (see
+/// [`top_k_pairs`]).
 pub fn top_k(scores: &[f32], k: usize) -> Vec<u32> {
     let candidates = scores.iter().enumerate().map(|(i, &s)| (index_u32(i), s));
     top_k_pairs(candidates, k).into_iter().map(|(i, _)| i).collect()
@@ -18,45 +18,36 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<u32> {
 /// [`top_k`] over an arbitrary set of `(index, score)` candidates, returning
 /// the pairs. The order among candidates does not matter; indices should be
 /// distinct.
+///
+/// The selection is the core's ([`negcache::retrieve::TopK`], the one a
+/// device runs): a bounded heap in a buffer of `k` hits, with the same
+/// order as here (higher score first, equal scores by lower index, NaN
+/// last). A cut deeper than [`DIRECT_CUT`] (a whole-corpus order) collects
+/// the candidates first, so the buffer never holds more hits than there
+/// are candidates.
 pub fn top_k_pairs(candidates: impl IntoIterator<Item = (u32, f32)>, k: usize) -> Vec<(u32, f32)> {
     if k == 0 {
         return Vec::new();
     }
-    // A min-heap (through `Reverse`) of the best `k` seen so far: its top is
-    // the weakest kept candidate, the only one a newcomer has to beat.
-    let mut heap: BinaryHeap<Reverse<Ranked>> = BinaryHeap::with_capacity(k.saturating_add(1).min(1 << 16));
-    // Score of the weakest kept candidate once the heap is full. Anything
-    // strictly below it can be rejected with one float comparison, which is
-    // the common case when scanning a large corpus for a small k. A NaN
-    // compares false and so always takes the full comparison, as do ties
-    // (decided by index).
-    let mut floor = f32::NEG_INFINITY;
-    for (index, score) in candidates {
-        if score < floor {
-            continue;
-        }
-        let item = Ranked { index, score };
-        if heap.len() < k {
-            heap.push(Reverse(item));
-        } else if let Some(mut weakest) = heap.peek_mut() {
-            if item <= weakest.0 {
-                continue;
-            }
-            *weakest = Reverse(item);
-        }
-        if heap.len() == k {
-            floor = heap.peek().map_or(f32::NEG_INFINITY, |Reverse(w)| {
-                // A NaN floor would reject nothing anyway; keep it explicit.
-                if w.score.is_nan() {
-                    f32::NEG_INFINITY
-                } else {
-                    w.score
-                }
-            });
-        }
+    if k <= DIRECT_CUT {
+        return select(candidates, k);
     }
-    // Ascending order of `Reverse<Ranked>` is best first.
-    heap.into_sorted_vec().into_iter().map(|Reverse(r)| (r.index, r.score)).collect()
+    let all: Vec<(u32, f32)> = candidates.into_iter().collect();
+    let k = k.min(all.len());
+    select(all, k)
+}
+
+/// The deepest cut whose buffer [`top_k_pairs`] allocates before seeing the
+/// candidates (512 KB of hits).
+pub const DIRECT_CUT: usize = 1 << 16;
+
+fn select(candidates: impl IntoIterator<Item = (u32, f32)>, k: usize) -> Vec<(u32, f32)> {
+    let mut buf = vec![Hit::EMPTY; k];
+    let mut top = TopK::new(&mut buf);
+    for (index, score) in candidates {
+        top.push(index, score);
+    }
+    top.into_sorted().iter().map(|h| (h.key, h.score)).collect()
 }
 
 /// Converts a slice position to the `u32` indices used across the crate.
@@ -64,46 +55,11 @@ fn index_u32(i: usize) -> u32 {
     u32::try_from(i).expect("more than u32::MAX scores")
 }
 
-/// A candidate ordered by quality: greater means better.
-#[derive(Debug, Clone, Copy)]
-struct Ranked {
-    index: u32,
-    score: f32,
-}
-
-impl Ord for Ranked {
-    fn cmp(&self, other: &Self) -> Ordering {
-        // NaN is worse than any number; two numbers compare by value (so
-        // -0.0 and 0.0 tie); any tie goes to the lower index, i.e. the lower
-        // index is "greater".
-        let by_score = match (self.score.is_nan(), other.score.is_nan()) {
-            (true, true) => Ordering::Equal,
-            (true, false) => Ordering::Less,
-            (false, true) => Ordering::Greater,
-            (false, false) => self.score.partial_cmp(&other.score).unwrap_or(Ordering::Equal),
-        };
-        by_score.then_with(|| other.index.cmp(&self.index))
-    }
-}
-
-impl PartialOrd for Ranked {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl PartialEq for Ranked {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-
-impl Eq for Ranked {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::cmp::Ordering;
 
     /// Reference: a full stable sort of all indices (stability gives ties to
     /// the lower index), NaN last.

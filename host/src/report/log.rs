@@ -103,16 +103,60 @@ impl MetricsLog {
     /// Like [`Self::create`], but first copies back the rows of an existing
     /// log at `path` whose step is at most `keep_up_to` (`None`: start
     /// afresh). A resumed run keeps what it logged before its checkpoint.
+    /// See [`Self::reopen_keeping`].
     pub fn reopen(path: &Path, columns: &[&str], keep_up_to: Option<u64>) -> Result<Self> {
-        let earlier = match keep_up_to {
-            Some(step) if path.exists() => read_series(path)?.into_iter().filter(|r| r.step <= step).collect(),
-            _ => Vec::new(),
+        match keep_up_to {
+            Some(step) => Self::reopen_keeping(path, columns, &|r: &Row| r.step <= step),
+            None => Self::create(path, columns),
+        }
+    }
+
+    /// Continues the log at `path` with the rows of it that `keep` accepts.
+    ///
+    /// The kept rows are written to a temporary file beside `path`, synced,
+    /// and renamed over it; later rows are appended. A process killed at any
+    /// point leaves either the old log or the new one, never a truncated
+    /// one. A log that exists but cannot be read is an error naming it (a
+    /// torn last line is not: it is dropped), so rows are never dropped
+    /// without a word; a missing log starts afresh.
+    pub fn reopen_keeping(path: &Path, columns: &[&str], keep: &dyn Fn(&Row) -> bool) -> Result<Self> {
+        let format = LogFormat::from_path(path)?;
+        let earlier: Vec<Row> = if path.exists() {
+            read_series(path)
+                .with_context(|| format!("{}: cannot continue this metrics log; repair or remove it", path.display()))?
+                .into_iter()
+                .filter(|r| keep(r))
+                .collect()
+        } else {
+            Vec::new()
         };
-        let mut log = Self::create(path, columns)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        fs::create_dir_all(dir).with_context(|| format!("creating directory {}", dir.display()))?;
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(crate::checkpoint::TEMP_PREFIX);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            builder.permissions(fs::Permissions::from_mode(0o666));
+        }
+        let tmp = builder
+            .tempfile_in(dir)
+            .with_context(|| format!("{}: cannot create a temporary file beside it", path.display()))?;
+        // A second handle on the same open file: it stays valid, and at
+        // the file's end, after the rename.
+        let file = tmp.as_file().try_clone().with_context(|| format!("writing metrics log {}", path.display()))?;
+        let mut log = Self::with_file(path, format, columns, file)?;
         for r in &earlier {
             let values: Vec<(&str, f64)> = columns.iter().filter_map(|c| r.get(c).map(|v| (*c, v))).collect();
             log.log_at(r.step, r.wall_s, &values)?;
         }
+        log.file.sync_all().with_context(|| format!("syncing metrics log {}", path.display()))?;
+        tmp.persist(path)
+            .map_err(|e| e.error)
+            .with_context(|| format!("{}: cannot rename the rewritten log into place", path.display()))?;
         Ok(log)
     }
 
@@ -133,6 +177,16 @@ impl MetricsLog {
             fs::create_dir_all(dir).with_context(|| format!("creating directory {}", dir.display()))?;
         }
         let file = File::create(path).with_context(|| format!("creating metrics log {}", path.display()))?;
+        Self::with_file(path, format, columns, file)
+    }
+
+    /// A log writing to `file` (empty, at its start): checks the column
+    /// names and writes the CSV header.
+    fn with_file(path: &Path, format: LogFormat, columns: &[&str], file: File) -> Result<Self> {
+        for (i, &name) in columns.iter().enumerate() {
+            check_column_name(name)?;
+            ensure!(!columns[..i].contains(&name), "metric column {name:?} is listed twice");
+        }
         let mut log = Self {
             path: path.to_owned(),
             format,
@@ -286,7 +340,7 @@ pub fn read_series(path: &Path) -> Result<Vec<Row>> {
         }
         let parsed = match (format, &header) {
             (LogFormat::Csv, None) => {
-                header = Some(parse_csv_header(line)?);
+                header = Some(parse_csv_header(line).with_context(|| format!("{}: line {}", path.display(), i + 1))?);
                 continue;
             }
             (LogFormat::Csv, Some(names)) => parse_csv_row(names, line),

@@ -133,18 +133,33 @@ pub fn line_chart(
         root.present().map_err(drawing_error)?;
     }
     let mut tmp = temp_file_in(dir, ".svg")?;
-    std::io::Write::write_all(tmp.as_file_mut(), svg.as_bytes())?;
+    std::io::Write::write_all(tmp.as_file_mut(), svg.as_bytes())
+        .with_context(|| format!("writing {}", svg_path.display()))?;
     publish(tmp, &svg_path).with_context(|| format!("writing {}", svg_path.display()))?;
 
+    // Drawn into memory and encoded here, so that a failed write is an
+    // io::Error on a named file (the bitmap backend's own saving reports
+    // a debug-printed image error without a path).
     let png_path = append_extension(path_stem, "png");
-    // The bitmap backend encodes PNG only when saving to a path, and picks
-    // the format from that path's extension: hence a named temporary ".png".
-    let tmp = temp_file_in(dir, ".png")?;
+    let (w, h) = CHART_SIZE;
+    let mut pixels = vec![0u8; w as usize * h as usize * 3];
     {
-        let root = BitMapBackend::new(tmp.path(), CHART_SIZE).into_drawing_area();
+        let root = BitMapBackend::with_buffer(&mut pixels, CHART_SIZE).into_drawing_area();
         chart.draw(&root)?;
         root.present().map_err(drawing_error)?;
     }
+    let mut encoded = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut encoded, w, h);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().map_err(|e| anyhow!("{}: encoding: {e}", png_path.display()))?;
+        writer.write_image_data(&pixels).map_err(|e| anyhow!("{}: encoding: {e}", png_path.display()))?;
+        writer.finish().map_err(|e| anyhow!("{}: encoding: {e}", png_path.display()))?;
+    }
+    let mut tmp = temp_file_in(dir, ".png")?;
+    std::io::Write::write_all(tmp.as_file_mut(), &encoded)
+        .with_context(|| format!("writing {}", png_path.display()))?;
     publish(tmp, &png_path).with_context(|| format!("writing {}", png_path.display()))?;
     Ok(())
 }
@@ -487,7 +502,7 @@ fn append_extension(stem: &Path, ext: &str) -> PathBuf {
 /// final rename to be atomic.
 fn temp_file_in(dir: &Path, suffix: &str) -> Result<NamedTempFile> {
     tempfile::Builder::new()
-        .prefix(".chart-")
+        .prefix(crate::checkpoint::TEMP_PREFIX)
         .suffix(suffix)
         .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))
