@@ -471,13 +471,7 @@ where
         let control = control.map(|beta| ControlVariate { beta, candidate_mean: &self.candidate_mean[..bsz] });
         let cache = self.cache.prefix(self.cfg.cache_capacity);
         let sum = self.loss.backward_with(cache, q, p, fresh, control, Some(grads))?;
-        for b in 0..bsz {
-            self.model.backward(Side::Query, batch.queries[b].as_ref(), &self.gq[b]);
-            self.model.backward(Side::Item, batch.positives[b].as_ref(), &self.gp[b]);
-            for (i, &slot) in self.loss.negatives(b).iter().enumerate() {
-                self.model.backward(Side::Item, items[slot as usize].as_ref(), &self.gn[b][i]);
-            }
-        }
+        self.backward_drawn(batch);
         self.model.backward_scale(sum.grad_scale);
         Ok(StepReport {
             training_loss: sum.training_loss,
@@ -488,6 +482,19 @@ where
             grad_norm: 0.0,
             score_scale: alpha,
         })
+    }
+
+    /// Back-propagates `gq`, `gp` and the drawn negatives' `gn` through
+    /// the towers.
+    fn backward_drawn(&mut self, batch: &Batch<'_, Q, I>) {
+        let items = self.cache.prefix(self.cfg.cache_capacity).items();
+        for b in 0..batch.queries.len() {
+            self.model.backward(Side::Query, batch.queries[b].as_ref(), &self.gq[b]);
+            self.model.backward(Side::Item, batch.positives[b].as_ref(), &self.gp[b]);
+            for (i, &slot) in self.loss.negatives(b).iter().enumerate() {
+                self.model.backward(Side::Item, items[slot as usize].as_ref(), &self.gn[b][i]);
+            }
+        }
     }
 
     /// The exact in-batch softmax with the sampled cache remainder
@@ -532,14 +539,7 @@ where
         };
         let ids = self.cfg.mask_accidental_hits.then_some(batch.positives);
         let sum = remainder::in_batch_with_remainder(&self.q[..bsz], &self.p[..bsz], ids, alpha, NEG, side, grads)?;
-        let items = cache.items();
-        for b in 0..bsz {
-            self.model.backward(Side::Query, batch.queries[b].as_ref(), &self.gq[b]);
-            self.model.backward(Side::Item, batch.positives[b].as_ref(), &self.gp[b]);
-            for (i, &slot) in self.loss.negatives(b).iter().enumerate() {
-                self.model.backward(Side::Item, items[slot as usize].as_ref(), &self.gn[b][i]);
-            }
-        }
+        self.backward_drawn(batch);
         self.model.backward_scale(sum.grad_scale);
         Ok(StepReport {
             training_loss: sum.loss,

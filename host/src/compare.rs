@@ -324,7 +324,7 @@ fn write_results(file: &CompareFile, results: &[RunResult], b: &Baselines, cfg: 
     let doc = format!(
         "# {}\n\nData: `{}`, split `{}`; evaluation: {}. {} steps of batch {} per run (unless the run says otherwise); \
          mean ± standard deviation over seeds. Curves: {} \
-         (periodic evaluations on the first {} judged queries; the table's figures use every query).\n\n{}\n",
+         (periodic evaluations on {}; the table's figures use every query).\n\n{}\n",
         file.title,
         cfg.data.display(),
         cfg.eval_split,
@@ -332,7 +332,7 @@ fn write_results(file: &CompareFile, results: &[RunResult], b: &Baselines, cfg: 
         cfg.steps,
         cfg.batch,
         plots.join("; "),
-        cfg.eval_queries,
+        if cfg.eval_queries == 0 { "every judged query".to_owned() } else { format!("the first {} judged queries", cfg.eval_queries) },
         table
     );
     write_atomically(&stem.with_extension("md"), |f| f.write_all(doc.as_bytes()).map_err(Into::into))?;

@@ -98,6 +98,7 @@ fn results_readme_quotes_stored_figures() {
     let mut files = Vec::new();
     result_files(&root().join("docs/results"), &mut files);
     result_files(&root().join("fixtures/data/synthetic-recsys"), &mut files);
+    result_files(&root().join("fixtures/eval"), &mut files);
     let mut sources = String::new();
     for path in &files {
         let text = std::fs::read_to_string(path).unwrap();

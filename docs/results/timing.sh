@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Steps per second of each objective on this machine, written to
+# docs/results/timing.md. Run it on an otherwise idle machine:
+#   bash docs/results/timing.sh
+# Each objective trains a few hundred steps on the bundled WordNet task with
+# the settings of docs/results/estimators/compare.toml (no evaluation during
+# training); the figure is the run's own steps / training seconds.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build -q --release -p negcache-host
+bin=target/release/negcache
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+LOAD=$(cut -d" " -f1-3 /proc/loadavg)
+base=(--tying shared-tokens --eval-every 0 --eval-queries 200)
+rows=()
+run() {
+  local name=$1 steps=$2; shift 2
+  "$bin" train "${base[@]}" --steps "$steps" --out "$out/$name" "$@" >/dev/null 2>&1
+  rows+=("$(python3 - "$out/$name/summary.json" "$name" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))["summary"]
+print(f"| {sys.argv[2]} | {s['steps']} | {s['train_seconds']:.1f} | {s['steps'] / s['train_seconds']:.1f} | {s['tower_evals_per_step']:.0f} |")
+PY
+)")
+}
+run in-batch 2000 --objective in-batch
+run cache 1000 --objective cache --negatives 1 --control-variate false
+run cache-cv 1000 --objective cache --negatives 1 --control-variate true
+run ABC-2neg 500 --objective cache-in-batch --negatives 2 --control-variate true
+run ABC-4neg 500 --objective cache-in-batch --negatives 4 --control-variate true
+run sampled-8k 100 --objective sampled --sampled-negatives 8192 --negatives 1 --control-variate false
+run full 20 --objective full --cache-capacity 20480 --negatives 1 --control-variate false
+{
+  echo "# Training speed per objective"
+  echo
+  echo "\`bash docs/results/timing.sh\` on $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, $(date -u +%Y-%m-%d); load average before the runs: $LOAD."
+  echo "Shared-token towers, batch 32, cache of 8,192 items; one training thread (the step uses one core; evaluation is not timed)."
+  echo
+  echo "| objective | steps | seconds | steps/s | tower evaluations per step |"
+  echo "|---|---|---|---|---|"
+  printf '%s\n' "${rows[@]}"
+} > docs/results/timing.md
+cat docs/results/timing.md
