@@ -192,7 +192,7 @@ fn hypernym_task_from_sample() {
     // The two "bank" synsets render alike.
     assert_eq!(stats.identical_text_items, 1);
     let summary = stats.to_string();
-    assert!(summary.contains("10 queries") && summary.contains("hit"), "{summary}");
+    assert!(summary.contains("10 queries") && summary.contains("scores them as distinct items"), "{summary}");
 }
 
 #[test]
