@@ -660,7 +660,7 @@ fn negative_weights<const NEG: usize>(
 /// A cached embedding as the pass read it (through int8 quantization with
 /// the `int8-scoring` feature), so that the control variate subtracts the
 /// same vectors that its candidate mean averaged.
-fn stale_row<I: Item, const DIM: usize>(cache: CacheRef<'_, I, DIM>, j: usize) -> [f32; DIM] {
+pub(crate) fn stale_row<I: Item, const DIM: usize>(cache: CacheRef<'_, I, DIM>, j: usize) -> [f32; DIM] {
     let mut row = [0.0; DIM];
     #[cfg(feature = "int8-scoring")]
     kernel::QuantizedView(cache.embeddings()).row(j, &mut row);

@@ -107,23 +107,24 @@ pub fn in_batch_with_remainder<I: PartialEq, const DIM: usize>(
     grads: RemainderGrads<'_, DIM>,
 ) -> Result<RemainderSummary> {
     let bsz = queries.len();
+    let total = bsz.checked_mul(neg).ok_or(Error::CapacityExceeded { requested: usize::MAX, capacity: bsz })?;
     check_len("positives", bsz, positives.len())?;
     if let Some(ids) = items {
         check_len("positive items", bsz, ids.len())?;
     }
     check_len("cache log-sum-exp", bsz, cache.lse.len())?;
-    check_len("fresh negatives", bsz * neg, cache.fresh.len())?;
-    check_len("negative weights", bsz * neg, cache.weights.len())?;
+    check_len("fresh negatives", total, cache.fresh.len())?;
+    check_len("negative weights", total, cache.weights.len())?;
     if let Some(Control { beta, stale, mean }) = cache.control {
         if !(0.0..=1.0).contains(&beta) {
             return Err(Error::InvalidConfig { what: "control variate beta must be in [0, 1]" });
         }
-        check_len("stale negatives", bsz * neg, stale.len())?;
+        check_len("stale negatives", total, stale.len())?;
         check_len("candidate means", bsz, mean.len())?;
     }
     check_len("query gradient", bsz, grads.query.len())?;
     check_len("positive gradient", bsz, grads.positive.len())?;
-    check_len("negative gradient", bsz * neg, grads.negative.len())?;
+    check_len("negative gradient", total, grads.negative.len())?;
     if !alpha.is_finite() {
         return Err(Error::NonFinite { what: "score scale" });
     }

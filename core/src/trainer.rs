@@ -409,19 +409,13 @@ where
             top_k: self.cfg.top_k,
             mask_accidental_hits: self.cfg.mask_accidental_hits,
         };
-        let (q, p) = (&self.q[..bsz], &self.p[..bsz]);
         let in_batch = self.cfg.objective == Objective::CacheInBatch;
         let control = self.control_variate.filter(|_| self.cfg.objective != Objective::CacheMixed);
         // With exact in-batch terms, the slots holding batch items are
         // hidden from the pass (marked empty for its duration) so that no
         // item is counted twice.
         if in_batch {
-            let cache = self.cache.prefix(self.cfg.cache_capacity);
-            for b in 0..bsz {
-                let found = cache.position(&batch.positives[b]);
-                self.pos_cached[b] = found.is_some();
-                self.slots[b] = found.unwrap_or(0);
-            }
+            self.find_positives(batch);
             set_occupied(
                 self.cache.prefix_mut(self.cfg.cache_capacity),
                 &self.slots[..bsz],
@@ -429,6 +423,7 @@ where
                 false,
             )?;
         }
+        let (q, p) = (&self.q[..bsz], &self.p[..bsz]);
         let drawn = self.loss.score_and_sample_with(
             self.cache.prefix(self.cfg.cache_capacity),
             q,
@@ -484,6 +479,17 @@ where
         })
     }
 
+    /// The in-cache filter for the batch's positives: `pos_cached[b]` and,
+    /// when set, the slot `slots[b]` that holds positive `b`.
+    fn find_positives(&mut self, batch: &Batch<'_, Q, I>) {
+        let cache = self.cache.prefix(self.cfg.cache_capacity);
+        for (b, y) in batch.positives.iter().enumerate() {
+            let found = cache.position(y);
+            self.pos_cached[b] = found.is_some();
+            self.slots[b] = found.unwrap_or(0);
+        }
+    }
+
     /// Back-propagates `gq`, `gp` and the drawn negatives' `gn` through
     /// the towers.
     fn backward_drawn(&mut self, batch: &Batch<'_, Q, I>) {
@@ -515,7 +521,9 @@ where
             let (slots, weights) = (self.loss.negatives(b), self.loss.negative_weights(b));
             for i in 0..NEG {
                 self.neg_weight[b][i] = weights.get(i).copied().unwrap_or(0.0);
-                self.stale[b][i] = slots.get(i).map_or([0.0; DIM], |&s| cache.embeddings()[s as usize]);
+                // As the pass read them (through int8 with `int8-scoring`),
+                // so that the control variate subtracts what it averaged.
+                self.stale[b][i] = slots.get(i).map_or([0.0; DIM], |&s| crate::loss::stale_row(cache, s as usize));
                 if i < slots.len() {
                     stale_sum += crate::loss::relative_staleness(&self.stale[b][i], &self.n[b][i]);
                     drawn += 1;
@@ -583,15 +591,10 @@ where
     fn update_cache(&mut self, batch: &Batch<'_, Q, I>) -> Result<()> {
         let bsz = batch.queries.len();
         let streaming = self.cfg.cache_mode == CacheMode::Streaming;
-        {
-            let cache = self.cache.prefix(self.cfg.cache_capacity);
-            for b in 0..bsz {
-                let y = &batch.positives[b];
-                let found = cache.position(y);
-                self.pos_cached[b] = found.is_some();
-                self.slots[b] = found.unwrap_or(0);
-                self.keep[b] = streaming && found.is_none() && !batch.positives[..b].contains(y);
-            }
+        self.find_positives(batch);
+        for b in 0..bsz {
+            let y = &batch.positives[b];
+            self.keep[b] = streaming && !self.pos_cached[b] && !batch.positives[..b].contains(y);
         }
         // The positives found by the in-cache filter take their fresh
         // embeddings (a refresh, no ageing; the update below ages).

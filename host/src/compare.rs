@@ -149,6 +149,9 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             if cfg.data != first.data || cfg.eval_split != first.eval_split {
                 bail!("run {:?}: every run must use the same data and evaluation split", entry.name);
             }
+            if cfg.protocol() != first.protocol() || cfg.bm25() != first.bm25() {
+                bail!("run {:?}: every run must use the same evaluation protocol and BM25 settings", entry.name);
+            }
             crate::checkpoint::remove_stale_temp_files(&cfg.out)?;
             let saved = cfg.out.join("result.json");
             let reusable = std::fs::read(&saved)

@@ -41,6 +41,30 @@ pub enum ObjectiveName {
     CacheInBatch,
 }
 
+impl ObjectiveName {
+    /// Whether the objective draws from, and maintains, the cache.
+    pub fn uses_cache(self) -> bool {
+        self.core().uses_cache()
+    }
+
+    /// The core's objective (sampled softmax with `sampled_negatives`
+    /// negatives).
+    fn core_with(self, sampled_negatives: usize) -> Objective {
+        match self {
+            ObjectiveName::Cache => Objective::Cache,
+            ObjectiveName::InBatch => Objective::InBatch,
+            ObjectiveName::Sampled => Objective::Sampled { negatives: sampled_negatives },
+            ObjectiveName::Full => Objective::Full,
+            ObjectiveName::CacheMixed => Objective::CacheMixed,
+            ObjectiveName::CacheInBatch => Objective::CacheInBatch,
+        }
+    }
+
+    fn core(self) -> Objective {
+        self.core_with(0)
+    }
+}
+
 /// Which optimiser.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "snake_case")]
@@ -220,8 +244,7 @@ impl TrainConfig {
         if self.cache_capacity == 0 || self.cache_capacity > CAP {
             bail!("cache_capacity must be between 1 and {CAP}, got {}", self.cache_capacity);
         }
-        let caches =
-            matches!(self.objective, ObjectiveName::Cache | ObjectiveName::CacheMixed | ObjectiveName::CacheInBatch);
+        let caches = self.objective.uses_cache();
         if caches && !self.corpus_cache && self.cache_capacity < self.batch {
             bail!(
                 "cache_capacity ({}) must be at least the batch ({}): each step inserts up to a batch of positives",
@@ -304,14 +327,7 @@ impl TrainConfig {
     /// The core's trainer settings.
     pub fn trainer(&self) -> TrainerConfig {
         TrainerConfig {
-            objective: match self.objective {
-                ObjectiveName::Cache => Objective::Cache,
-                ObjectiveName::InBatch => Objective::InBatch,
-                ObjectiveName::Sampled => Objective::Sampled { negatives: self.sampled_negatives },
-                ObjectiveName::Full => Objective::Full,
-                ObjectiveName::CacheMixed => Objective::CacheMixed,
-                ObjectiveName::CacheInBatch => Objective::CacheInBatch,
-            },
+            objective: self.objective.core_with(self.sampled_negatives),
             cache_mode: if self.corpus_cache { CacheMode::Corpus } else { CacheMode::Streaming },
             eviction: if self.lru { Eviction::Lru } else { Eviction::Fifo },
             retrieval: match self.sampler {
@@ -406,9 +422,7 @@ fn prepare_with(cfg: &TrainConfig, training: bool) -> anyhow::Result<Prepared> {
             crate::data::check::qrels_file(&cfg.data, "train").display()
         );
     }
-    let holds_corpus = matches!(cfg.objective, ObjectiveName::Full)
-        || (cfg.corpus_cache
-            && matches!(cfg.objective, ObjectiveName::Cache | ObjectiveName::CacheMixed | ObjectiveName::CacheInBatch));
+    let holds_corpus = matches!(cfg.objective, ObjectiveName::Full) || (cfg.corpus_cache && cfg.objective.uses_cache());
     if training && holds_corpus && ds.corpus.len() > cfg.cache_capacity {
         bail!(
             "this run holds the corpus in the cache: {} items need cache_capacity >= {} (it is {}; at most {CAP})",
@@ -465,9 +479,7 @@ impl Run {
         session.set_control_variate(cfg.control())?;
         let mut rng = Pcg64Mcg::seed_from_u64(cfg.seed);
         session.init(&mut rng)?;
-        if cfg.corpus_cache
-            && matches!(cfg.objective, ObjectiveName::Cache | ObjectiveName::CacheMixed | ObjectiveName::CacheInBatch)
-        {
+        if cfg.corpus_cache && cfg.objective.uses_cache() {
             session.fill_cache(&data.features.items)?;
         }
         Ok(Self { cfg, session, step: 0, progress: Progress::default() })
@@ -477,7 +489,13 @@ impl Run {
     /// checkpoint; `steps` may be raised to train further).
     pub fn resume(path: &Path, steps: Option<u64>) -> anyhow::Result<Self> {
         let ck = Checkpoint::load(path)?;
-        let mut cfg: TrainConfig = serde_json::from_value(ck.header["config"].clone())
+        let mut stored = ck.header["config"].clone();
+        // Settings added after a checkpoint was written take the value that
+        // reproduces its run, not today's default.
+        if let Some(obj) = stored.as_object_mut() {
+            obj.entry("control_variate").or_insert(serde_json::Value::Bool(false));
+        }
+        let mut cfg: TrainConfig = serde_json::from_value(stored)
             .with_context(|| format!("{}: the header's config does not fit this build", path.display()))?;
         if let Some(s) = steps {
             cfg.steps = s;

@@ -4,9 +4,10 @@
 //! * README.md's results table (between `<!-- results:default -->` and
 //!   `<!-- /results -->`) against `docs/results/default/summary.json`,
 //!   written by `negcache train --out docs/results/default`.
-//! * Every decimal figure in docs/results/README.md against the result files
-//!   in docs/results (the markdown tables and JSON summaries the commands
-//!   named there write).
+//! * Every decimal figure in docs/results/README.md, as a whole number,
+//!   against the result files it draws on (the markdown tables and JSON
+//!   results the commands named there write, and the fixtures' reference
+//!   values).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -88,7 +89,7 @@ fn result_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Every figure with two or more decimals in docs/results/README.md occurs
+/// Every decimal figure in docs/results/README.md occurs
 /// in one of the stored result files it draws on (the tables `negcache
 /// compare` writes, the runs' JSON results and summaries, fixtures' reference
 /// values).
@@ -99,6 +100,7 @@ fn results_readme_quotes_stored_figures() {
     result_files(&root().join("docs/results"), &mut files);
     result_files(&root().join("fixtures/data/synthetic-recsys"), &mut files);
     result_files(&root().join("fixtures/eval"), &mut files);
+    result_files(&root().join("fixtures/expected"), &mut files);
     let mut sources = String::new();
     for path in &files {
         let text = std::fs::read_to_string(path).unwrap();
@@ -111,15 +113,18 @@ fn results_readme_quotes_stored_figures() {
             }
         }
     }
-    let mut missing = Vec::new();
-    for token in doc.split(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        let token = token.trim_end_matches('.');
-        let decimals = token.split_once('.').map_or(0, |(_, d)| d.len());
-        if decimals >= 2 && token.starts_with("0.") && !sources.contains(token) {
-            missing.push(token.to_owned());
-        }
-    }
+    // Whole numbers only: "0.35" must be a figure of a file, not the start
+    // of "0.3529".
+    let stored: std::collections::HashSet<&str> = decimals(&sources).collect();
+    let missing: Vec<&str> = decimals(&doc).filter(|t| !stored.contains(t)).collect();
     assert!(missing.is_empty(), "docs/results/README.md quotes figures found in no result file: {missing:?}");
+}
+
+/// The decimal numbers of a text ("0.3529", "734.5"), as written.
+fn decimals(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map(|t| t.trim_matches('.'))
+        .filter(|t| t.split_once('.').is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && !b.contains('.')))
 }
 
 /// Appends every number of a JSON value printed with 3 and 4 decimals.

@@ -16,7 +16,11 @@
 //!    as here.
 //! 4. Metrics ([`super::metrics`]) are averaged over the split's queries with
 //!    a relevant judgement; a query whose ranking is empty scores zero (as
-//!    `trec_eval -c`).
+//!    `trec_eval -c`). Scoring a run file (`negcache eval --run`) averages
+//!    over the run's queries instead, as pytrec_eval and BEIR do: a run file
+//!    has no line for a query with an empty ranking (BM25 finds nothing for
+//!    a query sharing no term with the corpus), so its mean can differ from
+//!    the in-process one by such queries.
 //!
 //! [`Protocol::merge_identical_text`] departs from BEIR: documents with the
 //! same title and text count as one. Every number computed with it is

@@ -39,8 +39,11 @@ pub struct RunLine {
     pub doc_id: String,
     /// Rank, from 1.
     pub rank: u32,
-    /// Score.
+    /// Score, as f32.
     pub score: f32,
+    /// Score as trec_eval reads it (a double): what the ranking is
+    /// ordered by, so that scores equal in f32 but not in f64 do not tie.
+    pub exact_score: f64,
     /// The run's tag.
     pub tag: String,
     /// The line's number in its file, from 1.
@@ -117,6 +120,7 @@ fn parse_run_line(line: &str, number: usize) -> Result<RunLine> {
         doc_id: (*did).to_owned(),
         rank: rank.parse().with_context(|| format!("bad rank {rank:?}"))?,
         score: score.parse().with_context(|| format!("bad score {score:?}"))?,
+        exact_score: score.parse().with_context(|| format!("bad score {score:?}"))?,
         tag: (*tag).to_owned(),
         line: number,
     })
@@ -133,7 +137,7 @@ fn parse_run_line(line: &str, number: usize) -> Result<RunLine> {
 pub fn rankings_of_run(path: &Path, lines: &[RunLine], ds: &Dataset, ev: &Evaluator) -> Result<HashMap<u32, Ranking>> {
     let queries: HashMap<&str, u32> = (0u32..).zip(&ds.queries).map(|(i, q)| (q.id.as_str(), i)).collect();
     let docs: HashMap<&str, u32> = (0u32..).zip(&ds.corpus).map(|(i, d)| (d.id.as_str(), i)).collect();
-    let mut by_query: HashMap<u32, HashMap<u32, f32>> = HashMap::new();
+    let mut by_query: HashMap<u32, HashMap<u32, (f64, f32)>> = HashMap::new();
     for l in lines {
         let at = || format!("{}:{}", path.display(), l.line);
         let q = *queries
@@ -141,12 +145,24 @@ pub fn rankings_of_run(path: &Path, lines: &[RunLine], ds: &Dataset, ev: &Evalua
             .with_context(|| format!("{}: unknown query id {:?}", at(), l.query_id))?;
         let d =
             *docs.get(l.doc_id.as_str()).with_context(|| format!("{}: unknown document id {:?}", at(), l.doc_id))?;
-        ensure!(l.score.is_finite(), "{}: score {} is not finite", at(), l.score);
-        if by_query.entry(q).or_default().insert(d, l.score).is_some() {
+        ensure!(l.exact_score.is_finite(), "{}: score {} is not finite", at(), l.exact_score);
+        if by_query.entry(q).or_default().insert(d, (l.exact_score, l.score)).is_some() {
             bail!("{}: document {:?} is listed twice for query {:?}", at(), l.doc_id, l.query_id);
         }
     }
-    Ok(by_query.into_iter().map(|(q, scored)| (q, ev.rank(q, scored))).collect())
+    let depth = ev.protocol().depth;
+    let rank = |q: u32, scored: HashMap<u32, (f64, f32)>| -> Ranking {
+        let mut kept: Vec<(u32, f64, f32)> =
+            scored.into_iter().filter(|&(d, _)| ev.admits(q, d)).map(|(d, (exact, s))| (d, exact, s)).collect();
+        // trec_eval's order on the doubles: score down, then id down.
+        kept.sort_by(|a, b| {
+            b.1.total_cmp(&a.1)
+                .then_with(|| ds.corpus[b.0 as usize].id.as_bytes().cmp(ds.corpus[a.0 as usize].id.as_bytes()))
+        });
+        kept.truncate(depth);
+        kept.into_iter().map(|(d, _, s)| (d, s)).collect()
+    };
+    Ok(by_query.into_iter().map(|(q, scored)| (q, rank(q, scored))).collect())
 }
 
 fn query_id(ds: &Dataset, query: u32) -> Result<&str> {
@@ -203,7 +219,15 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert_eq!(
             lines[1],
-            RunLine { query_id: "q2".into(), doc_id: "d1".into(), rank: 2, score: 1.25, tag: "bm25".into(), line: 2 }
+            RunLine {
+                query_id: "q2".into(),
+                doc_id: "d1".into(),
+                rank: 2,
+                score: 1.25,
+                exact_score: 1.25,
+                tag: "bm25".into(),
+                line: 2
+            }
         );
         // The score survives the round trip exactly.
         assert_eq!(lines[2].score, 0.1f32);
@@ -233,6 +257,22 @@ mod tests {
         assert!(write_run(&path, &ds, &[(0, vec![(0, f32::NAN)])], "x").is_err());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "q1 Q0 d1 1 1 ok\n");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn run_scores_are_ordered_as_doubles() {
+        // 1.00000001 and 1.00000002 are the same f32; as doubles (what
+        // trec_eval reads) d1 is ahead of d3, although d3 would win a tie.
+        let mut ds = dataset();
+        ds.qrels.insert("test".into(), vec![Qrel { query: 0, doc: 0, score: 1 }]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.trec");
+        std::fs::write(&path, "q1 Q0 d3 1 1.00000001 x\nq1 Q0 d1 2 1.00000002 x\n").unwrap();
+        let lines = read_run(&path).unwrap();
+        let ev =
+            Evaluator::new(&ds, "test", crate::eval::Protocol { depth: 100, ..crate::eval::Protocol::BEIR }).unwrap();
+        let r = rankings_of_run(&path, &lines, &ds, &ev).unwrap();
+        assert_eq!(r[&0].iter().map(|p| p.0).collect::<Vec<_>>(), vec![0, 2]);
     }
 
     #[test]
