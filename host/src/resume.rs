@@ -232,6 +232,20 @@ pub fn outputs_complete(out: &Path, step: u64) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    /// The loss window's f64 sums go through the checkpoint header as JSON
+    /// and must come back bit for bit (serde_json's `float_roundtrip`).
+    #[test]
+    fn header_floats_read_back_exactly() {
+        let (mut x, mut state) = (0.0f64, 0x9e37_79b9_7f4a_7c15u64);
+        for _ in 0..200_000 {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            x += f64::from((state >> 40) as f32 / 16_777_216.0);
+            let text = serde_json::to_string(&x).unwrap();
+            let back: f64 = serde_json::from_str(&text).unwrap();
+            assert_eq!(x.to_bits(), back.to_bits(), "{text}");
+        }
+    }
     use super::*;
 
     #[test]
