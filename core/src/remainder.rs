@@ -306,6 +306,81 @@ mod tests {
         }
     }
 
+    /// With stale rows that differ from the fresh ones, the expected query
+    /// gradient under the control variate is the closed form
+    /// `alpha/B (sum_j pi_j p_j - p_b + M (beta sum_k P_k (f_k - e_k) + e_bar))`
+    /// (P from the stale scores, as the draw), so beta 1 is unbiased for the
+    /// fresh mean `sum_k P_k f_k` and beta 0 is the stale mean.
+    #[test]
+    fn control_variate_with_stale_rows_has_the_closed_form_expectation() {
+        let mut r = Pcg64Mcg::seed_from_u64(5);
+        let q: [[f32; D]; 3] = rows(&mut r);
+        let p: [[f32; D]; 3] = rows(&mut r);
+        let stale: [[f32; D]; 5] = rows(&mut r);
+        let shift: [[f32; D]; 5] = rows(&mut r);
+        let fresh: [[f32; D]; 5] = core::array::from_fn(|k| core::array::from_fn(|i| stale[k][i] + 0.3 * shift[k][i]));
+        let alpha = 2.0f32;
+        for beta in [1.0f32, 0.5, 0.0] {
+            let mut lse = [LogSumExp::EMPTY; 3];
+            let mut mean = [[0.0f32; D]; 3];
+            let mut probs = [[0.0f64; 5]; 3];
+            for b in 0..3 {
+                for e in &stale {
+                    lse[b].push(alpha * dot(&q[b], e));
+                }
+                for (k, e) in stale.iter().enumerate() {
+                    probs[b][k] = f64::from(lse[b].weight(alpha * dot(&q[b], e)));
+                    vector::axpy(probs[b][k] as f32, e, &mut mean[b]);
+                }
+            }
+            let mut eq = [[0.0f64; D]; 3];
+            for draw in 0..125usize {
+                let pick = [draw % 5, (draw / 5) % 5, draw / 25];
+                let prob: f64 = (0..3).map(|b| probs[b][pick[b]]).product();
+                let f: [[f32; D]; 3] = core::array::from_fn(|b| fresh[pick[b]]);
+                let e: [[f32; D]; 3] = core::array::from_fn(|b| stale[pick[b]]);
+                let (mut gq, mut gp, mut gn) = ([[0.0; D]; 3], [[0.0; D]; 3], [[0.0; D]; 3]);
+                let side = CacheSide {
+                    lse: &lse,
+                    fresh: &f,
+                    weights: &[1.0; 3],
+                    control: Some(Control { beta, stale: &e, mean: &mean }),
+                };
+                let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
+                in_batch_with_remainder::<u32, D>(&q, &p, None, alpha, 1, side, grads).unwrap();
+                for b in 0..3 {
+                    for i in 0..D {
+                        eq[b][i] += prob * f64::from(gq[b][i]);
+                    }
+                }
+            }
+            // The closed form, in f64, from the same softmax terms.
+            for b in 0..3 {
+                let d64 = |x: &[f32; D], y: &[f32; D]| (0..D).map(|i| f64::from(x[i]) * f64::from(y[i])).sum::<f64>();
+                let a = f64::from(alpha);
+                let logits: [f64; 3] = core::array::from_fn(|j| a * d64(&q[b], &p[j]));
+                let cache: [f64; 5] = core::array::from_fn(|k| a * d64(&q[b], &stale[k]));
+                let m = logits.iter().chain(&cache).copied().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = logits.iter().chain(&cache).map(|l| (l - m).exp()).sum();
+                let mass: f64 = cache.iter().map(|l| (l - m).exp()).sum::<f64>() / z;
+                for i in 0..D {
+                    let mut want = -f64::from(p[b][i]);
+                    for j in 0..3 {
+                        want += (logits[j] - m).exp() / z * f64::from(p[j][i]);
+                    }
+                    let (mut diff, mut ebar) = (0.0, 0.0);
+                    for k in 0..5 {
+                        diff += probs[b][k] * f64::from(fresh[k][i] - stale[k][i]);
+                        ebar += probs[b][k] * f64::from(stale[k][i]);
+                    }
+                    want += mass * (f64::from(beta) * diff + ebar);
+                    want *= a / 3.0;
+                    assert!((eq[b][i] - want).abs() < 1e-5, "beta {beta}: {} against {want}", eq[b][i]);
+                }
+            }
+        }
+    }
+
     #[test]
     fn accidental_hits_and_empty_cache() {
         // Two queries share an item: each other's positive is left out, so
