@@ -425,6 +425,38 @@ struct Lanes<const NEG: usize> {
 }
 
 impl<const NEG: usize> Lanes<NEG> {
+    /// Raises the sampling log-sum-exp's running maximum `m2` to the
+    /// block's maximum of `temp * c`, rescaling `sum2`; returns each lane's
+    /// rescale factor.
+    #[inline(always)]
+    fn rescale_tempered(&mut self, c: &[[f32; TILE]; BLOCK], temp: f32) -> [f32; TILE] {
+        let mut bm2 = [f32::NEG_INFINITY; TILE];
+        for row in c.iter() {
+            for l in 0..TILE {
+                let u = temp * row[l];
+                bm2[l] = if u > bm2[l] { u } else { bm2[l] };
+            }
+        }
+        let mut r = [1.0; TILE];
+        for l in 0..TILE {
+            let nm = if bm2[l] > self.m2[l] { bm2[l] } else { self.m2[l] };
+            r[l] = exp_le0(self.m2[l] - nm);
+            self.sum2[l] *= r[l];
+            self.m2[l] = nm;
+        }
+        r
+    }
+
+    /// Adds the block's `exp(temp * c - m2)` to `sum2`.
+    #[inline(always)]
+    fn add_tempered(&mut self, c: &[[f32; TILE]; BLOCK], temp: f32) {
+        for row in c.iter() {
+            for l in 0..TILE {
+                self.sum2[l] += exp_le0(temp * row[l] - self.m2[l]);
+            }
+        }
+    }
+
     fn new() -> Self {
         Self {
             m: [f32::NEG_INFINITY; TILE],
@@ -723,26 +755,12 @@ fn block<const NEG: usize, const DIM: usize>(
         }
         Mode::Jump(temp) => {
             // A second log-sum-exp over the sampling logits temp * c.
-            let mut bm2 = [f32::NEG_INFINITY; TILE];
-            for row in c.iter() {
-                for l in 0..TILE {
-                    let u = temp * row[l];
-                    bm2[l] = if u > bm2[l] { u } else { bm2[l] };
-                }
-            }
+            let r = t.rescale_tempered(c, temp);
             for l in 0..TILE {
-                let nm = if bm2[l] > t.m2[l] { bm2[l] } else { t.m2[l] };
-                let r = exp_le0(t.m2[l] - nm);
-                t.sum2[l] *= r;
-                t.thr[l] *= r;
-                t.m2[l] = nm;
+                t.thr[l] *= r[l];
             }
             let start = t.sum2;
-            for row in c.iter() {
-                for l in 0..TILE {
-                    t.sum2[l] += exp_le0(temp * row[l] - t.m2[l]);
-                }
-            }
+            t.add_tempered(c, temp);
             for l in 0..nq {
                 if t.sum2[l] > t.thr[l] {
                     let mut acc = start[l];
@@ -760,23 +778,8 @@ fn block<const NEG: usize, const DIM: usize>(
             if tempered::<NEG>(mode) {
                 // The sampling logits' log-sum-exp, for the importance
                 // weight of a single tempered draw (as in `Mode::Jump`).
-                let mut bm2 = [f32::NEG_INFINITY; TILE];
-                for row in c.iter() {
-                    for l in 0..TILE {
-                        let u = temp * row[l];
-                        bm2[l] = if u > bm2[l] { u } else { bm2[l] };
-                    }
-                }
-                for l in 0..TILE {
-                    let nm = if bm2[l] > t.m2[l] { bm2[l] } else { t.m2[l] };
-                    t.sum2[l] *= exp_le0(t.m2[l] - nm);
-                    t.m2[l] = nm;
-                }
-                for row in c.iter() {
-                    for l in 0..TILE {
-                        t.sum2[l] += exp_le0(temp * row[l] - t.m2[l]);
-                    }
-                }
+                t.rescale_tempered(c, temp);
+                t.add_tempered(c, temp);
             }
             for l in 0..nq {
                 for (s, row) in c.iter().enumerate() {

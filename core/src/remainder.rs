@@ -217,6 +217,24 @@ mod tests {
         core::array::from_fn(|_| core::array::from_fn(|_| crate::random::normal(r) * 0.7))
     }
 
+    type CacheSoftmax = ([LogSumExp; 3], [[f32; D]; 3], [[f64; 5]; 3]);
+
+    /// Per query, the cache's log-sum-exp, the softmax mean of its rows and
+    /// each row's probability (the draw's distribution).
+    fn cache_softmax(q: &[[f32; D]; 3], cache: &[[f32; D]; 5], alpha: f32) -> CacheSoftmax {
+        let (mut lse, mut mean, mut probs) = ([LogSumExp::EMPTY; 3], [[0.0f32; D]; 3], [[0.0f64; 5]; 3]);
+        for b in 0..3 {
+            for e in cache {
+                lse[b].push(alpha * dot(&q[b], e));
+            }
+            for (k, e) in cache.iter().enumerate() {
+                probs[b][k] = f64::from(lse[b].weight(alpha * dot(&q[b], e)));
+                vector::axpy(probs[b][k] as f32, e, &mut mean[b]);
+            }
+        }
+        (lse, mean, probs)
+    }
+
     type Exact = (f64, [[f64; D]; 3], [[f64; D]; 3], [[f64; D]; 5]);
 
     /// The exact softmax over {batch positives} and {cache rows}, in f64:
@@ -258,18 +276,7 @@ mod tests {
         let alpha = 2.5f32;
         for control in [None, Some(1.0f32), Some(0.0)] {
             let (want_loss, want_q, want_p, want_c) = exact(&q, &p, &cache, f64::from(alpha));
-            let mut lse = [LogSumExp::EMPTY; 3];
-            let mut mean = [[0.0f32; D]; 3];
-            let mut probs = [[0.0f64; 5]; 3];
-            for b in 0..3 {
-                for e in &cache {
-                    lse[b].push(alpha * dot(&q[b], e));
-                }
-                for (k, e) in cache.iter().enumerate() {
-                    probs[b][k] = f64::from(lse[b].weight(alpha * dot(&q[b], e)));
-                    vector::axpy(probs[b][k] as f32, e, &mut mean[b]);
-                }
-            }
+            let (lse, mean, probs) = cache_softmax(&q, &cache, alpha);
             let (mut eq, mut ep, mut ec) = ([[0.0f64; D]; 3], [[0.0f64; D]; 3], [[0.0f64; D]; 5]);
             let mut e_loss = 0.0;
             // Every combination of one draw per query, with its probability.
@@ -321,18 +328,7 @@ mod tests {
         let fresh: [[f32; D]; 5] = core::array::from_fn(|k| core::array::from_fn(|i| stale[k][i] + 0.3 * shift[k][i]));
         let alpha = 2.0f32;
         for beta in [1.0f32, 0.5, 0.0] {
-            let mut lse = [LogSumExp::EMPTY; 3];
-            let mut mean = [[0.0f32; D]; 3];
-            let mut probs = [[0.0f64; 5]; 3];
-            for b in 0..3 {
-                for e in &stale {
-                    lse[b].push(alpha * dot(&q[b], e));
-                }
-                for (k, e) in stale.iter().enumerate() {
-                    probs[b][k] = f64::from(lse[b].weight(alpha * dot(&q[b], e)));
-                    vector::axpy(probs[b][k] as f32, e, &mut mean[b]);
-                }
-            }
+            let (lse, mean, probs) = cache_softmax(&q, &stale, alpha);
             let mut eq = [[0.0f64; D]; 3];
             for draw in 0..125usize {
                 let pick = [draw % 5, (draw / 5) % 5, draw / 25];

@@ -10,7 +10,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use negcache_host::checkpoint::{Checkpoint, TEMP_PREFIX};
-use negcache_host::report::read_series;
 use negcache_host::train::Run;
 
 mod common;
@@ -54,14 +53,6 @@ impl Schedule {
         self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         min + (self.0 >> 33) % (max - min)
     }
-}
-
-fn log_without_timing(path: &Path) -> Vec<(u64, Vec<(String, f64)>)> {
-    read_series(path)
-        .unwrap()
-        .into_iter()
-        .map(|r| (r.step, r.values.into_iter().filter(|(k, _)| k != "steps_per_s").collect()))
-        .collect()
 }
 
 fn names(dir: &Path) -> Vec<String> {
@@ -142,7 +133,10 @@ fn killed_during_checkpoint_writes_and_resumed_the_run_ends_as_an_uninterrupted_
 
     let body = |d: &Path| Checkpoint::load(&d.join("checkpoint.ckpt")).unwrap().body;
     assert!(body(&out) == body(&whole), "the resumed run's final state differs from the uninterrupted one's");
-    assert_eq!(log_without_timing(&out.join("metrics.csv")), log_without_timing(&whole.join("metrics.csv")));
+    assert_eq!(
+        common::log_without_timing(&out.join("metrics.csv")),
+        common::log_without_timing(&whole.join("metrics.csv"))
+    );
     assert_eq!(names(&out), names(&whole), "stray files are left");
     eprintln!("{kills} kills ({mid_write} inside a write) in {:.1} s", started.elapsed().as_secs_f64());
 }

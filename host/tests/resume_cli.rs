@@ -53,16 +53,6 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-/// metrics.csv without its timing columns: (step, column, value) rows in
-/// file order.
-fn log_without_timing(path: &Path) -> Vec<(u64, Vec<(String, f64)>)> {
-    read_series(path)
-        .unwrap()
-        .into_iter()
-        .map(|r| (r.step, r.values.into_iter().filter(|(k, _)| k != "steps_per_s").collect()))
-        .collect()
-}
-
 fn temp_files(dir: &Path) -> Vec<String> {
     fs::read_dir(dir)
         .unwrap()
@@ -124,8 +114,8 @@ fn a_log_resumed_twice_equals_the_uninterrupted_log() {
         let (code, _, err) = negcache(tmp.path(), &["train", "--resume", s(&ck), "--steps", steps]);
         assert_eq!(code, 0, "{err}");
     }
-    let want = log_without_timing(&straight.join("metrics.csv"));
-    let got = log_without_timing(&split.join("metrics.csv"));
+    let want = common::log_without_timing(&straight.join("metrics.csv"));
+    let got = common::log_without_timing(&split.join("metrics.csv"));
     assert!(want.len() > 5, "{want:?}");
     assert_eq!(got, want, "the resumed run's log differs from the uninterrupted run's");
     let wall: Vec<f64> = read_series(&split.join("metrics.csv")).unwrap().iter().map(|r| r.wall_s).collect();
@@ -153,7 +143,7 @@ fn a_final_checkpoint_without_its_outputs_is_completed() {
     let a = tmp.path().join("a");
     let (code, _, err) = negcache(tmp.path(), &train_args(s(&data), s(&a), "20", &[]));
     assert_eq!(code, 0, "{err}");
-    let want = log_without_timing(&a.join("metrics.csv"));
+    let want = common::log_without_timing(&a.join("metrics.csv"));
     // As if killed after the final checkpoint: no summary, no final row.
     fs::remove_file(a.join("summary.json")).unwrap();
     let text = fs::read_to_string(a.join("metrics.csv")).unwrap();
@@ -164,7 +154,7 @@ fn a_final_checkpoint_without_its_outputs_is_completed() {
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("completing them"), "{err}");
     assert!(a.join("summary.json").is_file());
-    assert_eq!(log_without_timing(&a.join("metrics.csv")), want);
+    assert_eq!(common::log_without_timing(&a.join("metrics.csv")), want);
 }
 
 #[test]

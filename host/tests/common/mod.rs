@@ -34,3 +34,13 @@ pub fn tiny_dataset(dir: &Path) {
     ds.qrels.insert("test".into(), test);
     beir::write(dir, &ds, true).unwrap();
 }
+
+/// metrics.csv without its timing column: (step, named values) rows in file
+/// order.
+pub fn log_without_timing(path: &Path) -> Vec<(u64, Vec<(String, f64)>)> {
+    negcache_host::report::read_series(path)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.step, r.values.into_iter().filter(|(k, _)| k != "steps_per_s").collect()))
+        .collect()
+}
