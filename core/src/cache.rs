@@ -1,4 +1,5 @@
-//! The negative cache: N slots of (embedding, item, age, occupied).
+//! The negative cache: N slots of (embedding, item, key, age, stamp,
+//! occupied).
 //!
 //! [`NegativeCache`] owns its storage in fixed arrays sized by const
 //! generics, so it can live in a `static`. All logic lives on the borrowed
@@ -34,11 +35,12 @@ pub enum Eviction {
 /// - `DIM`: the embedding dimension.
 ///
 /// # Memory
-/// `CAP * (4 * DIM + size_of::<I>() + 4 + 4 + 1)` bytes plus padding:
+/// `CAP * (4 * DIM + size_of::<I>() + 8 + 4 + 4 + 1)` bytes plus padding:
 /// embeddings are stored row-major, one `[f32; DIM]` per slot, then the
-/// items, the ages (`i32`), the write stamps (`u32`, the step at which the
-/// slot's embedding was last written) and the occupancy flags. For
-/// `NegativeCache<u32, 65536, 64>` that is 17,629,184 bytes.
+/// items, their keys (`u64`, [`Item::key`], compared by masking and the
+/// in-cache filter), the ages (`i32`), the write stamps (`u32`, the step at
+/// which the slot's embedding was last written) and the occupancy flags.
+/// For `NegativeCache<u32, 65536, 64>` that is 18,153,472 bytes.
 ///
 /// ```
 /// use negcache::NegativeCache;
@@ -50,6 +52,7 @@ pub enum Eviction {
 pub struct NegativeCache<I, const CAP: usize, const DIM: usize> {
     embeddings: [[f32; DIM]; CAP],
     items: [I; CAP],
+    keys: [u64; CAP],
     ages: [i32; CAP],
     stamps: [u32; CAP],
     occupied: [bool; CAP],
@@ -64,6 +67,7 @@ impl<I: Item, const CAP: usize, const DIM: usize> NegativeCache<I, CAP, DIM> {
         Self {
             embeddings: [[0.0; DIM]; CAP],
             items: [I::EMPTY; CAP],
+            keys: [0; CAP],
             ages: [0; CAP],
             stamps: [0; CAP],
             occupied: [false; CAP],
@@ -104,6 +108,7 @@ impl<I: Item, const CAP: usize, const DIM: usize> NegativeCache<I, CAP, DIM> {
         CacheRef {
             embeddings: &self.embeddings[..n],
             items: &self.items[..n],
+            keys: &self.keys[..n],
             ages: &self.ages[..n],
             stamps: &self.stamps[..n],
             occupied: &self.occupied[..n],
@@ -117,6 +122,7 @@ impl<I: Item, const CAP: usize, const DIM: usize> NegativeCache<I, CAP, DIM> {
         CacheMut {
             embeddings: &mut self.embeddings[..n],
             items: &mut self.items[..n],
+            keys: &mut self.keys[..n],
             ages: &mut self.ages[..n],
             stamps: &mut self.stamps[..n],
             occupied: &mut self.occupied[..n],
@@ -130,6 +136,7 @@ impl<I: Item, const CAP: usize, const DIM: usize> NegativeCache<I, CAP, DIM> {
         SlotsMut {
             embeddings: &mut self.embeddings,
             items: &mut self.items,
+            keys: &mut self.keys,
             ages: &mut self.ages,
             stamps: &mut self.stamps,
             occupied: &mut self.occupied,
@@ -154,6 +161,7 @@ impl<I: Item, const CAP: usize, const DIM: usize> Default for NegativeCache<I, C
 pub struct CacheRef<'a, I, const DIM: usize> {
     embeddings: &'a [[f32; DIM]],
     items: &'a [I],
+    keys: &'a [u64],
     ages: &'a [i32],
     stamps: &'a [u32],
     occupied: &'a [bool],
@@ -165,6 +173,7 @@ pub struct CacheRef<'a, I, const DIM: usize> {
 pub struct CacheMut<'a, I, const DIM: usize> {
     embeddings: &'a mut [[f32; DIM]],
     items: &'a mut [I],
+    keys: &'a mut [u64],
     ages: &'a mut [i32],
     stamps: &'a mut [u32],
     occupied: &'a mut [bool],
@@ -179,6 +188,9 @@ pub struct SlotsMut<'a, I, const DIM: usize> {
     pub embeddings: &'a mut [[f32; DIM]],
     /// One item per slot.
     pub items: &'a mut [I],
+    /// Each slot's [`Item::key`]. Code that writes `items` directly must
+    /// write the keys too, or call [`CacheMut::rekey`] afterwards.
+    pub keys: &'a mut [u64],
     /// One age per slot.
     pub ages: &'a mut [i32],
     /// The step at which each slot's embedding was last written.
@@ -222,6 +234,25 @@ impl<I, const DIM: usize> Default for Update<'_, I, DIM> {
 }
 
 impl<'a, I: Item, const DIM: usize> CacheRef<'a, I, DIM> {
+    /// A read-only view over caller-owned slices (see [`SlotsMut`] for
+    /// what each holds); their lengths must agree.
+    pub fn new(
+        embeddings: &'a [[f32; DIM]],
+        items: &'a [I],
+        keys: &'a [u64],
+        ages: &'a [i32],
+        stamps: &'a [u32],
+        occupied: &'a [bool],
+        clock: u32,
+    ) -> Result<Self> {
+        let n = embeddings.len();
+        check_len("items", n, items.len())?;
+        check_len("keys", n, keys.len())?;
+        check_len("ages", n, ages.len())?;
+        check_len("stamps", n, stamps.len())?;
+        check_len("occupied", n, occupied.len())?;
+        Ok(Self { embeddings, items, keys, ages, stamps, occupied, clock })
+    }
     /// The number of slots.
     pub fn capacity(&self) -> usize {
         self.embeddings.len()
@@ -233,6 +264,10 @@ impl<'a, I: Item, const DIM: usize> CacheRef<'a, I, DIM> {
     /// All slot items.
     pub fn items(&self) -> &'a [I] {
         self.items
+    }
+    /// Each slot's item key ([`Item::key`]).
+    pub fn keys(&self) -> &'a [u64] {
+        self.keys
     }
     /// All slot ages.
     pub fn ages(&self) -> &'a [i32] {
@@ -268,7 +303,12 @@ impl<'a, I: Item, const DIM: usize> CacheRef<'a, I, DIM> {
 
     /// The lowest occupied slot holding `item`, if any.
     pub fn position(&self, item: &I) -> Option<usize> {
-        self.items.iter().zip(self.occupied).position(|(it, &o)| o && it == item)
+        self.position_of_key(item.key())
+    }
+
+    /// The lowest occupied slot holding the item with key `key`, if any.
+    pub fn position_of_key(&self, key: u64) -> Option<usize> {
+        self.keys.iter().zip(self.occupied).position(|(&k, &o)| o && k == key)
     }
 
     /// The `out.len()` slots whose embeddings were written longest ago
@@ -336,6 +376,7 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
     pub fn from_slots(slots: SlotsMut<'a, I, DIM>) -> Result<Self> {
         let n = slots.embeddings.len();
         check_len("items", n, slots.items.len())?;
+        check_len("keys", n, slots.keys.len())?;
         check_len("ages", n, slots.ages.len())?;
         check_len("stamps", n, slots.stamps.len())?;
         check_len("occupied", n, slots.occupied.len())?;
@@ -345,6 +386,7 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
         Ok(Self {
             embeddings: slots.embeddings,
             items: slots.items,
+            keys: slots.keys,
             ages: slots.ages,
             stamps: slots.stamps,
             occupied: slots.occupied,
@@ -352,11 +394,17 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
         })
     }
 
+    /// The number of slots.
+    pub fn capacity(&self) -> usize {
+        self.embeddings.len()
+    }
+
     /// A read-only view of the same slots.
     pub fn as_ref(&self) -> CacheRef<'_, I, DIM> {
         CacheRef {
             embeddings: self.embeddings,
             items: self.items,
+            keys: self.keys,
             ages: self.ages,
             stamps: self.stamps,
             occupied: self.occupied,
@@ -368,6 +416,7 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
     pub fn clear(&mut self) {
         self.embeddings.fill([0.0; DIM]);
         self.items.fill(I::EMPTY);
+        self.keys.fill(I::EMPTY.key());
         self.ages.fill(0);
         self.stamps.fill(0);
         self.occupied.fill(false);
@@ -386,10 +435,19 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
         }
         self.embeddings[j] = *embedding;
         self.items[j] = item;
+        self.keys[j] = item.key();
         self.ages[j] = age;
         self.occupied[j] = occupied;
         self.stamps[j] = *self.clock;
         Ok(())
+    }
+
+    /// Recomputes every slot's key from its item: after items were written
+    /// through [`SlotsMut`] (a checkpoint's restore).
+    pub fn rekey(&mut self) {
+        for (k, item) in self.keys.iter_mut().zip(self.items.iter()) {
+            *k = item.key();
+        }
     }
 
     /// Marks slot `j` occupied or empty, keeping its contents: hides a
@@ -489,6 +547,7 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
                 if let Some((e, item)) = incoming.next() {
                     self.embeddings[slot] = *e;
                     self.items[slot] = *item;
+                    self.keys[slot] = item.key();
                     self.occupied[slot] = true;
                     self.stamps[slot] = now;
                     placed += 1;

@@ -1,29 +1,121 @@
-//! What a cache slot can hold besides its embedding.
+//! What a cache slot can hold besides its embedding, and how items are
+//! told apart.
 
 /// An item stored in the cache: whatever the item tower needs to embed it
 /// afresh (hashed token ids, an id, dense features).
 ///
 /// `EMPTY` fills slots that hold nothing yet; it lets the cache be built by
-/// a `const fn`. Equality decides the in-cache filter and accidental-hit
-/// masking, so two items compare equal exactly when they are the same item.
-pub trait Item: Copy + PartialEq {
+/// a `const fn`.
+///
+/// [`Item::key`] is the item's identity: the in-cache filter and
+/// accidental-hit masking compare keys, one integer comparison per slot and
+/// query, however large the item is. Two items are the same item exactly
+/// when their keys are equal. Integers are their own keys. Arrays and pairs
+/// hash their elements' keys into a 64-bit fingerprint ([`mix`]): two
+/// different items share a fingerprint with probability about 2^-64 per
+/// pair. An item type with an id of its own (a row of a feature table)
+/// should return that id.
+pub trait Item: Copy {
     /// The value of a slot that holds nothing.
     const EMPTY: Self;
+    /// The item's identity (see the trait docs).
+    fn key(&self) -> u64;
 }
 
-macro_rules! zero_item {
-    ($($t:ty),*) => {$(
+/// One round of a 64-bit fingerprint: folds `x` into the running hash
+/// `h` (a multiply-rotate round, then SplitMix64's finaliser at the end of
+/// [`fingerprint`]). Order matters: `[1, 2]` and `[2, 1]` differ.
+#[inline]
+pub const fn mix(h: u64, x: u64) -> u64 {
+    (h ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29)
+}
+
+/// SplitMix64's finaliser: spreads every input bit over the output.
+#[inline]
+pub const fn finish(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The fingerprint of a sequence of keys (its length included).
+pub fn fingerprint(keys: impl Iterator<Item = u64>) -> u64 {
+    let mut h = 0x243F_6A88_85A3_08D3;
+    let mut n = 0u64;
+    for k in keys {
+        h = mix(h, k);
+        n += 1;
+    }
+    finish(mix(h, n))
+}
+
+macro_rules! integer_item {
+    ($($t:ty => $u:ty),*) => {$(
         impl Item for $t {
-            const EMPTY: Self = 0 as $t;
+            const EMPTY: Self = 0;
+            #[inline]
+            fn key(&self) -> u64 {
+                *self as $u as u64
+            }
         }
     )*};
 }
-zero_item!(u8, u16, u32, u64, usize, i32, i64, f32);
+integer_item!(u8 => u8, u16 => u16, u32 => u32, u64 => u64, usize => usize, i32 => u32, i64 => u64);
+
+impl Item for f32 {
+    const EMPTY: Self = 0.0;
+    #[inline]
+    fn key(&self) -> u64 {
+        u64::from(self.to_bits())
+    }
+}
 
 impl<T: Item, const N: usize> Item for [T; N] {
     const EMPTY: Self = [T::EMPTY; N];
+    fn key(&self) -> u64 {
+        fingerprint(self.iter().map(Item::key))
+    }
 }
 
 impl<A: Item, B: Item> Item for (A, B) {
     const EMPTY: Self = (A::EMPTY, B::EMPTY);
+    fn key(&self) -> u64 {
+        fingerprint([self.0.key(), self.1.key()].into_iter())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integers_are_their_own_keys() {
+        assert_eq!(7u32.key(), 7);
+        assert_eq!((-1i32).key(), u64::from(u32::MAX));
+        assert_eq!(u64::MAX.key(), u64::MAX);
+    }
+
+    #[test]
+    fn fingerprints_see_order_length_and_every_element() {
+        let a = [1u32, 2, 3, 0];
+        assert_ne!(a.key(), [2u32, 1, 3, 0].key());
+        assert_ne!(a.key(), [1u32, 2, 3, 1].key());
+        assert_ne!([0u32; 3].key(), [0u32; 4].key());
+        assert_eq!(a.key(), [1u32, 2, 3, 0].key());
+        assert_ne!((1u32, 2u32).key(), (2u32, 1u32).key());
+    }
+
+    #[test]
+    fn no_collisions_among_many_small_arrays() {
+        // 40,000 arrays that differ in one or two small entries: a weak
+        // hash would collide here.
+        let mut keys: heapless::Vec<u64, 40000> = heapless::Vec::new();
+        for a in 0..200u32 {
+            for b in 0..200u32 {
+                keys.push([a, b, 0, 0, 7].key()).unwrap();
+            }
+        }
+        keys.sort_unstable();
+        assert!(keys.windows(2).all(|w| w[0] != w[1]));
+    }
 }

@@ -39,9 +39,10 @@
 //!   repeats the same additions in the same order, so it sees the same
 //!   sums).
 //!
-//! Masking a query's own positive compares each slot's item with each
-//! query's positive item (`Item` has only `PartialEq`): `B x N` comparisons,
-//! skipped only when there is nothing to mask.
+//! Masking a query's own positive compares each slot's key
+//! ([`crate::Item::key`]) with each query's positive key: `B x N` integer
+//! comparisons, whatever the item's size, skipped only when there is
+//! nothing to mask.
 //!
 //! # Randomness
 //!
@@ -79,7 +80,6 @@ use core::ops::Range;
 use rand_core::RngCore;
 
 use crate::error::{check_len, Error, Result};
-use crate::item::Item;
 use crate::loss::TopKOut;
 use crate::random;
 use crate::sampler::{Jump, LogSumExp, Picks};
@@ -369,13 +369,13 @@ pub(crate) enum Mode<'a> {
 }
 
 /// What one pass reads.
-pub(crate) struct Pass<'a, I, R, const DIM: usize> {
+pub(crate) struct Pass<'a, R, const DIM: usize> {
     pub rows: &'a R,
-    pub items: &'a [I],
+    pub keys: &'a [u64],
     pub occupied: &'a [bool],
     pub range: Range<usize>,
     pub queries: &'a [[f32; DIM]],
-    pub hits: Option<&'a [I]>,
+    pub hits: Option<&'a [u64]>,
     pub alpha: f32,
     pub top_k: usize,
     pub mode: Mode<'a>,
@@ -554,8 +554,8 @@ fn score_block<const DIM: usize>(
 
 /// The pass over `p.range` for every query; returns false if a candidate's
 /// score was not finite.
-pub(crate) fn pass<I: Item, R: Rows<DIM>, const DIM: usize, const NEG: usize>(
-    p: &Pass<'_, I, R, DIM>,
+pub(crate) fn pass<R: Rows<DIM>, const DIM: usize, const NEG: usize>(
+    p: &Pass<'_, R, DIM>,
     out: &mut Outputs<'_, '_, NEG, DIM>,
     rng: &mut impl RngCore,
 ) -> bool {
@@ -604,8 +604,8 @@ pub(crate) fn pass<I: Item, R: Rows<DIM>, const DIM: usize, const NEG: usize>(
 }
 
 /// One query tile over the whole range.
-fn tile<I: Item, R: Rows<DIM>, const DIM: usize, const NEG: usize>(
-    p: &Pass<'_, I, R, DIM>,
+fn tile<R: Rows<DIM>, const DIM: usize, const NEG: usize>(
+    p: &Pass<'_, R, DIM>,
     q: &Transposed<DIM>,
     q0: usize,
     nq: usize,
@@ -641,9 +641,9 @@ fn tile<I: Item, R: Rows<DIM>, const DIM: usize, const NEG: usize>(
         if let Some(h) = hits {
             for s in 0..nb {
                 if occ[s] {
-                    let item = &p.items[j0 + s];
-                    for (l, y) in h.iter().enumerate() {
-                        if item == y {
+                    let key = p.keys[j0 + s];
+                    for (l, &y) in h.iter().enumerate() {
+                        if key == y {
                             hit[s] |= 1 << l;
                             any_hit = true;
                         }
@@ -809,8 +809,8 @@ fn block<const NEG: usize, const DIM: usize>(
 /// The epilogue of one block with top-k: each group's best slot (lowest
 /// index on ties) becomes a candidate when the group ends.
 #[allow(clippy::too_many_arguments)]
-fn top_k_block<I, R: Rows<DIM>, const DIM: usize, const NEG: usize>(
-    p: &Pass<'_, I, R, DIM>,
+fn top_k_block<R: Rows<DIM>, const DIM: usize, const NEG: usize>(
+    p: &Pass<'_, R, DIM>,
     j0: usize,
     nb: usize,
     q0: usize,
@@ -926,45 +926,45 @@ impl Draw {
     pub const EMPTY: Self = Self { lse: LogSumExp::EMPTY, sample_lse: LogSumExp::EMPTY, slot: NO_SLOT };
 }
 
-/// The cache a shard reads: rows, items and occupancy of every slot (the
-/// shard's range indexes them).
+/// The cache a shard reads: rows, item keys and occupancy of every slot
+/// (the shard's range indexes them).
 #[derive(Debug)]
-pub struct Slots<'a, I, R> {
+pub struct Slots<'a, R> {
     /// The embeddings.
     pub rows: &'a R,
-    /// The items (for accidental-hit masking).
-    pub items: &'a [I],
+    /// The items' keys (for accidental-hit masking).
+    pub keys: &'a [u64],
     /// Which slots hold an item.
     pub occupied: &'a [bool],
 }
 
-impl<I, R> Clone for Slots<'_, I, R> {
+impl<R> Clone for Slots<'_, R> {
     fn clone(&self) -> Self {
         *self
     }
 }
 
-impl<I, R> Copy for Slots<'_, I, R> {}
+impl<R> Copy for Slots<'_, R> {}
 
 /// Scores `queries` against the slots in `range` and draws one slot per
 /// query from `softmax(inv_temp * alpha <q, e_j>)` over the range's
 /// candidates, by exponential jumps; `hits`, if given, are the queries'
-/// own positives, masked out. Writes one [`Draw`] per query.
+/// own positives' keys, masked out. Writes one [`Draw`] per query.
 ///
 /// Slot indices in the result are indices into the whole of `slots`.
 #[allow(clippy::too_many_arguments)]
-pub fn sample_shard<I: Item, R: Rows<DIM>, const DIM: usize>(
-    slots: Slots<'_, I, R>,
+pub fn sample_shard<R: Rows<DIM>, const DIM: usize>(
+    slots: Slots<'_, R>,
     range: Range<usize>,
     queries: &[[f32; DIM]],
-    hits: Option<&[I]>,
+    hits: Option<&[u64]>,
     alpha: f32,
     inv_temp: f32,
     rng: &mut impl RngCore,
     out: &mut [Draw],
 ) -> Result<()> {
     check_len("draws", queries.len(), out.len())?;
-    check_len("items", slots.rows.len(), slots.items.len())?;
+    check_len("keys", slots.rows.len(), slots.keys.len())?;
     check_len("occupancy", slots.rows.len(), slots.occupied.len())?;
     if let Some(h) = hits {
         check_len("positive items", queries.len(), h.len())?;
@@ -986,7 +986,7 @@ pub fn sample_shard<I: Item, R: Rows<DIM>, const DIM: usize>(
         let mut group = [(f32::NEG_INFINITY, NO_SLOT); TILE];
         let p = Pass {
             rows: slots.rows,
-            items: slots.items,
+            keys: slots.keys,
             occupied: slots.occupied,
             range: range.clone(),
             queries: chunk,
@@ -1154,8 +1154,8 @@ mod tests {
         occupied[3] = false;
         occupied[40] = false;
         let q: [[f32; D]; 3] = rows(&mut r, 1.0);
-        let items: [u32; 70] = core::array::from_fn(|j| j as u32);
-        let slots = Slots { rows: &F32Rows(&emb), items: &items, occupied: &occupied };
+        let keys: [u64; 70] = core::array::from_fn(|j| j as u64);
+        let slots = Slots { rows: &F32Rows(&emb), keys: &keys, occupied: &occupied };
         for seed in 0..50 {
             let mut out = [Draw::EMPTY; 3];
             let mut rng = Pcg64Mcg::seed_from_u64(seed);
@@ -1181,15 +1181,15 @@ mod tests {
             let emb: [[f32; D]; 40] = rows(&mut r, 0.6);
             let mut occupied = [true; 40];
             occupied[7] = false;
-            let items: [u32; 40] = core::array::from_fn(|j| j as u32);
+            let keys: [u64; 40] = core::array::from_fn(|j| j as u64);
             let q: [[f32; D]; 1] = rows(&mut r, 1.0);
-            let hits = [30u32];
+            let hits = [30u64];
             let alpha = 1.5f32;
             let score = |j: usize| alpha as f64 * (0..D).map(|d| q[0][d] as f64 * emb[j][d] as f64).sum::<f64>();
             let cand: heapless::Vec<usize, 40> = (0..40).filter(|&j| occupied[j] && j != 30).collect();
             let logits: heapless::Vec<f64, 40> = cand.iter().map(|&j| inv_temp as f64 * score(j)).collect();
             let probs = softmax(&logits);
-            let slots = Slots { rows: &F32Rows(&emb), items: &items, occupied: &occupied };
+            let slots = Slots { rows: &F32Rows(&emb), keys: &keys, occupied: &occupied };
             let mut counts = [0u64; 40];
             let (mut a, mut b, mut c, mut m) = ([Draw::EMPTY], [Draw::EMPTY], [Draw::EMPTY], [Draw::EMPTY]);
             for _ in 0..100_000 {
@@ -1237,23 +1237,23 @@ mod tests {
             d[0].lse.max + crate::math::ln(d[0].lse.sum)
         };
         let occ = cr.occupied();
-        let items = cr.items();
+        let keys = cr.keys();
         let run = |d: &mut [Draw; 1], rows: &dyn Fn(&mut [Draw; 1])| rows(d);
         let _ = run;
         let f = lse_of(&|d| {
-            let s = Slots { rows: &F32Rows(cr.embeddings()), items, occupied: occ };
+            let s = Slots { rows: &F32Rows(cr.embeddings()), keys, occupied: occ };
             sample_shard(s, 0..64, &q, None, 4.0, 1.0, &mut Pcg64Mcg::seed_from_u64(1), d).unwrap();
         });
         let i = lse_of(&|d| {
-            let s = Slots { rows: &I8Rows { rows: &i8rows, scales: &scales }, items, occupied: occ };
+            let s = Slots { rows: &I8Rows { rows: &i8rows, scales: &scales }, keys, occupied: occ };
             sample_shard(s, 0..64, &q, None, 4.0, 1.0, &mut Pcg64Mcg::seed_from_u64(1), d).unwrap();
         });
         let v = lse_of(&|d| {
-            let s = Slots { rows: &QuantizedView(cr.embeddings()), items, occupied: occ };
+            let s = Slots { rows: &QuantizedView(cr.embeddings()), keys, occupied: occ };
             sample_shard(s, 0..64, &q, None, 4.0, 1.0, &mut Pcg64Mcg::seed_from_u64(1), d).unwrap();
         });
         let h = lse_of(&|d| {
-            let s = Slots { rows: &Bf16Rows(&bf), items, occupied: occ };
+            let s = Slots { rows: &Bf16Rows(&bf), keys, occupied: occ };
             sample_shard(s, 0..64, &q, None, 4.0, 1.0, &mut Pcg64Mcg::seed_from_u64(1), d).unwrap();
         });
         assert!((f - i).abs() < 0.05 && (f - h).abs() < 0.05, "{f} {i} {h}");

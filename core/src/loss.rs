@@ -177,8 +177,8 @@ pub struct LossSummary {
 /// - `NEG`: negatives drawn per query (1 in the paper).
 ///
 /// # Memory
-/// O(BATCH x NEG): `BATCH * (64 + 16 * NEG) + 13` bytes before padding
-/// (2,576 for `CacheLoss<32, 1>`), independent of the cache's size: no
+/// O(BATCH x NEG): `BATCH * (72 + 16 * NEG) + 13` bytes before padding
+/// (2,829 for `CacheLoss<32, 1>`), independent of the cache's size: no
 /// score matrix is ever stored.
 ///
 /// ```
@@ -202,6 +202,7 @@ pub struct CacheLoss<const BATCH: usize, const NEG: usize> {
     interpretable: [f32; BATCH],
     training: [f32; BATCH],
     staleness: [f32; BATCH],
+    hit_keys: [u64; BATCH],
 }
 
 const NO_SLOT: u32 = u32::MAX;
@@ -225,6 +226,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
             interpretable: [0.0; BATCH],
             training: [0.0; BATCH],
             staleness: [0.0; BATCH],
+            hit_keys: [0; BATCH],
         }
     }
 
@@ -286,14 +288,15 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
         if cfg.top_k > 0 && n % cfg.top_k != 0 {
             return Err(Error::TopKNotDivisor { k: cfg.top_k, slots: n });
         }
-        let hit_items = if cfg.mask_accidental_hits {
+        let masking = cfg.mask_accidental_hits;
+        if masking {
             let items = positive_items
                 .ok_or(Error::InvalidConfig { what: "mask_accidental_hits needs the positives' items" })?;
             check_len("positive items", bsz, items.len())?;
-            Some(items)
-        } else {
-            None
-        };
+            for (k, item) in self.hit_keys.iter_mut().zip(items) {
+                *k = item.key();
+            }
+        }
         let mut top_k_out = top_k_out;
         if let Some(out) = &top_k_out {
             if cfg.top_k == 0 {
@@ -381,7 +384,8 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
             top: top_k_out.as_mut(),
             mean: candidate_mean,
         };
-        let finite = stream(cache, queries, hit_items, alpha, top_k, mode, &mut out, rng);
+        let hit_keys = masking.then_some(&self.hit_keys[..bsz]);
+        let finite = stream(cache, queries, hit_keys, alpha, top_k, mode, &mut out, rng);
         if !finite {
             return Err(Error::NonFinite { what: "cache score" });
         }
@@ -694,7 +698,7 @@ pub fn relative_staleness<const DIM: usize>(stale: &[f32; DIM], fresh: &[f32; DI
 fn stream<I: Item, const DIM: usize, const NEG: usize>(
     cache: CacheRef<'_, I, DIM>,
     queries: &[[f32; DIM]],
-    hit_items: Option<&[I]>,
+    hit_keys: Option<&[u64]>,
     alpha: f32,
     top_k: usize,
     mode: Mode<'_>,
@@ -707,11 +711,11 @@ fn stream<I: Item, const DIM: usize, const NEG: usize>(
     let rows = kernel::F32Rows(cache.embeddings());
     let p = Pass {
         rows: &rows,
-        items: cache.items(),
+        keys: cache.keys(),
         occupied: cache.occupied(),
         range: 0..cache.capacity(),
         queries,
-        hits: hit_items,
+        hits: hit_keys,
         alpha,
         top_k,
         mode,

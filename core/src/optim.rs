@@ -212,7 +212,10 @@ impl ParamVisitor for Apply {
     ) {
         for (r, _) in touched.iter().enumerate().filter(|(_, &t)| t) {
             let span = r * row_len..(r + 1) * row_len;
-            let mut rows: heapless::Vec<&mut [f32], 4> = state.iter_mut().map(|s| &mut s[span.clone()]).collect();
+            // No optimiser uses more than two slots; a model that keeps
+            // more shows them all, and the extra ones are left alone.
+            let mut rows: heapless::Vec<&mut [f32], 4> =
+                state.iter_mut().take(4).map(|s| &mut s[span.clone()]).collect();
             self.opt.update_slice(self.lr, self.scale, &mut value[span.clone()], &grad[span.clone()], &mut rows);
         }
         // The layer clears its own gradient rows and touched flags

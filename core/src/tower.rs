@@ -30,16 +30,12 @@ pub enum Side {
     Item,
 }
 
-/// What a trainer needs of a two-tower model over token lists.
+/// What a trainer needs of a model's parameters, whatever its inputs:
+/// initialisation, the score scale, gradients and the optimiser's view.
 pub trait Model<const DIM: usize> {
     /// Draws random parameters in place (see each layer for its
     /// distribution).
     fn init(&mut self, rng: &mut impl RngCore);
-    /// Embeds `tokens` with one side's tower.
-    fn embed(&self, side: Side, tokens: &[u32], out: &mut [f32; DIM]);
-    /// Accumulates the parameter gradients for an upstream gradient `grad`
-    /// of the embedding of `tokens` (recomputing the forward pass).
-    fn backward(&mut self, side: Side, tokens: &[u32], grad: &[f32; DIM]);
     /// The current score scale alpha.
     fn score_scale(&self) -> f32;
     /// Accumulates `d L / d alpha` (ignored when alpha is fixed).
@@ -50,6 +46,53 @@ pub trait Model<const DIM: usize> {
     fn visit(&mut self, v: &mut dyn ParamVisitor);
     /// Optimiser-state slots kept per parameter.
     fn state_slots(&self) -> usize;
+}
+
+/// Two towers over queries `Q` and items `I`, any types: token lists,
+/// dense `[f32; F]` features, precomputed embeddings, ids into a feature
+/// table. The trainer embeds and back-propagates through these methods
+/// only.
+///
+/// The batched methods embed many inputs with one call; their defaults
+/// loop over the single-input methods, and a model whose layers can do
+/// better (a matrix product for a batch) overrides them. They must give
+/// the same embeddings as the single-input methods.
+pub trait Towers<Q, I, const DIM: usize>: Model<DIM> {
+    /// Embeds a query.
+    fn embed_query(&self, x: &Q, out: &mut [f32; DIM]);
+    /// Embeds an item.
+    fn embed_item(&self, y: &I, out: &mut [f32; DIM]);
+    /// Accumulates the parameter gradients for an upstream gradient `grad`
+    /// of the query embedding of `x` (recomputing the forward pass).
+    fn backward_query(&mut self, x: &Q, grad: &[f32; DIM]);
+    /// Accumulates the parameter gradients for an upstream gradient `grad`
+    /// of the item embedding of `y` (recomputing the forward pass).
+    fn backward_item(&mut self, y: &I, grad: &[f32; DIM]);
+
+    /// Embeds `xs[k]` into `out[k]` for every `k` below the shorter length.
+    fn embed_queries(&self, xs: &[Q], out: &mut [[f32; DIM]]) {
+        for (x, o) in xs.iter().zip(out) {
+            self.embed_query(x, o);
+        }
+    }
+    /// Embeds `ys[k]` into `out[k]` for every `k` below the shorter length.
+    fn embed_items(&self, ys: &[I], out: &mut [[f32; DIM]]) {
+        for (y, o) in ys.iter().zip(out) {
+            self.embed_item(y, o);
+        }
+    }
+}
+
+/// A model over hashed token lists, with one method per operation and a
+/// [`Side`]: the form the host's tools (evaluation, export) use. Every
+/// `TokenModel` embeds any `AsRef<[u32]>` queries and items through
+/// [`Towers`] (see [`TwoTower`]).
+pub trait TokenModel<const DIM: usize>: Model<DIM> {
+    /// Embeds `tokens` with one side's tower.
+    fn embed(&self, side: Side, tokens: &[u32], out: &mut [f32; DIM]);
+    /// Accumulates the parameter gradients for an upstream gradient `grad`
+    /// of the embedding of `tokens` (recomputing the forward pass).
+    fn backward(&mut self, side: Side, tokens: &[u32], grad: &[f32; DIM]);
 }
 
 /// The score scale alpha.
@@ -244,12 +287,8 @@ impl<
         const H: usize,
         const DIM: usize,
         const S: usize,
-    > Model<DIM> for TwoTower<TABLES, MLPS, BUCKETS, E, H, DIM, S>
+    > TokenModel<DIM> for TwoTower<TABLES, MLPS, BUCKETS, E, H, DIM, S>
 {
-    fn init(&mut self, rng: &mut impl RngCore) {
-        TwoTower::init(self, rng)
-    }
-
     fn embed(&self, side: Side, tokens: &[u32], out: &mut [f32; DIM]) {
         let (mut pooled, mut raw) = ([0.0; E], [0.0; DIM]);
         self.raw(side, tokens, &mut pooled, &mut raw);
@@ -266,6 +305,47 @@ impl<
         let mut dpooled = [0.0; E];
         self.mlps[m].backward(self.cfg.activation, &pooled, &draw, Some(&mut dpooled));
         self.bags[t].backward(tokens, self.cfg.pooling, &dpooled);
+    }
+}
+
+impl<
+        Q: AsRef<[u32]>,
+        I: AsRef<[u32]>,
+        const TABLES: usize,
+        const MLPS: usize,
+        const BUCKETS: usize,
+        const E: usize,
+        const H: usize,
+        const DIM: usize,
+        const S: usize,
+    > Towers<Q, I, DIM> for TwoTower<TABLES, MLPS, BUCKETS, E, H, DIM, S>
+{
+    fn embed_query(&self, x: &Q, out: &mut [f32; DIM]) {
+        TokenModel::embed(self, Side::Query, x.as_ref(), out)
+    }
+    fn embed_item(&self, y: &I, out: &mut [f32; DIM]) {
+        TokenModel::embed(self, Side::Item, y.as_ref(), out)
+    }
+    fn backward_query(&mut self, x: &Q, grad: &[f32; DIM]) {
+        TokenModel::backward(self, Side::Query, x.as_ref(), grad)
+    }
+    fn backward_item(&mut self, y: &I, grad: &[f32; DIM]) {
+        TokenModel::backward(self, Side::Item, y.as_ref(), grad)
+    }
+}
+
+impl<
+        const TABLES: usize,
+        const MLPS: usize,
+        const BUCKETS: usize,
+        const E: usize,
+        const H: usize,
+        const DIM: usize,
+        const S: usize,
+    > Model<DIM> for TwoTower<TABLES, MLPS, BUCKETS, E, H, DIM, S>
+{
+    fn init(&mut self, rng: &mut impl RngCore) {
+        TwoTower::init(self, rng)
     }
 
     fn score_scale(&self) -> f32 {
@@ -333,7 +413,7 @@ mod tests {
     type Small = SeparateTowers<13, 4, 5, 3, 0>;
 
     /// A scalar function of both towers: <c, Q(x)> + <d, T(y)>.
-    fn objective(m: &impl Model<3>, x: &[u32], y: &[u32], c: &[f32; 3], d: &[f32; 3]) -> f64 {
+    fn objective(m: &impl TokenModel<3>, x: &[u32], y: &[u32], c: &[f32; 3], d: &[f32; 3]) -> f64 {
         let (mut q, mut t) = ([0.0; 3], [0.0; 3]);
         m.embed(Side::Query, x, &mut q);
         m.embed(Side::Item, y, &mut t);

@@ -1,6 +1,12 @@
 //! The training step: embed, score against the cache, sample negatives,
 //! embed them afresh, back-propagate, step the optimiser, update the cache.
 //!
+//! The trainer owns the model, the optimiser and the step's buffers; the
+//! cache is the caller's ([`CacheMut`], a view over storage the caller
+//! owns: a `static` [`crate::NegativeCache`] on a device, slices sized at
+//! run time on a server) and is passed to every call that reads or writes
+//! it, so the cache's capacity is not part of the trainer's type.
+//!
 //! One [`Trainer::step`] with the cache objective:
 //!
 //! 1. re-embeds the R stalest cache entries with the current towers (the
@@ -24,7 +30,7 @@ use core::marker::PhantomData;
 
 use rand_core::RngCore;
 
-use crate::cache::{Eviction, NegativeCache, Update};
+use crate::cache::{CacheMut, Eviction, Update};
 use crate::error::{check_len, Error, Result};
 use crate::item::Item;
 use crate::loss::{CacheLoss, ControlVariate, LossConfig, LossGrads};
@@ -33,7 +39,7 @@ use crate::random;
 use crate::remainder::{self, CacheSide, RemainderGrads};
 use crate::sampler::{LogSumExp, Retrieval};
 use crate::softmax::{self, SoftmaxOut};
-use crate::tower::{Model, Side};
+use crate::tower::Towers;
 
 /// What the step minimises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,9 +102,6 @@ pub struct TrainerConfig {
     pub mask_accidental_hits: bool,
     /// Cache entries re-embedded per step, stalest first.
     pub refresh_per_step: usize,
-    /// Slots of the cache in use (0: all `CAP`); a capacity chosen at run
-    /// time, up to `CAP`.
-    pub cache_capacity: usize,
     /// The optimiser.
     pub optimizer: OptimizerKind,
     /// Global gradient-norm clip (0: none).
@@ -115,7 +118,6 @@ impl TrainerConfig {
         top_k: 0,
         mask_accidental_hits: true,
         refresh_per_step: 0,
-        cache_capacity: 0,
         optimizer: OptimizerKind::ADAM,
         clip_norm: 0.0,
     };
@@ -160,28 +162,93 @@ pub struct Batch<'a, Q, I> {
     pub positive_index: Option<&'a [u32]>,
 }
 
-/// A trainer with a model `M`, a cache of `CAP` items `I`, batches of up to
-/// `BATCH` queries `Q`, and `NEG` negatives per query.
+/// A trainer with a model `M` over queries `Q` and items `I`, batches of
+/// up to `BATCH` queries, and `NEG` negatives per query.
 ///
 /// # Generics
-/// - `M`: the model ([`Model`]).
-/// - `Q`, `I`: query and item inputs (hashed token lists).
-/// - `CAP`: cache slots; also the most sampled negatives or corpus items
-///   the softmax objectives can hold.
+/// - `M`: the model ([`Towers`]): any towers over any inputs.
+/// - `Q`, `I`: query and item inputs (token lists, dense features, ids).
 /// - `DIM`: embedding dimension.
 /// - `BATCH`: largest batch; `NEG`: negatives per query.
 ///
+/// The cache is the caller's and is passed to each call; its length is
+/// the cache's capacity, and also bounds the sampled negatives or corpus
+/// items of the softmax objectives, which use it as their table.
+///
 /// # Memory
-/// The model, the cache (`CAP * (4 * DIM + size_of::<I>() + 13)` bytes),
-/// and `O(BATCH * NEG * DIM)` floats of buffers (among them `BATCH * DIM`
-/// for the control variate's candidate means): nothing grows with the
-/// cache beyond the cache itself. [`Trainer::new`] is a `const fn`, so a
-/// trainer can be a `static`.
+/// The model and `O(BATCH * NEG * (DIM + size_of::<I>()))` bytes of
+/// buffers (among them `BATCH * DIM` floats for the control variate's
+/// candidate means): nothing grows with the cache. [`Trainer::new`] is a
+/// `const fn`, so a trainer can be a `static`.
+///
+/// # Example
+/// One step of the paper's method on a user-defined model over dense
+/// features (a linear map per side; any [`Towers`] will do):
+///
+/// ```
+/// use negcache::layers::ParamVisitor;
+/// use negcache::optim::OptimizerKind;
+/// use negcache::tower::{Model, Towers};
+/// use negcache::trainer::{Batch, Trainer, TrainerConfig};
+/// use negcache::NegativeCache;
+/// use rand_core::{RngCore, SeedableRng};
+///
+/// /// Features of 4 floats, embeddings of 2: y = W x per side.
+/// struct Linear { w: [[f32; 8]; 2], g: [[f32; 8]; 2], m: [[[f32; 8]; 2]; 2] }
+/// impl Model<2> for Linear {
+///     fn init(&mut self, rng: &mut impl RngCore) {
+///         for (i, w) in self.w.iter_mut().flatten().enumerate() {
+///             *w = ((rng.next_u32() >> 8) as f32 / 16777216.0 - 0.5) + i as f32 * 0.01;
+///         }
+///     }
+///     fn score_scale(&self) -> f32 { 5.0 }
+///     fn backward_scale(&mut self, _: f32) {}
+///     fn zero_grad(&mut self) { self.g = [[0.0; 8]; 2] }
+///     fn visit(&mut self, v: &mut dyn ParamVisitor) {
+///         for s in 0..2 {
+///             let [m1, m2] = &mut self.m[s];
+///             v.dense(&mut self.w[s], &mut self.g[s], &mut [&mut m1[..], &mut m2[..]]);
+///         }
+///     }
+///     fn state_slots(&self) -> usize { 2 }
+/// }
+/// impl Linear {
+///     fn fwd(&self, s: usize, x: &[f32; 4], out: &mut [f32; 2]) {
+///         for o in 0..2 { out[o] = (0..4).map(|i| self.w[s][o * 4 + i] * x[i]).sum(); }
+///     }
+///     fn bwd(&mut self, s: usize, x: &[f32; 4], g: &[f32; 2]) {
+///         for o in 0..2 { for i in 0..4 { self.g[s][o * 4 + i] += g[o] * x[i]; } }
+///     }
+/// }
+/// impl Towers<[f32; 4], u32, 2> for Linear {
+///     fn embed_query(&self, x: &[f32; 4], out: &mut [f32; 2]) { self.fwd(0, x, out) }
+///     fn embed_item(&self, y: &u32, out: &mut [f32; 2]) { self.fwd(1, &[*y as f32, 1.0, 0.0, 0.0], out) }
+///     fn backward_query(&mut self, x: &[f32; 4], g: &[f32; 2]) { self.bwd(0, x, g) }
+///     fn backward_item(&mut self, y: &u32, g: &[f32; 2]) { self.bwd(1, &[*y as f32, 1.0, 0.0, 0.0], g) }
+/// }
+///
+/// let model = Linear { w: [[0.0; 8]; 2], g: [[0.0; 8]; 2], m: [[[0.0; 8]; 2]; 2] };
+/// let mut trainer: Trainer<Linear, [f32; 4], u32, 2, 4, 1> =
+///     Trainer::new(model, TrainerConfig { optimizer: OptimizerKind::ADAM, ..TrainerConfig::DEFAULT });
+/// let mut rng = rand_pcg::Pcg32::seed_from_u64(7);
+/// trainer.model.init(&mut rng);
+/// trainer.init().unwrap();
+/// // The cache's storage is the caller's: here 16 slots on the stack.
+/// let mut cache: NegativeCache<u32, 16, 2> = NegativeCache::new();
+/// let queries = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]];
+/// let positives = [1u32, 2];
+/// let batch = Batch { queries: &queries, positives: &positives, positive_index: None };
+/// for _ in 0..3 {
+///     let report = trainer.step(&mut cache.as_mut(), &batch, &[], 0.1, &mut rng).unwrap();
+///     assert!(report.training_loss.is_finite());
+/// }
+/// // Both positives are cached now, with their fresh embeddings.
+/// assert_eq!(cache.len(), 2);
+/// ```
 #[derive(Debug)]
-pub struct Trainer<M, Q, I, const CAP: usize, const DIM: usize, const BATCH: usize, const NEG: usize> {
+pub struct Trainer<M, Q, I, const DIM: usize, const BATCH: usize, const NEG: usize> {
     /// The model being trained.
     pub model: M,
-    cache: NegativeCache<I, CAP, DIM>,
     loss: CacheLoss<BATCH, NEG>,
     q: [[f32; DIM]; BATCH],
     p: [[f32; DIM]; BATCH],
@@ -199,6 +266,8 @@ pub struct Trainer<M, Q, I, const CAP: usize, const DIM: usize, const BATCH: usi
     candidate_mean: [[f32; DIM]; BATCH],
     neg_weight: [[f32; NEG]; BATCH],
     stale: [[[f32; DIM]; NEG]; BATCH],
+    neg_items: [[I; NEG]; BATCH],
+    pos_keys: [u64; BATCH],
     control_variate: Option<f32>,
     opt: Optimizer,
     cfg: TrainerConfig,
@@ -206,18 +275,15 @@ pub struct Trainer<M, Q, I, const CAP: usize, const DIM: usize, const BATCH: usi
     _inputs: PhantomData<fn(Q)>,
 }
 
-impl<M, Q, I, const CAP: usize, const DIM: usize, const BATCH: usize, const NEG: usize>
-    Trainer<M, Q, I, CAP, DIM, BATCH, NEG>
+impl<M, Q, I, const DIM: usize, const BATCH: usize, const NEG: usize> Trainer<M, Q, I, DIM, BATCH, NEG>
 where
-    M: Model<DIM>,
-    Q: AsRef<[u32]>,
-    I: Item + AsRef<[u32]>,
+    M: Towers<Q, I, DIM>,
+    I: Item,
 {
     /// A trainer around `model` (not yet initialised: see [`Self::init`]).
     pub const fn new(model: M, cfg: TrainerConfig) -> Self {
         Self {
             model,
-            cache: NegativeCache::new(),
             loss: CacheLoss::new(),
             q: [[0.0; DIM]; BATCH],
             p: [[0.0; DIM]; BATCH],
@@ -235,6 +301,8 @@ where
             candidate_mean: [[0.0; DIM]; BATCH],
             neg_weight: [[0.0; NEG]; BATCH],
             stale: [[[0.0; DIM]; NEG]; BATCH],
+            neg_items: [[I::EMPTY; NEG]; BATCH],
+            pos_keys: [0; BATCH],
             control_variate: None,
             opt: Optimizer::new(cfg.optimizer, cfg.clip_norm),
             cfg,
@@ -243,31 +311,21 @@ where
         }
     }
 
-    /// Checks the settings, empties the cache and resets the optimiser.
-    /// The model's parameters are initialised by the caller (e.g.
-    /// `TwoTower::init`), so that a loaded model can be trained further.
+    /// Checks the settings and resets the optimiser and the step count. The
+    /// model's parameters are initialised by the caller (e.g.
+    /// `TwoTower::init`), so that a loaded model can be trained further;
+    /// so is the cache, which is the caller's ([`Self::check_cache`] tells
+    /// whether one fits these settings).
     pub fn init(&mut self) -> Result<()> {
         let cfg = &self.cfg;
-        let cap = self.capacity();
-        if cfg.cache_capacity > CAP {
-            return Err(Error::CapacityExceeded { requested: cfg.cache_capacity, capacity: CAP });
-        }
-        if cfg.objective.uses_cache() && cfg.top_k > 0 && cap % cfg.top_k != 0 {
-            return Err(Error::TopKNotDivisor { k: cfg.top_k, slots: cap });
-        }
-        if let Objective::Sampled { negatives } = cfg.objective {
-            if negatives == 0 || negatives > cap {
-                return Err(Error::InvalidConfig {
-                    what: "sampled negatives must be between 1 and the cache capacity",
-                });
-            }
+        if let Objective::Sampled { negatives: 0 } = cfg.objective {
+            return Err(Error::InvalidConfig { what: "sampled negatives must be between 1 and the cache capacity" });
         }
         if matches!(cfg.retrieval, Retrieval::Fixed(_)) {
             return Err(Error::InvalidConfig {
                 what: "training draws its negatives; fixed retrieval is for verification",
             });
         }
-        self.cache.clear();
         self.steps = 0;
         self.opt = Optimizer::new(cfg.optimizer, cfg.clip_norm);
         let slots = self.model.state_slots();
@@ -300,23 +358,21 @@ where
         self.control_variate
     }
 
-    /// The number of cache slots in use.
-    pub fn capacity(&self) -> usize {
-        if self.cfg.cache_capacity == 0 {
-            CAP
-        } else {
-            self.cfg.cache_capacity.min(CAP)
+    /// Whether a cache of `slots` slots fits these settings: top-k groups
+    /// must divide it, and sampled softmax's negatives must fit in it.
+    pub fn check_cache(&self, slots: usize) -> Result<()> {
+        let cfg = &self.cfg;
+        if cfg.objective.uses_cache() && cfg.top_k > 0 && slots % cfg.top_k != 0 {
+            return Err(Error::TopKNotDivisor { k: cfg.top_k, slots });
         }
-    }
-
-    /// The cache.
-    pub fn cache(&self) -> &NegativeCache<I, CAP, DIM> {
-        &self.cache
-    }
-
-    /// The cache, mutably (to restore it from a checkpoint).
-    pub fn cache_mut(&mut self) -> &mut NegativeCache<I, CAP, DIM> {
-        &mut self.cache
+        if let Objective::Sampled { negatives } = cfg.objective {
+            if negatives == 0 || negatives > slots {
+                return Err(Error::InvalidConfig {
+                    what: "sampled negatives must be between 1 and the cache capacity",
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The optimiser and its step count.
@@ -334,27 +390,31 @@ where
         self.steps
     }
 
-    /// Corpus mode: embeds every corpus item into the cache (slot j holds
-    /// item j). Returns the number of tower evaluations.
-    pub fn fill_cache(&mut self, corpus: &[I]) -> Result<u32> {
-        if corpus.len() > self.capacity() {
-            return Err(Error::CapacityExceeded { requested: corpus.len(), capacity: self.capacity() });
+    /// Corpus mode: embeds every corpus item into `cache` (slot j holds
+    /// item j), `BATCH` items per call of the item tower. Returns the
+    /// number of tower evaluations.
+    pub fn fill_cache(&mut self, cache: &mut CacheMut<'_, I, DIM>, corpus: &[I]) -> Result<u32> {
+        if corpus.len() > cache.capacity() {
+            return Err(Error::CapacityExceeded { requested: corpus.len(), capacity: cache.capacity() });
         }
-        let mut c = self.cache.prefix_mut(self.cfg.cache_capacity);
-        c.clear();
-        let mut e = [0.0; DIM];
-        for (j, item) in corpus.iter().enumerate() {
-            self.model.embed(Side::Item, item.as_ref(), &mut e);
-            c.set_slot(j, &e, *item, 0, true)?;
+        cache.clear();
+        for (k, chunk) in corpus.chunks(BATCH).enumerate() {
+            let e = &mut self.p[..chunk.len()];
+            self.model.embed_items(chunk, e);
+            for (i, (item, row)) in chunk.iter().zip(e.iter()).enumerate() {
+                cache.set_slot(k * BATCH + i, row, *item, 0, true)?;
+            }
         }
         Ok(corpus.len() as u32)
     }
 
-    /// One training step on `batch` with learning rate `lr`. `corpus` is
-    /// needed by the sampled and full objectives and may be empty
-    /// otherwise.
+    /// One training step on `batch` with learning rate `lr`. `cache` is
+    /// the negative cache (and, for the sampled and full objectives, the
+    /// table of their embeddings); `corpus` is needed by the sampled and
+    /// full objectives and may be empty otherwise.
     pub fn step(
         &mut self,
+        cache: &mut CacheMut<'_, I, DIM>,
         batch: &Batch<'_, Q, I>,
         corpus: &[I],
         lr: f32,
@@ -365,19 +425,23 @@ where
             return Err(Error::CapacityExceeded { requested: bsz, capacity: BATCH });
         }
         check_len("positives", bsz, batch.positives.len())?;
+        self.check_cache(cache.capacity())?;
+        for (k, y) in self.pos_keys.iter_mut().zip(batch.positives) {
+            *k = y.key();
+        }
         self.model.zero_grad();
         let mut report = match self.cfg.objective {
-            Objective::Cache | Objective::CacheMixed | Objective::CacheInBatch => self.cache_step(batch, rng)?,
+            Objective::Cache | Objective::CacheMixed | Objective::CacheInBatch => self.cache_step(cache, batch, rng)?,
             Objective::InBatch => self.in_batch_step(batch)?,
-            Objective::Sampled { negatives } => self.sampled_step(batch, corpus, negatives, rng)?,
-            Objective::Full => self.full_step(batch, corpus)?,
+            Objective::Sampled { negatives } => self.sampled_step(cache, batch, corpus, negatives, rng)?,
+            Objective::Full => self.full_step(cache, batch, corpus)?,
         };
         let model = &mut self.model;
         let stats = self.opt.step(lr, &mut |v| model.visit(v))?;
         self.model.zero_grad();
         report.grad_norm = stats.grad_norm;
         if self.cfg.objective.uses_cache() {
-            self.update_cache(batch)?;
+            self.update_cache(cache, batch)?;
         }
         self.steps += 1;
         Ok(report)
@@ -386,21 +450,53 @@ where
     /// Back-propagates `gq` and `gp` through the query and item towers.
     fn backward_batch(&mut self, batch: &Batch<'_, Q, I>) {
         for (b, (x, y)) in batch.queries.iter().zip(batch.positives).enumerate() {
-            self.model.backward(Side::Query, x.as_ref(), &self.gq[b]);
-            self.model.backward(Side::Item, y.as_ref(), &self.gp[b]);
+            self.model.backward_query(x, &self.gq[b]);
+            self.model.backward_item(y, &self.gp[b]);
         }
     }
 
+    /// Embeds the batch's queries and positives (one batched call per
+    /// tower) into `q` and `p`.
     fn embed_batch(&mut self, batch: &Batch<'_, Q, I>) {
-        for (b, (x, y)) in batch.queries.iter().zip(batch.positives).enumerate() {
-            self.model.embed(Side::Query, x.as_ref(), &mut self.q[b]);
-            self.model.embed(Side::Item, y.as_ref(), &mut self.p[b]);
-        }
+        let bsz = batch.queries.len();
+        self.model.embed_queries(batch.queries, &mut self.q[..bsz]);
+        self.model.embed_items(batch.positives, &mut self.p[..bsz]);
     }
 
-    fn cache_step(&mut self, batch: &Batch<'_, Q, I>, rng: &mut impl RngCore) -> Result<StepReport> {
+    /// Embeds the drawn negatives (their items gathered from `cache` into
+    /// `neg_items`) into `n`: one batched call when every query drew `NEG`,
+    /// else one per query.
+    fn embed_drawn(&mut self, cache: &CacheMut<'_, I, DIM>, bsz: usize) -> u32 {
+        let items = cache.as_ref().items();
+        let mut full = true;
+        let mut evals = 0;
+        for b in 0..bsz {
+            let negs = self.loss.negatives(b);
+            full &= negs.len() == NEG;
+            for (i, &slot) in negs.iter().enumerate() {
+                self.neg_items[b][i] = items[slot as usize];
+            }
+            evals += negs.len() as u32;
+        }
+        if full {
+            self.model.embed_items(self.neg_items[..bsz].as_flattened(), self.n[..bsz].as_flattened_mut());
+        } else {
+            for b in 0..bsz {
+                let len = self.loss.negatives(b).len();
+                self.model.embed_items(&self.neg_items[b][..len], &mut self.n[b][..len]);
+            }
+        }
+        evals
+    }
+
+    fn cache_step(
+        &mut self,
+        cache: &mut CacheMut<'_, I, DIM>,
+        batch: &Batch<'_, Q, I>,
+        rng: &mut impl RngCore,
+    ) -> Result<StepReport> {
         let bsz = batch.queries.len();
-        let mut evals = self.refresh_stalest()?;
+        let mut evals = self.refresh_stalest(cache)?;
         self.embed_batch(batch);
         evals += 2 * bsz as u32;
         let alpha = self.model.score_scale();
@@ -415,19 +511,13 @@ where
         // hidden from the pass (marked empty for its duration) so that no
         // item is counted twice.
         if in_batch {
-            self.find_positives(batch);
-            set_occupied(
-                self.cache.prefix_mut(self.cfg.cache_capacity),
-                &self.slots[..bsz],
-                &self.pos_cached[..bsz],
-                false,
-            )?;
+            self.find_positives(cache, bsz);
+            set_occupied(cache, &self.slots[..bsz], &self.pos_cached[..bsz], false)?;
         }
-        let (q, p) = (&self.q[..bsz], &self.p[..bsz]);
         let drawn = self.loss.score_and_sample_with(
-            self.cache.prefix(self.cfg.cache_capacity),
-            q,
-            p,
+            cache.as_ref(),
+            &self.q[..bsz],
+            &self.p[..bsz],
             Some(batch.positives),
             &cfg,
             self.cfg.retrieval,
@@ -436,26 +526,15 @@ where
             control.map(|_| &mut self.candidate_mean[..bsz]),
         );
         if in_batch {
-            set_occupied(
-                self.cache.prefix_mut(self.cfg.cache_capacity),
-                &self.slots[..bsz],
-                &self.pos_cached[..bsz],
-                true,
-            )?;
+            set_occupied(cache, &self.slots[..bsz], &self.pos_cached[..bsz], true)?;
         }
         drawn?;
-        let items = self.cache.prefix(self.cfg.cache_capacity).items();
-        for b in 0..bsz {
-            for (i, &slot) in self.loss.negatives(b).iter().enumerate() {
-                self.model.embed(Side::Item, items[slot as usize].as_ref(), &mut self.n[b][i]);
-                evals += 1;
-            }
-        }
+        evals += self.embed_drawn(cache, bsz);
         if self.cfg.objective == Objective::CacheMixed {
-            return self.mixed_backward(batch, evals, alpha);
+            return self.mixed_backward(cache, batch, evals, alpha);
         }
         if in_batch {
-            return self.remainder_backward(batch, evals, alpha, control);
+            return self.remainder_backward(cache, batch, evals, alpha, control);
         }
         let grads = LossGrads {
             query: &mut self.gq[..bsz],
@@ -464,9 +543,9 @@ where
         };
         let fresh = self.n[..bsz].as_flattened();
         let control = control.map(|beta| ControlVariate { beta, candidate_mean: &self.candidate_mean[..bsz] });
-        let cache = self.cache.prefix(self.cfg.cache_capacity);
-        let sum = self.loss.backward_with(cache, q, p, fresh, control, Some(grads))?;
-        self.backward_drawn(batch);
+        let (q, p) = (&self.q[..bsz], &self.p[..bsz]);
+        let sum = self.loss.backward_with(cache.as_ref(), q, p, fresh, control, Some(grads))?;
+        self.backward_drawn(cache, batch);
         self.model.backward_scale(sum.grad_scale);
         Ok(StepReport {
             training_loss: sum.training_loss,
@@ -479,12 +558,13 @@ where
         })
     }
 
-    /// The in-cache filter for the batch's positives: `pos_cached[b]` and,
-    /// when set, the slot `slots[b]` that holds positive `b`.
-    fn find_positives(&mut self, batch: &Batch<'_, Q, I>) {
-        let cache = self.cache.prefix(self.cfg.cache_capacity);
-        for (b, y) in batch.positives.iter().enumerate() {
-            let found = cache.position(y);
+    /// The in-cache filter for the batch's positives (by key, `pos_keys`):
+    /// `pos_cached[b]` and, when set, the slot `slots[b]` that holds
+    /// positive `b`.
+    fn find_positives(&mut self, cache: &CacheMut<'_, I, DIM>, bsz: usize) {
+        let cache = cache.as_ref();
+        for b in 0..bsz {
+            let found = cache.position_of_key(self.pos_keys[b]);
             self.pos_cached[b] = found.is_some();
             self.slots[b] = found.unwrap_or(0);
         }
@@ -492,13 +572,13 @@ where
 
     /// Back-propagates `gq`, `gp` and the drawn negatives' `gn` through
     /// the towers.
-    fn backward_drawn(&mut self, batch: &Batch<'_, Q, I>) {
-        let items = self.cache.prefix(self.cfg.cache_capacity).items();
+    fn backward_drawn(&mut self, cache: &CacheMut<'_, I, DIM>, batch: &Batch<'_, Q, I>) {
+        let items = cache.as_ref().items();
         for b in 0..batch.queries.len() {
-            self.model.backward(Side::Query, batch.queries[b].as_ref(), &self.gq[b]);
-            self.model.backward(Side::Item, batch.positives[b].as_ref(), &self.gp[b]);
+            self.model.backward_query(&batch.queries[b], &self.gq[b]);
+            self.model.backward_item(&batch.positives[b], &self.gp[b]);
             for (i, &slot) in self.loss.negatives(b).iter().enumerate() {
-                self.model.backward(Side::Item, items[slot as usize].as_ref(), &self.gn[b][i]);
+                self.model.backward_item(&items[slot as usize], &self.gn[b][i]);
             }
         }
     }
@@ -508,13 +588,14 @@ where
     /// embedded (`q`, `p`, `n`).
     fn remainder_backward(
         &mut self,
+        cache: &CacheMut<'_, I, DIM>,
         batch: &Batch<'_, Q, I>,
         evals: u32,
         alpha: f32,
         control: Option<f32>,
     ) -> Result<StepReport> {
         let bsz = batch.queries.len();
-        let cache = self.cache.prefix(self.cfg.cache_capacity);
+        let cache_ref = cache.as_ref();
         let (mut stale_sum, mut drawn) = (0.0f32, 0usize);
         for b in 0..bsz {
             self.lse[b] = self.loss.candidate_lse(b);
@@ -523,7 +604,7 @@ where
                 self.neg_weight[b][i] = weights.get(i).copied().unwrap_or(0.0);
                 // As the pass read them (through int8 with `int8-scoring`),
                 // so that the control variate subtracts what it averaged.
-                self.stale[b][i] = slots.get(i).map_or([0.0; DIM], |&s| crate::loss::stale_row(cache, s as usize));
+                self.stale[b][i] = slots.get(i).map_or([0.0; DIM], |&s| crate::loss::stale_row(cache_ref, s as usize));
                 if i < slots.len() {
                     stale_sum += crate::loss::relative_staleness(&self.stale[b][i], &self.n[b][i]);
                     drawn += 1;
@@ -545,9 +626,9 @@ where
             positive: &mut self.gp[..bsz],
             negative: self.gn[..bsz].as_flattened_mut(),
         };
-        let ids = self.cfg.mask_accidental_hits.then_some(batch.positives);
+        let ids = self.cfg.mask_accidental_hits.then_some(&self.pos_keys[..bsz]);
         let sum = remainder::in_batch_with_remainder(&self.q[..bsz], &self.p[..bsz], ids, alpha, NEG, side, grads)?;
-        self.backward_drawn(batch);
+        self.backward_drawn(cache, batch);
         self.model.backward_scale(sum.grad_scale);
         Ok(StepReport {
             training_loss: sum.loss,
@@ -560,21 +641,25 @@ where
         })
     }
 
-    /// Re-embeds the `refresh_per_step` stalest occupied entries, in chunks
-    /// of `BATCH` so that no buffer grows with R.
-    fn refresh_stalest(&mut self) -> Result<u32> {
-        let mut left = self.cfg.refresh_per_step.min(self.capacity());
+    /// Re-embeds the `refresh_per_step` stalest occupied entries of
+    /// `cache`, in chunks of `BATCH` (one batched call of the item tower
+    /// each) so that no buffer grows with R. Returns the tower
+    /// evaluations. Part of [`Self::step`] with a cache objective; public
+    /// for drivers that compose the step themselves.
+    pub fn refresh_stalest(&mut self, cache: &mut CacheMut<'_, I, DIM>) -> Result<u32> {
+        let mut left = self.cfg.refresh_per_step.min(cache.capacity());
         let mut evals = 0;
         while left > 0 {
             let want = left.min(BATCH);
-            let got = self.cache.prefix(self.cfg.cache_capacity).stalest(&mut self.slots[..want]);
+            let got = cache.as_ref().stalest(&mut self.slots[..want]);
+            let items = cache.as_ref().items();
             for k in 0..got {
-                let item = self.cache.prefix(self.cfg.cache_capacity).items()[self.slots[k]];
-                self.model.embed(Side::Item, item.as_ref(), &mut self.p[k]);
+                self.neg_items.as_flattened_mut()[k] = items[self.slots[k]];
             }
+            self.model.embed_items(&self.neg_items.as_flattened()[..got], &mut self.p[..got]);
             let up =
                 Update { refresh_indices: &self.slots[..got], refresh_embeddings: &self.p[..got], ..Update::default() };
-            self.cache.prefix_mut(self.cfg.cache_capacity).refresh(&up, self.cfg.eviction)?;
+            cache.refresh(&up, self.cfg.eviction)?;
             evals += got as u32;
             left -= want;
             if got < want {
@@ -588,13 +673,13 @@ where
     /// the drawn entries, insert the positives not yet cached (streaming
     /// mode), age every entry. Every refresh writes the embedding the
     /// step computed before its optimiser update (`p`, `n`).
-    fn update_cache(&mut self, batch: &Batch<'_, Q, I>) -> Result<()> {
+    fn update_cache(&mut self, cache: &mut CacheMut<'_, I, DIM>, batch: &Batch<'_, Q, I>) -> Result<()> {
         let bsz = batch.queries.len();
         let streaming = self.cfg.cache_mode == CacheMode::Streaming;
-        self.find_positives(batch);
+        self.find_positives(cache, bsz);
         for b in 0..bsz {
-            let y = &batch.positives[b];
-            self.keep[b] = streaming && !self.pos_cached[b] && !batch.positives[..b].contains(y);
+            let y = self.pos_keys[b];
+            self.keep[b] = streaming && !self.pos_cached[b] && !self.pos_keys[..b].contains(&y);
         }
         // The positives found by the in-cache filter take their fresh
         // embeddings (a refresh, no ageing; the update below ages).
@@ -604,7 +689,7 @@ where
             refresh_mask: Some(&self.pos_cached[..bsz]),
             ..Update::default()
         };
-        self.cache.prefix_mut(self.cfg.cache_capacity).refresh(&up, self.cfg.eviction)?;
+        cache.refresh(&up, self.cfg.eviction)?;
         // Refreshes: one per drawn negative, in query order; queries with
         // fewer negatives leave masked holes.
         for b in 0..bsz {
@@ -622,12 +707,18 @@ where
             new_items: batch.positives,
             new_mask: Some(&self.keep[..bsz]),
         };
-        self.cache.prefix_mut(self.cfg.cache_capacity).update(&up, self.cfg.eviction)
+        cache.update(&up, self.cfg.eviction)
     }
 
     /// The mixed objective's loss and back-propagation, once the batch and
     /// its drawn negatives are embedded (`q`, `p`, `n`).
-    fn mixed_backward(&mut self, batch: &Batch<'_, Q, I>, evals: u32, alpha: f32) -> Result<StepReport> {
+    fn mixed_backward(
+        &mut self,
+        cache: &CacheMut<'_, I, DIM>,
+        batch: &Batch<'_, Q, I>,
+        evals: u32,
+        alpha: f32,
+    ) -> Result<StepReport> {
         let bsz = batch.queries.len();
         // Pack the drawn negatives to the front of `n` and their slots to the
         // front of `neg_slots`, in (query, k) order; packing moves rows only
@@ -641,7 +732,7 @@ where
                 count += 1;
             }
         }
-        let items = self.cache.prefix(self.cfg.cache_capacity).items();
+        let (items, keys) = (cache.as_ref().items(), cache.as_ref().keys());
         let slots = &self.neg_slots.as_flattened()[..count];
         let model = &mut self.model;
         // `gn` is free in this objective: it takes the positives' in-batch
@@ -651,10 +742,10 @@ where
             if j < bsz {
                 in_batch_grad[j] = *g;
             } else {
-                model.backward(Side::Item, items[slots[j - bsz]].as_ref(), g);
+                model.backward_item(&items[slots[j - bsz]], g);
             }
         };
-        let ids = NegIds { items, slots };
+        let ids = NegIds { keys, slots };
         let out = SoftmaxOut {
             scratch: &mut self.lse[..bsz],
             loss: None,
@@ -663,12 +754,13 @@ where
             grad_shared: Some(&mut sink),
         };
         let negs = &self.n.as_flattened()[..count];
-        let sum = softmax::mixed_by(&self.q[..bsz], &self.p[..bsz], negs, batch.positives, &ids, alpha, out)?;
+        let pos_keys = &self.pos_keys[..bsz];
+        let sum = softmax::mixed_by(&self.q[..bsz], &self.p[..bsz], negs, pos_keys, &ids, alpha, out)?;
         for b in 0..bsz {
             let mut g = self.gp[b];
             crate::vector::axpy(1.0, &self.gn.as_flattened()[b], &mut g);
-            self.model.backward(Side::Query, batch.queries[b].as_ref(), &self.gq[b]);
-            self.model.backward(Side::Item, batch.positives[b].as_ref(), &g);
+            self.model.backward_query(&batch.queries[b], &self.gq[b]);
+            self.model.backward_item(&batch.positives[b], &g);
         }
         // Unpack: `update_cache` pairs row (b, k) of `n` with query b's k-th
         // negative. Going backwards, each row moves towards the back, onto
@@ -688,7 +780,7 @@ where
         let bsz = batch.queries.len();
         self.embed_batch(batch);
         let alpha = self.model.score_scale();
-        let ids = self.cfg.mask_accidental_hits.then_some(batch.positives);
+        let ids = self.cfg.mask_accidental_hits.then_some(&self.pos_keys[..bsz]);
         let out = SoftmaxOut {
             scratch: &mut self.lse[..bsz],
             loss: None,
@@ -704,6 +796,7 @@ where
 
     fn sampled_step(
         &mut self,
+        cache: &mut CacheMut<'_, I, DIM>,
         batch: &Batch<'_, Q, I>,
         corpus: &[I],
         negatives: usize,
@@ -715,13 +808,20 @@ where
         }
         self.embed_batch(batch);
         // Draw the negatives uniformly, with replacement, into the cache's
-        // storage, which this objective uses as its table.
-        let mut c = self.cache.prefix_mut(self.cfg.cache_capacity);
-        let mut e = [0.0; DIM];
-        for j in 0..negatives {
-            let item = corpus[random::below(rng, corpus.len() as u32) as usize];
-            self.model.embed(Side::Item, item.as_ref(), &mut e);
-            c.set_slot(j, &e, item, 0, true)?;
+        // storage, which this objective uses as its table; embed them
+        // `BATCH` at a time.
+        let mut j = 0;
+        while j < negatives {
+            let chunk = (negatives - j).min(BATCH);
+            let drawn = &mut self.neg_items.as_flattened_mut()[..chunk];
+            for item in drawn.iter_mut() {
+                *item = corpus[random::below(rng, corpus.len() as u32) as usize];
+            }
+            self.model.embed_items(drawn, &mut self.n.as_flattened_mut()[..chunk]);
+            for (k, (item, e)) in drawn.iter().zip(self.n.as_flattened()).enumerate() {
+                cache.set_slot(j + k, e, *item, 0, true)?;
+            }
+            j += chunk;
         }
         // logQ: each corpus item is expected S/C times among the negatives,
         // so every negative logit is lowered by ln(S/C); the same shift is
@@ -729,13 +829,12 @@ where
         let shift = crate::math::ln(negatives as f32 / corpus.len() as f32);
         self.log_q[..bsz].fill(-shift);
         let alpha = self.model.score_scale();
-        let (emb, items) = (
-            &self.cache.prefix(self.cfg.cache_capacity).embeddings()[..negatives],
-            &self.cache.prefix(self.cfg.cache_capacity).items()[..negatives],
-        );
+        let table = cache.as_ref();
+        let (emb, items, keys) =
+            (&table.embeddings()[..negatives], &table.items()[..negatives], &table.keys()[..negatives]);
         let mask = self.cfg.mask_accidental_hits;
         let model = &mut self.model;
-        let mut sink = |j: usize, g: &[f32; DIM]| model.backward(Side::Item, items[j].as_ref(), g);
+        let mut sink = |j: usize, g: &[f32; DIM]| model.backward_item(&items[j], g);
         let out = SoftmaxOut {
             scratch: &mut self.lse[..bsz],
             loss: None,
@@ -749,8 +848,8 @@ where
             emb,
             Some(&self.log_q[..bsz]),
             None,
-            mask.then_some(batch.positives),
-            mask.then_some(items),
+            mask.then_some(&self.pos_keys[..bsz]),
+            mask.then_some(keys),
             alpha,
             out,
         )?;
@@ -759,22 +858,30 @@ where
         Ok(softmax_report(sum, (2 * bsz + negatives) as u32, alpha))
     }
 
-    fn full_step(&mut self, batch: &Batch<'_, Q, I>, corpus: &[I]) -> Result<StepReport> {
+    fn full_step(
+        &mut self,
+        cache: &mut CacheMut<'_, I, DIM>,
+        batch: &Batch<'_, Q, I>,
+        corpus: &[I],
+    ) -> Result<StepReport> {
         let bsz = batch.queries.len();
         let index = batch.positive_index.ok_or(Error::InvalidConfig { what: "full softmax needs positive_index" })?;
         check_len("positive_index", bsz, index.len())?;
-        if corpus.is_empty() || corpus.len() > self.capacity() {
-            return Err(Error::CapacityExceeded { requested: corpus.len(), capacity: self.capacity() });
+        if corpus.is_empty() || corpus.len() > cache.capacity() {
+            return Err(Error::CapacityExceeded { requested: corpus.len(), capacity: cache.capacity() });
         }
-        let evals = self.fill_cache(corpus)?;
-        for (b, x) in batch.queries.iter().enumerate() {
-            self.model.embed(Side::Query, x.as_ref(), &mut self.q[b]);
+        if let Some(&bad) = index.iter().find(|&&i| i as usize >= corpus.len()) {
+            return Err(Error::IndexOutOfRange { what: "positive_index", index: bad as usize, bound: corpus.len() });
+        }
+        let evals = self.fill_cache(cache, corpus)?;
+        self.model.embed_queries(batch.queries, &mut self.q[..bsz]);
+        for b in 0..bsz {
             self.slots[b] = index[b] as usize;
         }
         let alpha = self.model.score_scale();
-        let emb = &self.cache.prefix(self.cfg.cache_capacity).embeddings()[..corpus.len()];
+        let emb = &cache.as_ref().embeddings()[..corpus.len()];
         let model = &mut self.model;
-        let mut sink = |j: usize, g: &[f32; DIM]| model.backward(Side::Item, corpus[j].as_ref(), g);
+        let mut sink = |j: usize, g: &[f32; DIM]| model.backward_item(&corpus[j], g);
         let out = SoftmaxOut {
             scratch: &mut self.lse[..bsz],
             loss: None,
@@ -784,7 +891,7 @@ where
         };
         let sum = softmax::full(&self.q[..bsz], emb, &self.slots[..bsz], alpha, out)?;
         for b in 0..bsz {
-            self.model.backward(Side::Query, batch.queries[b].as_ref(), &self.gq[b]);
+            self.model.backward_query(&batch.queries[b], &self.gq[b]);
         }
         self.model.backward_scale(sum.grad_scale);
         Ok(softmax_report(sum, evals + bsz as u32, alpha))
@@ -793,7 +900,7 @@ where
 
 /// Marks `slots[b]` occupied or empty for each `b` with `which[b]` set.
 fn set_occupied<I: Item, const DIM: usize>(
-    mut cache: crate::cache::CacheMut<'_, I, DIM>,
+    cache: &mut CacheMut<'_, I, DIM>,
     slots: &[usize],
     which: &[bool],
     occupied: bool,
@@ -804,18 +911,18 @@ fn set_occupied<I: Item, const DIM: usize>(
     Ok(())
 }
 
-/// The items of packed negatives, looked up through their slots.
-struct NegIds<'a, I> {
-    items: &'a [I],
+/// The keys of packed negatives, looked up through their slots.
+struct NegIds<'a> {
+    keys: &'a [u64],
     slots: &'a [usize],
 }
 
-impl<I> softmax::Ids<I> for NegIds<'_, I> {
+impl softmax::Ids<u64> for NegIds<'_> {
     fn len(&self) -> usize {
         self.slots.len()
     }
-    fn id(&self, k: usize) -> &I {
-        &self.items[self.slots[k]]
+    fn id(&self, k: usize) -> &u64 {
+        &self.keys[self.slots[k]]
     }
 }
 
@@ -834,14 +941,17 @@ fn softmax_report(sum: softmax::SoftmaxSummary, evals: u32, alpha: f32) -> StepR
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tower::{SeparateTowers, TowerConfig};
+    use crate::cache::NegativeCache;
+    use crate::tower::{SeparateTowers, Side, TokenModel, TowerConfig};
     use rand_core::SeedableRng;
     use rand_pcg::Pcg64Mcg;
 
     type Towers = SeparateTowers<13, 4, 5, 3, 0>;
     type Item2 = [u32; 2];
-    /// 4 slots, 3-dimensional embeddings, batches of 2, 2 negatives.
-    type Small = Trainer<Towers, Item2, Item2, 4, 3, 2, 2>;
+    /// 3-dimensional embeddings, batches of 2, 2 negatives.
+    type Small = Trainer<Towers, Item2, Item2, 3, 2, 2>;
+    /// 4 slots.
+    type Cache = NegativeCache<Item2, 4, 3>;
 
     const A: Item2 = [1, 2];
     const B: Item2 = [3, 4];
@@ -854,7 +964,7 @@ mod tests {
     /// embeddings, stepping with learning rate 0 so that the towers after
     /// the step are the towers that embedded the batch: every refreshed
     /// slot must then hold exactly `embed(its item)`.
-    fn trainer(objective: Objective, cache_mode: CacheMode, items: &[Item2]) -> Small {
+    fn trainer(objective: Objective, cache_mode: CacheMode, items: &[Item2]) -> (Small, Cache) {
         let cfg = TrainerConfig {
             objective,
             cache_mode,
@@ -865,11 +975,12 @@ mod tests {
         let mut t = Small::new(Towers::new(TowerConfig::DEFAULT), cfg);
         t.model.init(&mut Pcg64Mcg::seed_from_u64(3));
         t.init().unwrap();
-        let mut c = t.cache_mut().as_mut();
+        let mut cache = Cache::new();
+        let mut c = cache.as_mut();
         for (j, item) in items.iter().enumerate() {
             c.set_slot(j, &STALE[j], *item, 5, true).unwrap();
         }
-        t
+        (t, cache)
     }
 
     fn embed(t: &Small, item: &Item2) -> [f32; 3] {
@@ -878,8 +989,8 @@ mod tests {
         e
     }
 
-    fn assert_fresh(t: &Small, slot: usize) {
-        let c = t.cache().as_ref();
+    fn assert_fresh(t: &Small, cache: &Cache, slot: usize) {
+        let c = cache.as_ref();
         let want = embed(t, &c.items()[slot]);
         // Bit for bit: the cache stores the very embedding computed.
         assert_eq!(c.embeddings()[slot], want, "slot {slot} ({:?})", c.items()[slot]);
@@ -892,13 +1003,13 @@ mod tests {
         // and B. The mixed objective packs the negatives' rows, so query
         // 1's rows move forwards; each slot must still get its own row.
         for seed in 0..20 {
-            let mut t = trainer(Objective::CacheMixed, CacheMode::Corpus, &[A, B]);
+            let (mut t, mut cache) = trainer(Objective::CacheMixed, CacheMode::Corpus, &[A, B]);
             let batch = Batch { queries: &[[11, 12], [13, 14]], positives: &[A, C], positive_index: None };
-            t.step(&batch, &[], 0.0, &mut Pcg64Mcg::seed_from_u64(seed)).unwrap();
+            t.step(&mut cache.as_mut(), &batch, &[], 0.0, &mut Pcg64Mcg::seed_from_u64(seed)).unwrap();
             assert_eq!(t.loss.negatives(0).len(), 1);
             assert_eq!(t.loss.negatives(1).len(), 2);
-            assert_fresh(&t, 0);
-            assert_fresh(&t, 1);
+            assert_fresh(&t, &cache, 0);
+            assert_fresh(&t, &cache, 1);
         }
     }
 
@@ -909,18 +1020,18 @@ mod tests {
         // from the cache: every draw is B or D, and afterwards all four
         // slots are occupied again (the hiding is undone).
         for seed in 0..20 {
-            let mut t = trainer(Objective::CacheInBatch, CacheMode::Corpus, &[A, B, C, D]);
+            let (mut t, mut cache) = trainer(Objective::CacheInBatch, CacheMode::Corpus, &[A, B, C, D]);
             let batch = Batch { queries: &[[11, 12], [13, 14]], positives: &[A, C], positive_index: None };
-            let r = t.step(&batch, &[], 0.0, &mut Pcg64Mcg::seed_from_u64(seed)).unwrap();
+            let r = t.step(&mut cache.as_mut(), &batch, &[], 0.0, &mut Pcg64Mcg::seed_from_u64(seed)).unwrap();
             for b in 0..2 {
                 assert_eq!(t.loss.negatives(b).len(), 2);
                 assert!(t.loss.negatives(b).iter().all(|&s| s == 1 || s == 3), "{:?}", t.loss.negatives(b));
             }
-            assert!(t.cache().as_ref().occupied().iter().all(|&o| o));
+            assert!(cache.as_ref().occupied().iter().all(|&o| o));
             assert!(r.interpretable_loss.is_finite() && r.prob_pos > 0.0 && r.prob_pos < 1.0);
             for slot in 0..4 {
                 if slot == 0 || slot == 2 || t.loss.negatives(0).contains(&(slot as u32)) {
-                    assert_fresh(&t, slot);
+                    assert_fresh(&t, &cache, slot);
                 }
             }
         }
@@ -935,19 +1046,19 @@ mod tests {
         ] {
             // One query whose positive A sits in slot 0 with a stale
             // embedding; its only candidate (masked A) is B.
-            let mut t = trainer(objective, mode, &[A, B]);
+            let (mut t, mut cache) = trainer(objective, mode, &[A, B]);
             let batch = Batch { queries: &[[11, 12]], positives: &[A], positive_index: None };
-            t.step(&batch, &[], 0.0, &mut Pcg64Mcg::seed_from_u64(1)).unwrap();
-            assert_fresh(&t, 0);
-            assert_fresh(&t, 1);
+            t.step(&mut cache.as_mut(), &batch, &[], 0.0, &mut Pcg64Mcg::seed_from_u64(1)).unwrap();
+            assert_fresh(&t, &cache, 0);
+            assert_fresh(&t, &cache, 1);
             // Not inserted a second time; slots 2 and 3 stay empty.
-            assert_eq!(t.cache().as_ref().occupied(), &[true, true, false, false]);
+            assert_eq!(cache.as_ref().occupied(), &[true, true, false, false]);
         }
     }
 
     #[test]
     fn control_variate_setting_is_checked_and_used() {
-        let mut t = trainer(Objective::Cache, CacheMode::Streaming, &[A, B, D]);
+        let (mut t, mut cache) = trainer(Objective::Cache, CacheMode::Streaming, &[A, B, D]);
         assert_eq!(t.control_variate(), None);
         assert!(t.set_control_variate(Some(1.5)).is_err());
         assert!(t.set_control_variate(Some(f32::NAN)).is_err());
@@ -955,10 +1066,10 @@ mod tests {
         // With beta = 0 the query gradient is the memory bank's; the step
         // differs from the plain one (same seed) only through it.
         let batch = Batch { queries: &[[11, 12], [13, 14]], positives: &[A, C], positive_index: None };
-        let mut plain = trainer(Objective::Cache, CacheMode::Streaming, &[A, B, D]);
-        let r0 = plain.step(&batch, &[], 0.1, &mut Pcg64Mcg::seed_from_u64(2)).unwrap();
+        let (mut plain, mut plain_cache) = trainer(Objective::Cache, CacheMode::Streaming, &[A, B, D]);
+        let r0 = plain.step(&mut plain_cache.as_mut(), &batch, &[], 0.1, &mut Pcg64Mcg::seed_from_u64(2)).unwrap();
         t.set_control_variate(Some(0.0)).unwrap();
-        let r1 = t.step(&batch, &[], 0.1, &mut Pcg64Mcg::seed_from_u64(2)).unwrap();
+        let r1 = t.step(&mut cache.as_mut(), &batch, &[], 0.1, &mut Pcg64Mcg::seed_from_u64(2)).unwrap();
         assert_eq!(r0.training_loss.to_bits(), r1.training_loss.to_bits());
         assert!(r0.grad_norm.is_finite() && r1.grad_norm.is_finite());
         assert_ne!(r0.grad_norm.to_bits(), r1.grad_norm.to_bits());

@@ -165,15 +165,17 @@ proptest! {
     ) {
         let mut embeddings = [[0.0f32; D]; N];
         let mut items = [0u32; N];
+        let mut keys = [0u64; N];
         let (mut ages, mut stamps, mut occ, mut clock) = ([0i32; N], [0u32; N], [true; N], 0u32);
         for j in 0..N {
             embeddings[j] = [emb[j].0, emb[j].1];
             items[j] = j as u32;
         }
-        let cache = CacheMut::from_slots(SlotsMut {
-            embeddings: &mut embeddings, items: &mut items, ages: &mut ages,
+        let mut cache = CacheMut::from_slots(SlotsMut {
+            embeddings: &mut embeddings, items: &mut items, keys: &mut keys, ages: &mut ages,
             stamps: &mut stamps, occupied: &mut occ, clock: &mut clock,
         }).unwrap();
+        cache.rekey();
         let (qq, pp) = ([[q.0, q.1]], [[p.0, p.1]]);
         let cfg = LossConfig { score_scale: alpha, top_k: k, mask_accidental_hits: false };
         let mut loss = CacheLoss::<1, 1>::new();

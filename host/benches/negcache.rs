@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use negcache::kernel::{Bf16Rows, Draw, F32Rows, I8Rows};
-use negcache::tower::{Model, Side};
+use negcache::tower::{Side, TokenModel};
 use negcache::{CacheLoss, NegativeCache};
 use negcache_host::bench::{self, B, EVAL_ITEMS, N, TOP_K};
 use negcache_host::featurize::{ItemTokens, QueryTokens};

@@ -15,9 +15,9 @@ use std::time::Instant;
 use anyhow::Context;
 use negcache::kernel::{self, Bf16Rows, Draw, F32Rows, I8Rows, LaneRng, Slots};
 use negcache::sampler::LogSumExp;
-use negcache::tower::{Model, SharedTokenTowers, Side, TowerConfig};
+use negcache::tower::{Model, SharedTokenTowers, Side, TokenModel, TowerConfig};
 use negcache::trainer::{Batch, TrainerConfig};
-use negcache::{random, vector, CacheLoss, LossConfig, NegativeCache, Retrieval};
+use negcache::{random, vector, CacheLoss, Item, LossConfig, NegativeCache, Retrieval};
 use rand_core::{RngCore, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 
@@ -196,6 +196,8 @@ pub struct PassData {
     pub positives: Vec<[f32; DIM]>,
     /// Positive items (for masking).
     pub items: Vec<ItemTokens>,
+    /// Their keys.
+    pub keys: Vec<u64>,
 }
 
 impl std::fmt::Debug for PassData {
@@ -214,10 +216,11 @@ pub fn pass_data(seed: u64) -> anyhow::Result<PassData> {
     }
     let queries: Vec<_> = (0..B).map(|_| unit(&mut rng)).collect();
     let positives: Vec<_> = (0..B).map(|_| unit(&mut rng)).collect();
-    let items = (0..B)
+    let items: Vec<ItemTokens> = (0..B)
         .map(|b| item_tokens(if b % 2 == 0 { random::below(&mut rng, N as u32) } else { N as u32 + b as u32 }))
         .collect();
-    Ok(PassData { cache, queries, positives, items })
+    let keys = items.iter().map(Item::key).collect();
+    Ok(PassData { cache, queries, positives, items, keys })
 }
 
 /// One scoring-and-sampling pass through `CacheLoss::score_and_sample`
@@ -316,11 +319,11 @@ pub fn sharded_pass<R: kernel::Rows<DIM> + Sync>(
     out: &mut [Draw],
 ) -> anyhow::Result<()> {
     let cache = NegativeCache::as_ref(&*d.cache);
-    let slots = Slots { rows, items: cache.items(), occupied: cache.occupied() };
+    let slots = Slots { rows, keys: cache.keys(), occupied: cache.occupied() };
     let n = rows.len();
     let per = n.div_ceil(threads).div_ceil(kernel::BLOCK) * kernel::BLOCK;
     let seeds: Vec<u64> = (0..threads).map(|_| rng.next_u64()).collect();
-    let hits = Some(&d.items[..]);
+    let hits = Some(&d.keys[..]);
     if threads == 1 {
         let mut r = LaneRng::new(seeds[0]);
         kernel::sample_shard(slots, 0..n, &d.queries, hits, ALPHA, 1.0, &mut r, out)?;
@@ -391,9 +394,9 @@ impl std::fmt::Debug for StepData {
 
 /// Builds [`StepData`] (fills the cache: `N` tower forwards).
 pub fn step_data(seed: u64) -> anyhow::Result<StepData> {
-    let cfg = TrainerConfig { cache_capacity: N, ..TrainerConfig::DEFAULT };
+    let cfg = TrainerConfig::DEFAULT;
     let tower = TowerConfig { scale: negcache::tower::Scale::Fixed(ALPHA), ..TowerConfig::DEFAULT };
-    let mut session = new_session(Tying::SharedTokens, 1, tower, cfg)?;
+    let mut session = new_session(Tying::SharedTokens, 1, N, tower, cfg)?;
     let mut rng = Pcg64Mcg::seed_from_u64(seed);
     session.init(&mut rng)?;
     let corpus: Vec<ItemTokens> = (0..2 * N as u32).map(item_tokens).collect();

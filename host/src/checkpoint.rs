@@ -23,7 +23,9 @@ use anyhow::{bail, Context};
 /// The checkpoint format's magic bytes.
 pub const MAGIC: &[u8; 16] = b"NEGCACHE-CKPT\0\0\0";
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2: the cache section holds the configured capacity's slots
+/// (version 1 held a fixed 65,536).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// A checkpoint in memory: a JSON header and a binary body.
 #[derive(Debug, Clone, PartialEq)]

@@ -16,4 +16,5 @@ pub mod reference;
 pub mod report;
 pub mod resume;
 pub mod session;
+pub mod store;
 pub mod train;

@@ -10,13 +10,15 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use negcache::cache::{CacheMut, SlotsMut, Update};
+use negcache::cache::Update;
 use negcache::loss::{CacheLoss, LossConfig, LossGrads, TopKOut};
 use negcache::softmax::{self, SoftmaxOut};
 use negcache::stats::chi_square;
 use negcache::{Eviction, Retrieval};
 use rand_core::SeedableRng;
 use serde_json::Value;
+
+use crate::store::OwnedCache;
 
 /// The format tag a reference file must carry.
 pub const FORMAT: &str = "negcache-reference-v1";
@@ -465,49 +467,23 @@ const MAX_BATCH: usize = 1024;
 /// the file must be bounded (1e12 slots would abort the process).
 const MAX_CACHE_SIZE: usize = 1 << 16;
 
-/// Cache storage in vectors, for cases whose size is known only at run time.
-struct OwnedCache<I, const D: usize> {
-    embeddings: Vec<[f32; D]>,
-    items: Vec<I>,
-    ages: Vec<i32>,
-    stamps: Vec<u32>,
-    occupied: Vec<bool>,
-    clock: u32,
+/// `n` occupied slots with these embeddings and items.
+fn filled<I: negcache::Item, const D: usize>(embeddings: Vec<[f32; D]>, items: Vec<I>) -> Parse<OwnedCache<I, D>> {
+    let n = embeddings.len();
+    if items.len() != n {
+        return Err(Bad(format!("{} cache items for {n} cache rows", items.len())));
+    }
+    let mut c = OwnedCache::new(n).map_err(|e| Bad(e.to_string()))?;
+    let mut v = c.as_mut();
+    for (j, (e, item)) in embeddings.iter().zip(items).enumerate() {
+        v.set_slot(j, e, item, 0, true).map_err(|e| Bad(e.to_string()))?;
+    }
+    Ok(c)
 }
 
-impl<I: negcache::Item, const D: usize> OwnedCache<I, D> {
-    /// `n` empty slots.
-    fn new(n: usize) -> Self {
-        Self {
-            embeddings: vec![[0.0; D]; n],
-            items: vec![I::EMPTY; n],
-            ages: vec![0; n],
-            stamps: vec![0; n],
-            occupied: vec![false; n],
-            clock: 0,
-        }
-    }
-
-    /// `n` occupied slots with these embeddings and items.
-    fn filled(embeddings: Vec<[f32; D]>, items: Vec<I>) -> Self {
-        let mut c = Self::new(embeddings.len());
-        c.embeddings = embeddings;
-        c.items = items;
-        c.occupied.fill(true);
-        c
-    }
-
-    fn view(&mut self) -> Parse<CacheMut<'_, I, D>> {
-        CacheMut::from_slots(SlotsMut {
-            embeddings: &mut self.embeddings,
-            items: &mut self.items,
-            ages: &mut self.ages,
-            stamps: &mut self.stamps,
-            occupied: &mut self.occupied,
-            clock: &mut self.clock,
-        })
-        .map_err(|e| Bad(e.to_string()))
-    }
+/// `n` empty slots.
+fn empty<I: negcache::Item, const D: usize>(n: usize) -> Parse<OwnedCache<I, D>> {
+    OwnedCache::new(n).map_err(|e| Bad(e.to_string()))
 }
 
 fn cache_loss<const D: usize>(inputs: Obj<'_>, expected: Obj<'_>, check: &mut Check) -> Parse<()> {
@@ -543,8 +519,8 @@ fn cache_loss<const D: usize>(inputs: Obj<'_>, expected: Obj<'_>, check: &mut Ch
         .collect::<Parse<_>>()?;
 
     let (qs, ps, fresh_all) = (q.padded::<D>(), p.padded::<D>(), f.padded::<D>());
-    let mut owned = OwnedCache::filled(e.padded::<D>(), (0..n as u32).collect());
-    let cache = owned.view()?;
+    let mut owned = filled(e.padded::<D>(), (0..n as u32).collect())?;
+    let cache = owned.as_mut();
     let cfg = LossConfig { score_scale: alpha, top_k, mask_accidental_hits: false };
     let mut loss = Box::new(CacheLoss::<MAX_BATCH, 1>::new());
     let (mut tk_s, mut tk_i) = (vec![0.0f32; b * top_k], vec![0u32; b * top_k]);
@@ -627,7 +603,7 @@ fn cache_update(inputs: Obj<'_>, expected: Obj<'_>, check: &mut Check) -> Parse<
     }
     check_count("expected.states", "states (one per step)", Some(steps.len()), states.len())?;
 
-    let mut owned: OwnedCache<Item8, D> = OwnedCache::new(n);
+    let mut owned: OwnedCache<Item8, D> = empty(n)?;
     let mut dims: Option<(usize, usize)> = None;
     let to_items = |m: &Matrix, path: &str| -> Parse<Vec<Item8>> {
         if m.cols > 8 {
@@ -647,13 +623,13 @@ fn cache_update(inputs: Obj<'_>, expected: Obj<'_>, check: &mut Check) -> Parse<
         let it = init.matrix("items", Some(n), None)?;
         let a = init.ints("age", Some(n))?;
         dims = Some((e.cols, it.cols));
-        owned = OwnedCache::filled(e.padded::<D>(), to_items(&it, "inputs.initial.items")?);
+        owned = filled(e.padded::<D>(), to_items(&it, "inputs.initial.items")?)?;
         for (j, &age) in a.iter().enumerate() {
-            owned.ages[j] = i32::try_from(age)
+            owned.slots_mut().ages[j] = i32::try_from(age)
                 .map_err(|_| Bad(format!("inputs.initial.age[{j}]: {age} does not fit in 32 bits")))?;
         }
     }
-    let mut cache = owned.view()?;
+    let mut cache = owned.as_mut();
 
     for (s, (step, want)) in steps.iter().zip(states).enumerate() {
         let path = format!("inputs.steps[{s}]");
@@ -751,11 +727,11 @@ fn in_cache_filter(inputs: Obj<'_>, expected: Obj<'_>, check: &mut Check) -> Par
     }
     let pad = |r: &Vec<i64>| -> [i64; 16] { core::array::from_fn(|k| r.get(k).copied().unwrap_or(0)) };
     let mut owned: OwnedCache<[i64; 16], 1> = if cache_items.is_empty() {
-        OwnedCache::new(1)
+        empty(1)?
     } else {
-        OwnedCache::filled(vec![[0.0]; cache_items.len()], cache_items.iter().map(pad).collect())
+        filled(vec![[0.0]; cache_items.len()], cache_items.iter().map(pad).collect())?
     };
-    let cache = owned.view()?;
+    let cache = owned.as_mut();
     let new: Vec<[i64; 16]> = new_items.iter().map(pad).collect();
     let mut keep = vec![false; new.len()];
     cache.as_ref().filter_new(&new, &mut keep).map_err(|e| Bad(e.to_string()))?;
@@ -778,8 +754,8 @@ fn gumbel_distribution(inputs: Obj<'_>, expected: Obj<'_>, check: &mut Check) ->
     let probs = expected.vector("probabilities", Some(k))?;
     // The scores become a one-dimensional cache scored by the query (1):
     // alpha * <1, s_j> = s_j exactly.
-    let mut owned = OwnedCache::filled(scores.iter().map(|&s| [s as f32]).collect(), (0..k as u32).collect());
-    let cache = owned.view()?;
+    let mut owned = filled(scores.iter().map(|&s| [s as f32]).collect(), (0..k as u32).collect())?;
+    let cache = owned.as_mut();
     let cfg = LossConfig { score_scale: 1.0, top_k: 0, mask_accidental_hits: false };
     let mut loss = CacheLoss::<1, 1>::new();
     let mut worst_p = f64::INFINITY;

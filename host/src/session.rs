@@ -3,10 +3,11 @@
 //!
 //! The shapes are fixed at compile time (the core sizes everything with
 //! const generics); what varies at run time is the tying of the towers,
-//! which picks one of three types, and every setting of the trainer.
+//! which picks one of three types, the cache's capacity, which sizes its
+//! storage ([`OwnedCache`]), and every setting of the trainer.
 
 use negcache::layers::ParamVisitor;
-use negcache::tower::{Model, SeparateTowers, SharedTokenTowers, SiameseTowers, Side, TowerConfig};
+use negcache::tower::{SeparateTowers, SharedTokenTowers, SiameseTowers, Side, TokenModel, TowerConfig, Towers};
 use negcache::trainer::{Batch, StepReport, Trainer, TrainerConfig};
 use rand_pcg::Pcg64Mcg;
 use serde::{Deserialize, Serialize};
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{Reader, Writer};
 use crate::featurize::{ItemTokens, QueryTokens};
 use crate::memory::boxed;
+use crate::store::OwnedCache;
 
 /// Rows of each token table.
 pub const BUCKETS: usize = 1 << 15;
@@ -25,8 +27,10 @@ pub const H: usize = 128;
 pub const DIM: usize = 64;
 /// Optimiser-state slots (enough for Adam).
 pub const S: usize = 2;
-/// Largest cache; the configured capacity may be smaller.
-pub const CAP: usize = 65_536;
+/// The largest cache capacity a run may ask for (2^24 slots, about 4.6 GB
+/// at this shape). The cache is allocated at the configured capacity, not
+/// at this bound.
+pub const MAX_CAPACITY: usize = 1 << 24;
 /// Largest batch.
 pub const BATCH: usize = 256;
 /// Negatives drawn per query: the paper's one, or two or four (Gumbel-top-m,
@@ -84,15 +88,28 @@ pub trait Session: Send + Sync {
     fn non_finite(&mut self) -> Option<&'static str>;
 }
 
-type T<M, const N: usize> = Trainer<M, QueryTokens, ItemTokens, CAP, DIM, BATCH, N>;
+type T<M, const N: usize> = Trainer<M, QueryTokens, ItemTokens, DIM, BATCH, N>;
 
-impl<M: Model<DIM> + Send + Sync, const N: usize> Session for T<M, N> {
+/// A trainer and the cache it trains with, the latter allocated at the
+/// configured capacity.
+struct Run<M, const N: usize> {
+    trainer: Box<T<M, N>>,
+    cache: OwnedCache<ItemTokens, DIM>,
+}
+
+impl<M, const N: usize> Session for Run<M, N>
+where
+    M: Towers<QueryTokens, ItemTokens, DIM> + TokenModel<DIM> + Send + Sync,
+{
     fn init(&mut self, rng: &mut Pcg64Mcg) -> negcache::Result<()> {
-        self.model.init(rng);
-        Trainer::init(self)
+        self.trainer.model.init(rng);
+        self.trainer.init()?;
+        self.trainer.check_cache(self.cache.capacity())?;
+        self.cache.as_mut().clear();
+        Ok(())
     }
     fn fill_cache(&mut self, corpus: &[ItemTokens]) -> negcache::Result<u32> {
-        Trainer::fill_cache(self, corpus)
+        self.trainer.fill_cache(&mut self.cache.as_mut(), corpus)
     }
     fn step(
         &mut self,
@@ -101,24 +118,24 @@ impl<M: Model<DIM> + Send + Sync, const N: usize> Session for T<M, N> {
         lr: f32,
         rng: &mut Pcg64Mcg,
     ) -> negcache::Result<StepReport> {
-        Trainer::step(self, batch, corpus, lr, rng)
+        self.trainer.step(&mut self.cache.as_mut(), batch, corpus, lr, rng)
     }
     fn embed(&self, side: Side, tokens: &[u32], out: &mut [f32; DIM]) {
-        self.model.embed(side, tokens, out)
+        self.trainer.model.embed(side, tokens, out)
     }
     fn config(&self) -> &TrainerConfig {
-        Trainer::config(self)
+        self.trainer.config()
     }
     fn set_control_variate(&mut self, beta: Option<f32>) -> negcache::Result<()> {
-        Trainer::set_control_variate(self, beta)
+        self.trainer.set_control_variate(beta)
     }
     fn save(&mut self, w: &mut Writer) {
         w.tag(b"PARM");
-        self.model.visit(&mut SaveParams(w));
+        self.trainer.model.visit(&mut SaveParams(w));
         w.tag(b"OPTM");
-        w.u64(self.optimizer().t as u64);
+        w.u64(self.trainer.optimizer().t as u64);
         w.tag(b"CACH");
-        let slots = self.cache_mut().slots_mut();
+        let slots = self.cache.slots_mut();
         w.f32s(slots.embeddings.as_flattened());
         w.u32s(slots.items.as_flattened());
         w.u32s(&slots.ages.iter().map(|&a| a as u32).collect::<Vec<_>>());
@@ -129,14 +146,14 @@ impl<M: Model<DIM> + Send + Sync, const N: usize> Session for T<M, N> {
     fn load(&mut self, r: &mut Reader<'_>) -> anyhow::Result<()> {
         r.tag(b"PARM")?;
         let mut load = LoadParams { r, err: None };
-        self.model.visit(&mut load);
+        self.trainer.model.visit(&mut load);
         if let Some(e) = load.err {
             return Err(e);
         }
         r.tag(b"OPTM")?;
-        self.optimizer_mut().t = u32::try_from(r.u64()?)?;
+        self.trainer.optimizer_mut().t = u32::try_from(r.u64()?)?;
         r.tag(b"CACH")?;
-        let slots = self.cache_mut().slots_mut();
+        let slots = self.cache.slots_mut();
         r.f32s_into(slots.embeddings.as_flattened_mut())?;
         r.u32s_into(slots.items.as_flattened_mut())?;
         let mut tmp = vec![0u32; slots.ages.len()];
@@ -146,21 +163,22 @@ impl<M: Model<DIM> + Send + Sync, const N: usize> Session for T<M, N> {
         r.u32s_into(&mut tmp)?;
         slots.occupied.iter_mut().zip(&tmp).for_each(|(o, &t)| *o = t != 0);
         *slots.clock = u32::try_from(r.u64()?)?;
+        self.cache.as_mut().rekey();
         r.finish()
     }
     fn state_bytes(&self) -> usize {
-        size_of::<Self>()
+        size_of::<T<M, N>>() + self.cache.bytes()
     }
     fn non_finite(&mut self) -> Option<&'static str> {
         let mut check = FiniteCheck::default();
-        self.model.visit(&mut check);
+        self.trainer.model.visit(&mut check);
         if check.values {
             return Some("parameters");
         }
         if check.state {
             return Some("optimiser state");
         }
-        let slots = self.cache_mut().slots_mut();
+        let slots = self.cache.slots_mut();
         let cache_ok = slots.embeddings.as_flattened().iter().all(|x| x.is_finite());
         (!cache_ok).then_some("cache embeddings")
     }
@@ -189,27 +207,36 @@ impl ParamVisitor for FiniteCheck {
     }
 }
 
-/// A boxed trainer of the standard shape with the given tying and
-/// negatives per query (one of [`NEGATIVES`]).
+/// A trainer of the standard shape with the given tying and negatives
+/// per query (one of [`NEGATIVES`]), and a cache of `capacity` slots.
 pub fn new_session(
     tying: Tying,
     negatives: usize,
+    capacity: usize,
     tower: TowerConfig,
     cfg: TrainerConfig,
 ) -> anyhow::Result<Box<dyn Session>> {
     type Sep = SeparateTowers<BUCKETS, E, H, DIM, S>;
     type Shared = SharedTokenTowers<BUCKETS, E, H, DIM, S>;
     type Siam = SiameseTowers<BUCKETS, E, H, DIM, S>;
+    fn run<M: Towers<QueryTokens, ItemTokens, DIM> + TokenModel<DIM> + Send + Sync + 'static, const N: usize>(
+        trainer: Box<T<M, N>>,
+        capacity: usize,
+    ) -> anyhow::Result<Box<dyn Session>> {
+        Ok(Box::new(Run { trainer, cache: OwnedCache::new(capacity)? }))
+    }
     Ok(match (tying, negatives) {
-        (Tying::Separate, NEG) => boxed(move || T::<_, NEG>::new(Sep::new(tower), cfg))?,
-        (Tying::SharedTokens, NEG) => boxed(move || T::<_, NEG>::new(Shared::new(tower), cfg))?,
-        (Tying::Siamese, NEG) => boxed(move || T::<_, NEG>::new(Siam::new(tower), cfg))?,
-        (Tying::Separate, NEG_MANY) => boxed(move || T::<_, NEG_MANY>::new(Sep::new(tower), cfg))?,
-        (Tying::SharedTokens, NEG_MANY) => boxed(move || T::<_, NEG_MANY>::new(Shared::new(tower), cfg))?,
-        (Tying::Siamese, NEG_MANY) => boxed(move || T::<_, NEG_MANY>::new(Siam::new(tower), cfg))?,
-        (Tying::Separate, NEG_TWO) => boxed(move || T::<_, NEG_TWO>::new(Sep::new(tower), cfg))?,
-        (Tying::SharedTokens, NEG_TWO) => boxed(move || T::<_, NEG_TWO>::new(Shared::new(tower), cfg))?,
-        (Tying::Siamese, NEG_TWO) => boxed(move || T::<_, NEG_TWO>::new(Siam::new(tower), cfg))?,
+        (Tying::Separate, NEG) => run(boxed(move || T::<_, NEG>::new(Sep::new(tower), cfg))?, capacity)?,
+        (Tying::SharedTokens, NEG) => run(boxed(move || T::<_, NEG>::new(Shared::new(tower), cfg))?, capacity)?,
+        (Tying::Siamese, NEG) => run(boxed(move || T::<_, NEG>::new(Siam::new(tower), cfg))?, capacity)?,
+        (Tying::Separate, NEG_MANY) => run(boxed(move || T::<_, NEG_MANY>::new(Sep::new(tower), cfg))?, capacity)?,
+        (Tying::SharedTokens, NEG_MANY) => {
+            run(boxed(move || T::<_, NEG_MANY>::new(Shared::new(tower), cfg))?, capacity)?
+        }
+        (Tying::Siamese, NEG_MANY) => run(boxed(move || T::<_, NEG_MANY>::new(Siam::new(tower), cfg))?, capacity)?,
+        (Tying::Separate, NEG_TWO) => run(boxed(move || T::<_, NEG_TWO>::new(Sep::new(tower), cfg))?, capacity)?,
+        (Tying::SharedTokens, NEG_TWO) => run(boxed(move || T::<_, NEG_TWO>::new(Shared::new(tower), cfg))?, capacity)?,
+        (Tying::Siamese, NEG_TWO) => run(boxed(move || T::<_, NEG_TWO>::new(Siam::new(tower), cfg))?, capacity)?,
         (_, n) => anyhow::bail!("negatives per query must be one of {NEGATIVES:?}, got {n}"),
     })
 }

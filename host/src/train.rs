@@ -19,7 +19,7 @@ use crate::data::{beir, Dataset};
 use crate::eval::{Bm25Config, Evaluator, Metrics, Protocol, Ranking};
 use crate::featurize::{featurize, Features, QueryTokens};
 use crate::resume::{LossWindow, Progress, LOSS_WINDOW};
-use crate::session::{new_session, Session, Tying, BATCH, CAP, DIM};
+use crate::session::{new_session, Session, Tying, BATCH, DIM, MAX_CAPACITY};
 
 /// What a run minimises (see `negcache::trainer::Objective`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -241,8 +241,8 @@ impl TrainConfig {
         if self.batch == 0 || self.batch > BATCH {
             bail!("batch must be between 1 and {BATCH}, got {}", self.batch);
         }
-        if self.cache_capacity == 0 || self.cache_capacity > CAP {
-            bail!("cache_capacity must be between 1 and {CAP}, got {}", self.cache_capacity);
+        if self.cache_capacity == 0 || self.cache_capacity > MAX_CAPACITY {
+            bail!("cache_capacity must be between 1 and {MAX_CAPACITY}, got {}", self.cache_capacity);
         }
         let caches = self.objective.uses_cache();
         if caches && !self.corpus_cache && self.cache_capacity < self.batch {
@@ -339,7 +339,6 @@ impl TrainConfig {
             top_k: self.top_k,
             mask_accidental_hits: self.mask_accidental_hits,
             refresh_per_step: self.refresh_per_step,
-            cache_capacity: self.cache_capacity,
             optimizer: match self.optimizer {
                 OptimizerName::Adam => OptimizerKind::ADAM,
                 OptimizerName::Adagrad => OptimizerKind::Adagrad { eps: 1e-8, initial_accumulator: 0.1 },
@@ -425,7 +424,7 @@ fn prepare_with(cfg: &TrainConfig, training: bool) -> anyhow::Result<Prepared> {
     let holds_corpus = matches!(cfg.objective, ObjectiveName::Full) || (cfg.corpus_cache && cfg.objective.uses_cache());
     if training && holds_corpus && ds.corpus.len() > cfg.cache_capacity {
         bail!(
-            "this run holds the corpus in the cache: {} items need cache_capacity >= {} (it is {}; at most {CAP})",
+            "this run holds the corpus in the cache: {} items need cache_capacity >= {} (it is {}; at most {MAX_CAPACITY})",
             ds.corpus.len(),
             ds.corpus.len(),
             cfg.cache_capacity
@@ -475,7 +474,7 @@ impl Run {
     /// A new run, initialised from the seed.
     pub fn start(cfg: TrainConfig, data: &Prepared) -> anyhow::Result<Self> {
         cfg.validate()?;
-        let mut session = new_session(cfg.tying, cfg.negatives, cfg.tower(), cfg.trainer())?;
+        let mut session = new_session(cfg.tying, cfg.negatives, cfg.cache_capacity, cfg.tower(), cfg.trainer())?;
         session.set_control_variate(cfg.control())?;
         let mut rng = Pcg64Mcg::seed_from_u64(cfg.seed);
         session.init(&mut rng)?;
@@ -506,7 +505,7 @@ impl Run {
         }
         let step = ck.header["step"].as_u64().with_context(|| format!("{}: header has no step", path.display()))?;
         let progress = Progress::from_header(&ck.header, path)?;
-        let mut session = new_session(cfg.tying, cfg.negatives, cfg.tower(), cfg.trainer())?;
+        let mut session = new_session(cfg.tying, cfg.negatives, cfg.cache_capacity, cfg.tower(), cfg.trainer())?;
         session.set_control_variate(cfg.control())?;
         session.init(&mut Pcg64Mcg::seed_from_u64(cfg.seed))?;
         session.load(&mut Reader::new(&ck.body)).with_context(|| format!("{}: cannot restore", path.display()))?;
@@ -557,7 +556,7 @@ impl Run {
 /// The compile-time model shape, recorded in checkpoints.
 pub fn shape_json() -> serde_json::Value {
     use crate::session::{BUCKETS, E, H, NEG, S};
-    serde_json::json!({ "buckets": BUCKETS, "e": E, "h": H, "dim": DIM, "state_slots": S, "cap": CAP, "batch": BATCH, "neg": NEG })
+    serde_json::json!({ "buckets": BUCKETS, "e": E, "h": H, "dim": DIM, "state_slots": S, "batch": BATCH, "neg": NEG })
 }
 
 /// Exact retrieval over the whole corpus for the evaluated queries (the
@@ -822,14 +821,14 @@ pub fn complete(run: &mut Run, data: &Prepared, log: LogFn<'_>) -> anyhow::Resul
 
 /// How far beyond its largest healthy value a loss counts as exploded: with
 /// unit-norm embeddings every score lies in [-alpha, alpha], so a loss over
-/// a cache of at most 2^16 entries stays below 2 alpha + ln 2^16 (about 212
+/// a cache of at most 2^24 entries stays below 2 alpha + ln 2^24 (about 217
 /// at alpha 100); a value [`EXPLODED`] times that is an overflow on its way.
 pub const EXPLODED: f32 = 1e4;
 
 /// The largest absolute loss, staleness or probability a step may report
 /// at `scale` (alpha, or its starting value when learned, at most 100).
 pub fn exploded_bound(scale: f32) -> f32 {
-    EXPLODED * (2.0 * scale.max(100.0) + (CAP as f32).ln())
+    EXPLODED * (2.0 * scale.max(100.0) + (MAX_CAPACITY as f32).ln())
 }
 
 /// Checks one step's report for NaN, infinite or exploding values.

@@ -13,7 +13,7 @@
 //! with at least 4096 buckets sees no collisions.
 
 use negcache::random;
-use negcache::tower::{Model, Side};
+use negcache::tower::{Side, TokenModel};
 use negcache::vector::dot;
 use rand_core::RngCore;
 
@@ -77,7 +77,7 @@ pub fn batch(n: usize, rng: &mut impl RngCore) -> (Vec<QueryTokens>, Vec<ItemTok
 
 /// Recall@1 and Recall@10 over one query per item (noise token 0, never
 /// more likely than others in training), by exact retrieval over every item.
-pub fn recall<const DIM: usize>(model: &impl Model<DIM>) -> (f64, f64) {
+pub fn recall<const DIM: usize>(model: &impl TokenModel<DIM>) -> (f64, f64) {
     let mut items = [[0.0f32; DIM]; ITEMS];
     for (i, e) in items.iter_mut().enumerate() {
         model.embed(Side::Item, &item(i), e);

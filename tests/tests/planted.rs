@@ -10,27 +10,32 @@
 use negcache::optim::OptimizerKind;
 use negcache::tower::{SeparateTowers, TowerConfig};
 use negcache::trainer::{Batch, Objective, Trainer, TrainerConfig};
+use negcache::NegativeCache;
 use negcache_host::memory::boxed;
 use negcache_tests::planted::{self, ItemTokens, QueryTokens};
 use rand_core::SeedableRng;
 
 type Towers = SeparateTowers<4096, 32, 64, 32, 2>;
-type PlantedTrainer = Trainer<Towers, QueryTokens, ItemTokens, 256, 32, 32, 1>;
+type PlantedTrainer = Trainer<Towers, QueryTokens, ItemTokens, 32, 32, 1>;
+/// 256 slots: the planted corpus fits.
+type PlantedCache = NegativeCache<ItemTokens, 256, 32>;
 
-/// Trains `steps` steps with `objective` from `seed`; returns the trainer.
-pub fn train(objective: Objective, seed: u64, steps: usize) -> Box<PlantedTrainer> {
+/// Trains `steps` steps with `objective` from `seed`; returns the trainer
+/// and its cache.
+pub fn train(objective: Objective, seed: u64, steps: usize) -> (Box<PlantedTrainer>, Box<PlantedCache>) {
     let cfg = TrainerConfig { objective, optimizer: OptimizerKind::ADAM, ..TrainerConfig::DEFAULT };
     let mut t = boxed(move || Trainer::new(Towers::new(TowerConfig::DEFAULT), cfg)).unwrap();
     let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(seed);
     t.model.init(&mut rng);
     t.init().unwrap();
+    let mut cache = Box::new(PlantedCache::new());
     let corpus = planted::corpus();
     for _ in 0..steps {
         let (q, y, idx) = planted::batch(32, &mut rng);
         let b = Batch { queries: &q, positives: &y, positive_index: Some(&idx) };
-        t.step(&b, &corpus, 0.01, &mut rng).unwrap();
+        t.step(&mut NegativeCache::as_mut(&mut cache), &b, &corpus, 0.01, &mut rng).unwrap();
     }
-    t
+    (t, cache)
 }
 
 fn band(name: &str) -> (f64, f64) {
@@ -42,7 +47,7 @@ fn band(name: &str) -> (f64, f64) {
 }
 
 fn check(name: &str, objective: Objective) {
-    let t = train(objective, 0, STEPS);
+    let (t, _) = train(objective, 0, STEPS);
     let (r1, r10) = planted::recall(&t.model);
     let (min10, min1) = band(name);
     println!("planted {name}: recall@1 {r1:.3}, recall@10 {r10:.3}");
@@ -81,13 +86,13 @@ fn training_is_bit_for_bit_deterministic() {
     let c = train(Objective::Cache, 8, 40);
     let emb = |t: &PlantedTrainer| {
         let mut e = [0.0f32; 32];
-        use negcache::tower::{Model, Side};
+        use negcache::tower::{Side, TokenModel};
         t.model.embed(Side::Query, &planted::query(3, 1), &mut e);
         e.map(f32::to_bits)
     };
-    assert_eq!(emb(&a), emb(&b));
-    assert_ne!(emb(&a), emb(&c));
-    assert_eq!(a.cache().as_ref().embeddings(), b.cache().as_ref().embeddings());
+    assert_eq!(emb(&a.0), emb(&b.0));
+    assert_ne!(emb(&a.0), emb(&c.0));
+    assert_eq!(NegativeCache::as_ref(&*a.1).embeddings(), NegativeCache::as_ref(&*b.1).embeddings());
 }
 
 /// Measures the bands for `fixtures/expected/planted.json`: every
@@ -105,7 +110,7 @@ fn measure_planted_bands() {
     ] {
         let mut r = Vec::new();
         for seed in 0..5 {
-            let t = train(obj, seed, STEPS);
+            let (t, _) = train(obj, seed, STEPS);
             r.push(planted::recall(&t.model));
         }
         let min1 = r.iter().map(|x| x.0).fold(1.0, f64::min);

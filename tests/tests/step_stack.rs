@@ -9,9 +9,10 @@ use negcache::trainer::{Batch, Trainer, TrainerConfig};
 use rand_core::SeedableRng;
 
 type Towers = SeparateTowers<32768, 64, 128, 64, 2>;
-type Big = Trainer<Towers, [u32; 32], [u32; 12], 65536, 64, 32, 1>;
+type Big = Trainer<Towers, [u32; 32], [u32; 12], 64, 32, 1>;
+type BigCache = negcache::NegativeCache<[u32; 12], 65536, 64>;
 
-fn run_steps(t: &mut Big, steps: u32) {
+fn run_steps(t: &mut Big, cache: &mut BigCache, steps: u32) {
     let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(1);
     for s in 0..steps {
         let mut q = [[u32::MAX; 32]; 32];
@@ -25,7 +26,7 @@ fn run_steps(t: &mut Big, steps: u32) {
             y[b][1] = item / 10;
         }
         let b = Batch { queries: &q, positives: &y, positive_index: None };
-        t.step(&b, &[], 0.001, &mut rng).unwrap();
+        t.step(&mut cache.as_mut(), &b, &[], 0.001, &mut rng).unwrap();
     }
 }
 
@@ -42,7 +43,13 @@ fn stack_probe_child() {
             .unwrap();
     t.model.init(&mut rand_pcg::Pcg64Mcg::seed_from_u64(0));
     t.init().unwrap();
-    std::thread::Builder::new().stack_size(kib * 1024).spawn(move || run_steps(&mut t, 20)).unwrap().join().unwrap();
+    let mut cache = negcache_host::memory::boxed(BigCache::new).unwrap();
+    std::thread::Builder::new()
+        .stack_size(kib * 1024)
+        .spawn(move || run_steps(&mut t, &mut cache, 20))
+        .unwrap()
+        .join()
+        .unwrap();
 }
 
 #[test]

@@ -8,7 +8,7 @@
 use negcache::layers::ParamVisitor;
 use negcache::loss::{CacheLoss, LossConfig, LossGrads};
 use negcache::softmax::{self, LogSumExp, SoftmaxOut};
-use negcache::tower::{Model, SharedTokenTowers, Side, TowerConfig};
+use negcache::tower::{Model, SharedTokenTowers, Side, TokenModel, TowerConfig};
 use negcache::vector::dot;
 use negcache::{NegativeCache, Retrieval};
 use rand_core::SeedableRng;
