@@ -148,6 +148,18 @@ impl<I: Item, const CAP: usize, const DIM: usize> NegativeCache<I, CAP, DIM> {
     pub fn as_mut(&mut self) -> CacheMut<'_, I, DIM> {
         self.prefix_mut(CAP)
     }
+
+    /// The same as [`Self::as_mut`], under a name that a `Box`'s `AsMut`
+    /// does not shadow: `boxed_cache.view_mut()` is the cache's view.
+    pub fn view_mut(&mut self) -> CacheMut<'_, I, DIM> {
+        self.prefix_mut(CAP)
+    }
+
+    /// The same as [`Self::as_ref`], under a name that a `Box`'s `AsRef`
+    /// does not shadow.
+    pub fn view(&self) -> CacheRef<'_, I, DIM> {
+        self.prefix(CAP)
+    }
 }
 
 impl<I: Item, const CAP: usize, const DIM: usize> Default for NegativeCache<I, CAP, DIM> {

@@ -375,22 +375,11 @@ impl<
     }
 
     fn visit(&mut self, v: &mut dyn ParamVisitor) {
-        // A small adapter: the layers take `impl ParamVisitor`.
-        struct Dyn<'a>(&'a mut dyn ParamVisitor);
-        impl ParamVisitor for Dyn<'_> {
-            fn dense(&mut self, value: &mut [f32], grad: &mut [f32], state: &mut [&mut [f32]]) {
-                self.0.dense(value, grad, state)
-            }
-            fn sparse(&mut self, n: usize, v: &mut [f32], g: &mut [f32], s: &mut [&mut [f32]], t: &[bool]) {
-                self.0.sparse(n, v, g, s, t)
-            }
-        }
-        let mut d = Dyn(v);
-        self.bags.iter_mut().for_each(|b| b.visit(&mut d));
-        self.mlps.iter_mut().for_each(|m| m.visit(&mut d));
+        self.bags.iter_mut().for_each(|b| b.visit(v));
+        self.mlps.iter_mut().for_each(|m| m.visit(v));
         if let Scale::Learned { .. } = self.cfg.scale {
             let mut st = self.log_scale_state.each_mut().map(|s| &mut s[..]);
-            d.dense(&mut self.log_scale, &mut self.log_scale_grad, &mut st);
+            v.dense(&mut self.log_scale, &mut self.log_scale_grad, &mut st);
             // After an optimiser's update (a no-op for visitors that only
             // read): theta never leaves the bounds, so it cannot stick
             // outside them with its gradient dropped.

@@ -875,8 +875,8 @@ where
         }
         let evals = self.fill_cache(cache, corpus)?;
         self.model.embed_queries(batch.queries, &mut self.q[..bsz]);
-        for b in 0..bsz {
-            self.slots[b] = index[b] as usize;
+        for (slot, &i) in self.slots.iter_mut().zip(index) {
+            *slot = i as usize;
         }
         let alpha = self.model.score_scale();
         let emb = &cache.as_ref().embeddings()[..corpus.len()];

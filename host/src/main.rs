@@ -85,9 +85,12 @@ enum Command {
         config: PathBuf,
     },
     /// Measure the scoring pass, a training step, the towers and exact
-    /// retrieval against the machine's measured fp32 peak.
+    /// retrieval against the machine's measured fp32 peak; or, with
+    /// --dense, the original TensorFlow library's benchmark model in its
+    /// five configurations (steps/s and peak memory).
     ///
-    /// Example: negcache bench --write docs/results/bench.md
+    /// Examples: negcache bench --write docs/results/bench.md
+    ///           negcache bench --dense --json docs/results/bench-dense.json
     Bench(negcache_host::bench::BenchArgs),
     /// Export a checkpoint for serving: item embeddings of the whole corpus
     /// with their ids, optionally the query embeddings of a split, and the

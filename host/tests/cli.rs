@@ -58,3 +58,18 @@ fn bad_settings_are_reported_before_any_work() {
     assert_eq!(code, 2);
     assert!(err.contains("c.toml") && err.contains("stepz"), "{err}");
 }
+
+#[test]
+fn bench_dense_runs_the_benchmark_model_and_writes_its_figures() {
+    // One configuration in this process: its figures as JSON.
+    let (code, out, err) = negcache(&["bench", "--dense-one", "inbatch_B32", "--seconds", "0.05"]);
+    assert_eq!(code, 0, "{err}");
+    let fig: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(fig["name"], "inbatch_B32");
+    assert!(fig["steps_per_s"].as_f64().unwrap() > 0.0 && fig["windows"].as_u64().unwrap() >= 3, "{fig}");
+    assert_eq!(fig["threads"], 1);
+    // An unknown configuration is an error that names it.
+    let (code, _, err) = negcache(&["bench", "--dense-one", "cache_N7", "--seconds", "0.05"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cache_N7"), "{err}");
+}

@@ -33,7 +33,7 @@ pub fn train(objective: Objective, seed: u64, steps: usize) -> (Box<PlantedTrain
     for _ in 0..steps {
         let (q, y, idx) = planted::batch(32, &mut rng);
         let b = Batch { queries: &q, positives: &y, positive_index: Some(&idx) };
-        t.step(&mut NegativeCache::as_mut(&mut cache), &b, &corpus, 0.01, &mut rng).unwrap();
+        t.step(&mut cache.view_mut(), &b, &corpus, 0.01, &mut rng).unwrap();
     }
     (t, cache)
 }
@@ -92,7 +92,7 @@ fn training_is_bit_for_bit_deterministic() {
     };
     assert_eq!(emb(&a.0), emb(&b.0));
     assert_ne!(emb(&a.0), emb(&c.0));
-    assert_eq!(NegativeCache::as_ref(&*a.1).embeddings(), NegativeCache::as_ref(&*b.1).embeddings());
+    assert_eq!(a.1.view().embeddings(), b.1.view().embeddings());
 }
 
 /// Measures the bands for `fixtures/expected/planted.json`: every

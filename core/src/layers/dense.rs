@@ -89,7 +89,7 @@ impl<const IN: usize, const OUT: usize, const S: usize> Dense<IN, OUT, S> {
     }
 
     /// Shows the weights and the bias to an optimiser.
-    pub fn visit(&mut self, v: &mut impl ParamVisitor) {
+    pub fn visit(&mut self, v: &mut dyn ParamVisitor) {
         let mut sw = self.sw.each_mut().map(|m| m.as_mut_slice());
         v.dense(self.w.as_mut_slice(), self.gw.as_mut_slice(), &mut sw);
         let mut sb = self.sb.each_mut().map(|m| m.as_mut_slice());

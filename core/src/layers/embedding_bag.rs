@@ -133,7 +133,7 @@ impl<const BUCKETS: usize, const DIM: usize, const S: usize> EmbeddingBag<BUCKET
     }
 
     /// Shows the table to an optimiser as a sparse tensor.
-    pub fn visit(&mut self, v: &mut impl ParamVisitor) {
+    pub fn visit(&mut self, v: &mut dyn ParamVisitor) {
         let mut st = self.state.each_mut().map(|s| s.as_flattened_mut());
         v.sparse(DIM, self.table.as_flattened_mut(), self.grad.as_flattened_mut(), &mut st, &self.touched);
     }

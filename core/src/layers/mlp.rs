@@ -59,7 +59,7 @@ impl<const IN: usize, const HID: usize, const OUT: usize, const S: usize> Mlp<IN
     }
 
     /// Shows both layers to an optimiser.
-    pub fn visit(&mut self, v: &mut impl ParamVisitor) {
+    pub fn visit(&mut self, v: &mut dyn ParamVisitor) {
         self.first.visit(v);
         self.second.visit(v);
     }

@@ -8,12 +8,14 @@
 pub mod activation;
 pub mod dense;
 pub mod embedding_bag;
+pub mod layer;
 pub mod mlp;
 pub mod normalize;
 
 pub use activation::Activation;
 pub use dense::Dense;
 pub use embedding_bag::{EmbeddingBag, Pooling, PAD};
+pub use layer::{Act, Chain, Layer, L2};
 pub use mlp::Mlp;
 
 /// What an optimiser sees of a model: each parameter tensor flattened, with

@@ -33,6 +33,8 @@ pub const N: usize = 65_536;
 pub const TOP_K: usize = 64;
 /// Corpus size of the evaluation benchmark (WordNet 3.0's synsets).
 pub const EVAL_ITEMS: usize = 117_659;
+pub mod dense;
+
 /// Score scale of every benchmark (the training default).
 pub const ALPHA: f32 = 20.0;
 
@@ -51,6 +53,18 @@ pub struct BenchArgs {
     /// `negcache bench --quantized-recall`); skipped if missing.
     #[arg(long, default_value = "docs/results/quantized-recall.json")]
     pub recall_results: PathBuf,
+    /// Run the original TensorFlow library's benchmark model in its five
+    /// configurations (cache_N4096, cache_N65536, cache_N65536_topk64,
+    /// inbatch_B32, fullsoftmax_C4096) instead of the kernel benchmarks.
+    #[arg(long)]
+    pub dense: bool,
+    /// With `--dense`: write the figures to this JSON file.
+    #[arg(long, requires = "dense")]
+    pub json: Option<PathBuf>,
+    /// Run one dense configuration in this process and print its figures
+    /// as JSON (what `--dense` runs in a child process per configuration).
+    #[arg(long, hide = true)]
+    pub dense_one: Option<String>,
 }
 
 /// A timed figure: seconds per call (median of rounds) and calls made.
@@ -570,6 +584,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         secs.is_finite() && (0.01..=3600.0).contains(&secs),
         "--seconds must be a number of seconds between 0.01 and 3600, got {secs}"
     );
+    if let Some(name) = &args.dense_one {
+        let fig = dense::run_one(name, secs)?;
+        println!("{}", serde_json::to_string(&fig)?);
+        return Ok(());
+    }
+    if args.dense {
+        dense::run_all(secs, args.json.as_deref())?;
+        return Ok(());
+    }
     let machine = machine();
     for (k, v) in &machine {
         eprintln!("{k}: {v}");

@@ -1,0 +1,92 @@
+//! Two towers built from any [`Layer`]s over dense features: the query
+//! tower maps `[f32; FQ]` and the item tower `[f32; FI]` to `DIM` values,
+//! and the score is `alpha <Q(x), T(y)>` with a fixed alpha. Items carry
+//! their features (`[f32; FI]` is an [`crate::Item`], keyed by a
+//! fingerprint of its values); a model whose items are ids into a feature
+//! table implements [`Towers`] itself, over its id type.
+//!
+//! ```
+//! use negcache::layered::LayerTowers;
+//! use negcache::layers::{Act, Activation, Chain, Dense, L2};
+//! use negcache::tower::Towers;
+//!
+//! // Dense(8) -> ReLU -> Dense(4) -> L2 on each side, Adam's 2 state slots.
+//! type Tower = Chain<Dense<6, 8, 2>, Chain<Act<8>, Chain<Dense<8, 4, 2>, L2<4>, 4>, 8>, 8>;
+//! let tower = || Chain(Dense::new(), Chain(Act(Activation::Relu), Chain(Dense::new(), L2)));
+//! let model: LayerTowers<Tower, Tower, 6, 6, 2> = LayerTowers::new(tower(), tower(), 20.0);
+//! let mut e = [0.0; 4];
+//! Towers::<[f32; 6], [f32; 6], 4>::embed_query(&model, &[1.0; 6], &mut e);
+//! ```
+
+use rand_core::RngCore;
+
+use crate::layers::{Layer, ParamVisitor};
+use crate::tower::{Model, Towers};
+
+/// A query tower `QT` over `[f32; FQ]` and an item tower `IT` over
+/// `[f32; FI]`. `S` is the optimiser-state slots the layers keep per
+/// parameter (their `Dense<_, _, S>`); `Trainer::init` checks it against
+/// the optimiser's needs.
+#[derive(Debug, Clone)]
+pub struct LayerTowers<QT, IT, const FQ: usize, const FI: usize, const S: usize> {
+    /// The query tower.
+    pub query: QT,
+    /// The item tower.
+    pub item: IT,
+    /// The score scale alpha.
+    pub alpha: f32,
+}
+
+impl<QT, IT, const FQ: usize, const FI: usize, const S: usize> LayerTowers<QT, IT, FQ, FI, S> {
+    /// Two towers and a fixed score scale.
+    pub const fn new(query: QT, item: IT, alpha: f32) -> Self {
+        Self { query, item, alpha }
+    }
+}
+
+impl<QT, IT, const FQ: usize, const FI: usize, const S: usize, const DIM: usize> Model<DIM>
+    for LayerTowers<QT, IT, FQ, FI, S>
+where
+    QT: Layer<FQ, DIM>,
+    IT: Layer<FI, DIM>,
+{
+    fn init(&mut self, mut rng: &mut impl RngCore) {
+        self.query.init(&mut rng);
+        self.item.init(&mut rng);
+    }
+    fn score_scale(&self) -> f32 {
+        self.alpha
+    }
+    fn backward_scale(&mut self, _d_alpha: f32) {}
+    fn zero_grad(&mut self) {
+        self.query.zero_grad();
+        self.item.zero_grad();
+    }
+    fn visit(&mut self, v: &mut dyn ParamVisitor) {
+        self.query.visit(v);
+        self.item.visit(v);
+    }
+    fn state_slots(&self) -> usize {
+        S
+    }
+}
+
+impl<QT, IT, const FQ: usize, const FI: usize, const S: usize, const DIM: usize> Towers<[f32; FQ], [f32; FI], DIM>
+    for LayerTowers<QT, IT, FQ, FI, S>
+where
+    QT: Layer<FQ, DIM>,
+    IT: Layer<FI, DIM>,
+{
+    fn embed_query(&self, x: &[f32; FQ], out: &mut [f32; DIM]) {
+        self.query.forward(x, out)
+    }
+    fn embed_item(&self, y: &[f32; FI], out: &mut [f32; DIM]) {
+        self.item.forward(y, out)
+    }
+    fn backward_query(&mut self, x: &[f32; FQ], grad: &[f32; DIM]) {
+        self.query.backward(x, grad, None)
+    }
+    fn backward_item(&mut self, y: &[f32; FI], grad: &[f32; DIM]) {
+        self.item.backward(y, grad, None)
+    }
+}

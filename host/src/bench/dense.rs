@@ -1,0 +1,162 @@
+//! The original TensorFlow library's benchmark model, run through the core
+//! in that benchmark's five configurations: dense features F = 128, each
+//! tower Dense(128, relu) -> Dense(64) -> L2, score 20 <q, d>, batch 32,
+//! Adam; items carry their features.
+//!
+//! Each configuration runs in a child process of its own (`negcache bench
+//! --dense-one NAME`), so that its peak resident memory is its own; the
+//! parent gathers the figures, prints them and writes `--json`.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use negcache::layered::LayerTowers;
+use negcache::layers::{Act, Activation, Chain, Dense, L2};
+use negcache::random;
+use negcache::tower::Model;
+use negcache::trainer::{Batch, Objective, Trainer, TrainerConfig};
+use rand_core::SeedableRng;
+use rand_pcg::Pcg64Mcg;
+use serde::{Deserialize, Serialize};
+
+use crate::store::OwnedCache;
+
+/// Feature width.
+pub const F: usize = 128;
+/// Embedding width.
+pub const D: usize = 64;
+/// Batch size.
+pub const BATCH: usize = 32;
+/// Dense(128, relu) -> Dense(64) -> L2, with Adam's state.
+pub type Tower = Chain<Dense<F, 128, 2>, Chain<Act<128>, Chain<Dense<128, D, 2>, L2<D>, D>, 128>, 128>;
+/// The two towers.
+pub type DenseModel = LayerTowers<Tower, Tower, F, F, 2>;
+type DenseTrainer = Trainer<DenseModel, [f32; F], [f32; F], D, BATCH, 1>;
+
+/// The five configurations: name, objective, cache (or corpus) size,
+/// top-k.
+pub const CONFIGS: [(&str, Objective, usize, usize); 5] = [
+    ("cache_N4096", Objective::Cache, 4096, 0),
+    ("cache_N65536", Objective::Cache, 65_536, 0),
+    ("cache_N65536_topk64", Objective::Cache, 65_536, 64),
+    ("inbatch_B32", Objective::InBatch, BATCH, 0),
+    ("fullsoftmax_C4096", Objective::Full, 4096, 0),
+];
+
+/// One configuration's figures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DenseFigure {
+    /// Configuration name.
+    pub name: String,
+    /// Median steps per second over the timed windows.
+    pub steps_per_s: f64,
+    /// Timed windows.
+    pub windows: usize,
+    /// Peak resident memory of the process, MiB.
+    pub peak_rss_mib: f64,
+    /// Threads the training step used.
+    pub threads: usize,
+}
+
+fn tower() -> Tower {
+    Chain(Dense::new(), Chain(Act(Activation::Relu), Chain(Dense::new(), L2)))
+}
+
+/// Runs configuration `name` in this process for about `seconds` after a
+/// warm-up and returns its figures.
+pub fn run_one(name: &str, seconds: f64) -> anyhow::Result<DenseFigure> {
+    let &(_, objective, size, top_k) =
+        CONFIGS.iter().find(|c| c.0 == name).with_context(|| format!("no dense configuration {name:?}"))?;
+    let mut rng = Pcg64Mcg::seed_from_u64(7);
+    let mut uniform = || 2.0 * random::open01(&mut rng) - 1.0;
+    // Twice the cache's items, so that about half the positives are new.
+    let n_items = (2 * size).max(4096);
+    let items: Vec<[f32; F]> = (0..n_items).map(|_| std::array::from_fn(|_| uniform())).collect();
+    let queries: Vec<[f32; F]> = (0..4096).map(|_| std::array::from_fn(|_| uniform())).collect();
+    let cfg = TrainerConfig { objective, top_k, ..TrainerConfig::DEFAULT };
+    let mut trainer = Box::new(DenseTrainer::new(LayerTowers::new(tower(), tower(), 20.0), cfg));
+    trainer.model.init(&mut rng);
+    trainer.init()?;
+    let mut cache = OwnedCache::<[f32; F], D>::new(size)?;
+    let corpus = &items[..size.min(n_items)];
+    if objective == Objective::Cache {
+        // A full cache from the first timed step, as in a long run.
+        trainer.fill_cache(&mut cache.as_mut(), corpus)?;
+    }
+    let mut step = |rng: &mut Pcg64Mcg| -> anyhow::Result<()> {
+        let pool = if objective == Objective::Full { corpus.len() } else { n_items };
+        let picks: [usize; BATCH] = std::array::from_fn(|_| random::below(rng, pool as u32) as usize);
+        let q: [[f32; F]; BATCH] = std::array::from_fn(|b| queries[picks[b] % queries.len()]);
+        let p: [[f32; F]; BATCH] = std::array::from_fn(|b| items[picks[b]]);
+        let index: [u32; BATCH] = std::array::from_fn(|b| picks[b] as u32);
+        let batch = Batch { queries: &q, positives: &p, positive_index: Some(&index) };
+        trainer.step(&mut cache.as_mut(), &batch, corpus, 1e-3, rng)?;
+        Ok(())
+    };
+    for _ in 0..20 {
+        step(&mut rng)?;
+    }
+    let (window, mut rates) = ((seconds / 12.0).max(0.05), Vec::new());
+    let started = Instant::now();
+    while started.elapsed().as_secs_f64() < seconds || rates.len() < 3 {
+        let (t, mut n) = (Instant::now(), 0usize);
+        while t.elapsed().as_secs_f64() < window {
+            step(&mut rng)?;
+            n += 1;
+        }
+        rates.push(n as f64 / t.elapsed().as_secs_f64());
+    }
+    rates.sort_by(f64::total_cmp);
+    let rss = super::peak_rss().map_or(f64::NAN, |b| b as f64 / (1 << 20) as f64);
+    Ok(DenseFigure {
+        name: name.into(),
+        steps_per_s: rates[rates.len() / 2],
+        windows: rates.len(),
+        peak_rss_mib: rss,
+        threads: 1,
+    })
+}
+
+/// Runs every configuration, each in a child process, prints a table and
+/// writes the figures to `json` if given.
+pub fn run_all(seconds: f64, json: Option<&Path>) -> anyhow::Result<Vec<DenseFigure>> {
+    let exe = std::env::current_exe().context("cannot find this program to run the configurations")?;
+    let mut figures = Vec::new();
+    for (name, ..) in CONFIGS {
+        eprintln!("dense benchmark model, {name} ...");
+        let out = std::process::Command::new(&exe)
+            .args(["bench", "--dense-one", name, "--seconds", &seconds.to_string()])
+            .output()
+            .with_context(|| format!("cannot run {}", exe.display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "configuration {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        let fig: DenseFigure =
+            serde_json::from_slice(&out.stdout).with_context(|| format!("configuration {name} printed no figures"))?;
+        figures.push(fig);
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("dense benchmark model (F 128, Dense(128, relu) -> Dense(64) -> L2, batch 32, Adam)");
+    println!("load average: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    println!("{:<22} {:>10} {:>8} {:>14} {:>8}", "config", "steps/s", "windows", "peak RSS MiB", "threads");
+    for f in &figures {
+        println!("{:<22} {:>10.1} {:>8} {:>14.1} {:>8}", f.name, f.steps_per_s, f.windows, f.peak_rss_mib, f.threads);
+    }
+    if let Some(path) = json {
+        let doc = serde_json::json!({
+            "model": "dense F=128, Dense(128, relu) -> Dense(64) -> L2, alpha 20, batch 32, Adam; items carry features",
+            "load_average": load.trim(),
+            "machine": super::machine().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "configs": figures,
+        });
+        crate::checkpoint::write_atomically(path, |w| {
+            serde_json::to_writer_pretty(&mut *w, &doc)?;
+            Ok(writeln!(w)?)
+        })?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(figures)
+}
