@@ -602,6 +602,17 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
         }
     }
 
+    /// Query `b`'s log-sum-exp of its sampling logits (`inv_temp * score`
+    /// over its candidates) from the last pass: the candidates' own when
+    /// the draw is untempered; [`LogSumExp::EMPTY`] past the batch.
+    pub fn sampling_lse(&self, b: usize) -> LogSumExp {
+        if b < self.batch {
+            self.jump[b].lse
+        } else {
+            LogSumExp::EMPTY
+        }
+    }
+
     /// Per query: the positive's score `alpha * <q, p>`.
     pub fn positive_score(&self) -> &[f32] {
         &self.pos_score[..self.batch]

@@ -108,13 +108,120 @@ pub fn in_batch_with_remainder<I: PartialEq, const DIM: usize>(
 ) -> Result<RemainderSummary> {
     let bsz = queries.len();
     let total = bsz.checked_mul(neg).ok_or(Error::CapacityExceeded { requested: usize::MAX, capacity: bsz })?;
+    check_len("negative weights", total, cache.weights.len())?;
+    let weights = cache.weights;
+    let terms = Terms { rows: |b: usize| b * neg..(b + 1) * neg, weight: |_: usize, k: usize| weights[k] };
+    remainder(queries, positives, items, alpha, total, cache, terms, grads)
+}
+
+/// The draws of a whole batch, one per query, each used by every query:
+/// see [`in_batch_with_shared_draws`].
+#[derive(Debug)]
+pub struct SharedDraws<'a, const DIM: usize> {
+    /// The drawn slots' stale rows, as the scoring pass read them (row `b`
+    /// for query `b`'s draw).
+    pub stale: &'a [[f32; DIM]],
+    /// Whether query `b` drew (false when it had no candidate).
+    pub drawn: &'a [bool],
+    /// Per query, the log-sum-exp of its sampling logits
+    /// `inv_temp * alpha <q_b, e_j>` over its candidates (the scores' own
+    /// log-sum-exp when `inv_temp` is 1).
+    pub sample_lse: &'a [LogSumExp],
+    /// The inverse temperature the draws were made at.
+    pub inv_temp: f32,
+    /// Working memory: one float per query.
+    pub counts: &'a mut [f32],
+}
+
+/// [`in_batch_with_remainder`] with every query's cache share estimated
+/// from the draws of the whole batch instead of its own draw alone.
+///
+/// Query `b'` drew slot `j` with probability `rho_b'j` (its sampling
+/// softmax), so slot `j` is expected `c_j = sum_b' rho_b'j` times among
+/// the batch's draws. Weighting draw `k` (slot `j_k`) for query `b` by
+/// `w_bk = P_b j_k / c_j_k` (`P_b` query `b`'s cache softmax, from the
+/// stale scores) gives `E[sum_k w_bk f_k] = sum_j P_bj f_j`: the
+/// Hansen-Hurwitz estimator of the cache softmax mean, unbiased for each
+/// query, with `B` fresh negatives per query for the tower evaluations of
+/// one. Since `c_j >= P_bj`, every weight is at most 1: a query's own draw
+/// is never weighted above what it has alone. Every slot a query can draw
+/// must be a candidate for every query (the default objective hides the
+/// batch's items from all of them; with accidental-hit masking alone, a
+/// query's own positive would be drawn by others but never weighted).
+///
+/// `cache.fresh` and `cache.weights` hold one row per query (its draw);
+/// the weights are ignored and replaced by the above.
+///
+/// # Errors
+/// As [`in_batch_with_remainder`], and mismatched lengths of `shared`.
+pub fn in_batch_with_shared_draws<I: PartialEq, const DIM: usize>(
+    queries: &[[f32; DIM]],
+    positives: &[[f32; DIM]],
+    items: Option<&[I]>,
+    alpha: f32,
+    cache: CacheSide<'_, DIM>,
+    shared: SharedDraws<'_, DIM>,
+    grads: RemainderGrads<'_, DIM>,
+) -> Result<RemainderSummary> {
+    let bsz = queries.len();
+    check_len("cache log-sum-exp", bsz, cache.lse.len())?;
+    check_len("stale draws", bsz, shared.stale.len())?;
+    check_len("drawn", bsz, shared.drawn.len())?;
+    check_len("sampling log-sum-exp", bsz, shared.sample_lse.len())?;
+    check_len("draw counts", bsz, shared.counts.len())?;
+    if !(shared.inv_temp.is_finite() && shared.inv_temp >= 0.0) || !vector::rows_finite(shared.stale) {
+        return Err(Error::NonFinite { what: "shared draws" });
+    }
+    let scaled = |b: usize, k: usize| alpha * dot(&queries[b], &shared.stale[k]);
+    // Expected counts: c_k = sum_b' rho_b'(j_k).
+    for (k, c) in shared.counts.iter_mut().enumerate() {
+        *c = (0..bsz)
+            .filter(|&b| shared.sample_lse[b].sum > 0.0)
+            .map(|b| shared.sample_lse[b].weight(shared.inv_temp * scaled(b, k)))
+            .sum();
+    }
+    let (counts, drawn, lse) = (&*shared.counts, shared.drawn, cache.lse);
+    let weight = |b: usize, k: usize| {
+        if !drawn[k] || lse[b].sum <= 0.0 || counts[k] <= 0.0 {
+            0.0
+        } else {
+            lse[b].weight(scaled(b, k)) / counts[k]
+        }
+    };
+    let terms = Terms { rows: |_: usize| 0..bsz, weight };
+    remainder(queries, positives, items, alpha, bsz, cache, terms, grads)
+}
+
+/// Which draws enter query `b`'s cache term, and with what weight.
+struct Terms<R, W> {
+    rows: R,
+    weight: W,
+}
+
+/// The shared body of the estimators: the exact in-batch softmax, and the
+/// cache term `M_b sum_{k in rows(b)} weight(b, k) f_k`.
+#[allow(clippy::too_many_arguments)]
+fn remainder<I: PartialEq, R, W, const DIM: usize>(
+    queries: &[[f32; DIM]],
+    positives: &[[f32; DIM]],
+    items: Option<&[I]>,
+    alpha: f32,
+    total: usize,
+    cache: CacheSide<'_, DIM>,
+    terms: Terms<R, W>,
+    grads: RemainderGrads<'_, DIM>,
+) -> Result<RemainderSummary>
+where
+    R: Fn(usize) -> core::ops::Range<usize>,
+    W: Fn(usize, usize) -> f32,
+{
+    let bsz = queries.len();
     check_len("positives", bsz, positives.len())?;
     if let Some(ids) = items {
         check_len("positive items", bsz, ids.len())?;
     }
     check_len("cache log-sum-exp", bsz, cache.lse.len())?;
     check_len("fresh negatives", total, cache.fresh.len())?;
-    check_len("negative weights", total, cache.weights.len())?;
     if let Some(Control { beta, stale, mean }) = cache.control {
         if !(0.0..=1.0).contains(&beta) {
             return Err(Error::InvalidConfig { what: "control variate beta must be in [0, 1]" });
@@ -135,6 +242,7 @@ pub fn in_batch_with_remainder<I: PartialEq, const DIM: usize>(
     let inv_b = if bsz > 0 { 1.0 / bsz as f32 } else { 0.0 };
     let c = alpha * inv_b;
     grads.positive.iter_mut().for_each(|g| *g = [0.0; DIM]);
+    grads.negative.iter_mut().for_each(|g| *g = [0.0; DIM]);
     let mut sum = RemainderSummary::default();
     for b in 0..bsz {
         let q = &queries[b];
@@ -171,30 +279,24 @@ pub fn in_batch_with_remainder<I: PartialEq, const DIM: usize>(
         vector::axpy(-c, q, &mut grads.positive[b]);
 
         // The cache remainder, sampled.
-        let rows = b * neg..(b + 1) * neg;
-        for k in rows.clone() {
-            let w = cache.weights[k];
+        for k in (terms.rows)(b) {
+            let w = (terms.weight)(b, k);
             let f = &cache.fresh[k];
             scale_grad += mass * w * dot(q, f);
-            grads.negative[k] = [0.0; DIM];
             if w != 0.0 {
                 vector::axpy(c * mass * w, q, &mut grads.negative[k]);
             }
+            match cache.control {
+                None => vector::axpy(c * mass * w, f, gq),
+                Some(Control { beta, stale, .. }) => {
+                    let wb = c * mass * beta * w;
+                    vector::axpy(wb, f, gq);
+                    vector::axpy(-wb, &stale[k], gq);
+                }
+            }
         }
-        match cache.control {
-            None => {
-                for k in rows {
-                    vector::axpy(c * mass * cache.weights[k], &cache.fresh[k], gq);
-                }
-            }
-            Some(Control { beta, stale, mean }) => {
-                for k in rows {
-                    let w = c * mass * beta * cache.weights[k];
-                    vector::axpy(w, &cache.fresh[k], gq);
-                    vector::axpy(-w, &stale[k], gq);
-                }
-                vector::axpy(c * mass, &mean[b], gq);
-            }
+        if let Some(Control { mean, .. }) = cache.control {
+            vector::axpy(c * mass, &mean[b], gq);
         }
         sum.grad_scale += scale_grad;
     }
@@ -372,6 +474,68 @@ mod tests {
                     want += mass * (f64::from(beta) * diff + ebar);
                     want *= a / 3.0;
                     assert!((eq[b][i] - want).abs() < 1e-5, "beta {beta}: {} against {want}", eq[b][i]);
+                }
+            }
+        }
+    }
+
+    /// The shared-draw estimator: one draw per query from its sampling
+    /// softmax (tempered or not), each draw used by every query with its
+    /// Hansen-Hurwitz weight. With stale = fresh, its expectation over every
+    /// joint draw is the exact softmax gradient.
+    #[test]
+    fn shared_draws_have_the_exact_softmax_gradient_in_expectation() {
+        let mut r = Pcg64Mcg::seed_from_u64(23);
+        let q: [[f32; D]; 3] = rows(&mut r);
+        let p: [[f32; D]; 3] = rows(&mut r);
+        let cache: [[f32; D]; 5] = rows(&mut r);
+        let alpha = 2.5f32;
+        let (want_loss, want_q, want_p, want_c) = exact(&q, &p, &cache, f64::from(alpha));
+        for (inv_temp, control) in [(1.0f32, None), (0.5, None), (1.0, Some(1.0f32)), (0.5, Some(1.0))] {
+            let (lse, mean, _) = cache_softmax(&q, &cache, alpha);
+            // The sampling softmax at this temperature.
+            let (mut slse, mut rho) = ([LogSumExp::EMPTY; 3], [[0.0f64; 5]; 3]);
+            for b in 0..3 {
+                for e in &cache {
+                    slse[b].push(inv_temp * alpha * dot(&q[b], e));
+                }
+                for (k, e) in cache.iter().enumerate() {
+                    rho[b][k] = f64::from(slse[b].weight(inv_temp * alpha * dot(&q[b], e)));
+                }
+            }
+            let (mut eq, mut ep, mut ec) = ([[0.0f64; D]; 3], [[0.0f64; D]; 3], [[0.0f64; D]; 5]);
+            let mut e_loss = 0.0;
+            for draw in 0..125usize {
+                let pick = [draw % 5, (draw / 5) % 5, draw / 25];
+                let prob: f64 = (0..3).map(|b| rho[b][pick[b]]).product();
+                let fresh: [[f32; D]; 3] = core::array::from_fn(|b| cache[pick[b]]);
+                let (mut gq, mut gp, mut gn) = ([[0.0; D]; 3], [[0.0; D]; 3], [[0.0; D]; 3]);
+                let side = CacheSide {
+                    lse: &lse,
+                    fresh: &fresh,
+                    weights: &[0.0; 3],
+                    control: control.map(|beta| Control { beta, stale: &fresh[..], mean: &mean[..] }),
+                };
+                let mut counts = [0.0; 3];
+                let shared =
+                    SharedDraws { stale: &fresh, drawn: &[true; 3], sample_lse: &slse, inv_temp, counts: &mut counts };
+                let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
+                let s = in_batch_with_shared_draws::<u32, D>(&q, &p, None, alpha, side, shared, grads).unwrap();
+                e_loss += prob * f64::from(s.loss);
+                for b in 0..3 {
+                    for i in 0..D {
+                        eq[b][i] += prob * f64::from(gq[b][i]);
+                        ep[b][i] += prob * f64::from(gp[b][i]);
+                        ec[pick[b]][i] += prob * f64::from(gn[b][i]);
+                    }
+                }
+            }
+            assert!((e_loss - want_loss).abs() < 1e-5, "loss {e_loss} against {want_loss}");
+            for (got, want) in [(&eq[..], &want_q[..]), (&ep[..], &want_p[..]), (&ec[..], &want_c[..])] {
+                for (g, w) in got.iter().zip(want) {
+                    for i in 0..D {
+                        assert!((g[i] - w[i]).abs() < 1e-5, "{inv_temp} {control:?}: {g:?} against {w:?}");
+                    }
                 }
             }
         }

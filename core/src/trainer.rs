@@ -65,12 +65,18 @@ pub enum Objective {
     /// ([`crate::remainder`]). Cache slots holding a batch item are left
     /// out of the draw (they are in the batch, fresh).
     CacheInBatch,
+    /// As [`Self::CacheInBatch`], with every query's cache share estimated
+    /// from the draws of the whole batch (one per query), each weighted by
+    /// its Hansen-Hurwitz weight ([`remainder::in_batch_with_shared_draws`]):
+    /// `B` fresh negatives per query for the tower evaluations of one.
+    /// Needs one negative per query and a random draw.
+    CacheShared,
 }
 
 impl Objective {
     /// Whether the objective draws from, and maintains, the cache.
     pub const fn uses_cache(&self) -> bool {
-        matches!(self, Self::Cache | Self::CacheMixed | Self::CacheInBatch)
+        matches!(self, Self::Cache | Self::CacheMixed | Self::CacheInBatch | Self::CacheShared)
     }
 }
 
@@ -268,6 +274,8 @@ pub struct Trainer<M, Q, I, const DIM: usize, const BATCH: usize, const NEG: usi
     stale: [[[f32; DIM]; NEG]; BATCH],
     neg_items: [[I; NEG]; BATCH],
     pos_keys: [u64; BATCH],
+    counts: [f32; BATCH],
+    sample_lse: [LogSumExp; BATCH],
     control_variate: Option<f32>,
     opt: Optimizer,
     cfg: TrainerConfig,
@@ -303,6 +311,8 @@ where
             stale: [[[0.0; DIM]; NEG]; BATCH],
             neg_items: [[I::EMPTY; NEG]; BATCH],
             pos_keys: [0; BATCH],
+            counts: [0.0; BATCH],
+            sample_lse: [LogSumExp::EMPTY; BATCH],
             control_variate: None,
             opt: Optimizer::new(cfg.optimizer, cfg.clip_norm),
             cfg,
@@ -324,6 +334,13 @@ where
         if matches!(cfg.retrieval, Retrieval::Fixed(_)) {
             return Err(Error::InvalidConfig {
                 what: "training draws its negatives; fixed retrieval is for verification",
+            });
+        }
+        if cfg.objective == Objective::CacheShared
+            && (NEG != 1 || !matches!(cfg.retrieval, Retrieval::ExpJump { .. } | Retrieval::Gumbel { .. }))
+        {
+            return Err(Error::InvalidConfig {
+                what: "shared draws take one random draw per query (NEG 1, exp-jump or Gumbel retrieval)",
             });
         }
         self.steps = 0;
@@ -431,7 +448,9 @@ where
         }
         self.model.zero_grad();
         let mut report = match self.cfg.objective {
-            Objective::Cache | Objective::CacheMixed | Objective::CacheInBatch => self.cache_step(cache, batch, rng)?,
+            Objective::Cache | Objective::CacheMixed | Objective::CacheInBatch | Objective::CacheShared => {
+                self.cache_step(cache, batch, rng)?
+            }
             Objective::InBatch => self.in_batch_step(batch)?,
             Objective::Sampled { negatives } => self.sampled_step(cache, batch, corpus, negatives, rng)?,
             Objective::Full => self.full_step(cache, batch, corpus)?,
@@ -505,7 +524,7 @@ where
             top_k: self.cfg.top_k,
             mask_accidental_hits: self.cfg.mask_accidental_hits,
         };
-        let in_batch = self.cfg.objective == Objective::CacheInBatch;
+        let in_batch = matches!(self.cfg.objective, Objective::CacheInBatch | Objective::CacheShared);
         let control = self.control_variate.filter(|_| self.cfg.objective != Objective::CacheMixed);
         // With exact in-batch terms, the slots holding batch items are
         // hidden from the pass (marked empty for its duration) so that no
@@ -599,9 +618,11 @@ where
         let (mut stale_sum, mut drawn) = (0.0f32, 0usize);
         for b in 0..bsz {
             self.lse[b] = self.loss.candidate_lse(b);
+            self.sample_lse[b] = self.loss.sampling_lse(b);
             let (slots, weights) = (self.loss.negatives(b), self.loss.negative_weights(b));
             for i in 0..NEG {
                 self.neg_weight[b][i] = weights.get(i).copied().unwrap_or(0.0);
+                self.neg_valid[b][i] = i < slots.len();
                 // As the pass read them (through int8 with `int8-scoring`),
                 // so that the control variate subtracts what it averaged.
                 self.stale[b][i] = slots.get(i).map_or([0.0; DIM], |&s| crate::loss::stale_row(cache_ref, s as usize));
@@ -627,7 +648,23 @@ where
             negative: self.gn[..bsz].as_flattened_mut(),
         };
         let ids = self.cfg.mask_accidental_hits.then_some(&self.pos_keys[..bsz]);
-        let sum = remainder::in_batch_with_remainder(&self.q[..bsz], &self.p[..bsz], ids, alpha, NEG, side, grads)?;
+        let (q, p) = (&self.q[..bsz], &self.p[..bsz]);
+        let sum = if self.cfg.objective == Objective::CacheShared {
+            let inv_temp = match self.cfg.retrieval {
+                Retrieval::ExpJump { inv_temp } | Retrieval::Gumbel { inv_temp } => inv_temp,
+                _ => 1.0,
+            };
+            let shared = remainder::SharedDraws {
+                stale: self.stale[..bsz].as_flattened(),
+                drawn: self.neg_valid[..bsz].as_flattened(),
+                sample_lse: &self.sample_lse[..bsz],
+                inv_temp,
+                counts: &mut self.counts[..bsz],
+            };
+            remainder::in_batch_with_shared_draws(q, p, ids, alpha, side, shared, grads)?
+        } else {
+            remainder::in_batch_with_remainder(q, p, ids, alpha, NEG, side, grads)?
+        };
         self.backward_drawn(cache, batch);
         self.model.backward_scale(sum.grad_scale);
         Ok(StepReport {
@@ -1033,6 +1070,42 @@ mod tests {
                 if slot == 0 || slot == 2 || t.loss.negatives(0).contains(&(slot as u32)) {
                     assert_fresh(&t, &cache, slot);
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn shared_draws_hide_batch_items_and_need_one_negative() {
+        // NEG 2: refused at init.
+        let cfg = TrainerConfig {
+            objective: Objective::CacheShared,
+            optimizer: OptimizerKind::Sgd { momentum: 0.0, weight_decay: 0.0 },
+            ..TrainerConfig::DEFAULT
+        };
+        assert!(Small::new(Towers::new(TowerConfig::DEFAULT), cfg).init().is_err());
+        // NEG 1: batch items are never drawn, every draw is refreshed.
+        type One = Trainer<Towers, Item2, Item2, 3, 2, 1>;
+        for seed in 0..20 {
+            let mut t = One::new(Towers::new(TowerConfig::DEFAULT), cfg);
+            t.model.init(&mut Pcg64Mcg::seed_from_u64(3));
+            t.init().unwrap();
+            let mut cache = Cache::new();
+            for (j, item) in [A, B, C, D].iter().enumerate() {
+                cache.as_mut().set_slot(j, &STALE[j], *item, 5, true).unwrap();
+            }
+            let batch = Batch { queries: &[[11, 12], [13, 14]], positives: &[A, C], positive_index: None };
+            let r = t.step(&mut cache.as_mut(), &batch, &[], 0.0, &mut Pcg64Mcg::seed_from_u64(seed)).unwrap();
+            for b in 0..2 {
+                assert_eq!(t.loss.negatives(b).len(), 1);
+                assert!(t.loss.negatives(b).iter().all(|&s| s == 1 || s == 3), "{:?}", t.loss.negatives(b));
+            }
+            assert!(cache.as_ref().occupied().iter().all(|&o| o));
+            assert!(r.interpretable_loss.is_finite() && r.prob_pos > 0.0 && r.prob_pos < 1.0);
+            let mut e = [0.0; 3];
+            for b in 0..2 {
+                let slot = t.loss.negatives(b)[0] as usize;
+                t.model.embed(Side::Item, &cache.as_ref().items()[slot], &mut e);
+                assert_eq!(cache.as_ref().embeddings()[slot], e);
             }
         }
     }

@@ -39,6 +39,9 @@ pub enum ObjectiveName {
     /// without bias (the default).
     #[default]
     CacheInBatch,
+    /// As cache_in_batch, with each query's cache share estimated from the
+    /// draws of the whole batch (one per query, Hansen-Hurwitz weights).
+    CacheShared,
 }
 
 impl ObjectiveName {
@@ -57,6 +60,7 @@ impl ObjectiveName {
             ObjectiveName::Full => Objective::Full,
             ObjectiveName::CacheMixed => Objective::CacheMixed,
             ObjectiveName::CacheInBatch => Objective::CacheInBatch,
+            ObjectiveName::CacheShared => Objective::CacheShared,
         }
     }
 
@@ -292,6 +296,9 @@ impl TrainConfig {
         }
         if !crate::session::NEGATIVES.contains(&self.negatives) {
             bail!("negatives must be one of {:?}, got {}", crate::session::NEGATIVES, self.negatives);
+        }
+        if self.objective == ObjectiveName::CacheShared && self.negatives != 1 {
+            bail!("objective cache_shared draws one negative per query: negatives must be 1, got {}", self.negatives);
         }
         if self.char_ngrams > 8 {
             bail!("char_ngrams must be at most 8, got {}", self.char_ngrams);
