@@ -24,7 +24,7 @@ use negcache::layers::ParamVisitor;
 use negcache::optim::OptimizerKind;
 use negcache::retrieve::{search, Hit};
 use negcache::sampler::LogSumExp;
-use negcache::tower::{Model, SharedTokenTowers, Side, TowerConfig};
+use negcache::tower::{Model, SharedTokenTowers, Side, TokenModel, TowerConfig};
 use negcache::trainer::{Batch, Trainer, TrainerConfig};
 use negcache::vector::dot;
 use rand_core::SeedableRng;
@@ -62,8 +62,11 @@ pub const ANSWERED: usize = 3;
 /// training queries.
 pub type Towers = SharedTokenTowers<BUCKETS, E, H, DIM, 1>;
 
-/// The trainer: towers, a cache of `CAP` items, batch buffers.
-pub type FwTrainer = Trainer<Towers, QueryTokens, ItemTokens, CAP, DIM, BATCH, NEG>;
+/// The trainer: towers and batch buffers (the cache is in [`Scratch`]).
+pub type FwTrainer = Trainer<Towers, QueryTokens, ItemTokens, DIM, BATCH, NEG>;
+/// The negative cache: `CAP` items, owned by this program and lent to the
+/// trainer at each step.
+pub type FwCache = negcache::NegativeCache<ItemTokens, CAP, DIM>;
 
 /// The paper's method (streaming cache, FIFO eviction, exact sampling
 /// from the softmax over the cache, accidental hits masked) with Adagrad,
@@ -100,6 +103,8 @@ pub static TRAINER: ConstStaticCell<FwTrainer> =
 /// all-zero static lands in `.bss` (no flash image).
 #[derive(Debug)]
 pub struct Scratch {
+    /// The negative cache.
+    pub cache: FwCache,
     /// Every item's embedding, for exact retrieval.
     pub item_embeddings: [[f32; DIM]; N_ITEMS],
     /// The current epoch's order of training queries.
@@ -109,7 +114,7 @@ pub struct Scratch {
 impl Scratch {
     /// Zeros.
     pub const fn new() -> Self {
-        Self { item_embeddings: [[0.0; DIM]; N_ITEMS], order: [0; N_TRAIN] }
+        Self { cache: FwCache::new(), item_embeddings: [[0.0; DIM]; N_ITEMS], order: [0; N_TRAIN] }
     }
 }
 
@@ -355,7 +360,7 @@ pub fn run(t: &mut FwTrainer, scratch: &mut Scratch, s: &Settings, out: &mut dyn
             positives[b] = ITEMS[q.positive as usize];
         }
         let batch = Batch { queries: &queries, positives: &positives, positive_index: None };
-        let r = t.step(&batch, &[], s.lr, &mut rng)?;
+        let r = t.step(&mut scratch.cache.as_mut(), &batch, &[], s.lr, &mut rng)?;
         sum_loss += r.training_loss;
         sum_ce += r.interpretable_loss;
         sum_p += r.prob_pos;
@@ -407,11 +412,11 @@ pub fn write_sizes(out: &mut dyn Write) -> fmt::Result {
     use core::mem::size_of;
     writeln!(
         out,
-        "mem trainer={} (towers={} cache={}) scratch={} data_flash={}",
+        "mem trainer={} (towers={}) scratch={} (cache={}) data_flash={}",
         size_of::<FwTrainer>(),
         size_of::<Towers>(),
-        size_of::<negcache::NegativeCache<ItemTokens, CAP, DIM>>(),
         size_of::<Scratch>(),
+        size_of::<FwCache>(),
         size_of_val(&ITEMS) + size_of_val(&TRAIN) + size_of_val(&HELDOUT),
     )
 }

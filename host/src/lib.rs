@@ -10,6 +10,7 @@ pub mod embed;
 pub mod eval;
 pub mod export;
 pub mod featurize;
+pub mod flags;
 pub mod interrupt;
 pub mod memory;
 pub mod reference;

@@ -4,14 +4,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use negcache_host::data::{beir, wordnet};
 use negcache_host::eval::{
     evaluate_baselines, rank_baselines, read_run, write_run, Baselines, Evaluator, Metrics, Protocol, Ranking,
 };
+use negcache_host::flags::given;
 use negcache_host::report::{column_points, line_chart, read_series, MetricsLog, Series};
-use negcache_host::session::Tying;
-use negcache_host::train::{self, ObjectiveName, OptimizerName, Run, SamplerName, TrainConfig, METRIC_COLUMNS};
+use negcache_host::train::{self, ProtocolSettings, Run, TrainConfig, METRIC_COLUMNS};
 use negcache_host::{convergence, reference, resume};
 
 #[derive(Parser, Debug)]
@@ -139,7 +139,7 @@ enum Command {
 }
 
 /// Flags of `eval`.
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug)]
 struct EvalArgs {
     /// The checkpoint to evaluate.
     #[arg(long, required_unless_present = "run", conflicts_with = "run")]
@@ -167,49 +167,15 @@ struct EvalArgs {
     #[arg(long)]
     json: Option<PathBuf>,
     #[command(flatten)]
-    protocol: ProtocolArgs,
+    protocol: ProtocolSettings,
 }
 
-/// The evaluation protocol's flags, shared by `train` and `eval`; each
-/// overrides the config file (or the checkpoint's settings).
-#[derive(Args, Debug, Default)]
-struct ProtocolArgs {
-    /// Remove each query's training positives from its ranking before the
-    /// metrics and the run file (standard for user-item data) [default: false].
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    exclude_train: Option<bool>,
-    /// Drop a retrieved document whose id is the query's id, as BEIR does
-    /// [default: true].
-    #[arg(long)]
-    ignore_identical_ids: Option<bool>,
-    /// Count documents with identical text as one document; NOT standard,
-    /// and labelled wherever printed [default: false].
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    merge_identical_text: Option<bool>,
-    /// Documents per query in rankings and TREC run files [default: 1000].
-    #[arg(long)]
-    eval_depth: Option<usize>,
-    /// BM25 baseline's k1 [default: 0.9].
-    #[arg(long)]
-    bm25_k1: Option<f32>,
-    /// BM25 baseline's b [default: 0.4].
-    #[arg(long)]
-    bm25_b: Option<f32>,
-}
-
-impl ProtocolArgs {
-    fn apply(&self, c: &mut TrainConfig) {
-        macro_rules! set {
-            ($($f:ident),*) => {$( if let Some(v) = &self.$f { c.$f = v.clone(); } )*};
-        }
-        set!(exclude_train, ignore_identical_ids, merge_identical_text, eval_depth, bm25_k1, bm25_b);
-    }
-}
-
-/// Flags of `train`; each overrides the config file.
-#[derive(Args, Debug, Default)]
+/// Flags of `train`: the settings ([`TrainConfig`], where each is
+/// declared with its help and default), a config file, and where to start.
+#[derive(Args, Debug)]
 struct TrainArgs {
-    /// A TOML file with any of the settings below (snake_case keys).
+    /// A TOML file with any of the settings below (snake_case keys); a
+    /// flag overrides the file's value, which overrides the default.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Continue from a checkpoint; the result and the log equal an
@@ -218,149 +184,38 @@ struct TrainArgs {
     /// differ from the checkpoint's; other settings are refused.
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// BEIR dataset directory [default: fixtures/data/wordnet-hypernyms].
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Output directory [default: runs/default].
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Seed [default: 0].
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Training steps [default: 10000].
-    #[arg(long)]
-    steps: Option<u64>,
-    /// Batch size, at most 256 [default: 32].
-    #[arg(long)]
-    batch: Option<usize>,
-    /// Learning rate [default: 0.002].
-    #[arg(long)]
-    lr: Option<f32>,
-    /// Warm-up steps [default: 100].
-    #[arg(long)]
-    warmup: Option<u64>,
-    /// Objective [default: cache-in-batch].
-    #[arg(long, value_enum)]
-    objective: Option<ObjectiveName>,
-    /// Negatives per step for --objective sampled [default: 8192].
-    #[arg(long)]
-    sampled_negatives: Option<usize>,
-    /// Cache capacity, at most 65536 [default: 8192].
-    #[arg(long)]
-    cache_capacity: Option<usize>,
-    /// Fill the cache with the corpus first (corpus mode).
-    #[arg(long)]
-    corpus_cache: Option<bool>,
-    /// LRU instead of FIFO eviction.
-    #[arg(long)]
-    lru: Option<bool>,
-    /// Sampler [default: exp-jump].
-    #[arg(long, value_enum)]
-    sampler: Option<SamplerName>,
-    /// Negatives per query from the cache, 1, 2 or 4 [default: 4].
-    #[arg(long)]
-    negatives: Option<usize>,
-    /// Sampling inverse temperature [default: 1].
-    #[arg(long)]
-    inv_temp: Option<f32>,
-    /// Query-side control variate in the cache objectives [default: true].
-    #[arg(long)]
-    control_variate: Option<bool>,
-    /// The control variate's beta in [0, 1]: 1 unbiased, 0 the memory-bank
-    /// estimator [default: 1].
-    #[arg(long)]
-    control_variate_beta: Option<f32>,
-    /// Approximate top-k groups, 0 for off [default: 0].
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Mask the query's own positive among negatives [default: true].
-    #[arg(long)]
-    mask_accidental_hits: Option<bool>,
-    /// Cache entries re-embedded per step [default: 0].
-    #[arg(long)]
-    refresh_per_step: Option<usize>,
-    /// Tower tying [default: siamese].
-    #[arg(long, value_enum)]
-    tying: Option<Tying>,
-    /// Append an item-id token to items [default: true].
-    #[arg(long)]
-    item_id_token: Option<bool>,
-    /// Character n-grams, 0 for words only [default: 0].
-    #[arg(long)]
-    char_ngrams: Option<u8>,
-    /// Score scale alpha [default: 20].
-    #[arg(long)]
-    scale: Option<f32>,
-    /// Learn alpha [default: false].
-    #[arg(long)]
-    learn_scale: Option<bool>,
-    /// Optimiser [default: adam].
-    #[arg(long, value_enum)]
-    optimizer: Option<OptimizerName>,
-    /// Global gradient-norm clip, 0 for none [default: 0].
-    #[arg(long)]
-    clip_norm: Option<f32>,
-    /// Evaluate every N steps, 0 for only at the end [default: 1000].
-    #[arg(long)]
-    eval_every: Option<u64>,
-    /// Queries in periodic evaluations, 0 for all [default: 2000].
-    #[arg(long)]
-    eval_queries: Option<usize>,
-    /// Split to evaluate [default: test].
-    #[arg(long)]
-    eval_split: Option<String>,
-    /// Checkpoint every N steps, 0 for only at the end [default: 0].
-    #[arg(long)]
-    checkpoint_every: Option<u64>,
+    #[command(flatten)]
+    settings: TrainConfig,
     /// Train data-parallel over MPI with a sharded cache; run under
     /// `mpirun -np P` (needs a build with the mpi feature; see
     /// docs/distributed.md).
     #[arg(long)]
     distributed: bool,
-    #[command(flatten)]
-    protocol: ProtocolArgs,
 }
 
-impl TrainArgs {
-    fn apply(&self, c: &mut TrainConfig) {
-        macro_rules! set {
-            ($($f:ident),*) => {$( if let Some(v) = &self.$f { c.$f = v.clone(); } )*};
-        }
-        set!(
-            data,
-            out,
-            seed,
-            steps,
-            batch,
-            lr,
-            warmup,
-            objective,
-            sampled_negatives,
-            cache_capacity,
-            corpus_cache,
-            lru
-        );
-        set!(
-            sampler,
-            negatives,
-            inv_temp,
-            control_variate,
-            control_variate_beta,
-            top_k,
-            mask_accidental_hits,
-            refresh_per_step,
-            tying,
-            item_id_token,
-            char_ngrams
-        );
-        set!(scale, learn_scale, optimizer, clip_norm, eval_every, eval_queries, eval_split, checkpoint_every);
-        self.protocol.apply(c);
-    }
+/// `cfg` with the settings whose flags are on the command line `flags`
+/// of `train`.
+fn with_flags(mut cfg: TrainConfig, flags: &ArgMatches) -> anyhow::Result<TrainConfig> {
+    negcache_host::flags::update_given(&mut cfg, flags)?;
+    Ok(cfg)
+}
+
+/// `cfg` with the protocol settings whose flags are on the command line
+/// `flags` of `eval`.
+fn with_protocol_flags(mut cfg: TrainConfig, flags: &ArgMatches) -> anyhow::Result<TrainConfig> {
+    let mut protocol = ProtocolSettings::of(&cfg);
+    negcache_host::flags::update_given(&mut protocol, flags)?;
+    protocol.set_in(&mut cfg);
+    Ok(cfg)
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    // The matches, besides the values parsed from them, tell a flag on the
+    // command line from one at its default.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut Cli::command()).exit());
+    let Some((_, flags)) = matches.subcommand() else { unreachable!("clap requires a subcommand") };
+    match run(cli, flags) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -369,10 +224,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+/// Runs the command; `flags` are its subcommand's matches.
+fn run(cli: Cli, flags: &ArgMatches) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Train(args) => train_command(&args),
-        Command::Eval(args) => eval_command(&args),
+        Command::Train(args) => train_command(&args, flags),
+        Command::Eval(args) => eval_command(&args, flags),
         Command::Verify { reference, expected } => verify(&reference, &expected),
         Command::Compare { config } => {
             negcache_host::compare::run(&config)?;
@@ -404,24 +260,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn train_command(args: &TrainArgs) -> anyhow::Result<ExitCode> {
+fn train_command(args: &TrainArgs, flags: &ArgMatches) -> anyhow::Result<ExitCode> {
     if args.distributed {
-        return distributed_train(args);
+        return distributed_train(args, flags);
     }
     let resumed = args.resume.is_some();
     let (mut run, data) = match &args.resume {
         Some(path) => {
-            let Some(run) = resume_run(args, path)? else { return Ok(ExitCode::SUCCESS) };
+            let Some(run) = resume_run(args, flags, path)? else { return Ok(ExitCode::SUCCESS) };
             eprintln!("loading {} ...", run.cfg.data.display());
             let data = train::prepare(&run.cfg)?;
             (run, data)
         }
         None => {
-            let mut cfg = match &args.config {
-                Some(p) => TrainConfig::from_toml(p)?,
-                None => TrainConfig::default(),
+            let cfg = match &args.config {
+                Some(p) => with_flags(TrainConfig::from_toml(p)?, flags)?,
+                None => args.settings.clone(),
             };
-            args.apply(&mut cfg);
             // Every setting is checked, and the data loaded, before any
             // output is touched.
             cfg.validate()?;
@@ -529,17 +384,17 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<ExitCode> {
 /// when they differ; `None` when it is already at its last step. It writes
 /// into `--out`, or beside the checkpoint, never into the directory stored
 /// in the checkpoint.
-fn resume_run(args: &TrainArgs, path: &Path) -> anyhow::Result<Option<Run>> {
+fn resume_run(args: &TrainArgs, flags: &ArgMatches, path: &Path) -> anyhow::Result<Option<Run>> {
     let mut run = Run::resume(path, None)?;
     let stored = run.cfg.clone();
-    let mut requested = match &args.config {
+    let requested = match &args.config {
         Some(p) => resume::overlay_toml(&stored, p)?,
         None => stored.clone(),
     };
-    args.apply(&mut requested);
+    let requested = with_flags(requested, flags)?;
     let (mut cfg, applied) =
         resume::apply_settings(&stored, &requested).with_context(|| format!("--resume {}", path.display()))?;
-    cfg.out = resume::out_dir(path, args.out.as_deref());
+    cfg.out = resume::out_dir(path, given::<PathBuf>(flags, "out").as_deref());
     cfg.validate().with_context(|| format!("--resume {}", path.display()))?;
     if cfg.steps < run.step {
         anyhow::bail!(
@@ -581,18 +436,18 @@ fn resume_run(args: &TrainArgs, path: &Path) -> anyhow::Result<Option<Run>> {
 
 /// `train --distributed`: the settings as for `train`, then the MPI run.
 #[cfg(feature = "mpi")]
-fn distributed_train(args: &TrainArgs) -> anyhow::Result<ExitCode> {
-    let mut cfg = match &args.config {
-        Some(p) => TrainConfig::from_toml(p)?,
-        None => TrainConfig::default(),
+fn distributed_train(args: &TrainArgs, flags: &ArgMatches) -> anyhow::Result<ExitCode> {
+    let cfg = match &args.config {
+        Some(p) => with_flags(TrainConfig::from_toml(p)?, flags)?,
+        None => args.settings.clone(),
     };
-    args.apply(&mut cfg);
-    negcache_host::distributed::train_command(cfg, args.resume.as_deref(), args.steps, args.out.clone())?;
+    let (steps, out) = (given::<u64>(flags, "steps"), given::<PathBuf>(flags, "out"));
+    negcache_host::distributed::train_command(cfg, args.resume.as_deref(), steps, out)?;
     Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(not(feature = "mpi"))]
-fn distributed_train(_: &TrainArgs) -> anyhow::Result<ExitCode> {
+fn distributed_train(_: &TrainArgs, _: &ArgMatches) -> anyhow::Result<ExitCode> {
     anyhow::bail!(
         "--distributed: this negcache was built without the mpi feature; build it with \
          `cargo build --release -p negcache-host --features mpi` and run it under mpirun"
@@ -635,7 +490,7 @@ fn print_table(protocol: &Protocol, systems: &[(String, Metrics)], b: &Baselines
     }
 }
 
-fn eval_command(args: &EvalArgs) -> anyhow::Result<ExitCode> {
+fn eval_command(args: &EvalArgs, flags: &ArgMatches) -> anyhow::Result<ExitCode> {
     if let Some(run_file) = &args.run {
         return eval_run_file(args, run_file);
     }
@@ -645,7 +500,7 @@ fn eval_command(args: &EvalArgs) -> anyhow::Result<ExitCode> {
         run.cfg.data = d.clone();
     }
     run.cfg.eval_split = args.split.clone();
-    args.protocol.apply(&mut run.cfg);
+    run.cfg = with_protocol_flags(run.cfg, flags)?;
     run.cfg.validate()?;
     let cfg = run.cfg.clone();
     let prepared = train::prepare_eval(&cfg)?;
@@ -698,7 +553,7 @@ fn eval_run_file(args: &EvalArgs, run_file: &Path) -> anyhow::Result<ExitCode> {
     if let Some(d) = &args.data {
         cfg.data = d.clone();
     }
-    args.protocol.apply(&mut cfg);
+    args.protocol.clone().set_in(&mut cfg);
     cfg.eval_split = args.split.clone();
     cfg.validate()?;
     let mut splits = vec![args.split.as_str()];

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use clap::ArgAction;
 use negcache::optim::OptimizerKind;
 use negcache::random;
 use negcache::tokenizer::TokenizerConfig;
@@ -93,138 +94,204 @@ pub enum SamplerName {
     Gumbel,
 }
 
-/// Every setting of a run. Defaults are those of the README's run
-/// command; a TOML file sets any subset, and flags override both.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrainConfig {
-    /// BEIR dataset directory.
-    pub data: PathBuf,
-    /// Output directory: metrics, plots, checkpoint.
-    pub out: PathBuf,
-    /// Seed of initialisation, batches and sampling.
-    pub seed: u64,
-    /// Training steps.
-    pub steps: u64,
-    /// Queries per batch (at most 256).
-    pub batch: usize,
-    /// Peak learning rate.
-    pub lr: f32,
-    /// Steps of linear warm-up to `lr`.
-    pub warmup: u64,
-    /// What to minimise.
-    pub objective: ObjectiveName,
-    /// Negatives per step for the sampled objective.
-    pub sampled_negatives: usize,
-    /// Cache slots in use (at most 65,536).
-    pub cache_capacity: usize,
-    /// Fill the cache with the whole corpus first instead of streaming.
-    pub corpus_cache: bool,
-    /// Evict least recently used instead of oldest.
-    pub lru: bool,
-    /// Sampler (with several negatives per query, Gumbel-top-m is used).
-    pub sampler: SamplerName,
-    /// Negatives drawn per query from the cache: 1, 2 or 4 (several are
-    /// drawn by Gumbel-top-m with unbiased weights).
-    pub negatives: usize,
-    /// Sampling inverse temperature.
-    pub inv_temp: f32,
-    /// Use the query-side control variate in the cache objectives.
-    pub control_variate: bool,
-    /// Its coefficient beta in [0, 1]: 1 unbiased, 0 the memory-bank
-    /// estimator (biased).
-    pub control_variate_beta: f32,
-    /// Approximate top-k groups (0: off).
-    pub top_k: usize,
-    /// Remove the query's own positive from its negatives.
-    pub mask_accidental_hits: bool,
-    /// Cache entries re-embedded per step.
-    pub refresh_per_step: usize,
-    /// Tower tying.
-    pub tying: Tying,
-    /// Append an item-id token to every item.
-    pub item_id_token: bool,
-    /// Character n-gram length (0: words only).
-    pub char_ngrams: u8,
-    /// Score scale alpha (the starting value when learned).
-    pub scale: f32,
-    /// Learn alpha within [1, 100].
-    pub learn_scale: bool,
-    /// Optimiser.
-    pub optimizer: OptimizerName,
-    /// Global gradient-norm clip (0: none).
-    pub clip_norm: f32,
-    /// Evaluate every this many steps (0: only at the end).
-    pub eval_every: u64,
-    /// At most this many queries in periodic evaluations (0: all).
-    pub eval_queries: usize,
-    /// The split evaluated.
-    pub eval_split: String,
-    /// Write a checkpoint every this many steps (0: only at the end).
-    pub checkpoint_every: u64,
-    /// Evaluation: drop a retrieved document whose id is the query's id
-    /// (BEIR's default).
-    pub ignore_identical_ids: bool,
-    /// Evaluation: drop each query's training positives from its ranking
-    /// (the standard for user-item data).
-    pub exclude_train: bool,
-    /// Evaluation: count documents with identical text as one (not BEIR;
-    /// labelled wherever printed).
-    pub merge_identical_text: bool,
-    /// Evaluation: documents per query in rankings and TREC run files.
-    pub eval_depth: usize,
-    /// BM25 baseline: k1.
-    pub bm25_k1: f32,
-    /// BM25 baseline: b.
-    pub bm25_b: f32,
+/// Declares [`TrainConfig`] and [`ProtocolSettings`], whose fields are
+/// also `TrainConfig`'s last ones: the evaluation protocol's settings are
+/// declared once for `train` and `eval` (which sets them over a
+/// checkpoint's), yet stay plain fields of `TrainConfig`, so that its
+/// config files and checkpoints keep them flat. (`#[serde(flatten)]` of
+/// one struct into the other would do that too, but a bad value's error
+/// would no longer name its key and line, nor an unknown key's the keys
+/// known.)
+macro_rules! settings_with_protocol {
+    (
+        $(#[$config_meta:meta])*
+        pub struct $config:ident { $($config_fields:tt)* }
+        $(#[$protocol_meta:meta])*
+        pub struct $protocol:ident { $( $(#[$meta:meta])* pub $field:ident: $ty:ty, )* }
+    ) => {
+        $(#[$config_meta])*
+        pub struct $config {
+            $($config_fields)*
+            $( $(#[$meta])* pub $field: $ty, )*
+        }
+
+        $(#[$protocol_meta])*
+        pub struct $protocol {
+            $( $(#[$meta])* pub $field: $ty, )*
+        }
+
+        impl $protocol {
+            /// The evaluation protocol's settings of `cfg`.
+            pub fn of(cfg: &$config) -> Self {
+                Self { $( $field: cfg.$field.clone(), )* }
+            }
+
+            /// Sets these settings in `cfg`.
+            pub fn set_in(self, cfg: &mut $config) {
+                $( cfg.$field = self.$field; )*
+            }
+        }
+    };
 }
 
+settings_with_protocol! {
+    /// Every setting of a run, each declared once: the field's doc comment
+    /// is its flag's help and its `default_value_t` the default of flag,
+    /// config file and [`Default`] (the README's run command). A TOML file
+    /// sets any subset (snake_case keys), and flags override both (see
+    /// [`crate::flags`]).
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct TrainConfig {
+        /// BEIR dataset directory.
+        #[arg(long, default_value = "fixtures/data/wordnet-hypernyms")]
+        pub data: PathBuf,
+        /// Output directory: metrics, plots, checkpoint.
+        #[arg(long, default_value = "runs/default")]
+        pub out: PathBuf,
+        /// Seed of initialisation, batches and sampling.
+        #[arg(long, default_value_t = 0)]
+        pub seed: u64,
+        /// Training steps.
+        #[arg(long, default_value_t = 10_000)]
+        pub steps: u64,
+        /// Queries per batch, at most 256.
+        #[arg(long, default_value_t = 32)]
+        pub batch: usize,
+        /// Peak learning rate.
+        #[arg(long, default_value_t = 0.002)]
+        pub lr: f32,
+        /// Steps of linear warm-up to the peak learning rate.
+        #[arg(long, default_value_t = 100)]
+        pub warmup: u64,
+        /// What to minimise.
+        // The best estimator measured (docs/results/README.md): the batch's
+        // positives exactly, four weighted negatives from the cache for the
+        // rest, and the query-side control variate.
+        #[arg(long, value_enum, default_value_t = ObjectiveName::CacheInBatch)]
+        pub objective: ObjectiveName,
+        /// Negatives per step for --objective sampled.
+        #[arg(long, default_value_t = 8192)]
+        pub sampled_negatives: usize,
+        /// Cache slots in use, at most 65536.
+        #[arg(long, default_value_t = 8192)]
+        pub cache_capacity: usize,
+        /// Fill the cache with the whole corpus first instead of streaming
+        /// (corpus mode).
+        #[arg(long, action = ArgAction::Set, default_value_t = false)]
+        pub corpus_cache: bool,
+        /// Evict the least recently used cache entry instead of the oldest
+        /// (LRU instead of FIFO).
+        #[arg(long, action = ArgAction::Set, default_value_t = false)]
+        pub lru: bool,
+        /// Sampler (with several negatives per query, Gumbel-top-m is used).
+        #[arg(long, value_enum, default_value_t = SamplerName::ExpJump)]
+        pub sampler: SamplerName,
+        /// Negatives drawn per query from the cache: 1, 2 or 4 (several are
+        /// drawn by Gumbel-top-m with unbiased weights).
+        #[arg(long, default_value_t = 4)]
+        pub negatives: usize,
+        /// Sampling inverse temperature.
+        #[arg(long, default_value_t = 1.0)]
+        pub inv_temp: f32,
+        /// Use the query-side control variate in the cache objectives.
+        #[arg(long, action = ArgAction::Set, default_value_t = true)]
+        pub control_variate: bool,
+        /// The control variate's beta in [0, 1]: 1 unbiased, 0 the
+        /// memory-bank estimator (biased).
+        #[arg(long, default_value_t = 1.0)]
+        pub control_variate_beta: f32,
+        /// Approximate top-k groups, 0 for off.
+        #[arg(long, default_value_t = 0)]
+        pub top_k: usize,
+        /// Remove the query's own positive from its negatives.
+        #[arg(long, action = ArgAction::Set, default_value_t = true)]
+        pub mask_accidental_hits: bool,
+        /// Cache entries re-embedded per step.
+        #[arg(long, default_value_t = 0)]
+        pub refresh_per_step: usize,
+        /// Tower tying.
+        // One tower for both sides: the best tying measured here
+        // (docs/results/README.md).
+        #[arg(long, value_enum, default_value_t = Tying::Siamese)]
+        pub tying: Tying,
+        /// Append an item-id token to every item.
+        #[arg(long, action = ArgAction::Set, default_value_t = true)]
+        pub item_id_token: bool,
+        /// Character n-gram length, 0 for words only.
+        #[arg(long, default_value_t = 0)]
+        pub char_ngrams: u8,
+        /// Score scale alpha (the starting value when learned).
+        #[arg(long, default_value_t = 20.0)]
+        pub scale: f32,
+        /// Learn alpha, within [1, 100].
+        #[arg(long, action = ArgAction::Set, default_value_t = false)]
+        pub learn_scale: bool,
+        /// Optimiser.
+        #[arg(long, value_enum, default_value_t = OptimizerName::Adam)]
+        pub optimizer: OptimizerName,
+        /// Global gradient-norm clip, 0 for none.
+        #[arg(long, default_value_t = 0.0)]
+        pub clip_norm: f32,
+        /// Evaluate every N steps, 0 for only at the end.
+        #[arg(long, default_value_t = 1000)]
+        pub eval_every: u64,
+        /// At most this many queries in periodic evaluations, 0 for all.
+        #[arg(long, default_value_t = 2000)]
+        pub eval_queries: usize,
+        /// Split to evaluate.
+        #[arg(long, default_value = "test")]
+        pub eval_split: String,
+        /// Write a checkpoint every N steps, 0 for only at the end.
+        #[arg(long, default_value_t = 0)]
+        pub checkpoint_every: u64,
+    }
+
+    /// The evaluation protocol's settings (BEIR's by default) and the BM25
+    /// baseline's: the last settings of [`TrainConfig`], and `eval`'s
+    /// flags, each of which overrides the checkpoint's setting.
+    #[derive(Debug, Clone, PartialEq, clap::Args)]
+    pub struct ProtocolSettings {
+        /// Drop a retrieved document whose id is the query's id, as BEIR
+        /// does.
+        #[arg(long, action = ArgAction::Set, default_value_t = Protocol::BEIR.ignore_identical_ids)]
+        pub ignore_identical_ids: bool,
+        /// Remove each query's training positives from its ranking before
+        /// the metrics and the run file (standard for user-item data).
+        #[arg(
+            long,
+            action = ArgAction::Set,
+            num_args = 0..=1,
+            default_missing_value = "true",
+            default_value_t = Protocol::BEIR.exclude_train
+        )]
+        pub exclude_train: bool,
+        /// Count documents with identical text as one document; NOT
+        /// standard, and labelled wherever printed.
+        #[arg(
+            long,
+            action = ArgAction::Set,
+            num_args = 0..=1,
+            default_missing_value = "true",
+            default_value_t = Protocol::BEIR.merge_identical_text
+        )]
+        pub merge_identical_text: bool,
+        /// Documents per query in rankings and TREC run files.
+        #[arg(long, default_value_t = Protocol::BEIR.depth)]
+        pub eval_depth: usize,
+        /// BM25 baseline's k1.
+        #[arg(long, default_value_t = Bm25Config::DEFAULT.k1)]
+        pub bm25_k1: f32,
+        /// BM25 baseline's b.
+        #[arg(long, default_value_t = Bm25Config::DEFAULT.b)]
+        pub bm25_b: f32,
+    }
+}
+
+/// Every flag at its default.
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self {
-            data: PathBuf::from("fixtures/data/wordnet-hypernyms"),
-            out: PathBuf::from("runs/default"),
-            seed: 0,
-            steps: 10_000,
-            batch: 32,
-            lr: 0.002,
-            warmup: 100,
-            // The best estimator measured (docs/results/README.md): the
-            // batch's positives exactly, four weighted negatives from the
-            // cache for the rest, and the query-side control variate.
-            objective: ObjectiveName::CacheInBatch,
-            sampled_negatives: 8192,
-            cache_capacity: 8192,
-            corpus_cache: false,
-            lru: false,
-            sampler: SamplerName::ExpJump,
-            negatives: 4,
-            inv_temp: 1.0,
-            control_variate: true,
-            control_variate_beta: 1.0,
-            top_k: 0,
-            mask_accidental_hits: true,
-            refresh_per_step: 0,
-            // One tower for both sides: the best tying measured here
-            // (docs/results/README.md).
-            tying: Tying::Siamese,
-            item_id_token: true,
-            char_ngrams: 0,
-            scale: 20.0,
-            learn_scale: false,
-            optimizer: OptimizerName::Adam,
-            clip_norm: 0.0,
-            eval_every: 1000,
-            eval_queries: 2000,
-            eval_split: "test".into(),
-            checkpoint_every: 0,
-            ignore_identical_ids: Protocol::BEIR.ignore_identical_ids,
-            exclude_train: Protocol::BEIR.exclude_train,
-            merge_identical_text: Protocol::BEIR.merge_identical_text,
-            eval_depth: Protocol::BEIR.depth,
-            bm25_k1: Bm25Config::DEFAULT.k1,
-            bm25_b: Bm25Config::DEFAULT.b,
-        }
+        crate::flags::defaults()
     }
 }
 
@@ -876,5 +943,51 @@ mod tests {
         }
         // A large fixed scale moves the bound with it.
         assert!(check_step(&StepReport { training_loss: 3e6, ..ok }, 1000.0).is_ok());
+    }
+
+    /// The defaults are those of the README's run command, whose settings
+    /// `docs/results/default/summary.json` stores (it ran with `--out
+    /// docs/results/default`).
+    #[test]
+    fn defaults_are_the_published_default_runs() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/results/default/summary.json");
+        let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let published: TrainConfig = serde_json::from_value(summary["config"].clone()).unwrap();
+        assert_eq!(TrainConfig { out: "runs/default".into(), ..published }, TrainConfig::default());
+        TrainConfig::default().validate().unwrap();
+    }
+
+    /// Every config key is set by the flag a resumed run's message names,
+    /// and `eval`'s protocol flags are `train`'s.
+    #[test]
+    fn every_setting_is_a_flag_of_its_name() {
+        use clap::Args;
+        let longs = |cmd: clap::Command| -> Vec<String> {
+            cmd.get_arguments().filter_map(|a| a.get_long().map(|l| format!("--{l}"))).collect()
+        };
+        let flags = longs(TrainConfig::augment_args(clap::Command::new("train")));
+        let keys = serde_json::to_value(TrainConfig::default()).unwrap();
+        let keys: Vec<&String> = keys.as_object().unwrap().keys().collect();
+        assert_eq!(keys.len(), flags.len());
+        for key in keys {
+            assert!(
+                flags.contains(&crate::resume::flag(key)),
+                "no flag {} for the setting {key}",
+                crate::resume::flag(key)
+            );
+        }
+        for flag in longs(ProtocolSettings::augment_args(clap::Command::new("eval"))) {
+            assert!(flags.contains(&flag), "{flag}");
+        }
+    }
+
+    #[test]
+    fn protocol_settings_are_read_and_set_whole() {
+        let mut cfg = TrainConfig::default();
+        let mut p = ProtocolSettings::of(&cfg);
+        (p.exclude_train, p.eval_depth, p.bm25_b) = (true, 100, 0.7);
+        p.clone().set_in(&mut cfg);
+        assert_eq!(ProtocolSettings::of(&cfg), p);
+        assert_eq!(cfg, TrainConfig { exclude_train: true, eval_depth: 100, bm25_b: 0.7, ..TrainConfig::default() });
     }
 }
