@@ -398,6 +398,10 @@ pub(crate) struct Outputs<'o, 't, const NEG: usize, const DIM: usize> {
     pub group: &'o mut [(f32, u32)],
     pub top: Option<&'o mut TopKOut<'t>>,
     pub mean: Option<&'o mut [[f32; DIM]]>,
+    /// If given (and `hits` too), receives for each query the lowest
+    /// occupied slot holding its positive, or `NO_SLOT`: the in-cache
+    /// filter, found by the masking it does anyway.
+    pub found: Option<&'o mut [u32]>,
 }
 
 /// Whether the pass keeps a second log-sum-exp over the sampling logits.
@@ -575,6 +579,9 @@ pub(crate) fn pass<R: Rows<DIM>, const DIM: usize, const NEG: usize>(
         if let Some(mean) = out.mean.as_deref_mut() {
             mean[q0..q0 + nq].fill([0.0; DIM]);
         }
+        if let Some(found) = out.found.as_deref_mut() {
+            found[q0..q0 + nq].fill(NO_SLOT);
+        }
         let mut q: Transposed<DIM> = [[[0.0; LANES]; DIM]; GROUPS];
         for (l, row) in p.queries[q0..q0 + nq].iter().enumerate() {
             for d in 0..DIM {
@@ -646,6 +653,10 @@ fn tile<R: Rows<DIM>, const DIM: usize, const NEG: usize>(
                         if key == y {
                             hit[s] |= 1 << l;
                             any_hit = true;
+                            if let Some(found) = out.found.as_deref_mut() {
+                                let f = &mut found[q0 + l];
+                                *f = (*f).min((j0 + s) as u32);
+                            }
                         }
                     }
                 }
@@ -1002,6 +1013,7 @@ pub fn sample_shard<R: Rows<DIM>, const DIM: usize>(
             group: &mut group[..nq],
             top: None,
             mean: None,
+            found: None,
         };
         finite &= pass(&p, &mut o, rng);
         for l in 0..nq {

@@ -177,8 +177,8 @@ pub struct LossSummary {
 /// - `NEG`: negatives drawn per query (1 in the paper).
 ///
 /// # Memory
-/// O(BATCH x NEG): `BATCH * (72 + 16 * NEG) + 13` bytes before padding
-/// (2,829 for `CacheLoss<32, 1>`), independent of the cache's size: no
+/// O(BATCH x NEG): `BATCH * (76 + 16 * NEG) + 14` bytes before padding
+/// (2,958 for `CacheLoss<32, 1>`), independent of the cache's size: no
 /// score matrix is ever stored.
 ///
 /// ```
@@ -203,6 +203,8 @@ pub struct CacheLoss<const BATCH: usize, const NEG: usize> {
     training: [f32; BATCH],
     staleness: [f32; BATCH],
     hit_keys: [u64; BATCH],
+    found: [u32; BATCH],
+    found_valid: bool,
 }
 
 const NO_SLOT: u32 = u32::MAX;
@@ -227,6 +229,8 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
             training: [0.0; BATCH],
             staleness: [0.0; BATCH],
             hit_keys: [0; BATCH],
+            found: [NO_SLOT; BATCH],
+            found_valid: false,
         }
     }
 
@@ -271,6 +275,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
         candidate_mean: Option<&mut [[f32; DIM]]>,
     ) -> Result<()> {
         let bsz = queries.len();
+        self.found_valid = false;
         let n = cache.capacity();
         if bsz > BATCH {
             return Err(Error::CapacityExceeded { requested: bsz, capacity: BATCH });
@@ -383,12 +388,14 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
             group: &mut self.group[..bsz],
             top: top_k_out.as_mut(),
             mean: candidate_mean,
+            found: masking.then_some(&mut self.found[..bsz]),
         };
         let hit_keys = masking.then_some(&self.hit_keys[..bsz]);
         let finite = stream(cache, queries, hit_keys, alpha, top_k, mode, &mut out, rng);
         if !finite {
             return Err(Error::NonFinite { what: "cache score" });
         }
+        self.found_valid = masking;
         if let Retrieval::Fixed(_) = retrieval {
             if let Some(b) = (0..bsz).find(|&b| self.picks[b].len == 0) {
                 return Err(Error::EmptyCandidate { query: b });
@@ -600,6 +607,14 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
         } else {
             LogSumExp::EMPTY
         }
+    }
+
+    /// Where the last pass found query `b`'s positive: `Some(Some(slot))`,
+    /// the lowest occupied slot holding it; `Some(None)`, not cached;
+    /// `None` when the pass did not look (no accidental-hit masking, or
+    /// `b` past the batch). The in-cache filter, found by the masking.
+    pub fn positive_slot(&self, b: usize) -> Option<Option<usize>> {
+        (self.found_valid && b < self.batch).then(|| (self.found[b] != NO_SLOT).then_some(self.found[b] as usize))
     }
 
     /// Query `b`'s log-sum-exp of its sampling logits (`inv_temp * score`

@@ -546,6 +546,21 @@ where
         );
         if in_batch {
             set_occupied(cache, &self.slots[..bsz], &self.pos_cached[..bsz], true)?;
+        } else {
+            // The in-cache filter for the update: what the pass's masking
+            // found, or a scan when it did not mask.
+            for b in 0..bsz {
+                match self.loss.positive_slot(b) {
+                    Some(found) => {
+                        self.pos_cached[b] = found.is_some();
+                        self.slots[b] = found.unwrap_or(0);
+                    }
+                    None => {
+                        self.find_positives(cache, bsz);
+                        break;
+                    }
+                }
+            }
         }
         drawn?;
         evals += self.embed_drawn(cache, bsz);
@@ -713,7 +728,8 @@ where
     fn update_cache(&mut self, cache: &mut CacheMut<'_, I, DIM>, batch: &Batch<'_, Q, I>) -> Result<()> {
         let bsz = batch.queries.len();
         let streaming = self.cfg.cache_mode == CacheMode::Streaming;
-        self.find_positives(cache, bsz);
+        // `pos_cached` and `slots` were filled during the step (before the
+        // pass, or by its masking), and the cache has not changed since.
         for b in 0..bsz {
             let y = self.pos_keys[b];
             self.keep[b] = streaming && !self.pos_cached[b] && !self.pos_keys[..b].contains(&y);
