@@ -169,7 +169,7 @@ pub fn in_batch_with_shared_draws<I: PartialEq, const DIM: usize>(
     check_len("drawn", bsz, shared.drawn.len())?;
     check_len("sampling log-sum-exp", bsz, shared.sample_lse.len())?;
     check_len("draw counts", bsz, shared.counts.len())?;
-    if !(shared.inv_temp.is_finite() && shared.inv_temp >= 0.0) || !vector::rows_finite(shared.stale) {
+    if !(shared.inv_temp.is_finite() && shared.inv_temp >= 0.0 && vector::rows_finite(shared.stale)) {
         return Err(Error::NonFinite { what: "shared draws" });
     }
     let scaled = |b: usize, k: usize| alpha * dot(&queries[b], &shared.stale[k]);
