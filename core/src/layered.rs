@@ -89,4 +89,13 @@ where
     fn backward_item(&mut self, y: &[f32; FI], grad: &[f32; DIM]) {
         self.item.backward(y, grad, None)
     }
+    fn embed_queries(&self, xs: &[[f32; FQ]], out: &mut [[f32; DIM]]) {
+        self.query.forward_batch(xs, out)
+    }
+    fn embed_items(&self, ys: &[[f32; FI]], out: &mut [[f32; DIM]]) {
+        self.item.forward_batch(ys, out)
+    }
+    fn backward_items(&mut self, ys: &[[f32; FI]], grads: &[[f32; DIM]]) {
+        self.item.backward_batch(ys, grads, None)
+    }
 }

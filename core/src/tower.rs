@@ -53,10 +53,11 @@ pub trait Model<const DIM: usize> {
 /// table. The trainer embeds and back-propagates through these methods
 /// only.
 ///
-/// The batched methods embed many inputs with one call; their defaults
-/// loop over the single-input methods, and a model whose layers can do
-/// better (a matrix product for a batch) overrides them. They must give
-/// the same embeddings as the single-input methods.
+/// The batched methods embed or back-propagate many inputs with one call;
+/// their defaults loop over the single-input methods, and a model whose
+/// layers can do better (each weight read once for the batch) overrides
+/// them. They must give the same results as the single-input methods in
+/// order, bit for bit.
 pub trait Towers<Q, I, const DIM: usize>: Model<DIM> {
     /// Embeds a query.
     fn embed_query(&self, x: &Q, out: &mut [f32; DIM]);
@@ -79,6 +80,12 @@ pub trait Towers<Q, I, const DIM: usize>: Model<DIM> {
     fn embed_items(&self, ys: &[I], out: &mut [[f32; DIM]]) {
         for (y, o) in ys.iter().zip(out) {
             self.embed_item(y, o);
+        }
+    }
+    /// [`Self::backward_item`] for each `(ys[k], grads[k])`, in order.
+    fn backward_items(&mut self, ys: &[I], grads: &[[f32; DIM]]) {
+        for (y, g) in ys.iter().zip(grads) {
+            self.backward_item(y, g);
         }
     }
 }

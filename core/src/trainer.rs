@@ -886,8 +886,8 @@ where
         let (emb, items, keys) =
             (&table.embeddings()[..negatives], &table.items()[..negatives], &table.keys()[..negatives]);
         let mask = self.cfg.mask_accidental_hits;
-        let model = &mut self.model;
-        let mut sink = |j: usize, g: &[f32; DIM]| model.backward_item(&items[j], g);
+        let mut pending = Pending::new(&mut self.model, &mut self.neg_items, &mut self.gn);
+        let mut sink = |j: usize, g: &[f32; DIM]| pending.push(&items[j], g);
         let out = SoftmaxOut {
             scratch: &mut self.lse[..bsz],
             loss: None,
@@ -905,7 +905,9 @@ where
             mask.then_some(keys),
             alpha,
             out,
-        )?;
+        );
+        pending.flush();
+        let sum = sum?;
         self.backward_batch(batch);
         self.model.backward_scale(sum.grad_scale);
         Ok(softmax_report(sum, (2 * bsz + negatives) as u32, alpha))
@@ -933,8 +935,8 @@ where
         }
         let alpha = self.model.score_scale();
         let emb = &cache.as_ref().embeddings()[..corpus.len()];
-        let model = &mut self.model;
-        let mut sink = |j: usize, g: &[f32; DIM]| model.backward_item(&corpus[j], g);
+        let mut pending = Pending::new(&mut self.model, &mut self.neg_items, &mut self.gn);
+        let mut sink = |j: usize, g: &[f32; DIM]| pending.push(&corpus[j], g);
         let out = SoftmaxOut {
             scratch: &mut self.lse[..bsz],
             loss: None,
@@ -942,7 +944,9 @@ where
             grad_positive: None,
             grad_shared: Some(&mut sink),
         };
-        let sum = softmax::full(&self.q[..bsz], emb, &self.slots[..bsz], alpha, out)?;
+        let sum = softmax::full(&self.q[..bsz], emb, &self.slots[..bsz], alpha, out);
+        pending.flush();
+        let sum = sum?;
         for b in 0..bsz {
             self.model.backward_query(&batch.queries[b], &self.gq[b]);
         }
@@ -962,6 +966,40 @@ fn set_occupied<I: Item, const DIM: usize>(
         cache.set_occupied(slot, occupied)?;
     }
     Ok(())
+}
+
+/// Candidate gradients on their way to the item tower, `items.len()` at a
+/// time through [`Towers::backward_items`], in the order they came.
+struct Pending<'a, M, Q, I, const DIM: usize> {
+    model: &'a mut M,
+    items: &'a mut [I],
+    grads: &'a mut [[f32; DIM]],
+    n: usize,
+    _queries: PhantomData<fn(Q)>,
+}
+
+impl<'a, M: Towers<Q, I, DIM>, Q, I: Item, const DIM: usize> Pending<'a, M, Q, I, DIM> {
+    fn new<const B: usize, const N: usize>(
+        model: &'a mut M,
+        items: &'a mut [[I; N]; B],
+        grads: &'a mut [[[f32; DIM]; N]; B],
+    ) -> Self {
+        Self { model, items: items.as_flattened_mut(), grads: grads.as_flattened_mut(), n: 0, _queries: PhantomData }
+    }
+
+    fn push(&mut self, item: &I, grad: &[f32; DIM]) {
+        self.items[self.n] = *item;
+        self.grads[self.n] = *grad;
+        self.n += 1;
+        if self.n == self.items.len() {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        self.model.backward_items(&self.items[..self.n], &self.grads[..self.n]);
+        self.n = 0;
+    }
 }
 
 /// The keys of packed negatives, looked up through their slots.

@@ -82,6 +82,55 @@ impl<const IN: usize, const OUT: usize, const S: usize> Dense<IN, OUT, S> {
         }
     }
 
+    /// `ys[k] = W xs[k] + b` for every `k`, bit for bit what
+    /// [`Self::forward`] gives each input alone, with each column of `W`
+    /// read once for the whole batch instead of once per input.
+    pub fn forward_batch(&self, xs: &[[f32; IN]], ys: &mut [[f32; OUT]]) {
+        let w = self.w.as_slice();
+        for y in ys.iter_mut() {
+            y.copy_from_slice(self.b.as_slice());
+        }
+        // The order of nalgebra's gemv, element by element: y += W[:, i] x_i
+        // for i ascending (so the sums round the same way).
+        for i in 0..IN {
+            let col = &w[i * OUT..(i + 1) * OUT];
+            for (x, y) in xs.iter().zip(ys.iter_mut()) {
+                let xi = x[i];
+                for o in 0..OUT {
+                    y[o] = col[o] * xi + y[o];
+                }
+            }
+        }
+    }
+
+    /// [`Self::backward`] for every `k` in order, the weight gradient
+    /// accumulated column by column for the whole batch (each gradient
+    /// entry sums the inputs in the same order, so the bits are those of
+    /// the calls one by one).
+    pub fn backward_batch(&mut self, xs: &[[f32; IN]], dys: &[[f32; OUT]], dxs: Option<&mut [[f32; IN]]>) {
+        let gw = self.gw.as_mut_slice();
+        for i in 0..IN {
+            let col = &mut gw[i * OUT..(i + 1) * OUT];
+            for (x, dy) in xs.iter().zip(dys) {
+                let xi = x[i];
+                for o in 0..OUT {
+                    col[o] = dy[o] * xi + col[o];
+                }
+            }
+        }
+        for dy in dys.iter().take(xs.len()) {
+            self.gb += SVector::<f32, OUT>::from_column_slice(dy);
+        }
+        if let Some(dxs) = dxs {
+            for (dy, dx) in dys.iter().zip(dxs.iter_mut()) {
+                let dyv = SVector::<f32, OUT>::from_column_slice(dy);
+                let mut dxv = SVector::<f32, IN>::zeros();
+                dxv.gemv_tr(1.0, &self.w, &dyv, 0.0);
+                dx.copy_from_slice(dxv.as_slice());
+            }
+        }
+    }
+
     /// Clears the gradients.
     pub fn zero_grad(&mut self) {
         self.gw.fill(0.0);
@@ -115,6 +164,30 @@ impl<const IN: usize, const OUT: usize, const S: usize> Default for Dense<IN, OU
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn batches_give_the_bits_of_one_input_at_a_time() {
+        use rand_core::SeedableRng;
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(9);
+        let mut one = Dense::<7, 5, 0>::new();
+        one.init(&mut rng);
+        let mut batch = one.clone();
+        let xs: [[f32; 7]; 6] = core::array::from_fn(|_| core::array::from_fn(|_| random::normal(&mut rng)));
+        let dys: [[f32; 5]; 6] = core::array::from_fn(|_| core::array::from_fn(|_| random::normal(&mut rng)));
+        let mut ys = [[0.0; 5]; 6];
+        batch.forward_batch(&xs, &mut ys);
+        let (mut dxs, mut dx) = ([[0.0; 7]; 6], [0.0; 7]);
+        batch.backward_batch(&xs, &dys, Some(&mut dxs));
+        for k in 0..6 {
+            let mut y = [0.0; 5];
+            one.forward(&xs[k], &mut y);
+            assert_eq!(y.map(f32::to_bits), ys[k].map(f32::to_bits));
+            one.backward(&xs[k], &dys[k], Some(&mut dx));
+            assert_eq!(dx.map(f32::to_bits), dxs[k].map(f32::to_bits));
+        }
+        let bits = |d: &Dense<7, 5, 0>| d.gw.iter().chain(d.gb.iter()).map(|x| x.to_bits()).collect::<heapless::Vec<u32, 40>>();
+        assert_eq!(bits(&one), bits(&batch));
+    }
+
     use super::*;
     use approx::assert_relative_eq;
     use rand_core::SeedableRng;

@@ -28,7 +28,36 @@ pub trait Layer<const IN: usize, const OUT: usize> {
     fn zero_grad(&mut self) {}
     /// Shows every parameter to an optimiser.
     fn visit(&mut self, _v: &mut dyn ParamVisitor) {}
+
+    /// [`Self::forward`] for each input (`ys[k]` from `xs[k]`). Layers
+    /// that can share work across inputs override it; the results must be
+    /// those of one input at a time.
+    fn forward_batch(&self, xs: &[[f32; IN]], ys: &mut [[f32; OUT]]) {
+        for (x, y) in xs.iter().zip(ys) {
+            self.forward(x, y);
+        }
+    }
+    /// [`Self::backward`] for each input in order (`dxs`, if given, one per
+    /// input); overrides must give the same gradients, bit for bit.
+    fn backward_batch(&mut self, xs: &[[f32; IN]], dys: &[[f32; OUT]], dxs: Option<&mut [[f32; IN]]>) {
+        match dxs {
+            Some(dxs) => {
+                for ((x, dy), dx) in xs.iter().zip(dys).zip(dxs) {
+                    self.backward(x, dy, Some(dx));
+                }
+            }
+            None => {
+                for (x, dy) in xs.iter().zip(dys) {
+                    self.backward(x, dy, None);
+                }
+            }
+        }
+    }
 }
+
+/// Inputs a [`Chain`] passes through its layers together: its stack holds
+/// this many intermediate vectors per level.
+pub const CHUNK: usize = 16;
 
 impl<const IN: usize, const OUT: usize, const S: usize> Layer<IN, OUT> for Dense<IN, OUT, S> {
     fn forward(&self, x: &[f32; IN], y: &mut [f32; OUT]) {
@@ -45,6 +74,12 @@ impl<const IN: usize, const OUT: usize, const S: usize> Layer<IN, OUT> for Dense
     }
     fn visit(&mut self, v: &mut dyn ParamVisitor) {
         Dense::visit(self, v)
+    }
+    fn forward_batch(&self, xs: &[[f32; IN]], ys: &mut [[f32; OUT]]) {
+        Dense::forward_batch(self, xs, ys)
+    }
+    fn backward_batch(&mut self, xs: &[[f32; IN]], dys: &[[f32; OUT]], dxs: Option<&mut [[f32; IN]]>) {
+        Dense::backward_batch(self, xs, dys, dxs)
     }
 }
 
@@ -114,6 +149,27 @@ where
         self.0.visit(v);
         self.1.visit(v);
     }
+    fn forward_batch(&self, xs: &[[f32; IN]], ys: &mut [[f32; OUT]]) {
+        let mut h = [[0.0; MID]; CHUNK];
+        for (x, y) in xs.chunks(CHUNK).zip(ys.chunks_mut(CHUNK)) {
+            let n = x.len().min(y.len());
+            self.0.forward_batch(&x[..n], &mut h[..n]);
+            self.1.forward_batch(&h[..n], &mut y[..n]);
+        }
+    }
+    fn backward_batch(&mut self, xs: &[[f32; IN]], dys: &[[f32; OUT]], mut dxs: Option<&mut [[f32; IN]]>) {
+        let (mut h, mut dh) = ([[0.0; MID]; CHUNK], [[0.0; MID]; CHUNK]);
+        for (c, (x, dy)) in xs.chunks(CHUNK).zip(dys.chunks(CHUNK)).enumerate() {
+            let n = x.len().min(dy.len());
+            self.0.forward_batch(&x[..n], &mut h[..n]);
+            self.1.backward_batch(&h[..n], &dy[..n], Some(&mut dh[..n]));
+            let dx = dxs.as_deref_mut().map(|d| {
+                let len = d.len();
+                &mut d[(c * CHUNK).min(len)..(c * CHUNK + n).min(len)]
+            });
+            self.0.backward_batch(&x[..n], &dh[..n], dx);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -135,6 +191,38 @@ mod tests {
         let mut y = [0.0; 3];
         t.forward(x, &mut y);
         (0..3).map(|i| c[i] as f64 * y[i] as f64).sum()
+    }
+
+    #[test]
+    fn a_chain_in_batches_gives_the_bits_of_one_input_at_a_time() {
+        let mut one = tower();
+        let mut batch = tower();
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(8);
+        // More inputs than a chunk, and not a multiple of it.
+        let xs: [[f32; 5]; 37] = core::array::from_fn(|_| core::array::from_fn(|_| crate::random::normal(&mut rng)));
+        let dys: [[f32; 3]; 37] = core::array::from_fn(|_| core::array::from_fn(|_| crate::random::normal(&mut rng)));
+        let mut ys = [[0.0; 3]; 37];
+        batch.forward_batch(&xs, &mut ys);
+        let mut dxs = [[0.0; 5]; 37];
+        batch.backward_batch(&xs, &dys, Some(&mut dxs));
+        for k in 0..37 {
+            let (mut y, mut dx) = ([0.0; 3], [0.0; 5]);
+            one.forward(&xs[k], &mut y);
+            one.backward(&xs[k], &dys[k], Some(&mut dx));
+            assert_eq!(y.map(f32::to_bits), ys[k].map(f32::to_bits), "{k}");
+            assert_eq!(dx.map(f32::to_bits), dxs[k].map(f32::to_bits), "{k}");
+        }
+        struct Bits(heapless::Vec<u32, 64>);
+        impl ParamVisitor for Bits {
+            fn dense(&mut self, _: &mut [f32], g: &mut [f32], _: &mut [&mut [f32]]) {
+                self.0.extend(g.iter().map(|x| x.to_bits()));
+            }
+            fn sparse(&mut self, _: usize, _: &mut [f32], _: &mut [f32], _: &mut [&mut [f32]], _: &[bool]) {}
+        }
+        let (mut a, mut b) = (Bits(heapless::Vec::new()), Bits(heapless::Vec::new()));
+        one.visit(&mut a);
+        batch.visit(&mut b);
+        assert_eq!(a.0, b.0);
     }
 
     #[test]
