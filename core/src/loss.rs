@@ -64,6 +64,12 @@
 //! Only the query gradient changes; the loss, `dL/dp`, `dL/df` and
 //! `dL/dalpha` are those above.
 //!
+//! A query with at most one negative of weight 1 and no control variate
+//! (one draw from the softmax itself) goes through [`query_terms`], which
+//! takes the candidates' log-sum-exp as a value: a driver that merges it
+//! from the shards of a distributed cache computes the same terms with the
+//! same arithmetic.
+//!
 //! `1 - prob_pos` is computed from the candidates' own sum, not by
 //! subtraction from 1, so it keeps its precision when the positive dominates.
 //! A query without any candidate (an empty cache, or every slot masked) has
@@ -403,19 +409,12 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
         }
 
         for b in 0..bsz {
-            let s = alpha * dot(&queries[b], &positives[b]);
-            if !s.is_finite() {
-                return Err(Error::NonFinite { what: "positive score" });
-            }
-            let cand = &self.lse[b];
-            let mut z = LogSumExp::EMPTY;
-            z.push(s);
-            z.merge(cand);
-            self.pos_score[b] = s;
-            self.prob_pos[b] = z.weight(s);
-            self.prob_neg[b] = if cand.sum > 0.0 { cand.sum * z.weight(cand.max) } else { 0.0 };
-            self.interpretable[b] = z.minus(s);
-            self.weights[b] = negative_weights(&self.picks[b], cand, &self.jump[b].lse, weighting);
+            let pos = PositiveTerms::new(&queries[b], &positives[b], &self.lse[b], alpha)?;
+            self.pos_score[b] = pos.score;
+            self.prob_pos[b] = pos.prob_pos;
+            self.prob_neg[b] = pos.prob_neg;
+            self.interpretable[b] = pos.interpretable;
+            self.weights[b] = negative_weights(&self.picks[b], &self.lse[b], &self.jump[b].lse, weighting);
         }
         self.average = weighting == Weighting::Mean;
         Ok(())
@@ -484,6 +483,32 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
                 return Err(Error::NonFinite { what: "fresh negative embedding" });
             }
             let weights = &self.weights[b][..m];
+            // The plain estimator with at most one negative of weight exactly
+            // 1 (one draw from the softmax itself): the per-query terms a
+            // distributed driver computes with the same function.
+            if control.is_none() && m <= 1 && weights.iter().all(|&wi| wi == 1.0) {
+                let grads_b = grads.as_mut().map(|g| {
+                    let negative = &mut g.negative[b * NEG..(b + 1) * NEG];
+                    negative[1..].fill([0.0; DIM]);
+                    QueryGrads { query: &mut g.query[b], positive: &mut g.positive[b], negative: &mut negative[0] }
+                });
+                let t = query_terms(&queries[b], &positives[b], &self.lse[b], rows.first(), alpha, inv_b, grads_b)?;
+                let stale = match rows.first() {
+                    Some(f) => relative_staleness(&cache.embeddings()[self.picks[b].slots[0] as usize], f),
+                    None => 0.0,
+                };
+                self.training[b] = t.training_loss;
+                self.staleness[b] = stale;
+                if m > 0 {
+                    with_negative += 1;
+                    sum.staleness += self.staleness[b];
+                    sum.grad_scale += t.grad_scale;
+                }
+                sum.training_loss += self.training[b];
+                sum.interpretable_loss += self.interpretable[b];
+                sum.prob_pos += self.prob_pos[b];
+                continue;
+            }
             let w = self.prob_neg[b];
             let (mut neg_dot, mut weighted_dot, mut stale) = (0.0f32, 0.0f32, 0.0f32);
             for (i, f) in rows.iter().enumerate() {
@@ -637,6 +662,125 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
 impl<const BATCH: usize, const NEG: usize> Default for CacheLoss<BATCH, NEG> {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// One query's terms of the cache loss with at most one negative, drawn
+/// from the softmax over its candidates (weight exactly 1): what
+/// [`query_terms`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct QueryTerms {
+    /// `s = alpha * <q, p>`.
+    pub positive_score: f32,
+    /// `prob_pos = exp(s) / (exp(s) + Z)`, `Z` the candidates' sum.
+    pub prob_pos: f32,
+    /// `-log prob_pos`.
+    pub interpretable_loss: f32,
+    /// `(1 - prob_pos) * (alpha * <q, f> - s)`; 0 without a negative.
+    pub training_loss: f32,
+    /// `d training_loss / d alpha = (1 - prob_pos) * (<q, f> - <q, p>)`,
+    /// not divided by the batch; 0 without a negative.
+    pub grad_scale: f32,
+}
+
+/// Where [`query_terms`] writes one query's gradients (overwritten).
+#[derive(Debug)]
+pub struct QueryGrads<'a, const DIM: usize> {
+    /// d L / d q.
+    pub query: &'a mut [f32; DIM],
+    /// d L / d p.
+    pub positive: &'a mut [f32; DIM],
+    /// d L / d f (zero without a negative).
+    pub negative: &'a mut [f32; DIM],
+}
+
+/// One query's share of the cache loss (see the module docs) with at most
+/// one negative of weight 1, from the log-sum-exp of its candidates'
+/// scores (`candidates`, the positive not included) and the fresh
+/// embedding `negative` of the one drawn, if any:
+///
+/// ```text
+/// s = alpha <q, p>,  w = 1 - prob_pos = Z / (exp(s) + Z)
+/// training = w (alpha <q, f> - s)
+/// dL/dq = w alpha (f - p) * inv_batch,  dL/dp = -w alpha q * inv_batch,  dL/df = w alpha q * inv_batch
+/// ```
+///
+/// `inv_batch` is the normaliser of the batch mean (`1 / B`). This is
+/// [`CacheLoss::backward`]'s arithmetic for such a query, operation for
+/// operation (it calls this function), so that a driver that merges the
+/// candidates' log-sum-exp from elsewhere (the shards of a distributed
+/// cache, `LogSumExp::merge`) computes the same bits as one cache would.
+///
+/// # Errors
+/// [`Error::NonFinite`] if the positive score or the negative embedding
+/// is not finite.
+pub fn query_terms<const DIM: usize>(
+    query: &[f32; DIM],
+    positive: &[f32; DIM],
+    candidates: &LogSumExp,
+    negative: Option<&[f32; DIM]>,
+    alpha: f32,
+    inv_batch: f32,
+    grads: Option<QueryGrads<'_, DIM>>,
+) -> Result<QueryTerms> {
+    let pos = PositiveTerms::new(query, positive, candidates, alpha)?;
+    if negative.is_some_and(|f| !vector::all_finite(f)) {
+        return Err(Error::NonFinite { what: "fresh negative embedding" });
+    }
+    let w = pos.prob_neg;
+    let mut terms = QueryTerms {
+        positive_score: pos.score,
+        prob_pos: pos.prob_pos,
+        interpretable_loss: pos.interpretable,
+        ..QueryTerms::default()
+    };
+    if let Some(f) = negative {
+        let neg_dot = dot(query, f);
+        terms.training_loss = w * (alpha * neg_dot - pos.score);
+        terms.grad_scale = w * (neg_dot - dot(query, positive));
+    }
+    if let Some(g) = grads {
+        let c = if negative.is_some() { w * alpha * inv_batch } else { 0.0 };
+        *g.query = [0.0; DIM];
+        if let Some(f) = negative {
+            vector::axpy(c, f, g.query);
+        }
+        vector::axpy(-c, positive, g.query);
+        *g.positive = [0.0; DIM];
+        vector::axpy(-c, query, g.positive);
+        *g.negative = [0.0; DIM];
+        if negative.is_some() {
+            vector::axpy(c, query, g.negative);
+        }
+    }
+    Ok(terms)
+}
+
+/// The positive's side of one query's loss, from phase 1's figures: its
+/// score, its probability and the candidates' (`1 - prob_pos`, from their
+/// own sum), and `-log prob_pos`.
+struct PositiveTerms {
+    score: f32,
+    prob_pos: f32,
+    prob_neg: f32,
+    interpretable: f32,
+}
+
+impl PositiveTerms {
+    fn new<const DIM: usize>(query: &[f32; DIM], positive: &[f32; DIM], cand: &LogSumExp, alpha: f32) -> Result<Self> {
+        let s = alpha * dot(query, positive);
+        if !s.is_finite() {
+            return Err(Error::NonFinite { what: "positive score" });
+        }
+        let mut z = LogSumExp::EMPTY;
+        z.push(s);
+        z.merge(cand);
+        Ok(Self {
+            score: s,
+            prob_pos: z.weight(s),
+            prob_neg: if cand.sum > 0.0 { cand.sum * z.weight(cand.max) } else { 0.0 },
+            interpretable: z.minus(s),
+        })
     }
 }
 
@@ -1550,5 +1694,77 @@ mod tests {
         let cv = ControlVariate { beta: 1.5, candidate_mean: &mean[..1] };
         let e = loss.backward_with(cache.as_ref(), &[Q5], &[P5], &[E5[0]], Some(cv), None);
         assert!(matches!(e, Err(Error::InvalidConfig { .. })), "{e:?}");
+    }
+
+    // ---- One query's terms, shared with distributed drivers ----
+
+    #[test]
+    fn query_terms_are_the_cache_loss_of_one_draw_and_follow_the_closed_form() {
+        // One query, five cached rows, the negative fixed to slot 2 and a
+        // fresh embedding of it; a batch normaliser of 1/4 as for a query
+        // that is one of four. Reference: the closed forms in f64.
+        let mut r = rng(21);
+        let alpha = 2.5f32;
+        let cfg = LossConfig { score_scale: alpha, ..NO_MASK };
+        let cache = filled(&E5);
+        let fresh: [[f32; D]; 1] = random_rows(&mut r, 0.5);
+        let mut loss = CacheLoss::<1, 1>::new();
+        loss.score_and_sample(cache.as_ref(), &[Q5], &[P5], None, &cfg, Retrieval::Fixed(&[2]), &mut r, None).unwrap();
+        let (mut gq, mut gp, mut gf) = ([[0.0; D]; 1], [[0.0; D]; 1], [[0.0; D]; 1]);
+        let grads = LossGrads { query: &mut gq, positive: &mut gp, negative: &mut gf };
+        let sum = loss.backward(cache.as_ref(), &[Q5], &[P5], &fresh, Some(grads)).unwrap();
+
+        // With the cache's own log-sum-exp and B = 1: CacheLoss's bits.
+        let (mut q1, mut p1, mut f1) = ([9.0; D], [9.0; D], [9.0; D]);
+        let g = QueryGrads { query: &mut q1, positive: &mut p1, negative: &mut f1 };
+        let t = query_terms(&Q5, &P5, &loss.candidate_lse(0), Some(&fresh[0]), alpha, 1.0, Some(g)).unwrap();
+        assert_eq!(t.training_loss.to_bits(), sum.training_loss.to_bits());
+        assert_eq!(t.interpretable_loss.to_bits(), sum.interpretable_loss.to_bits());
+        assert_eq!(t.prob_pos.to_bits(), sum.prob_pos.to_bits());
+        assert_eq!(t.grad_scale.to_bits(), sum.grad_scale.to_bits());
+        let bits = |v: [f32; D]| v.map(f32::to_bits);
+        assert_eq!((bits(q1), bits(p1), bits(f1)), (bits(gq[0]), bits(gp[0]), bits(gf[0])));
+
+        // The candidates' log-sum-exp merged from two "shards" (slots 0-1
+        // and 2-4), normaliser 1/4: the closed forms.
+        let (mut a, mut b) = (LogSumExp::EMPTY, LogSumExp::EMPTY);
+        for (j, e) in E5.iter().enumerate() {
+            let c = alpha * dot(&Q5, e);
+            let shard = if j < 2 { &mut a } else { &mut b };
+            shard.push(c);
+        }
+        a.merge(&b);
+        let (mut q4, mut p4, mut f4) = ([9.0; D], [9.0; D], [9.0; D]);
+        let g = QueryGrads { query: &mut q4, positive: &mut p4, negative: &mut f4 };
+        let t = query_terms(&Q5, &P5, &a, Some(&fresh[0]), alpha, 0.25, Some(g)).unwrap();
+        let s = score64(alpha, &Q5, &P5);
+        let z: f64 = E5.iter().map(|e| score64(alpha, &Q5, e).exp()).sum();
+        let w = z / (s.exp() + z);
+        let f = fresh[0];
+        assert_relative_eq!(t.positive_score as f64, s, max_relative = 1e-6);
+        assert_relative_eq!(t.prob_pos as f64, 1.0 - w, max_relative = 1e-5);
+        assert_relative_eq!(t.interpretable_loss as f64, -(1.0 - w).ln(), max_relative = 1e-5);
+        assert_relative_eq!(t.training_loss as f64, w * (score64(alpha, &Q5, &f) - s), max_relative = 1e-5);
+        let grad_scale = w * (score64(1.0, &Q5, &f) - score64(1.0, &Q5, &P5));
+        assert_relative_eq!(t.grad_scale as f64, grad_scale, max_relative = 1e-5);
+        let k = w * alpha as f64 * 0.25;
+        for d in 0..D {
+            assert_relative_eq!(q4[d] as f64, k * (f[d] - P5[d]) as f64, epsilon = 1e-6, max_relative = 1e-5);
+            assert_relative_eq!(p4[d] as f64, -k * Q5[d] as f64, epsilon = 1e-6, max_relative = 1e-5);
+            assert_relative_eq!(f4[d] as f64, k * Q5[d] as f64, epsilon = 1e-6, max_relative = 1e-5);
+        }
+
+        // No negative (no candidate anywhere): prob_pos 1, no loss, zero
+        // gradients.
+        let (mut q0, mut p0, mut f0) = ([9.0; D], [9.0; D], [9.0; D]);
+        let g = QueryGrads { query: &mut q0, positive: &mut p0, negative: &mut f0 };
+        let t = query_terms(&Q5, &P5, &LogSumExp::EMPTY, None, alpha, 0.25, Some(g)).unwrap();
+        assert_eq!((t.prob_pos, t.training_loss, t.grad_scale), (1.0, 0.0, 0.0));
+        assert!(t.interpretable_loss.abs() < 1e-7, "{}", t.interpretable_loss);
+        assert_eq!((q0, p0, f0), ([0.0; D], [0.0; D], [0.0; D]));
+
+        // A non-finite fresh embedding is an error.
+        let e = query_terms(&Q5, &P5, &a, Some(&[f32::NAN; D]), alpha, 0.25, None);
+        assert!(matches!(e, Err(Error::NonFinite { .. })), "{e:?}");
     }
 }

@@ -30,10 +30,10 @@ mod mpi_runs {
     use negcache::vector::dot;
     use negcache::{CacheLoss, LossConfig, NegativeCache, Retrieval};
     use negcache_host::checkpoint::{Checkpoint, Reader};
-    use negcache_host::distributed::{model_checksum, rank_rng, Comm, ShardedSampler};
+    use negcache_host::distributed::{cache_section_bytes, model_checksum, rank_rng, Comm, ShardedSampler};
     use negcache_host::featurize::{ItemTokens, ITEM_TOKENS};
     use negcache_host::report::read_series;
-    use negcache_host::session::{CAP, DIM};
+    use negcache_host::session::DIM;
     use negcache_host::train::{prepare, train, Run, TrainConfig};
     use rand_core::SeedableRng;
 
@@ -68,13 +68,16 @@ mod mpi_runs {
         mpirun(np, env!("CARGO_BIN_EXE_negcache"), args, None)
     }
 
+    /// The runs' cache capacity (`--cache-capacity`).
+    const CAPACITY: usize = 64;
+
     fn config(data: &Path, out: &Path, steps: u64) -> TrainConfig {
         TrainConfig {
             data: data.to_path_buf(),
             out: out.to_path_buf(),
             steps,
             batch: 8,
-            cache_capacity: 64,
+            cache_capacity: CAPACITY,
             warmup: 3,
             eval_every: 0,
             // The sharded path trains the paper's estimator.
@@ -100,7 +103,7 @@ mod mpi_runs {
             s("--batch"),
             s("8"),
             s("--cache-capacity"),
-            s("64"),
+            CAPACITY.to_string(),
             s("--warmup"),
             s("3"),
             s("--eval-every"),
@@ -128,7 +131,8 @@ mod mpi_runs {
     /// The occupied cache entries of a checkpoint body, sorted: (item,
     /// embedding bits, age, stamp).
     fn cache_entries(body: &[u8]) -> Vec<(ItemTokens, Vec<u32>, u32, u32)> {
-        let at = body.len() - (4 + (8 + CAP * DIM * 4) + (8 + CAP * ITEM_TOKENS * 4) + 3 * (8 + CAP * 4) + 8);
+        const CAP: usize = CAPACITY;
+        let at = body.len() - cache_section_bytes(CAP);
         let mut r = Reader::new(&body[at..]);
         r.tag(b"CACH").unwrap();
         let mut emb = vec![0f32; CAP * DIM];
@@ -352,7 +356,7 @@ mod mpi_runs {
         let ck_path = whole.join("checkpoint.ckpt");
         let mut resumed = Run::resume(&ck_path, Some(steps + 5)).unwrap();
         assert_eq!(resumed.step, steps);
-        assert_eq!(model_checksum(&resumed.checkpoint().unwrap().body), sums[0]);
+        assert_eq!(model_checksum(&resumed.checkpoint().unwrap().body, CAPACITY), sums[0]);
         let cfg = config(&data, &tmp.path().join("single"), steps);
         let prepared = prepare(&cfg).unwrap();
         resumed.cfg.out = tmp.path().join("resumed");
@@ -410,8 +414,8 @@ mod mpi_runs {
         run_distributed(2, &args);
         let after = Checkpoint::load(&out.join("checkpoint.ckpt")).unwrap();
         assert_eq!(after.header["step"], 20);
-        assert_eq!(model_checksum(&after.body), model_checksum(&before.body));
-        assert_eq!(summary_checksums(&out), vec![model_checksum(&before.body); 2]);
+        assert_eq!(model_checksum(&after.body, CAPACITY), model_checksum(&before.body, CAPACITY));
+        assert_eq!(summary_checksums(&out), vec![model_checksum(&before.body, CAPACITY); 2]);
         let (a, b) = (cache_entries(&before.body), cache_entries(&after.body));
         assert!(!a.is_empty());
         assert!(a == b, "the cache changed on its way through the shards");
