@@ -129,8 +129,13 @@ pub struct SharedDraws<'a, const DIM: usize> {
     pub sample_lse: &'a [LogSumExp],
     /// The inverse temperature the draws were made at.
     pub inv_temp: f32,
+    /// Correct the stale scores with the fresh ones (see
+    /// [`in_batch_with_shared_draws`]).
+    pub fresh_scores: bool,
     /// Working memory: one float per query.
     pub counts: &'a mut [f32],
+    /// Working memory: one log-sum-exp per query.
+    pub lse: &'a mut [LogSumExp],
 }
 
 /// [`in_batch_with_remainder`] with every query's cache share estimated
@@ -152,6 +157,17 @@ pub struct SharedDraws<'a, const DIM: usize> {
 /// `cache.fresh` and `cache.weights` hold one row per query (its draw);
 /// the weights are ignored and replaced by the above.
 ///
+/// With `fresh_scores`, the draws also correct the cache's stale scores:
+/// the cache's share `exp(C_b)` becomes `exp(C_b) S_b` with
+/// `S_b = sum_k w_bk r_bk`, `r_bk = exp(alpha <q_b, f_k> - alpha <q_b, e_k>)`
+/// (an unbiased estimate of the cache's sum of fresh exponentials, since
+/// the draws come from the stale softmax), and the draws' weights become
+/// `w_bk r_bk / S_b`: self-normalised importance sampling of the fresh
+/// softmax with the stale one as proposal. It is consistent rather than
+/// unbiased (the normalisation by `S_b` is random even when fresh =
+/// stale), costs `B^2 D` more multiply-adds, and takes no control
+/// variate. With a single candidate it is exact: the fresh softmax.
+///
 /// # Errors
 /// As [`in_batch_with_remainder`], and mismatched lengths of `shared`.
 pub fn in_batch_with_shared_draws<I: PartialEq, const DIM: usize>(
@@ -169,9 +185,14 @@ pub fn in_batch_with_shared_draws<I: PartialEq, const DIM: usize>(
     check_len("drawn", bsz, shared.drawn.len())?;
     check_len("sampling log-sum-exp", bsz, shared.sample_lse.len())?;
     check_len("draw counts", bsz, shared.counts.len())?;
+    check_len("corrected log-sum-exp", bsz, shared.lse.len())?;
     if !(shared.inv_temp.is_finite() && shared.inv_temp >= 0.0 && vector::rows_finite(shared.stale)) {
         return Err(Error::NonFinite { what: "shared draws" });
     }
+    if shared.fresh_scores && cache.control.is_some() {
+        return Err(Error::InvalidConfig { what: "fresh-score correction takes no control variate" });
+    }
+    check_len("fresh negatives", bsz, cache.fresh.len())?;
     let scaled = |b: usize, k: usize| alpha * dot(&queries[b], &shared.stale[k]);
     // Expected counts: c_k = sum_b' rho_b'(j_k).
     for (k, c) in shared.counts.iter_mut().enumerate() {
@@ -188,8 +209,41 @@ pub fn in_batch_with_shared_draws<I: PartialEq, const DIM: usize>(
             lse[b].weight(scaled(b, k)) / counts[k]
         }
     };
-    let terms = Terms { rows: |_: usize| 0..bsz, weight };
-    remainder(queries, positives, items, alpha, bsz, cache, terms, grads)
+    if !shared.fresh_scores {
+        let terms = Terms { rows: |_: usize| 0..bsz, weight };
+        return remainder(queries, positives, items, alpha, bsz, cache, terms, grads);
+    }
+    // r_bk relative to the query's largest ratio, so that no exp overflows;
+    // the shift cancels in the weights and moves into the log-sum-exp.
+    let log_ratio = |b: usize, k: usize| alpha * dot(&queries[b], &cache.fresh[k]) - scaled(b, k);
+    let shift =
+        |b: usize| (0..bsz).filter(|&k| weight(b, k) > 0.0).map(|k| log_ratio(b, k)).fold(f32::NEG_INFINITY, f32::max);
+    for (b, out) in shared.lse.iter_mut().enumerate() {
+        let m = shift(b);
+        let s: f32 = if m.is_finite() {
+            (0..bsz).map(|k| weight(b, k) * crate::math::exp(log_ratio(b, k) - m)).sum()
+        } else {
+            0.0
+        };
+        *out = if s > 0.0 && lse[b].sum > 0.0 {
+            LogSumExp { max: lse[b].max + m, sum: lse[b].sum * s }
+        } else {
+            LogSumExp::EMPTY
+        };
+    }
+    let corrected = &*shared.lse;
+    let fresh_weight = |b: usize, k: usize| {
+        let w = weight(b, k);
+        if w == 0.0 || corrected[b].sum <= 0.0 {
+            return 0.0;
+        }
+        // w r / S = w exp(log r - m) / s, with s = corrected.sum / lse.sum.
+        let m = corrected[b].max - lse[b].max;
+        w * crate::math::exp(log_ratio(b, k) - m) * lse[b].sum / corrected[b].sum
+    };
+    let side = CacheSide { lse: corrected, ..cache };
+    let terms = Terms { rows: |_: usize| 0..bsz, weight: fresh_weight };
+    remainder(queries, positives, items, alpha, bsz, side, terms, grads)
 }
 
 /// Which draws enter query `b`'s cache term, and with what weight.
@@ -516,9 +570,16 @@ mod tests {
                     weights: &[0.0; 3],
                     control: control.map(|beta| Control { beta, stale: &fresh[..], mean: &mean[..] }),
                 };
-                let mut counts = [0.0; 3];
-                let shared =
-                    SharedDraws { stale: &fresh, drawn: &[true; 3], sample_lse: &slse, inv_temp, counts: &mut counts };
+                let (mut counts, mut scratch) = ([0.0; 3], [LogSumExp::EMPTY; 3]);
+                let shared = SharedDraws {
+                    stale: &fresh,
+                    drawn: &[true; 3],
+                    sample_lse: &slse,
+                    inv_temp,
+                    fresh_scores: false,
+                    counts: &mut counts,
+                    lse: &mut scratch,
+                };
                 let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
                 let s = in_batch_with_shared_draws::<u32, D>(&q, &p, None, alpha, side, shared, grads).unwrap();
                 e_loss += prob * f64::from(s.loss);
@@ -538,6 +599,70 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The fresh-score correction with a cache of one stale row: every
+    /// draw is that row, and the corrected softmax is exactly the softmax
+    /// over the batch's positives and the row's fresh embedding.
+    #[test]
+    fn fresh_scores_correct_a_single_stale_row_exactly() {
+        let mut r = Pcg64Mcg::seed_from_u64(31);
+        let q: [[f32; D]; 3] = rows(&mut r);
+        let p: [[f32; D]; 3] = rows(&mut r);
+        let stale: [[f32; D]; 1] = rows(&mut r);
+        let fresh_row: [[f32; D]; 1] = rows(&mut r);
+        let alpha = 2.0f32;
+        let mut lse = [LogSumExp::EMPTY; 3];
+        for b in 0..3 {
+            lse[b].push(alpha * dot(&q[b], &stale[0]));
+        }
+        let fresh = [fresh_row[0]; 3];
+        let stale3 = [stale[0]; 3];
+        let (mut gq, mut gp, mut gn) = ([[0.0; D]; 3], [[0.0; D]; 3], [[0.0; D]; 3]);
+        let side = CacheSide { lse: &lse, fresh: &fresh, weights: &[0.0; 3], control: None };
+        let (mut counts, mut scratch) = ([0.0; 3], [LogSumExp::EMPTY; 3]);
+        let shared = SharedDraws {
+            stale: &stale3,
+            drawn: &[true; 3],
+            sample_lse: &lse,
+            inv_temp: 1.0,
+            fresh_scores: true,
+            counts: &mut counts,
+            lse: &mut scratch,
+        };
+        let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
+        let s = in_batch_with_shared_draws::<u32, D>(&q, &p, None, alpha, side, shared, grads).unwrap();
+        // The softmax over {3 positives, the fresh row}, in f64.
+        let d64 = |x: &[f32; D], y: &[f32; D]| (0..D).map(|i| f64::from(x[i]) * f64::from(y[i])).sum::<f64>();
+        let a = f64::from(alpha);
+        let (mut loss, mut eq, mut egn) = (0.0, [[0.0f64; D]; 3], [0.0f64; D]);
+        for b in 0..3 {
+            let logits: [f64; 4] = core::array::from_fn(|j| a * d64(&q[b], if j < 3 { &p[j] } else { &fresh_row[0] }));
+            let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
+            loss += (z.ln() + m - logits[b]) / 3.0;
+            for j in 0..4 {
+                let pi = (logits[j] - m).exp() / z - if j == b { 1.0 } else { 0.0 };
+                let row = if j < 3 { &p[j] } else { &fresh_row[0] };
+                for i in 0..D {
+                    eq[b][i] += a * pi * f64::from(row[i]) / 3.0;
+                    if j == 3 {
+                        egn[i] += a * pi * f64::from(q[b][i]) / 3.0;
+                    }
+                }
+            }
+        }
+        assert!((f64::from(s.loss) - loss).abs() < 1e-5, "{} against {loss}", s.loss);
+        for b in 0..3 {
+            for i in 0..D {
+                assert!((f64::from(gq[b][i]) - eq[b][i]).abs() < 1e-5, "query {b}: {:?} against {:?}", gq[b], eq[b]);
+            }
+        }
+        // The row's gradient is spread over the three draws of it.
+        for i in 0..D {
+            let got: f64 = (0..3).map(|k| f64::from(gn[k][i])).sum();
+            assert!((got - egn[i]).abs() < 1e-5, "{got} against {}", egn[i]);
         }
     }
 

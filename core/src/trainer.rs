@@ -112,6 +112,10 @@ pub struct TrainerConfig {
     pub optimizer: OptimizerKind,
     /// Global gradient-norm clip (0: none).
     pub clip_norm: f32,
+    /// [`Objective::CacheShared`] only: correct the cache's stale scores
+    /// with the drawn negatives' fresh ones (self-normalised importance
+    /// sampling, see [`remainder::in_batch_with_shared_draws`]).
+    pub fresh_scores: bool,
 }
 
 impl TrainerConfig {
@@ -126,6 +130,7 @@ impl TrainerConfig {
         refresh_per_step: 0,
         optimizer: OptimizerKind::ADAM,
         clip_norm: 0.0,
+        fresh_scores: false,
     };
 }
 
@@ -276,6 +281,7 @@ pub struct Trainer<M, Q, I, const DIM: usize, const BATCH: usize, const NEG: usi
     pos_keys: [u64; BATCH],
     counts: [f32; BATCH],
     sample_lse: [LogSumExp; BATCH],
+    lse_fresh: [LogSumExp; BATCH],
     control_variate: Option<f32>,
     opt: Optimizer,
     cfg: TrainerConfig,
@@ -313,6 +319,7 @@ where
             pos_keys: [0; BATCH],
             counts: [0.0; BATCH],
             sample_lse: [LogSumExp::EMPTY; BATCH],
+            lse_fresh: [LogSumExp::EMPTY; BATCH],
             control_variate: None,
             opt: Optimizer::new(cfg.optimizer, cfg.clip_norm),
             cfg,
@@ -674,7 +681,9 @@ where
                 drawn: self.neg_valid[..bsz].as_flattened(),
                 sample_lse: &self.sample_lse[..bsz],
                 inv_temp,
+                fresh_scores: self.cfg.fresh_scores,
                 counts: &mut self.counts[..bsz],
+                lse: &mut self.lse_fresh[..bsz],
             };
             remainder::in_batch_with_shared_draws(q, p, ids, alpha, side, shared, grads)?
         } else {

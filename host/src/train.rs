@@ -201,6 +201,11 @@ settings_with_protocol! {
         /// memory-bank estimator (biased).
         #[arg(long, default_value_t = 1.0)]
         pub control_variate_beta: f32,
+        /// With objective cache_shared: correct the cache's stale scores
+        /// with the drawn negatives' fresh ones (self-normalised importance
+        /// sampling; needs control_variate false).
+        #[arg(long, action = ArgAction::Set, default_value_t = false)]
+        pub fresh_scores: bool,
         /// Approximate top-k groups, 0 for off.
         #[arg(long, default_value_t = 0)]
         pub top_k: usize,
@@ -364,6 +369,9 @@ impl TrainConfig {
         if !crate::session::NEGATIVES.contains(&self.negatives) {
             bail!("negatives must be one of {:?}, got {}", crate::session::NEGATIVES, self.negatives);
         }
+        if self.fresh_scores && (self.objective != ObjectiveName::CacheShared || self.control_variate) {
+            bail!("fresh_scores needs objective cache_shared and control_variate false");
+        }
         if self.objective == ObjectiveName::CacheShared && self.negatives != 1 {
             bail!("objective cache_shared draws one negative per query: negatives must be 1, got {}", self.negatives);
         }
@@ -419,6 +427,7 @@ impl TrainConfig {
                 OptimizerName::Sgd => OptimizerKind::Sgd { momentum: 0.9, weight_decay: 0.0 },
             },
             clip_norm: self.clip_norm,
+            fresh_scores: self.fresh_scores,
         }
     }
 
