@@ -97,7 +97,7 @@ impl<const IN: usize, const OUT: usize, const S: usize> Dense<IN, OUT, S> {
             for (x, y) in xs.iter().zip(ys.iter_mut()) {
                 let xi = x[i];
                 for o in 0..OUT {
-                    y[o] = col[o] * xi + y[o];
+                    y[o] += col[o] * xi;
                 }
             }
         }
@@ -114,7 +114,7 @@ impl<const IN: usize, const OUT: usize, const S: usize> Dense<IN, OUT, S> {
             for (x, dy) in xs.iter().zip(dys) {
                 let xi = x[i];
                 for o in 0..OUT {
-                    col[o] = dy[o] * xi + col[o];
+                    col[o] += dy[o] * xi;
                 }
             }
         }
@@ -184,7 +184,9 @@ mod tests {
             one.backward(&xs[k], &dys[k], Some(&mut dx));
             assert_eq!(dx.map(f32::to_bits), dxs[k].map(f32::to_bits));
         }
-        let bits = |d: &Dense<7, 5, 0>| d.gw.iter().chain(d.gb.iter()).map(|x| x.to_bits()).collect::<heapless::Vec<u32, 40>>();
+        let bits = |d: &Dense<7, 5, 0>| {
+            d.gw.iter().chain(d.gb.iter()).map(|x| x.to_bits()).collect::<heapless::Vec<u32, 40>>()
+        };
         assert_eq!(bits(&one), bits(&batch));
     }
 

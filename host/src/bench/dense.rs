@@ -34,6 +34,20 @@ pub type Tower = Chain<Dense<F, 128, 2>, Chain<Act<128>, Chain<Dense<128, D, 2>,
 pub type DenseModel = LayerTowers<Tower, Tower, F, F, 2>;
 type DenseTrainer = Trainer<DenseModel, [f32; F], [f32; F], D, BATCH, 1>;
 
+/// The original TensorFlow library on this benchmark, on this machine
+/// kind, 2 threads (issue 14's side-by-side run): steps/s per
+/// configuration, and the goal for negcache as a multiple of it.
+pub const TF_STEPS_PER_S: [(&str, f64, f64); 5] = [
+    ("cache_N4096", 358.5, 4.0),
+    ("cache_N65536", 32.9, 10.0),
+    ("cache_N65536_topk64", 50.7, 6.0),
+    ("inbatch_B32", 1266.0, 2.0),
+    ("fullsoftmax_C4096", 157.6, 1.5),
+];
+/// The TF library's peak resident memory on this benchmark, MiB (lowest
+/// and highest configuration).
+pub const TF_PEAK_RSS_MIB: (f64, f64) = (545.0, 799.0);
+
 /// The five configurations: name, objective, cache (or corpus) size,
 /// top-k.
 pub const CONFIGS: [(&str, Objective, usize, usize); 5] = [
@@ -119,8 +133,9 @@ pub fn run_one(name: &str, seconds: f64) -> anyhow::Result<DenseFigure> {
 }
 
 /// Runs every configuration, each in a child process, prints a table and
-/// writes the figures to `json` if given.
-pub fn run_all(seconds: f64, json: Option<&Path>) -> anyhow::Result<Vec<DenseFigure>> {
+/// writes the figures to `json` and a report beside the TF figures to
+/// `markdown`, if given.
+pub fn run_all(seconds: f64, json: Option<&Path>, markdown: Option<&Path>) -> anyhow::Result<Vec<DenseFigure>> {
     let exe = std::env::current_exe().context("cannot find this program to run the configurations")?;
     let mut figures = Vec::new();
     for (name, ..) in CONFIGS {
@@ -158,5 +173,58 @@ pub fn run_all(seconds: f64, json: Option<&Path>) -> anyhow::Result<Vec<DenseFig
         })?;
         eprintln!("wrote {}", path.display());
     }
+    if let Some(path) = markdown {
+        let text = report(&figures, load.trim(), seconds);
+        crate::checkpoint::write_atomically(path, |w| Ok(w.write_all(text.as_bytes())?))?;
+        eprintln!("wrote {}", path.display());
+    }
     Ok(figures)
+}
+
+/// The markdown report: every configuration beside the TF library's
+/// figure and the goal.
+fn report(figures: &[DenseFigure], load: &str, seconds: f64) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let machine = super::machine();
+    let model = machine.iter().find(|(k, _)| k == "model").map_or("?", |(_, v)| v.as_str());
+    let _ = writeln!(out, "# The original library's benchmark model through negcache\n");
+    let _ = writeln!(
+        out,
+        "Written by `negcache bench --dense --seconds {seconds} --write docs/results/bench-dense.md --json \
+         docs/results/bench-dense.json` (release build at this machine's vector width). Model: dense features \
+         F = 128, each tower Dense(128, relu) -> Dense(64) -> L2, score 20 <q, d>, batch 32, Adam; items carry \
+         their features. Each configuration ran in its own process after 20 warm-up steps; steps/s is the median \
+         over timed windows.\n"
+    );
+    let _ = writeln!(out, "Machine: {model}. Load average before the table was printed: {load}.\n");
+    let _ = writeln!(
+        out,
+        "The TF figures are the original library's on this machine kind with 2 threads, measured side by side \
+         in issue 14; negcache's training step runs on {} thread(s).\n",
+        figures.first().map_or(1, |f| f.threads)
+    );
+    let _ = writeln!(out, "| config | TF steps/s | negcache steps/s | ratio | goal | met | peak RSS MiB |");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---|---:|");
+    for f in figures {
+        let Some(&(_, tf, goal)) = TF_STEPS_PER_S.iter().find(|t| t.0 == f.name) else { continue };
+        let ratio = f.steps_per_s / tf;
+        let _ = writeln!(
+            out,
+            "| {} | {tf:.1} | {:.1} | {ratio:.2}x | {goal}x | {} | {:.1} |",
+            f.name,
+            f.steps_per_s,
+            if ratio >= goal { "yes" } else { "no" },
+            f.peak_rss_mib
+        );
+    }
+    let (lo, hi) = TF_PEAK_RSS_MIB;
+    let worst = figures.iter().map(|f| f.peak_rss_mib).fold(0.0, f64::max);
+    let _ = writeln!(
+        out,
+        "\nPeak resident memory: TF {lo:.0}-{hi:.0} MiB; negcache at most {worst:.1} MiB (goal: at most 1/8 of TF's, \
+         {:.0} MiB).",
+        lo / 8.0
+    );
+    out
 }

@@ -42,7 +42,7 @@ pub const ALPHA: f32 = 20.0;
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Write the results as markdown to this file (e.g.
-    /// docs/results/bench.md).
+    /// docs/results/bench.md; with --dense, docs/results/bench-dense.md).
     #[arg(long)]
     pub write: Option<PathBuf>,
     /// Seconds spent on each timed measurement (more: steadier figures).
@@ -590,7 +590,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if args.dense {
-        dense::run_all(secs, args.json.as_deref())?;
+        dense::run_all(secs, args.json.as_deref(), args.write.as_deref())?;
         return Ok(());
     }
     let machine = machine();
