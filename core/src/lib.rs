@@ -42,8 +42,9 @@
 //! - [`loss`]: the streaming scoring pass and the cache loss.
 //! - [`remainder`]: the exact in-batch softmax with the cache's sampled
 //!   remainder.
-//! - [`kernel`]: the blocked scoring-and-sampling pass, its fast `exp`,
-//!   quantized cache rows and exactly merged shards.
+//! - [`kernel`]: the blocked scoring-and-sampling pass (and the top-k it
+//!   writes), its fast `exp`, its per-query random streams, quantized cache
+//!   rows and exactly merged shards, one file per concern.
 //! - [`sampler`]: how negatives are chosen among candidates.
 //! - [`softmax`]: in-batch, sampled and full softmax, for comparison.
 //! - [`random`]: random variates from a caller-supplied generator.

@@ -85,6 +85,8 @@ use crate::math;
 use crate::sampler::{inclusion_probability, Jump, LogSumExp, Picks, Retrieval};
 use crate::vector::{self, dot};
 
+pub use crate::kernel::TopKOut;
+
 /// Settings of the cache loss.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LossConfig {
@@ -111,16 +113,6 @@ impl Default for LossConfig {
     fn default() -> Self {
         Self::DEFAULT
     }
-}
-
-/// Where the top-k candidates are written, `B x k` row-major; a group with
-/// no candidate gets score `-inf` and slot `u32::MAX`.
-#[derive(Debug)]
-pub struct TopKOut<'a> {
-    /// Candidate scores.
-    pub scores: &'a mut [f32],
-    /// Candidate slot indices.
-    pub slots: &'a mut [u32],
 }
 
 /// Where the gradients of the mean training loss are written (overwritten,

@@ -72,17 +72,33 @@
 //! rows ([`Bf16Rows`], 128 bytes). Quantized blocks are decoded to `f32` in
 //! a 4 KiB buffer before scoring: one decode per cached value per query
 //! tile, against `TILE` multiply-adds that use it.
+//!
+//! # Files
+//!
+//! Imports point one way: `exp.rs` ([`exp_le0`]), `rng.rs` ([`LaneRng`])
+//! and `rows.rs` ([`Rows`] and its storages, [`BLOCK`]) depend on nothing
+//! here; this file holds the pass and [`TopKOut`], which it writes;
+//! `shards.rs` ([`sample_shard`], [`merge_draws`]) runs the pass. Every
+//! public item is re-exported here, as `kernel::X`.
 // Lane loops index several arrays by the lane: the form that vectorises.
 #![allow(clippy::needless_range_loop)]
+
+mod exp;
+mod rng;
+mod rows;
+mod shards;
 
 use core::ops::Range;
 
 use rand_core::RngCore;
 
-use crate::error::{check_len, Error, Result};
-use crate::loss::TopKOut;
 use crate::random;
 use crate::sampler::{Jump, LogSumExp, Picks};
+
+pub use exp::exp_le0;
+pub use rng::LaneRng;
+pub use rows::{bf16_to_f32, f32_to_bf16, quantize_i8, Bf16Rows, F32Rows, I8Rows, QuantizedView, Rows, BLOCK};
+pub use shards::{merge_draws, sample_shard, Draw, Slots};
 
 /// Query lanes of the micro-kernel: one AVX-512 register, two AVX2 ones,
 /// four SSE2 or NEON ones.
@@ -93,10 +109,6 @@ pub const LANES: usize = 16;
 const GROUPS: usize = 1;
 /// Queries per tile.
 pub const TILE: usize = GROUPS * LANES;
-/// Slots per block: the granularity of the log-sum-exp's running maximum.
-/// It is a fixed constant, so the arithmetic (and so every result) is the
-/// same whatever register tiling the target uses.
-pub const BLOCK: usize = 16;
 
 /// Slots per register tile (accumulators: `SUB x LANES` floats). Chosen
 /// for the target's register file; it changes no result, only speed.
@@ -108,249 +120,6 @@ const SUB: usize = 4;
 const SUB: usize = 2;
 
 const NO_SLOT: u32 = u32::MAX;
-
-/// Lower clamp of [`exp_le0`]'s argument: below it the result is 0.
-const EXP_LO: f32 = -88.0;
-
-/// `e^x` for `x <= 0`, in plain IEEE single-precision arithmetic.
-///
-/// Range reduction `x = n ln 2 + r` (`n` by the round-to-nearest of
-/// `x log2 e`, Cody-Waite two-part `ln 2`, `|r| <= ~0.35`), Cephes' degree-6
-/// polynomial for `e^r`, and `2^n` built from its exponent bits. Every
-/// operation is a basic IEEE operation (no FMA, no libm), so the result is
-/// the same on every target, and the function vectorises.
-///
-/// Accuracy: at most 2 ulp from the correctly rounded `e^x` for
-/// `x` in `[-87.3, 0]` (the test `exp_is_within_two_ulp` checks 2^24 evenly
-/// spread arguments against `f64`); `exp_le0(0) == 1` exactly. Results
-/// below `2^-126` (`x < -87.3`) may lose precision as subnormals and are
-/// flushed to 0 below `x ~ -87.7`; positive arguments are treated as 0 and
-/// NaN as `-inf` (result 0). In the pass, arguments are
-/// `score - running max <= 0`, so a weight that is flushed is below
-/// `1e-38` times the largest weight.
-#[inline(always)]
-pub fn exp_le0(x: f32) -> f32 {
-    const LOG2E: f32 = core::f32::consts::LOG2_E;
-    // 1.5 * 2^23: adding it rounds to an integer (ties to even).
-    const MAGIC: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // `x > EXP_LO` is false for NaN, so NaN becomes EXP_LO.
-    let x = if x > EXP_LO { x } else { EXP_LO };
-    let x = if x < 0.0 { x } else { 0.0 };
-    let t = x * LOG2E + MAGIC;
-    let n = t - MAGIC;
-    // t's low mantissa bits hold n + 2^22; n + 127 in [0, 127] is the
-    // biased exponent of 2^n (0 gives +0.0, which flushes the result).
-    let biased = t.to_bits().wrapping_sub(0x4B40_0000u32.wrapping_sub(127));
-    let scale = f32::from_bits(biased << 23);
-    let r = x - n * LN2_HI;
-    let r = r - n * LN2_LO;
-    let z = r * r;
-    let p = 1.987_569_2e-4;
-    let p = p * r + 1.398_2e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let y = p * z + r + 1.0;
-    y * scale
-}
-
-/// One query's random stream: SplitMix64, seeded from the caller's
-/// generator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LaneRng(u64);
-
-impl LaneRng {
-    /// A stream starting from `seed`.
-    pub const fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-}
-
-impl RngCore for LaneRng {
-    #[inline]
-    fn next_u32(&mut self) -> u32 {
-        (self.next_u64() >> 32) as u32
-    }
-    #[inline]
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn fill_bytes(&mut self, dst: &mut [u8]) {
-        rand_core::impls::fill_bytes_via_next(self, dst)
-    }
-}
-
-/// Cached embeddings as the pass reads them: blocks of [`BLOCK`] rows as
-/// `f32`, decoded if the storage is quantized.
-pub trait Rows<const DIM: usize> {
-    /// Bytes one row occupies in this storage.
-    const BYTES_PER_ROW: usize;
-    /// The number of rows.
-    fn len(&self) -> usize;
-    /// Whether there are no rows.
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Rows `j0 .. j0 + BLOCK` (all in range) as `f32`: borrowed from the
-    /// storage, or decoded into `buf`.
-    fn block<'b>(&'b self, j0: usize, buf: &'b mut [[f32; DIM]; BLOCK]) -> &'b [[f32; DIM]; BLOCK];
-    /// Row `j` as `f32`.
-    fn row(&self, j: usize, out: &mut [f32; DIM]);
-}
-
-/// `f32` rows, as the cache stores them.
-#[derive(Debug, Clone, Copy)]
-pub struct F32Rows<'a, const DIM: usize>(pub &'a [[f32; DIM]]);
-
-impl<const DIM: usize> Rows<DIM> for F32Rows<'_, DIM> {
-    const BYTES_PER_ROW: usize = 4 * DIM;
-    #[inline]
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    #[inline(always)]
-    fn block<'b>(&'b self, j0: usize, buf: &'b mut [[f32; DIM]; BLOCK]) -> &'b [[f32; DIM]; BLOCK] {
-        match <&[[f32; DIM]; BLOCK]>::try_from(&self.0[j0..j0 + BLOCK]) {
-            Ok(b) => b,
-            Err(_) => buf,
-        }
-    }
-    #[inline]
-    fn row(&self, j: usize, out: &mut [f32; DIM]) {
-        *out = self.0[j];
-    }
-}
-
-/// Int8 rows with one `f32` scale per row: component `d` of row `j` is
-/// `scales[j] * rows[j][d]`. `4 * DIM / (DIM + 4)` times smaller than
-/// `f32` (3.76x at `DIM` 64).
-#[derive(Debug, Clone, Copy)]
-pub struct I8Rows<'a, const DIM: usize> {
-    /// The quantized components.
-    pub rows: &'a [[i8; DIM]],
-    /// One scale per row.
-    pub scales: &'a [f32],
-}
-
-impl<const DIM: usize> Rows<DIM> for I8Rows<'_, DIM> {
-    const BYTES_PER_ROW: usize = DIM + 4;
-    #[inline]
-    fn len(&self) -> usize {
-        self.rows.len().min(self.scales.len())
-    }
-    #[inline(always)]
-    fn block<'b>(&'b self, j0: usize, buf: &'b mut [[f32; DIM]; BLOCK]) -> &'b [[f32; DIM]; BLOCK] {
-        for (s, out) in buf.iter_mut().enumerate() {
-            self.row(j0 + s, out);
-        }
-        buf
-    }
-    #[inline(always)]
-    fn row(&self, j: usize, out: &mut [f32; DIM]) {
-        let (r, k) = (&self.rows[j], self.scales[j]);
-        for d in 0..DIM {
-            out[d] = k * r[d] as f32;
-        }
-    }
-}
-
-/// Quantizes a row to int8 with a per-row scale `max |x| / 127`, rounding
-/// to nearest (ties to even). A zero row gets scale 0.
-pub fn quantize_i8<const DIM: usize>(x: &[f32; DIM]) -> ([i8; DIM], f32) {
-    // 1.5 * 2^23: adding it rounds |v| <= 2^22 to an integer.
-    const MAGIC: f32 = 12_582_912.0;
-    let m = x.iter().fold(0.0f32, |m, &v| if v.abs() > m { v.abs() } else { m });
-    if !(m > 0.0 && m.is_finite()) {
-        return ([0; DIM], 0.0);
-    }
-    let scale = m / 127.0;
-    let inv = 127.0 / m;
-    let mut q = [0i8; DIM];
-    for d in 0..DIM {
-        let v = (x[d] * inv + MAGIC) - MAGIC;
-        q[d] = v.clamp(-127.0, 127.0) as i8;
-    }
-    (q, scale)
-}
-
-/// bf16 rows: the upper 16 bits of each `f32` (2x smaller).
-#[derive(Debug, Clone, Copy)]
-pub struct Bf16Rows<'a, const DIM: usize>(pub &'a [[u16; DIM]]);
-
-impl<const DIM: usize> Rows<DIM> for Bf16Rows<'_, DIM> {
-    const BYTES_PER_ROW: usize = 2 * DIM;
-    #[inline]
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    #[inline(always)]
-    fn block<'b>(&'b self, j0: usize, buf: &'b mut [[f32; DIM]; BLOCK]) -> &'b [[f32; DIM]; BLOCK] {
-        for (s, out) in buf.iter_mut().enumerate() {
-            self.row(j0 + s, out);
-        }
-        buf
-    }
-    #[inline(always)]
-    fn row(&self, j: usize, out: &mut [f32; DIM]) {
-        let r = &self.0[j];
-        for d in 0..DIM {
-            out[d] = bf16_to_f32(r[d]);
-        }
-    }
-}
-
-/// `f32` to bf16, rounding to nearest (ties to even); NaN stays NaN.
-#[inline]
-pub fn f32_to_bf16(x: f32) -> u16 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    let round = 0x7FFF + ((b >> 16) & 1);
-    (b.wrapping_add(round) >> 16) as u16
-}
-
-/// bf16 to `f32` (exact).
-#[inline(always)]
-pub fn bf16_to_f32(h: u16) -> f32 {
-    f32::from_bits((h as u32) << 16)
-}
-
-/// `f32` rows read through int8 quantization (per-row scale, as
-/// [`quantize_i8`]): the scores an int8 cache would give, from an `f32`
-/// cache. The `int8-scoring` feature makes training score its cache this
-/// way, to measure what an int8 cache costs in accuracy.
-#[derive(Debug, Clone, Copy)]
-pub struct QuantizedView<'a, const DIM: usize>(pub &'a [[f32; DIM]]);
-
-impl<const DIM: usize> Rows<DIM> for QuantizedView<'_, DIM> {
-    const BYTES_PER_ROW: usize = DIM + 4;
-    #[inline]
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    #[inline]
-    fn block<'b>(&'b self, j0: usize, buf: &'b mut [[f32; DIM]; BLOCK]) -> &'b [[f32; DIM]; BLOCK] {
-        for (s, out) in buf.iter_mut().enumerate() {
-            self.row(j0 + s, out);
-        }
-        buf
-    }
-    #[inline]
-    fn row(&self, j: usize, out: &mut [f32; DIM]) {
-        let (q, k) = quantize_i8(&self.0[j]);
-        for d in 0..DIM {
-            out[d] = k * q[d] as f32;
-        }
-    }
-}
 
 /// How the pass chooses among a query's candidates (see
 /// [`crate::sampler::Retrieval`]).
@@ -379,6 +148,16 @@ pub(crate) struct Pass<'a, R, const DIM: usize> {
     pub alpha: f32,
     pub top_k: usize,
     pub mode: Mode<'a>,
+}
+
+/// Where the top-k candidates are written, `B x k` row-major; a group with
+/// no candidate gets score `-inf` and slot `u32::MAX`.
+#[derive(Debug)]
+pub struct TopKOut<'a> {
+    /// Candidate scores.
+    pub scores: &'a mut [f32],
+    /// Candidate slot indices.
+    pub slots: &'a mut [u32],
 }
 
 /// Where one pass writes, one entry per query. `picks` are read first (the
@@ -472,7 +251,7 @@ impl<const NEG: usize> Lanes<NEG> {
             gbest: [f32::NEG_INFINITY; TILE],
             gslot: [NO_SLOT; TILE],
             picks: [Picks::EMPTY; TILE],
-            rng: [LaneRng(0); TILE],
+            rng: [LaneRng::new(0); TILE],
         }
     }
 }
@@ -573,7 +352,7 @@ pub(crate) fn pass<R: Rows<DIM>, const DIM: usize, const NEG: usize>(
         for l in 0..nq {
             t.picks[l] = out.picks[q0 + l];
             if random {
-                t.rng[l] = LaneRng(rng.next_u64());
+                t.rng[l] = LaneRng::new(rng.next_u64());
             }
         }
         if let Some(mean) = out.mean.as_deref_mut() {
@@ -915,361 +694,4 @@ fn candidate<const NEG: usize>(
         }
     }
     r
-}
-
-/// One query's result of a shard: its candidates' log-sum-exp (the loss's,
-/// at temperature 1), the log-sum-exp of its sampling logits, and the
-/// slot drawn from the shard (`u32::MAX` if it had no candidate).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Draw {
-    /// Log-sum-exp of the scores `alpha <q, e_j>` over the shard's
-    /// candidates.
-    pub lse: LogSumExp,
-    /// Log-sum-exp of the sampling logits `inv_temp * score`.
-    pub sample_lse: LogSumExp,
-    /// The slot drawn, with probability proportional to
-    /// `exp(inv_temp * score)` within the shard; `u32::MAX` if none.
-    pub slot: u32,
-}
-
-impl Draw {
-    /// No candidate.
-    pub const EMPTY: Self = Self { lse: LogSumExp::EMPTY, sample_lse: LogSumExp::EMPTY, slot: NO_SLOT };
-}
-
-/// The cache a shard reads: rows, item keys and occupancy of every slot
-/// (the shard's range indexes them).
-#[derive(Debug)]
-pub struct Slots<'a, R> {
-    /// The embeddings.
-    pub rows: &'a R,
-    /// The items' keys (for accidental-hit masking).
-    pub keys: &'a [u64],
-    /// Which slots hold an item.
-    pub occupied: &'a [bool],
-}
-
-impl<R> Clone for Slots<'_, R> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<R> Copy for Slots<'_, R> {}
-
-/// Scores `queries` against the slots in `range` and draws one slot per
-/// query from `softmax(inv_temp * alpha <q, e_j>)` over the range's
-/// candidates, by exponential jumps; `hits`, if given, are the queries'
-/// own positives' keys, masked out. Writes one [`Draw`] per query.
-///
-/// Slot indices in the result are indices into the whole of `slots`.
-#[allow(clippy::too_many_arguments)]
-pub fn sample_shard<R: Rows<DIM>, const DIM: usize>(
-    slots: Slots<'_, R>,
-    range: Range<usize>,
-    queries: &[[f32; DIM]],
-    hits: Option<&[u64]>,
-    alpha: f32,
-    inv_temp: f32,
-    rng: &mut impl RngCore,
-    out: &mut [Draw],
-) -> Result<()> {
-    check_len("draws", queries.len(), out.len())?;
-    check_len("keys", slots.rows.len(), slots.keys.len())?;
-    check_len("occupancy", slots.rows.len(), slots.occupied.len())?;
-    if let Some(h) = hits {
-        check_len("positive items", queries.len(), h.len())?;
-    }
-    if range.start > range.end || range.end > slots.rows.len() {
-        return Err(Error::IndexOutOfRange { what: "shard end", index: range.end, bound: slots.rows.len() + 1 });
-    }
-    if !(inv_temp.is_finite() && inv_temp >= 0.0 && alpha.is_finite()) {
-        return Err(Error::InvalidConfig { what: "scale and inverse temperature must be finite, temperature >= 0" });
-    }
-    let mode = if inv_temp == 1.0 { Mode::Jump1 } else { Mode::Jump(inv_temp) };
-    let mut finite = true;
-    for (k, chunk) in queries.chunks(TILE).enumerate() {
-        let b0 = k * TILE;
-        let nq = chunk.len();
-        let mut lse = [LogSumExp::EMPTY; TILE];
-        let mut picks = [Picks::<1>::EMPTY; TILE];
-        let mut jump = [Jump::EMPTY; TILE];
-        let mut group = [(f32::NEG_INFINITY, NO_SLOT); TILE];
-        let p = Pass {
-            rows: slots.rows,
-            keys: slots.keys,
-            occupied: slots.occupied,
-            range: range.clone(),
-            queries: chunk,
-            hits: hits.map(|h| &h[b0..b0 + nq]),
-            alpha,
-            top_k: 0,
-            mode,
-        };
-        let mut o = Outputs {
-            lse: &mut lse[..nq],
-            picks: &mut picks[..nq],
-            jump: &mut jump[..nq],
-            group: &mut group[..nq],
-            top: None,
-            mean: None,
-            found: None,
-        };
-        finite &= pass(&p, &mut o, rng);
-        for l in 0..nq {
-            out[b0 + l] = Draw {
-                lse: lse[l],
-                sample_lse: jump[l].lse,
-                slot: if picks[l].len > 0 { picks[l].slots[0] } else { NO_SLOT },
-            };
-        }
-    }
-    if finite {
-        Ok(())
-    } else {
-        Err(Error::NonFinite { what: "cache score" })
-    }
-}
-
-/// Merges the draws of shards that together cover a cache: per query, the
-/// log-sum-exps merge and the pick comes from shard `k` with probability
-/// `W_k / sum_i W_i` (Gumbel-max over the shards' sampling log-sum-exps),
-/// which makes it an exact draw from the whole cache's softmax.
-pub fn merge_draws(parts: &[&[Draw]], rng: &mut impl RngCore, out: &mut [Draw]) -> Result<()> {
-    for part in parts {
-        check_len("shard draws", out.len(), part.len())?;
-    }
-    for (b, o) in out.iter_mut().enumerate() {
-        let mut merged = Draw::EMPTY;
-        let mut best = f32::NEG_INFINITY;
-        for part in parts {
-            let d = &part[b];
-            merged.lse.merge(&d.lse);
-            merged.sample_lse.merge(&d.sample_lse);
-            if d.slot != NO_SLOT && d.sample_lse.sum > 0.0 {
-                let key = d.sample_lse.max + crate::math::ln(d.sample_lse.sum) + random::gumbel(rng);
-                if key > best {
-                    best = key;
-                    merged.slot = d.slot;
-                }
-            }
-        }
-        *o = merged;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cache::NegativeCache;
-    use crate::stats::chi_square;
-    use rand_core::SeedableRng;
-    use rand_pcg::Pcg64Mcg;
-
-    fn ulp_distance(a: f32, b: f32) -> u32 {
-        (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
-    }
-
-    #[test]
-    fn exp_is_within_two_ulp() {
-        assert_eq!(exp_le0(0.0), 1.0);
-        assert_eq!(exp_le0(-0.0), 1.0);
-        assert_eq!(exp_le0(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_le0(f32::NAN), 0.0);
-        assert_eq!(exp_le0(-200.0), 0.0);
-        assert_eq!(exp_le0(3.0), 1.0);
-        let mut worst = 0;
-        let n = 1 << 24;
-        let lo = -87.3f64;
-        for i in 0..=n {
-            let x = (lo * i as f64 / n as f64) as f32;
-            let want = libm::exp(x as f64) as f32;
-            let d = ulp_distance(exp_le0(x), want);
-            worst = worst.max(d);
-        }
-        // Also every float in [-1, 0] with exponent >= -20 sampled densely.
-        let mut x = -1.0f32;
-        while x < -1e-6 {
-            let want = libm::exp(x as f64) as f32;
-            worst = worst.max(ulp_distance(exp_le0(x), want));
-            x = f32::from_bits(x.to_bits() - 97);
-        }
-        assert!(worst <= 2, "worst error {worst} ulp");
-    }
-
-    #[test]
-    fn bf16_and_int8_round_trip() {
-        assert_eq!(bf16_to_f32(f32_to_bf16(1.0)), 1.0);
-        assert_eq!(bf16_to_f32(f32_to_bf16(-0.5)), -0.5);
-        // 1 + 2^-8 is a tie between 1 and 1 + 2^-7: rounds to even (1).
-        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 1.0 / 256.0)), 1.0);
-        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
-        let x = [0.5f32, -0.25, 0.125, 0.0];
-        let (q, k) = quantize_i8(&x);
-        assert_eq!(q, [127, -64, 32, 0]);
-        assert!((k - 0.5 / 127.0).abs() < 1e-9);
-        assert_eq!(quantize_i8(&[0.0f32; 4]), ([0; 4], 0.0));
-    }
-
-    const D: usize = 4;
-
-    fn rows<const N: usize>(r: &mut Pcg64Mcg, scale: f32) -> [[f32; D]; N] {
-        core::array::from_fn(|_| core::array::from_fn(|_| scale * random::normal(r)))
-    }
-
-    /// The pass written the plain way: one score at a time, in slot order
-    /// per query, the same arithmetic (sequential dot, block maxima of
-    /// `BLOCK` slots, `exp_le0`) and the same per-query streams.
-    fn reference_jump(emb: &[[f32; D]], occupied: &[bool], q: &[[f32; D]], alpha: f32, seed: u64) -> [Draw; 3] {
-        let mut rng = Pcg64Mcg::seed_from_u64(seed);
-        let mut out = [Draw::EMPTY; 3];
-        for (b, qb) in q.iter().enumerate() {
-            let mut lane = LaneRng(rng.next_u64());
-            let (mut m, mut sum, mut thr) = (f32::NEG_INFINITY, 0.0f32, 0.0f32);
-            let mut slot = NO_SLOT;
-            for j0 in (0..emb.len()).step_by(BLOCK) {
-                let idx = j0..(j0 + BLOCK).min(emb.len());
-                let score = |j: usize| {
-                    let mut acc = 0.0f32;
-                    for d in 0..D {
-                        acc += emb[j][d] * qb[d];
-                    }
-                    alpha * acc
-                };
-                let bm = idx.clone().filter(|&j| occupied[j]).map(score).fold(f32::NEG_INFINITY, f32::max);
-                let nm = if bm > m { bm } else { m };
-                let r = exp_le0(m - nm);
-                sum *= r;
-                thr *= r;
-                m = nm;
-                for j in idx {
-                    if occupied[j] {
-                        sum += exp_le0(score(j) - m);
-                        if sum > thr {
-                            thr = sum / random::open01(&mut lane);
-                            slot = j as u32;
-                        }
-                    }
-                }
-            }
-            out[b] = Draw { lse: LogSumExp { max: m, sum }, sample_lse: LogSumExp { max: m, sum }, slot };
-        }
-        out
-    }
-
-    #[test]
-    fn blocked_pass_equals_the_plain_one_bit_for_bit() {
-        let mut r = Pcg64Mcg::seed_from_u64(5);
-        let emb: [[f32; D]; 70] = rows(&mut r, 1.0);
-        let mut occupied = [true; 70];
-        occupied[3] = false;
-        occupied[40] = false;
-        let q: [[f32; D]; 3] = rows(&mut r, 1.0);
-        let keys: [u64; 70] = core::array::from_fn(|j| j as u64);
-        let slots = Slots { rows: &F32Rows(&emb), keys: &keys, occupied: &occupied };
-        for seed in 0..50 {
-            let mut out = [Draw::EMPTY; 3];
-            let mut rng = Pcg64Mcg::seed_from_u64(seed);
-            sample_shard(slots, 0..70, &q, None, 3.0, 1.0, &mut rng, &mut out).unwrap();
-            let want = reference_jump(&emb, &occupied, &q, 3.0, seed);
-            assert_eq!(out, want, "seed {seed}");
-        }
-    }
-
-    fn softmax(c: &[f64]) -> heapless::Vec<f64, 64> {
-        let m = c.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
-        let z: f64 = c.iter().map(|&x| (x - m).exp()).sum();
-        c.iter().map(|&x| (x - m).exp() / z).collect()
-    }
-
-    /// Shards of 3 uneven ranges, merged, draw from the whole cache's
-    /// softmax (chi-square, 100,000 draws), at temperature 1 and 0.5, with
-    /// one slot masked as the query's positive.
-    #[test]
-    fn merged_shards_follow_the_softmax() {
-        for (inv_temp, seed) in [(1.0f32, 21u64), (0.5, 22)] {
-            let mut r = Pcg64Mcg::seed_from_u64(seed);
-            let emb: [[f32; D]; 40] = rows(&mut r, 0.6);
-            let mut occupied = [true; 40];
-            occupied[7] = false;
-            let keys: [u64; 40] = core::array::from_fn(|j| j as u64);
-            let q: [[f32; D]; 1] = rows(&mut r, 1.0);
-            let hits = [30u64];
-            let alpha = 1.5f32;
-            let score = |j: usize| alpha as f64 * (0..D).map(|d| q[0][d] as f64 * emb[j][d] as f64).sum::<f64>();
-            let cand: heapless::Vec<usize, 40> = (0..40).filter(|&j| occupied[j] && j != 30).collect();
-            let logits: heapless::Vec<f64, 40> = cand.iter().map(|&j| inv_temp as f64 * score(j)).collect();
-            let probs = softmax(&logits);
-            let slots = Slots { rows: &F32Rows(&emb), keys: &keys, occupied: &occupied };
-            let mut counts = [0u64; 40];
-            let (mut a, mut b, mut c, mut m) = ([Draw::EMPTY], [Draw::EMPTY], [Draw::EMPTY], [Draw::EMPTY]);
-            for _ in 0..100_000 {
-                sample_shard(slots, 0..5, &q, Some(&hits), alpha, inv_temp, &mut r, &mut a).unwrap();
-                sample_shard(slots, 5..29, &q, Some(&hits), alpha, inv_temp, &mut r, &mut b).unwrap();
-                sample_shard(slots, 29..40, &q, Some(&hits), alpha, inv_temp, &mut r, &mut c).unwrap();
-                merge_draws(&[&a, &b, &c], &mut r, &mut m).unwrap();
-                let pos = cand.iter().position(|&j| j == m[0].slot as usize).expect("a non-candidate was drawn");
-                counts[pos] += 1;
-            }
-            let t = chi_square(&counts[..cand.len()], &probs).unwrap();
-            assert!(t.p_value > 0.001, "inv_temp {inv_temp}: {t:?}");
-            // The merged log-sum-exp is the whole cache's.
-            let want = {
-                let all: heapless::Vec<f64, 40> = cand.iter().map(|&j| score(j)).collect();
-                let mx = all.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
-                mx + all.iter().map(|&x| (x - mx).exp()).sum::<f64>().ln()
-            };
-            let got = m[0].lse.max as f64 + (m[0].lse.sum as f64).ln();
-            assert!((got - want).abs() < 1e-5, "{got} vs {want}");
-        }
-    }
-
-    #[test]
-    fn quantized_rows_score_close_to_f32() {
-        let mut r = Pcg64Mcg::seed_from_u64(8);
-        let mut cache = NegativeCache::<u32, 64, D>::new();
-        let emb: [[f32; D]; 64] = rows(&mut r, 0.5);
-        let mut cm = cache.as_mut();
-        for (j, e) in emb.iter().enumerate() {
-            cm.set_slot(j, e, j as u32, 0, true).unwrap();
-        }
-        let q: [[f32; D]; 1] = rows(&mut r, 0.5);
-        let mut i8rows = [[0i8; D]; 64];
-        let mut scales = [0f32; 64];
-        let mut bf = [[0u16; D]; 64];
-        for j in 0..64 {
-            (i8rows[j], scales[j]) = quantize_i8(&emb[j]);
-            bf[j] = emb[j].map(f32_to_bf16);
-        }
-        let cr = cache.as_ref();
-        let lse_of = |rows: &dyn Fn(&mut [Draw; 1])| {
-            let mut d = [Draw::EMPTY];
-            rows(&mut d);
-            d[0].lse.max + crate::math::ln(d[0].lse.sum)
-        };
-        let occ = cr.occupied();
-        let keys = cr.keys();
-        let run = |d: &mut [Draw; 1], rows: &dyn Fn(&mut [Draw; 1])| rows(d);
-        let _ = run;
-        let f = lse_of(&|d| {
-            let s = Slots { rows: &F32Rows(cr.embeddings()), keys, occupied: occ };
-            sample_shard(s, 0..64, &q, None, 4.0, 1.0, &mut Pcg64Mcg::seed_from_u64(1), d).unwrap();
-        });
-        let i = lse_of(&|d| {
-            let s = Slots { rows: &I8Rows { rows: &i8rows, scales: &scales }, keys, occupied: occ };
-            sample_shard(s, 0..64, &q, None, 4.0, 1.0, &mut Pcg64Mcg::seed_from_u64(1), d).unwrap();
-        });
-        let v = lse_of(&|d| {
-            let s = Slots { rows: &QuantizedView(cr.embeddings()), keys, occupied: occ };
-            sample_shard(s, 0..64, &q, None, 4.0, 1.0, &mut Pcg64Mcg::seed_from_u64(1), d).unwrap();
-        });
-        let h = lse_of(&|d| {
-            let s = Slots { rows: &Bf16Rows(&bf), keys, occupied: occ };
-            sample_shard(s, 0..64, &q, None, 4.0, 1.0, &mut Pcg64Mcg::seed_from_u64(1), d).unwrap();
-        });
-        assert!((f - i).abs() < 0.05 && (f - h).abs() < 0.05, "{f} {i} {h}");
-        // The quantizing view sees exactly what int8 storage holds.
-        assert_eq!(i, v);
-    }
 }
