@@ -420,6 +420,44 @@ mod tests {
         (loss, gq, gp, gc)
     }
 
+    type Grads = ([[f32; D]; 3], [[f32; D]; 3], [[f32; D]; 3]);
+
+    /// The expectation of (loss, d/dq, d/dp, d/d(cache row)) over every
+    /// combination of one draw per query (`prob[b][k]`: query `b` draws row
+    /// `k`), given the estimator's output for each combination; checks it
+    /// against `want` to 1e-5.
+    fn check_expectation(
+        prob: &[[f64; 5]; 3],
+        want: &Exact,
+        what: &dyn core::fmt::Debug,
+        run: impl Fn([usize; 3], &mut Grads) -> f32,
+    ) {
+        let (mut eq, mut ep, mut ec) = ([[0.0f64; D]; 3], [[0.0f64; D]; 3], [[0.0f64; D]; 5]);
+        let mut e_loss = 0.0;
+        for draw in 0..125usize {
+            let pick = [draw % 5, (draw / 5) % 5, draw / 25];
+            let pr: f64 = (0..3).map(|b| prob[b][pick[b]]).product();
+            let mut g: Grads = ([[0.0; D]; 3], [[0.0; D]; 3], [[0.0; D]; 3]);
+            e_loss += pr * f64::from(run(pick, &mut g));
+            for b in 0..3 {
+                for i in 0..D {
+                    eq[b][i] += pr * f64::from(g.0[b][i]);
+                    ep[b][i] += pr * f64::from(g.1[b][i]);
+                    ec[pick[b]][i] += pr * f64::from(g.2[b][i]);
+                }
+            }
+        }
+        let (want_loss, want_q, want_p, want_c) = want;
+        assert!((e_loss - want_loss).abs() < 1e-5, "{what:?}: loss {e_loss} against {want_loss}");
+        for (got, want) in [(&eq[..], &want_q[..]), (&ep[..], &want_p[..]), (&ec[..], &want_c[..])] {
+            for (g, w) in got.iter().zip(want) {
+                for i in 0..D {
+                    assert!((g[i] - w[i]).abs() < 1e-5, "{what:?}: {g:?} against {w:?}");
+                }
+            }
+        }
+    }
+
     /// With stale = fresh, the expectation over one exact draw from the
     /// cache softmax equals the exact softmax gradient: enumerate the draws,
     /// each with its probability, through the function's fixed-draw form.
@@ -430,42 +468,20 @@ mod tests {
         let p: [[f32; D]; 3] = rows(&mut r);
         let cache: [[f32; D]; 5] = rows(&mut r);
         let alpha = 2.5f32;
+        let want = exact(&q, &p, &cache, f64::from(alpha));
         for control in [None, Some(1.0f32), Some(0.0)] {
-            let (want_loss, want_q, want_p, want_c) = exact(&q, &p, &cache, f64::from(alpha));
             let (lse, mean, probs) = cache_softmax(&q, &cache, alpha);
-            let (mut eq, mut ep, mut ec) = ([[0.0f64; D]; 3], [[0.0f64; D]; 3], [[0.0f64; D]; 5]);
-            let mut e_loss = 0.0;
-            // Every combination of one draw per query, with its probability.
-            for draw in 0..125usize {
-                let pick = [draw % 5, (draw / 5) % 5, draw / 25];
-                let prob: f64 = (0..3).map(|b| probs[b][pick[b]]).product();
+            check_expectation(&probs, &want, &control, |pick, (gq, gp, gn)| {
                 let fresh: [[f32; D]; 3] = core::array::from_fn(|b| cache[pick[b]]);
-                let (mut gq, mut gp, mut gn) = ([[0.0; D]; 3], [[0.0; D]; 3], [[0.0; D]; 3]);
                 let side = CacheSide {
                     lse: &lse,
                     fresh: &fresh,
                     weights: &[1.0; 3],
                     control: control.map(|beta| Control { beta, stale: &fresh[..], mean: &mean[..] }),
                 };
-                let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
-                let s = in_batch_with_remainder::<u32, D>(&q, &p, None, alpha, 1, side, grads).unwrap();
-                e_loss += prob * f64::from(s.loss);
-                for b in 0..3 {
-                    for i in 0..D {
-                        eq[b][i] += prob * f64::from(gq[b][i]);
-                        ep[b][i] += prob * f64::from(gp[b][i]);
-                        ec[pick[b]][i] += prob * f64::from(gn[b][i]);
-                    }
-                }
-            }
-            assert!((e_loss - want_loss).abs() < 1e-5, "loss {e_loss} against {want_loss}");
-            for (got, want) in [(&eq[..], &want_q[..]), (&ep[..], &want_p[..]), (&ec[..], &want_c[..])] {
-                for (g, w) in got.iter().zip(want) {
-                    for i in 0..D {
-                        assert!((g[i] - w[i]).abs() < 1e-5, "{control:?}: {g:?} against {w:?}");
-                    }
-                }
-            }
+                let grads = RemainderGrads { query: gq, positive: gp, negative: gn };
+                in_batch_with_remainder::<u32, D>(&q, &p, None, alpha, 1, side, grads).unwrap().loss
+            });
         }
     }
 
@@ -544,7 +560,7 @@ mod tests {
         let p: [[f32; D]; 3] = rows(&mut r);
         let cache: [[f32; D]; 5] = rows(&mut r);
         let alpha = 2.5f32;
-        let (want_loss, want_q, want_p, want_c) = exact(&q, &p, &cache, f64::from(alpha));
+        let want = exact(&q, &p, &cache, f64::from(alpha));
         for (inv_temp, control) in [(1.0f32, None), (0.5, None), (1.0, Some(1.0f32)), (0.5, Some(1.0))] {
             let (lse, mean, _) = cache_softmax(&q, &cache, alpha);
             // The sampling softmax at this temperature.
@@ -557,13 +573,8 @@ mod tests {
                     rho[b][k] = f64::from(slse[b].weight(inv_temp * alpha * dot(&q[b], e)));
                 }
             }
-            let (mut eq, mut ep, mut ec) = ([[0.0f64; D]; 3], [[0.0f64; D]; 3], [[0.0f64; D]; 5]);
-            let mut e_loss = 0.0;
-            for draw in 0..125usize {
-                let pick = [draw % 5, (draw / 5) % 5, draw / 25];
-                let prob: f64 = (0..3).map(|b| rho[b][pick[b]]).product();
+            check_expectation(&rho, &want, &(inv_temp, control), |pick, (gq, gp, gn)| {
                 let fresh: [[f32; D]; 3] = core::array::from_fn(|b| cache[pick[b]]);
-                let (mut gq, mut gp, mut gn) = ([[0.0; D]; 3], [[0.0; D]; 3], [[0.0; D]; 3]);
                 let side = CacheSide {
                     lse: &lse,
                     fresh: &fresh,
@@ -580,25 +591,9 @@ mod tests {
                     counts: &mut counts,
                     lse: &mut scratch,
                 };
-                let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
-                let s = in_batch_with_shared_draws::<u32, D>(&q, &p, None, alpha, side, shared, grads).unwrap();
-                e_loss += prob * f64::from(s.loss);
-                for b in 0..3 {
-                    for i in 0..D {
-                        eq[b][i] += prob * f64::from(gq[b][i]);
-                        ep[b][i] += prob * f64::from(gp[b][i]);
-                        ec[pick[b]][i] += prob * f64::from(gn[b][i]);
-                    }
-                }
-            }
-            assert!((e_loss - want_loss).abs() < 1e-5, "loss {e_loss} against {want_loss}");
-            for (got, want) in [(&eq[..], &want_q[..]), (&ep[..], &want_p[..]), (&ec[..], &want_c[..])] {
-                for (g, w) in got.iter().zip(want) {
-                    for i in 0..D {
-                        assert!((g[i] - w[i]).abs() < 1e-5, "{inv_temp} {control:?}: {g:?} against {w:?}");
-                    }
-                }
-            }
+                let grads = RemainderGrads { query: gq, positive: gp, negative: gn };
+                in_batch_with_shared_draws::<u32, D>(&q, &p, None, alpha, side, shared, grads).unwrap().loss
+            });
         }
     }
 
