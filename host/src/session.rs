@@ -4,7 +4,9 @@
 //! The shapes are fixed at compile time (the core sizes everything with
 //! const generics); what varies at run time is the tying of the towers,
 //! which picks one of three types, the cache's capacity, which sizes its
-//! storage ([`OwnedCache`]), and every setting of the trainer.
+//! storage ([`OwnedCache`]), and every setting of the trainer. A trainer
+//! and its cache are a [`CachedTrainer`], which also writes and reads the
+//! checkpoint body; a distributed run's replicas are ones too.
 
 use negcache::layers::ParamVisitor;
 use negcache::tower::{SeparateTowers, SharedTokenTowers, SiameseTowers, Side, TokenModel, TowerConfig, Towers};
@@ -13,7 +15,7 @@ use rand_pcg::Pcg64Mcg;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Reader, Writer};
-use crate::featurize::{ItemTokens, QueryTokens};
+use crate::featurize::{ItemTokens, QueryTokens, ITEM_TOKENS};
 use crate::memory::boxed;
 use crate::store::OwnedCache;
 
@@ -88,16 +90,111 @@ pub trait Session: Send + Sync {
     fn non_finite(&mut self) -> Option<&'static str>;
 }
 
-type T<M, const N: usize> = Trainer<M, QueryTokens, ItemTokens, DIM, BATCH, N>;
+/// The trainer of the standard shapes, with `N` negatives per query.
+pub type TokenTrainer<M, const N: usize> = Trainer<M, QueryTokens, ItemTokens, DIM, BATCH, N>;
+
+type T<M, const N: usize> = TokenTrainer<M, N>;
 
 /// A trainer and the cache it trains with, the latter allocated at the
-/// configured capacity.
-struct Run<M, const N: usize> {
-    trainer: Box<T<M, N>>,
-    cache: OwnedCache<ItemTokens, DIM>,
+/// configured capacity: every [`Session`] [`new_session`] builds, and a
+/// distributed run's replica (whose cache is its process's shard).
+///
+/// Its checkpoint body has three sections: `PARM` (every parameter tensor
+/// and its optimiser state, in `Model::visit`'s order), `OPTM` (the
+/// optimiser's step count), both written by [`CachedTrainer::save_model`],
+/// and `CACH` (every slot of the cache, then its clock; [`save_cache`]).
+///
+/// # Generics
+/// - `M`: the towers.
+/// - `N`: negatives drawn per query (the core trainer's `NEG`), one of
+///   [`NEGATIVES`] for a session.
+pub struct CachedTrainer<M, const N: usize> {
+    /// The towers, the optimiser and the step's buffers.
+    pub trainer: Box<TokenTrainer<M, N>>,
+    /// The cache the trainer is lent at every call.
+    pub cache: OwnedCache<ItemTokens, DIM>,
 }
 
-impl<M, const N: usize> Session for Run<M, N>
+impl<M, const N: usize> std::fmt::Debug for CachedTrainer<M, N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedTrainer")
+            .field("negatives", &N)
+            .field("cache_capacity", &self.cache.capacity())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M, const N: usize> CachedTrainer<M, N>
+where
+    M: Towers<QueryTokens, ItemTokens, DIM> + TokenModel<DIM> + Send + Sync,
+{
+    /// `trainer` with an empty cache of `capacity` slots (both initialised
+    /// by [`Session::init`]).
+    pub fn new(trainer: Box<TokenTrainer<M, N>>, capacity: usize) -> anyhow::Result<Self> {
+        Ok(Self { trainer, cache: OwnedCache::new(capacity)? })
+    }
+
+    /// Writes the `PARM` and `OPTM` sections: the towers, their optimiser
+    /// state and the optimiser's step count.
+    pub fn save_model(&mut self, w: &mut Writer) {
+        w.tag(b"PARM");
+        self.trainer.model.visit(&mut SaveParams(w));
+        w.tag(b"OPTM");
+        w.u64(self.trainer.optimizer().t as u64);
+    }
+
+    /// Reads what [`CachedTrainer::save_model`] wrote.
+    pub fn load_model(&mut self, r: &mut Reader<'_>) -> anyhow::Result<()> {
+        r.tag(b"PARM")?;
+        let mut load = LoadParams { r, err: None };
+        self.trainer.model.visit(&mut load);
+        if let Some(e) = load.err {
+            return Err(e);
+        }
+        r.tag(b"OPTM")?;
+        self.trainer.optimizer_mut().t = u32::try_from(r.u64()?)?;
+        Ok(())
+    }
+}
+
+/// Writes the `CACH` section: every slot of `cache`, field by field, then
+/// its clock.
+pub fn save_cache(cache: &OwnedCache<ItemTokens, DIM>, w: &mut Writer) {
+    let c = cache.as_ref();
+    w.tag(b"CACH");
+    w.f32s(c.embeddings().as_flattened());
+    w.u32s(c.items().as_flattened());
+    w.u32s(&c.ages().iter().map(|&a| a as u32).collect::<Vec<_>>());
+    w.u32s(c.stamps());
+    w.u32s(&c.occupied().iter().map(|&o| o as u32).collect::<Vec<_>>());
+    w.u64(c.clock() as u64);
+}
+
+/// Reads what [`save_cache`] wrote into a cache of the same capacity, and
+/// recomputes its keys.
+pub fn load_cache(cache: &mut OwnedCache<ItemTokens, DIM>, r: &mut Reader<'_>) -> anyhow::Result<()> {
+    r.tag(b"CACH")?;
+    let slots = cache.slots_mut();
+    r.f32s_into(slots.embeddings.as_flattened_mut())?;
+    r.u32s_into(slots.items.as_flattened_mut())?;
+    let mut tmp = vec![0u32; slots.ages.len()];
+    r.u32s_into(&mut tmp)?;
+    slots.ages.iter_mut().zip(&tmp).for_each(|(a, &t)| *a = t as i32);
+    r.u32s_into(slots.stamps)?;
+    r.u32s_into(&mut tmp)?;
+    slots.occupied.iter_mut().zip(&tmp).for_each(|(o, &t)| *o = t != 0);
+    *slots.clock = u32::try_from(r.u64()?)?;
+    cache.as_mut().rekey();
+    Ok(())
+}
+
+/// Bytes of the `CACH` section of a cache of `capacity` slots, the last
+/// section of a checkpoint body.
+pub fn cache_section_bytes(capacity: usize) -> usize {
+    4 + (8 + capacity * DIM * 4) + (8 + capacity * ITEM_TOKENS * 4) + 3 * (8 + capacity * 4) + 8
+}
+
+impl<M, const N: usize> Session for CachedTrainer<M, N>
 where
     M: Towers<QueryTokens, ItemTokens, DIM> + TokenModel<DIM> + Send + Sync,
 {
@@ -130,40 +227,12 @@ where
         self.trainer.set_control_variate(beta)
     }
     fn save(&mut self, w: &mut Writer) {
-        w.tag(b"PARM");
-        self.trainer.model.visit(&mut SaveParams(w));
-        w.tag(b"OPTM");
-        w.u64(self.trainer.optimizer().t as u64);
-        w.tag(b"CACH");
-        let slots = self.cache.slots_mut();
-        w.f32s(slots.embeddings.as_flattened());
-        w.u32s(slots.items.as_flattened());
-        w.u32s(&slots.ages.iter().map(|&a| a as u32).collect::<Vec<_>>());
-        w.u32s(slots.stamps);
-        w.u32s(&slots.occupied.iter().map(|&o| o as u32).collect::<Vec<_>>());
-        w.u64(*slots.clock as u64);
+        self.save_model(w);
+        save_cache(&self.cache, w);
     }
     fn load(&mut self, r: &mut Reader<'_>) -> anyhow::Result<()> {
-        r.tag(b"PARM")?;
-        let mut load = LoadParams { r, err: None };
-        self.trainer.model.visit(&mut load);
-        if let Some(e) = load.err {
-            return Err(e);
-        }
-        r.tag(b"OPTM")?;
-        self.trainer.optimizer_mut().t = u32::try_from(r.u64()?)?;
-        r.tag(b"CACH")?;
-        let slots = self.cache.slots_mut();
-        r.f32s_into(slots.embeddings.as_flattened_mut())?;
-        r.u32s_into(slots.items.as_flattened_mut())?;
-        let mut tmp = vec![0u32; slots.ages.len()];
-        r.u32s_into(&mut tmp)?;
-        slots.ages.iter_mut().zip(&tmp).for_each(|(a, &t)| *a = t as i32);
-        r.u32s_into(slots.stamps)?;
-        r.u32s_into(&mut tmp)?;
-        slots.occupied.iter_mut().zip(&tmp).for_each(|(o, &t)| *o = t != 0);
-        *slots.clock = u32::try_from(r.u64()?)?;
-        self.cache.as_mut().rekey();
+        self.load_model(r)?;
+        load_cache(&mut self.cache, r)?;
         r.finish()
     }
     fn state_bytes(&self) -> usize {
@@ -178,8 +247,7 @@ where
         if check.state {
             return Some("optimiser state");
         }
-        let slots = self.cache.slots_mut();
-        let cache_ok = slots.embeddings.as_flattened().iter().all(|x| x.is_finite());
+        let cache_ok = self.cache.as_ref().embeddings().as_flattened().iter().all(|x| x.is_finite());
         (!cache_ok).then_some("cache embeddings")
     }
 }
@@ -223,7 +291,7 @@ pub fn new_session(
         trainer: Box<T<M, N>>,
         capacity: usize,
     ) -> anyhow::Result<Box<dyn Session>> {
-        Ok(Box::new(Run { trainer, cache: OwnedCache::new(capacity)? }))
+        Ok(Box::new(CachedTrainer::new(trainer, capacity)?))
     }
     Ok(match (tying, negatives) {
         (Tying::Separate, NEG) => run(boxed(move || T::<_, NEG>::new(Sep::new(tower), cfg))?, capacity)?,
@@ -279,5 +347,39 @@ impl ParamVisitor for LoadParams<'_, '_> {
     }
     fn sparse(&mut self, _: usize, value: &mut [f32], _: &mut [f32], state: &mut [&mut [f32]], _: &[bool]) {
         self.read(value, state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_core::SeedableRng;
+
+    #[test]
+    fn a_body_read_back_is_written_again_byte_for_byte_and_ends_with_its_cache_section() {
+        type Sep = SeparateTowers<BUCKETS, E, H, DIM, S>;
+        let (tower, cfg, capacity) = (TowerConfig::DEFAULT, TrainerConfig::DEFAULT, 24);
+        let new = || {
+            let trainer = boxed(move || T::<Sep, NEG>::new(Sep::new(tower), cfg)).expect("a trainer");
+            CachedTrainer::new(trainer, capacity).expect("a cache")
+        };
+        let mut run = new();
+        run.init(&mut Pcg64Mcg::seed_from_u64(3)).expect("init");
+        let items: Vec<ItemTokens> = (0..5).map(|j| [j + 1; ITEM_TOKENS]).collect();
+        run.fill_cache(&items).expect("fill");
+        let mut a = Writer::default();
+        run.save(&mut a);
+        let mut back = new();
+        back.init(&mut Pcg64Mcg::seed_from_u64(4)).expect("init");
+        back.load(&mut Reader::new(&a.0)).expect("load");
+        assert_eq!(back.cache.as_ref().position(&items[3]), Some(3), "keys recomputed on load");
+        let mut b = Writer::default();
+        back.save(&mut b);
+        assert!(a.0 == b.0, "a body read back is written differently");
+        let mut cache = Writer::default();
+        save_cache(&run.cache, &mut cache);
+        assert_eq!(cache.0.len(), cache_section_bytes(capacity));
+        assert!(a.0.ends_with(&cache.0), "the cache section is not last");
+        assert_eq!(&cache.0[..4], b"CACH");
     }
 }

@@ -30,10 +30,10 @@ mod mpi_runs {
     use negcache::vector::dot;
     use negcache::{CacheLoss, LossConfig, NegativeCache, Retrieval};
     use negcache_host::checkpoint::{Checkpoint, Reader};
-    use negcache_host::distributed::{cache_section_bytes, model_checksum, rank_rng, Comm, ShardedSampler};
+    use negcache_host::distributed::{model_checksum, rank_rng, Comm, ShardedSampler};
     use negcache_host::featurize::{ItemTokens, ITEM_TOKENS};
     use negcache_host::report::read_series;
-    use negcache_host::session::DIM;
+    use negcache_host::session::{cache_section_bytes, DIM};
     use negcache_host::train::{prepare, train, Run, TrainConfig};
     use rand_core::SeedableRng;
 

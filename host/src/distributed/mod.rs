@@ -57,7 +57,7 @@
 //! | `gradients` | the gradient all-reduce over touched rows (steps 8 and 9) |
 //! | `exchange` | cache updates between shards (steps 11 and 12) |
 //! | `shards` | item owners; a shard split from, or gathered into, one cache |
-//! | `replica` | a process's trainer and cache shard; the checkpoint body |
+//! | `replica` | a process's trainer and cache shard (`session::CachedTrainer`), the towers' checksum |
 //! | `params` | a model's parameter tensors walked with a closure |
 //! | `comm` | the communicator and its meters |
 
@@ -72,7 +72,7 @@ mod shards;
 mod worker;
 
 pub use comm::{Comm, Meter, PerStep};
-pub use replica::{cache_section_bytes, model_checksum, Replicated};
+pub use replica::{model_checksum, Replicated};
 pub use run::{train_command, DistributedSummary};
 pub use sampler::{choose_shard, Draw, ShardedSampler};
 pub use shards::Owners;

@@ -17,12 +17,12 @@ use rand_pcg::Pcg64Mcg;
 use super::comm::Comm;
 use super::exchange::{Exchange, Outgoing};
 use super::gradients::GradientSum;
-use super::replica::{load_cache, load_model, save_cache, save_model, Replica, Replicated};
+use super::replica::{new_replica, Replica, Replicated};
 use super::sampler::{Draw, ShardedSampler};
 use super::shards::{gather, take_shard, Owners};
 use crate::checkpoint::{Checkpoint, Reader, Writer};
 use crate::featurize::{ItemTokens, QueryTokens};
-use crate::session::{Session, DIM};
+use crate::session::{load_cache, save_cache, Session, DIM};
 use crate::store::OwnedCache;
 use crate::train::{self, ObjectiveName, Prepared, TrainConfig};
 
@@ -148,7 +148,7 @@ impl<M: Replicated> Worker<M> {
         let shard_cap = cfg.cache_capacity / p;
         let mut tcfg = cfg.trainer();
         tcfg.refresh_per_step = cfg.refresh_per_step / p;
-        let mut replica = Replica::<M>::new(cfg.tower(), tcfg, shard_cap)?;
+        let mut replica = new_replica::<M>(cfg.tower(), tcfg, shard_cap)?;
         replica.init(&mut Pcg64Mcg::seed_from_u64(cfg.seed))?;
         let pairs: Vec<(u32, u32)> = data.pairs.iter().skip(rank).step_by(p).copied().collect();
         ensure!(!pairs.is_empty(), "process {rank} has no training pairs: fewer pairs than processes");
@@ -193,7 +193,8 @@ impl<M: Replicated> Worker<M> {
     pub fn restore(&mut self, ck: &Checkpoint) -> anyhow::Result<()> {
         let mut r = Reader::new(&ck.body);
         let mut all = OwnedCache::new(self.cfg.cache_capacity)?;
-        load_model(&mut self.replica.trainer, &mut r)
+        self.replica
+            .load_model(&mut r)
             .and_then(|()| load_cache(&mut all, &mut r))
             .and_then(|()| r.finish())
             .context("cannot restore the checkpoint")?;
@@ -319,12 +320,12 @@ impl<M: Replicated> Worker<M> {
     /// optimiser are process 0's, equal to every other's; the cache is the
     /// shards side by side ([`gather`]).
     pub fn checkpoint(&mut self) -> anyhow::Result<Option<Checkpoint>> {
-        let Some(mut all) = gather(&mut self.comm, &self.replica.cache.as_ref())? else {
+        let Some(all) = gather(&mut self.comm, &self.replica.cache.as_ref())? else {
             return Ok(None);
         };
         let mut w = Writer::default();
-        save_model(&mut self.replica.trainer, &mut w);
-        save_cache(&mut all, &mut w);
+        self.replica.save_model(&mut w);
+        save_cache(&all, &mut w);
         let header = serde_json::json!({
             "config": self.cfg,
             "step": self.step,
@@ -339,7 +340,7 @@ impl<M: Replicated> Worker<M> {
     /// (collective).
     pub fn checksums(&mut self) -> Vec<u32> {
         let mut w = Writer::default();
-        save_model(&mut self.replica.trainer, &mut w);
+        self.replica.save_model(&mut w);
         let mine = [crc32fast::hash(&w.0)];
         let mut all = vec![0u32; self.comm.size()];
         self.comm.all_gather("checksum", &mine, &mut all);
