@@ -14,8 +14,11 @@ use negcache_host::train::Run;
 
 mod common;
 
-/// Steps of the run: a checkpoint after every one.
-const STEPS: &str = "40";
+/// Steps of the run: a checkpoint after every one. Enough that the kill
+/// schedule below interrupts the run at least ten times on a quiet
+/// machine: a step here (mostly its 25 MB checkpoint) takes about 55 ms,
+/// so an attempt killed after 150-900 ms gets a few steps further.
+const STEPS: &str = "80";
 /// Seed of the kill schedule.
 const SCHEDULE_SEED: u64 = 0x5eed_0fc0_ffee;
 /// At most this many kills; then the run is let finish.
