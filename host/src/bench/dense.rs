@@ -136,6 +136,9 @@ pub fn run_one(name: &str, seconds: f64) -> anyhow::Result<DenseFigure> {
 /// writes the figures to `json` and a report beside the TF figures to
 /// `markdown`, if given.
 pub fn run_all(seconds: f64, json: Option<&Path>, markdown: Option<&Path>) -> anyhow::Result<Vec<DenseFigure>> {
+    // The load before any configuration runs: how idle the machine was.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     let exe = std::env::current_exe().context("cannot find this program to run the configurations")?;
     let mut figures = Vec::new();
     for (name, ..) in CONFIGS {
@@ -153,9 +156,8 @@ pub fn run_all(seconds: f64, json: Option<&Path>, markdown: Option<&Path>) -> an
             serde_json::from_slice(&out.stdout).with_context(|| format!("configuration {name} printed no figures"))?;
         figures.push(fig);
     }
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("dense benchmark model (F 128, Dense(128, relu) -> Dense(64) -> L2, batch 32, Adam)");
-    println!("load average: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    println!("load average before the runs: {load}");
     println!("{:<22} {:>10} {:>8} {:>14} {:>8}", "config", "steps/s", "windows", "peak RSS MiB", "threads");
     for f in &figures {
         println!("{:<22} {:>10.1} {:>8} {:>14.1} {:>8}", f.name, f.steps_per_s, f.windows, f.peak_rss_mib, f.threads);
@@ -163,7 +165,7 @@ pub fn run_all(seconds: f64, json: Option<&Path>, markdown: Option<&Path>) -> an
     if let Some(path) = json {
         let doc = serde_json::json!({
             "model": "dense F=128, Dense(128, relu) -> Dense(64) -> L2, alpha 20, batch 32, Adam; items carry features",
-            "load_average": load.trim(),
+            "load_average": load,
             "machine": super::machine().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
             "configs": figures,
         });
@@ -174,7 +176,7 @@ pub fn run_all(seconds: f64, json: Option<&Path>, markdown: Option<&Path>) -> an
         eprintln!("wrote {}", path.display());
     }
     if let Some(path) = markdown {
-        let text = report(&figures, load.trim(), seconds);
+        let text = report(&figures, &load, seconds);
         crate::checkpoint::write_atomically(path, |w| Ok(w.write_all(text.as_bytes())?))?;
         eprintln!("wrote {}", path.display());
     }
@@ -197,7 +199,7 @@ fn report(figures: &[DenseFigure], load: &str, seconds: f64) -> String {
          their features. Each configuration ran in its own process after 20 warm-up steps; steps/s is the median \
          over timed windows.\n"
     );
-    let _ = writeln!(out, "Machine: {model}. Load average before the table was printed: {load}.\n");
+    let _ = writeln!(out, "Machine: {model}. Load average before the runs: {load}.\n");
     let _ = writeln!(
         out,
         "The TF figures are the original library's on this machine kind with 2 threads, measured side by side \
