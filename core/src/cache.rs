@@ -200,8 +200,9 @@ pub struct SlotsMut<'a, I, const DIM: usize> {
     pub embeddings: &'a mut [[f32; DIM]],
     /// One item per slot.
     pub items: &'a mut [I],
-    /// Each slot's [`Item::key`]. Code that writes `items` directly must
-    /// write the keys too, or call [`CacheMut::rekey`] afterwards.
+    /// Each slot's [`Item::key`] (0 in an empty slot; only occupied slots'
+    /// keys are compared). Code that writes `items` directly must write the
+    /// keys too, or call [`CacheMut::rekey`] afterwards.
     pub keys: &'a mut [u64],
     /// One age per slot.
     pub ages: &'a mut [i32],
@@ -428,7 +429,7 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
     pub fn clear(&mut self) {
         self.embeddings.fill([0.0; DIM]);
         self.items.fill(I::EMPTY);
-        self.keys.fill(I::EMPTY.key());
+        self.keys.fill(0);
         self.ages.fill(0);
         self.stamps.fill(0);
         self.occupied.fill(false);

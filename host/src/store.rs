@@ -32,7 +32,7 @@ impl<I: Item, const DIM: usize> OwnedCache<I, DIM> {
         Ok(Self {
             embeddings: vec![[0.0; DIM]; capacity],
             items: vec![I::EMPTY; capacity],
-            keys: vec![I::EMPTY.key(); capacity],
+            keys: vec![0; capacity],
             ages: vec![0; capacity],
             stamps: vec![0; capacity],
             occupied: vec![false; capacity],
