@@ -46,6 +46,8 @@
 //!   writes), its fast `exp`, its per-query random streams, quantized cache
 //!   rows and exactly merged shards, one file per concern.
 //! - [`sampler`]: how negatives are chosen among candidates.
+//! - [`parallel`]: how the pass's pieces run, in turn or on the caller's
+//!   threads ([`Fork`]).
 //! - [`softmax`]: in-batch, sampled and full softmax, for comparison.
 //! - [`random`]: random variates from a caller-supplied generator.
 //! - [`retrieve`]: exact top-k over stored embeddings, in a caller's buffer.
@@ -65,6 +67,7 @@ pub mod layers;
 pub mod loss;
 mod math;
 pub mod optim;
+pub mod parallel;
 pub mod random;
 pub mod remainder;
 pub mod retrieve;
@@ -80,6 +83,7 @@ pub use cache::{CacheMut, CacheRef, Eviction, NegativeCache, SlotsMut, Update};
 pub use error::{Error, Result};
 pub use item::Item;
 pub use loss::{CacheLoss, ControlVariate, LossConfig, LossGrads, LossSummary, TopKOut};
+pub use parallel::{Fork, Serial};
 pub use retrieve::{Hit, TopK};
 pub use sampler::Retrieval;
 pub use tower::{Model, Towers};

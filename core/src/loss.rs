@@ -82,6 +82,7 @@ use crate::error::{check_len, Error, Result};
 use crate::item::Item;
 use crate::kernel::{self, Mode, Outputs, Pass, Rows};
 use crate::math;
+use crate::parallel::{Fork, Serial};
 use crate::sampler::{inclusion_probability, Jump, LogSumExp, Picks, Retrieval};
 use crate::vector::{self, dot};
 
@@ -201,6 +202,7 @@ pub struct CacheLoss<const BATCH: usize, const NEG: usize> {
     training: [f32; BATCH],
     staleness: [f32; BATCH],
     hit_keys: [u64; BATCH],
+    seeds: [u64; BATCH],
     found: [u32; BATCH],
     found_valid: bool,
 }
@@ -227,6 +229,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
             training: [0.0; BATCH],
             staleness: [0.0; BATCH],
             hit_keys: [0; BATCH],
+            seeds: [0; BATCH],
             found: [NO_SLOT; BATCH],
             found_valid: false,
         }
@@ -250,7 +253,18 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
         rng: &mut impl RngCore,
         top_k_out: Option<TopKOut<'_>>,
     ) -> Result<()> {
-        self.score_and_sample_with(cache, queries, positives, positive_items, cfg, retrieval, rng, top_k_out, None)
+        self.score_and_sample_with(
+            cache,
+            queries,
+            positives,
+            positive_items,
+            cfg,
+            retrieval,
+            rng,
+            top_k_out,
+            None,
+            &Serial,
+        )
     }
 
     /// [`Self::score_and_sample`], and, if `candidate_mean` is given (one
@@ -259,6 +273,10 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
     /// without candidates), accumulated in the same pass: the input of a
     /// [`ControlVariate`]. It costs `DIM` multiply-adds per candidate and
     /// query, as much again as the scoring.
+    ///
+    /// The pass runs on `fork` ([`Serial`] for the calling thread), split
+    /// at tiles of [`kernel::TILE`] queries; the results are the same bits
+    /// whatever `fork` is (see [`crate::parallel`]).
     #[allow(clippy::too_many_arguments)]
     pub fn score_and_sample_with<I: Item, const DIM: usize>(
         &mut self,
@@ -271,6 +289,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
         rng: &mut impl RngCore,
         top_k_out: Option<TopKOut<'_>>,
         candidate_mean: Option<&mut [[f32; DIM]]>,
+        fork: &impl Fork,
     ) -> Result<()> {
         let bsz = queries.len();
         self.found_valid = false;
@@ -300,7 +319,6 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
                 *k = item.key();
             }
         }
-        let mut top_k_out = top_k_out;
         if let Some(out) = &top_k_out {
             if cfg.top_k == 0 {
                 return Err(Error::InvalidConfig { what: "top-k output asked for without top-k" });
@@ -379,17 +397,26 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
                 Mode::Fixed(chosen)
             }
         };
-        let mut out = Outputs {
+        let random = matches!(mode, Mode::Jump1 | Mode::Jump(_) | Mode::Gumbel(_));
+        if random {
+            // Each query's stream seed, in query order: what the pass would
+            // draw tile by tile, drawn before it is split.
+            for seed in &mut self.seeds[..bsz] {
+                *seed = rng.next_u64();
+            }
+        }
+        let out = Outputs {
             lse: &mut self.lse[..bsz],
             picks: &mut self.picks[..bsz],
             jump: &mut self.jump[..bsz],
             group: &mut self.group[..bsz],
-            top: top_k_out.as_mut(),
+            top: top_k_out,
             mean: candidate_mean,
             found: masking.then_some(&mut self.found[..bsz]),
         };
         let hit_keys = masking.then_some(&self.hit_keys[..bsz]);
-        let finite = stream(cache, queries, hit_keys, alpha, top_k, mode, &mut out, rng);
+        let seeds = if random { &self.seeds[..bsz] } else { &[] };
+        let finite = stream(cache, queries, hit_keys, alpha, top_k, mode, out, seeds, fork);
         if !finite {
             return Err(Error::NonFinite { what: "cache score" });
         }
@@ -853,8 +880,9 @@ pub fn relative_staleness<const DIM: usize>(stale: &[f32; DIM], fresh: &[f32; DI
 /// ties), at the end of its group. Returns false if a candidate's score was
 /// not finite.
 ///
-/// The work is done by [`kernel::pass`] (blocked scoring, block-wise
-/// log-sum-exp, one random stream per query; see `crate::kernel`). With
+/// The work is done by `kernel::pass_on` (blocked scoring, block-wise
+/// log-sum-exp, one random stream per query, tiles of queries split over
+/// `fork`; see `crate::kernel`). With
 /// the `int8-scoring` feature the cache is read through int8 quantization.
 #[allow(clippy::too_many_arguments)]
 fn stream<I: Item, const DIM: usize, const NEG: usize>(
@@ -864,8 +892,9 @@ fn stream<I: Item, const DIM: usize, const NEG: usize>(
     alpha: f32,
     top_k: usize,
     mode: Mode<'_>,
-    out: &mut Outputs<'_, '_, NEG, DIM>,
-    rng: &mut impl RngCore,
+    out: Outputs<'_, NEG, DIM>,
+    seeds: &[u64],
+    fork: &impl Fork,
 ) -> bool {
     #[cfg(feature = "int8-scoring")]
     let rows = kernel::QuantizedView(cache.embeddings());
@@ -882,7 +911,7 @@ fn stream<I: Item, const DIM: usize, const NEG: usize>(
         top_k,
         mode,
     };
-    kernel::pass(&p, out, rng)
+    kernel::pass_on(fork, &p, out, seeds)
 }
 
 #[cfg(test)]
@@ -1546,8 +1575,19 @@ mod tests {
             let mut loss = CacheLoss::<20, 1>::new();
             let mut mean = [[0.0f32; D]; 20];
             let ret = Retrieval::Gumbel { inv_temp: 1.0 };
-            loss.score_and_sample_with(cache.as_ref(), &q, &q, Some(&items), &cfg, ret, &mut r, None, Some(&mut mean))
-                .unwrap();
+            loss.score_and_sample_with(
+                cache.as_ref(),
+                &q,
+                &q,
+                Some(&items),
+                &cfg,
+                ret,
+                &mut r,
+                None,
+                Some(&mut mean),
+                &Serial,
+            )
+            .unwrap();
             for b in 0..20 {
                 let cand: heapless::Vec<usize, 37> = (0..37).filter(|&j| j != 5 && !(b == 3 && j == 7)).collect();
                 let cand: heapless::Vec<usize, 37> = if top_k == 1 {
@@ -1584,9 +1624,86 @@ mod tests {
             &mut r,
             None,
             Some(&mut mean),
+            &Serial,
         )
         .unwrap();
         assert_eq!(mean, [[0.0; D]; 1]);
+    }
+
+    /// Runs `b` before `a` and claims four pieces at once: a split pass
+    /// must not depend on the order its pieces run in.
+    struct Reversed;
+
+    impl Fork for Reversed {
+        fn join<A: FnOnce() + Send, B: FnOnce() + Send>(&self, a: A, b: B) {
+            b();
+            a();
+        }
+
+        fn width(&self) -> usize {
+            4
+        }
+
+        fn min_piece_work(&self) -> usize {
+            0
+        }
+    }
+
+    #[test]
+    fn a_split_pass_computes_the_serial_bits() {
+        // 50 queries (three full tiles and a partial one) against 300
+        // slots (a partial block), an empty slot, masked positives, in
+        // every mode: outputs, draws and weights bit for bit.
+        let mut r = rng(21);
+        let emb: [[f32; D]; 300] = random_rows(&mut r, 0.8);
+        let mut cache = filled(&emb);
+        cache.as_mut().set_occupied(17, false).unwrap();
+        let q: [[f32; D]; 50] = random_rows(&mut r, 1.0);
+        let items: [u32; 50] = core::array::from_fn(|b| (b as u32 * 7) % 300);
+        let fixed: [usize; 50] = core::array::from_fn(|b| (b * 3) % 5);
+        let modes = [
+            (Retrieval::ExpJump { inv_temp: 1.0 }, 0),
+            (Retrieval::ExpJump { inv_temp: 0.5 }, 0),
+            (Retrieval::Gumbel { inv_temp: 0.7 }, 0),
+            (Retrieval::MaxScore, 0),
+            (Retrieval::Gumbel { inv_temp: 1.0 }, 5),
+            (Retrieval::Fixed(&fixed), 5),
+        ];
+        for (ret, top_k) in modes {
+            let cfg = LossConfig { score_scale: 3.0, top_k, mask_accidental_hits: true };
+            let run = |split: bool| {
+                let mut loss = CacheLoss::<50, 1>::new();
+                let mut mean = [[0.0f32; D]; 50];
+                let (mut ts, mut tl) = ([0.0f32; 250], [0u32; 250]);
+                let top = (top_k > 0).then(|| TopKOut { scores: &mut ts[..], slots: &mut tl[..] });
+                let mut g = rng(5);
+                let (m, p) = (Some(&mut mean[..]), Some(&items[..]));
+                let cache = cache.as_ref();
+                if split {
+                    loss.score_and_sample_with(cache, &q, &q, p, &cfg, ret, &mut g, top, m, &Reversed).unwrap();
+                } else {
+                    loss.score_and_sample_with(cache, &q, &q, p, &cfg, ret, &mut g, top, m, &Serial).unwrap();
+                }
+                (loss, mean, ts, tl, g.next_u64())
+            };
+            let (a, b) = (run(false), run(true));
+            for k in 0..50 {
+                assert_eq!(a.0.negatives(k), b.0.negatives(k), "{ret:?} query {k}");
+                assert_eq!(a.0.positive_slot(k), b.0.positive_slot(k));
+                assert_eq!(a.0.candidate_lse(k).max.to_bits(), b.0.candidate_lse(k).max.to_bits());
+                assert_eq!(a.0.candidate_lse(k).sum.to_bits(), b.0.candidate_lse(k).sum.to_bits());
+                assert_eq!(a.0.sampling_lse(k).sum.to_bits(), b.0.sampling_lse(k).sum.to_bits());
+                let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<heapless::Vec<u32, 1>>();
+                assert_eq!(bits(a.0.negative_weights(k)), bits(b.0.negative_weights(k)));
+                for d in 0..D {
+                    assert_eq!(a.1[k][d].to_bits(), b.1[k][d].to_bits());
+                }
+            }
+            assert_eq!(a.2.map(f32::to_bits), b.2.map(f32::to_bits));
+            assert_eq!(a.3, b.3);
+            // The caller's generator advanced by the same draws.
+            assert_eq!(a.4, b.4);
+        }
     }
 
     #[test]
@@ -1623,6 +1740,7 @@ mod tests {
                     &mut r,
                     None,
                     Some(&mut mean),
+                    &Serial,
                 )
                 .unwrap();
                 neg = 1.0 - loss.prob_pos()[0] as f64;
@@ -1680,6 +1798,7 @@ mod tests {
             &mut r,
             None,
             Some(&mut mean),
+            &Serial,
         );
         assert!(matches!(e, Err(Error::LengthMismatch { .. })), "{e:?}");
         loss.score_and_sample(cache.as_ref(), &[Q5], &[P5], None, &NO_MASK, Retrieval::MaxScore, &mut r, None).unwrap();

@@ -13,7 +13,8 @@
 //!    paper's "refresh a small fraction of the cache per step");
 //! 2. embeds the batch's queries and positives;
 //! 3. scores every query against the cache and draws its negatives in one
-//!    streaming pass ([`CacheLoss::score_and_sample`]);
+//!    streaming pass ([`CacheLoss::score_and_sample`]), split over the
+//!    caller's threads by [`Trainer::step_on`];
 //! 4. embeds the drawn negatives afresh and computes the loss and its
 //!    gradients ([`CacheLoss::backward`]);
 //! 5. back-propagates through both towers and steps the optimiser;
@@ -35,6 +36,7 @@ use crate::error::{check_len, Error, Result};
 use crate::item::Item;
 use crate::loss::{CacheLoss, ControlVariate, LossConfig, LossGrads};
 use crate::optim::{Optimizer, OptimizerKind};
+use crate::parallel::{Fork, Serial};
 use crate::random;
 use crate::remainder::{self, CacheSide, RemainderGrads};
 use crate::sampler::{LogSumExp, Retrieval};
@@ -436,8 +438,28 @@ where
     /// the negative cache (and, for the sampled and full objectives, the
     /// table of their embeddings); `corpus` is needed by the sampled and
     /// full objectives and may be empty otherwise.
+    ///
+    /// Everything runs on the calling thread; [`Self::step_on`] runs the
+    /// scoring pass on the caller's threads, with the same result.
     pub fn step(
         &mut self,
+        cache: &mut CacheMut<'_, I, DIM>,
+        batch: &Batch<'_, Q, I>,
+        corpus: &[I],
+        lr: f32,
+        rng: &mut impl RngCore,
+    ) -> Result<StepReport> {
+        self.step_on(&Serial, cache, batch, corpus, lr, rng)
+    }
+
+    /// [`Self::step`] with the cache objectives' scoring pass split over
+    /// `fork` at tiles of [`crate::kernel::TILE`] queries (a batch of 32
+    /// is two pieces). The step is the same bits whatever `fork` is: each
+    /// query draws from its own random stream, seeded in query order
+    /// before the split (see [`crate::parallel`]).
+    pub fn step_on(
+        &mut self,
+        fork: &impl Fork,
         cache: &mut CacheMut<'_, I, DIM>,
         batch: &Batch<'_, Q, I>,
         corpus: &[I],
@@ -456,7 +478,7 @@ where
         self.model.zero_grad();
         let mut report = match self.cfg.objective {
             Objective::Cache | Objective::CacheMixed | Objective::CacheInBatch | Objective::CacheShared => {
-                self.cache_step(cache, batch, rng)?
+                self.cache_step(cache, batch, rng, fork)?
             }
             Objective::InBatch => self.in_batch_step(batch)?,
             Objective::Sampled { negatives } => self.sampled_step(cache, batch, corpus, negatives, rng)?,
@@ -520,6 +542,7 @@ where
         cache: &mut CacheMut<'_, I, DIM>,
         batch: &Batch<'_, Q, I>,
         rng: &mut impl RngCore,
+        fork: &impl Fork,
     ) -> Result<StepReport> {
         let bsz = batch.queries.len();
         let mut evals = self.refresh_stalest(cache)?;
@@ -550,6 +573,7 @@ where
             rng,
             None,
             control.map(|_| &mut self.candidate_mean[..bsz]),
+            fork,
         );
         if in_batch {
             set_occupied(cache, &self.slots[..bsz], &self.pos_cached[..bsz], true)?;

@@ -18,4 +18,5 @@ pub mod report;
 pub mod resume;
 pub mod session;
 pub mod store;
+pub mod threads;
 pub mod train;

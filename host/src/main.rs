@@ -19,6 +19,11 @@ use negcache_host::{convergence, reference, resume};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Threads for the training step's scoring pass, 0 for one per core.
+    /// A step computes the same bits whatever the number, so it is not a
+    /// setting of the run.
+    #[arg(long, global = true, default_value_t = 0)]
+    threads: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -215,6 +220,10 @@ fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut Cli::command()).exit());
     let Some((_, flags)) = matches.subcommand() else { unreachable!("clap requires a subcommand") };
+    if let Err(e) = negcache_host::threads::configure(cli.threads) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
     match run(cli, flags) {
         Ok(code) => code,
         Err(e) => {

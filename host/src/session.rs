@@ -8,6 +8,8 @@
 //! and its cache are a [`CachedTrainer`], which also writes and reads the
 //! checkpoint body; a distributed run's replicas are ones too.
 
+use std::sync::Arc;
+
 use negcache::layers::ParamVisitor;
 use negcache::tower::{SeparateTowers, SharedTokenTowers, SiameseTowers, Side, TokenModel, TowerConfig, Towers};
 use negcache::trainer::{Batch, StepReport, Trainer, TrainerConfig};
@@ -18,6 +20,7 @@ use crate::checkpoint::{Reader, Writer};
 use crate::featurize::{ItemTokens, QueryTokens, ITEM_TOKENS};
 use crate::memory::boxed;
 use crate::store::OwnedCache;
+use crate::threads::{self, Threads};
 
 /// Rows of each token table.
 pub const BUCKETS: usize = 1 << 15;
@@ -72,6 +75,9 @@ pub trait Session: Send + Sync {
         lr: f32,
         rng: &mut Pcg64Mcg,
     ) -> negcache::Result<StepReport>;
+    /// Runs the following steps' scoring pass on `threads` (the result
+    /// does not depend on them).
+    fn set_threads(&mut self, threads: Arc<Threads>);
     /// Embeds with one tower.
     fn embed(&self, side: Side, tokens: &[u32], out: &mut [f32; DIM]);
     /// The trainer's settings.
@@ -113,6 +119,8 @@ pub struct CachedTrainer<M, const N: usize> {
     pub trainer: Box<TokenTrainer<M, N>>,
     /// The cache the trainer is lent at every call.
     pub cache: OwnedCache<ItemTokens, DIM>,
+    /// The threads the step's scoring pass runs on.
+    pub threads: Arc<Threads>,
 }
 
 impl<M, const N: usize> std::fmt::Debug for CachedTrainer<M, N> {
@@ -129,9 +137,10 @@ where
     M: Towers<QueryTokens, ItemTokens, DIM> + TokenModel<DIM> + Send + Sync,
 {
     /// `trainer` with an empty cache of `capacity` slots (both initialised
-    /// by [`Session::init`]).
+    /// by [`Session::init`]), stepping on the process's threads
+    /// ([`threads::shared`]).
     pub fn new(trainer: Box<TokenTrainer<M, N>>, capacity: usize) -> anyhow::Result<Self> {
-        Ok(Self { trainer, cache: OwnedCache::new(capacity)? })
+        Ok(Self { trainer, cache: OwnedCache::new(capacity)?, threads: threads::shared() })
     }
 
     /// Writes the `PARM` and `OPTM` sections: the towers, their optimiser
@@ -215,7 +224,10 @@ where
         lr: f32,
         rng: &mut Pcg64Mcg,
     ) -> negcache::Result<StepReport> {
-        self.trainer.step(&mut self.cache.as_mut(), batch, corpus, lr, rng)
+        self.trainer.step_on(&*self.threads, &mut self.cache.as_mut(), batch, corpus, lr, rng)
+    }
+    fn set_threads(&mut self, threads: Arc<Threads>) {
+        self.threads = threads;
     }
     fn embed(&self, side: Side, tokens: &[u32], out: &mut [f32; DIM]) {
         self.trainer.model.embed(side, tokens, out)

@@ -92,6 +92,7 @@ use core::ops::Range;
 
 use rand_core::RngCore;
 
+use crate::parallel::Fork;
 use crate::random;
 use crate::sampler::{Jump, LogSumExp, Picks};
 
@@ -170,17 +171,121 @@ pub struct TopKOut<'a> {
 /// embeddings, `sum_j softmax(c)_j e_j` (zero without candidates), kept
 /// during the pass like the log-sum-exp: `sum_j exp(c_j - max) e_j`,
 /// rescaled whenever the maximum moves, divided by the sum at the end.
-pub(crate) struct Outputs<'o, 't, const NEG: usize, const DIM: usize> {
+pub(crate) struct Outputs<'o, const NEG: usize, const DIM: usize> {
     pub lse: &'o mut [LogSumExp],
     pub picks: &'o mut [Picks<NEG>],
     pub jump: &'o mut [Jump],
     pub group: &'o mut [(f32, u32)],
-    pub top: Option<&'o mut TopKOut<'t>>,
+    pub top: Option<TopKOut<'o>>,
     pub mean: Option<&'o mut [[f32; DIM]]>,
     /// If given (and `hits` too), receives for each query the lowest
     /// occupied slot holding its positive, or `NO_SLOT`: the in-cache
     /// filter, found by the masking it does anyway.
     pub found: Option<&'o mut [u32]>,
+}
+
+impl<'a, R, const DIM: usize> Pass<'a, R, DIM> {
+    /// The pass of queries `..mid` and the pass of queries `mid..`.
+    fn split_at(&self, mid: usize) -> (Self, Self) {
+        let part = |q: Range<usize>| Pass {
+            rows: self.rows,
+            keys: self.keys,
+            occupied: self.occupied,
+            range: self.range.clone(),
+            queries: &self.queries[q.clone()],
+            hits: self.hits.map(|h| &h[q.clone()]),
+            alpha: self.alpha,
+            top_k: self.top_k,
+            mode: match self.mode {
+                Mode::Fixed(chosen) => Mode::Fixed(&chosen[q]),
+                m => m,
+            },
+        };
+        let n = self.queries.len();
+        (part(0..mid), part(mid..n))
+    }
+}
+
+impl<'o, const NEG: usize, const DIM: usize> Outputs<'o, NEG, DIM> {
+    /// The outputs of queries `..mid` and those of queries `mid..` (the
+    /// top-k rows hold `k` entries per query).
+    fn split_at(self, mid: usize, k: usize) -> (Self, Self) {
+        let (lse_a, lse_b) = self.lse.split_at_mut(mid);
+        let (picks_a, picks_b) = self.picks.split_at_mut(mid);
+        let (jump_a, jump_b) = self.jump.split_at_mut(mid);
+        let (group_a, group_b) = self.group.split_at_mut(mid);
+        let (top_a, top_b) = match self.top {
+            Some(t) => {
+                let (sa, sb) = t.scores.split_at_mut(mid * k);
+                let (ia, ib) = t.slots.split_at_mut(mid * k);
+                (Some(TopKOut { scores: sa, slots: ia }), Some(TopKOut { scores: sb, slots: ib }))
+            }
+            None => (None, None),
+        };
+        let (mean_a, mean_b) = match self.mean {
+            Some(m) => {
+                let (a, b) = m.split_at_mut(mid);
+                (Some(a), Some(b))
+            }
+            None => (None, None),
+        };
+        let (found_a, found_b) = match self.found {
+            Some(f) => {
+                let (a, b) = f.split_at_mut(mid);
+                (Some(a), Some(b))
+            }
+            None => (None, None),
+        };
+        (
+            Outputs {
+                lse: lse_a,
+                picks: picks_a,
+                jump: jump_a,
+                group: group_a,
+                top: top_a,
+                mean: mean_a,
+                found: found_a,
+            },
+            Outputs {
+                lse: lse_b,
+                picks: picks_b,
+                jump: jump_b,
+                group: group_b,
+                top: top_b,
+                mean: mean_b,
+                found: found_b,
+            },
+        )
+    }
+}
+
+/// A bit set over a hash of the tile's positive keys: a slot whose key's
+/// bit is clear holds none of them, so the `B x N` key comparisons of
+/// masking become one test per slot, and a full comparison only on the
+/// rare slots whose bit is set (16 keys in 1,024 bits). It never rules out
+/// a key it holds, so masking finds exactly what the plain scan finds.
+struct KeyFilter([u64; 16]);
+
+impl KeyFilter {
+    fn bit(key: u64) -> usize {
+        // Fibonacci hashing: the top 10 bits of the key times 2^64 / phi.
+        (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as usize
+    }
+
+    fn new(keys: &[u64]) -> Self {
+        let mut bits = [0u64; 16];
+        for &k in keys {
+            let b = Self::bit(k);
+            bits[b / 64] |= 1 << (b % 64);
+        }
+        Self(bits)
+    }
+
+    #[inline(always)]
+    fn may_hold(&self, key: u64) -> bool {
+        let b = Self::bit(key);
+        self.0[b / 64] & (1 << (b % 64)) != 0
+    }
 }
 
 /// Whether the pass keeps a second log-sum-exp over the sampling logits.
@@ -335,12 +440,63 @@ fn score_block<const DIM: usize>(
     }
 }
 
-/// The pass over `p.range` for every query; returns false if a candidate's
-/// score was not finite.
+/// The pass over `p.range` for every query, on the calling thread, each
+/// query's stream seeded by one `rng.next_u64()` in query order; returns
+/// false if a candidate's score was not finite.
 pub(crate) fn pass<R: Rows<DIM>, const DIM: usize, const NEG: usize>(
     p: &Pass<'_, R, DIM>,
-    out: &mut Outputs<'_, '_, NEG, DIM>,
+    out: &mut Outputs<'_, NEG, DIM>,
     rng: &mut impl RngCore,
+) -> bool {
+    tiles(p, out, &mut || rng.next_u64())
+}
+
+/// [`pass`] with the queries' seeds drawn beforehand (`seeds[b]` for query
+/// `b`; unused, and may be empty, when the mode draws nothing), split at
+/// query tiles over `fork`. Each tile computes what it computes in
+/// [`pass`], so the result is the same bits whatever `fork` does.
+pub(crate) fn pass_on<R: Rows<DIM> + Sync, F: Fork, const DIM: usize, const NEG: usize>(
+    fork: &F,
+    p: &Pass<'_, R, DIM>,
+    out: Outputs<'_, NEG, DIM>,
+    seeds: &[u64],
+) -> bool {
+    split_tiles(fork, p, out, seeds, fork.width())
+}
+
+/// Runs `parts` pieces of `p`'s queries, cut at tile boundaries.
+fn split_tiles<R: Rows<DIM> + Sync, F: Fork, const DIM: usize, const NEG: usize>(
+    fork: &F,
+    p: &Pass<'_, R, DIM>,
+    mut out: Outputs<'_, NEG, DIM>,
+    seeds: &[u64],
+    parts: usize,
+) -> bool {
+    let n_tiles = p.queries.len().div_ceil(TILE);
+    let tile_work = p.range.len() * DIM * TILE;
+    if parts <= 1 || n_tiles <= 1 || tile_work < fork.min_piece_work() {
+        let mut next = seeds.iter().copied();
+        return tiles(p, &mut out, &mut || next.next().unwrap_or(0));
+    }
+    let left_parts = parts / 2;
+    let mid = (n_tiles * left_parts / parts).max(1) * TILE;
+    let (pa, pb) = p.split_at(mid);
+    let (oa, ob) = out.split_at(mid, p.top_k);
+    let (sa, sb) = seeds.split_at(mid.min(seeds.len()));
+    let (mut fa, mut fb) = (true, true);
+    fork.join(
+        || fa = split_tiles(fork, &pa, oa, sa, left_parts),
+        || fb = split_tiles(fork, &pb, ob, sb, parts - left_parts),
+    );
+    fa && fb
+}
+
+/// Every query tile of `p` in turn; `seed` gives each query's stream seed
+/// in query order (called only by the random modes).
+fn tiles<R: Rows<DIM>, const DIM: usize, const NEG: usize>(
+    p: &Pass<'_, R, DIM>,
+    out: &mut Outputs<'_, NEG, DIM>,
+    seed: &mut dyn FnMut() -> u64,
 ) -> bool {
     let bsz = p.queries.len();
     let random = matches!(p.mode, Mode::Jump1 | Mode::Jump(_) | Mode::Gumbel(_));
@@ -352,7 +508,7 @@ pub(crate) fn pass<R: Rows<DIM>, const DIM: usize, const NEG: usize>(
         for l in 0..nq {
             t.picks[l] = out.picks[q0 + l];
             if random {
-                t.rng[l] = LaneRng::new(rng.next_u64());
+                t.rng[l] = LaneRng::new(seed());
             }
         }
         if let Some(mean) = out.mean.as_deref_mut() {
@@ -396,10 +552,11 @@ fn tile<R: Rows<DIM>, const DIM: usize, const NEG: usize>(
     q0: usize,
     nq: usize,
     t: &mut Lanes<NEG>,
-    out: &mut Outputs<'_, '_, NEG, DIM>,
+    out: &mut Outputs<'_, NEG, DIM>,
 ) {
     let halves = nq.div_ceil(LANES);
     let hits = p.hits.map(|h| &h[q0..q0 + nq]);
+    let filter = hits.map(KeyFilter::new);
     let mut buf = [[0.0f32; DIM]; BLOCK];
     let mut c = [[0.0f32; TILE]; BLOCK];
     let mut j0 = p.range.start;
@@ -424,10 +581,10 @@ fn tile<R: Rows<DIM>, const DIM: usize, const NEG: usize>(
         let occ = &p.occupied[j0..j0 + nb];
         let mut hit = [0u32; BLOCK];
         let mut any_hit = false;
-        if let Some(h) = hits {
+        if let (Some(h), Some(filter)) = (hits, &filter) {
             for s in 0..nb {
-                if occ[s] {
-                    let key = p.keys[j0 + s];
+                let key = p.keys[j0 + s];
+                if occ[s] && filter.may_hold(key) {
                     for (l, &y) in h.iter().enumerate() {
                         if key == y {
                             hit[s] |= 1 << l;
@@ -607,7 +764,7 @@ fn top_k_block<R: Rows<DIM>, const DIM: usize, const NEG: usize>(
     nq: usize,
     c: &[[f32; TILE]; BLOCK],
     t: &mut Lanes<NEG>,
-    out: &mut Outputs<'_, '_, NEG, DIM>,
+    out: &mut Outputs<'_, NEG, DIM>,
 ) {
     let n = p.rows.len();
     let k = p.top_k;
@@ -694,4 +851,31 @@ fn candidate<const NEG: usize>(
         }
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeyFilter;
+    use crate::random;
+    use rand_core::{RngCore, SeedableRng};
+    use rand_pcg::Pcg64Mcg;
+
+    #[test]
+    fn the_key_filter_keeps_its_keys_and_passes_few_others() {
+        let mut r = Pcg64Mcg::seed_from_u64(3);
+        let mut passed = 0;
+        for round in 0..50 {
+            // Small integers (the keys of integer items) and fingerprints.
+            let keys: [u64; 16] =
+                core::array::from_fn(|i| if round % 2 == 0 { (round * 16 + i) as u64 } else { r.next_u64() });
+            let f = KeyFilter::new(&keys);
+            assert!(keys.iter().all(|&k| f.may_hold(k)));
+            for _ in 0..1000 {
+                let k = if round % 2 == 0 { u64::from(random::below(&mut r, 1 << 20)) + 10_000 } else { r.next_u64() };
+                passed += usize::from(f.may_hold(k));
+            }
+        }
+        // At most 16 of 1,024 bits set: about 1.6% pass; allow 3%.
+        assert!(passed < 1500, "{passed} of 50,000 other keys passed");
+    }
 }

@@ -218,7 +218,7 @@ impl<M: Replicated> Worker<M> {
             self.positives.push(data.features.items[d as usize]);
         }
         let lr = self.cfg.lr_at(self.step);
-        let Replica { trainer, cache } = &mut self.replica;
+        let Replica { trainer, cache, .. } = &mut self.replica;
         self.laps.start();
         trainer.model.zero_grad();
         let mut evals = trainer.refresh_stalest(&mut cache.as_mut())?;

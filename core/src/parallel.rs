@@ -1,0 +1,54 @@
+//! How the core runs independent pieces of work: one after the other
+//! ([`Serial`], the default, and all a microcontroller has) or at once, on
+//! threads the caller owns (the host's thread pool implements [`Fork`]).
+//!
+//! The core only ever splits work whose pieces compute the same bits
+//! whatever runs them and in whatever order: the scoring pass splits its
+//! batch at query tiles, and each query draws from its own random stream
+//! seeded in query order before the split (see [`crate::kernel`]). A run is
+//! therefore the same on one thread, on many, and on the firmware.
+
+/// Runs two closures, possibly at the same time, and returns when both are
+/// done: the fork-join primitive (`rayon::join`'s shape).
+pub trait Fork: Sync {
+    /// Runs `a` and `b` to completion, in any order or concurrently.
+    fn join<A, B>(&self, a: A, b: B)
+    where
+        A: FnOnce() + Send,
+        B: FnOnce() + Send;
+
+    /// How many pieces are worth running at once; 1 means never split.
+    fn width(&self) -> usize;
+
+    /// The least work, in multiply-adds, worth handing to another piece:
+    /// below it a hand-over costs more than it saves. It changes only
+    /// speed, never a result.
+    fn min_piece_work(&self) -> usize {
+        MIN_PIECE_WORK
+    }
+}
+
+/// The default [`Fork::min_piece_work`]: 2^24 multiply-adds. On the 2-core
+/// VM of `docs/results/bench-dense.md` a split of the pass over a cache
+/// of 4,096 slots (2^22 per piece) made the step slower and one of 65,536
+/// slots (2^26) made it faster.
+pub const MIN_PIECE_WORK: usize = 1 << 24;
+
+/// Everything on the calling thread, `a` then `b`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Serial;
+
+impl Fork for Serial {
+    fn join<A, B>(&self, a: A, b: B)
+    where
+        A: FnOnce() + Send,
+        B: FnOnce() + Send,
+    {
+        a();
+        b();
+    }
+
+    fn width(&self) -> usize {
+        1
+    }
+}
