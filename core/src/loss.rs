@@ -202,7 +202,6 @@ pub struct CacheLoss<const BATCH: usize, const NEG: usize> {
     training: [f32; BATCH],
     staleness: [f32; BATCH],
     hit_keys: [u64; BATCH],
-    seeds: [u64; BATCH],
     found: [u32; BATCH],
     found_valid: bool,
 }
@@ -229,7 +228,6 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
             training: [0.0; BATCH],
             staleness: [0.0; BATCH],
             hit_keys: [0; BATCH],
-            seeds: [0; BATCH],
             found: [NO_SLOT; BATCH],
             found_valid: false,
         }
@@ -397,14 +395,6 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
                 Mode::Fixed(chosen)
             }
         };
-        let random = matches!(mode, Mode::Jump1 | Mode::Jump(_) | Mode::Gumbel(_));
-        if random {
-            // Each query's stream seed, in query order: what the pass would
-            // draw tile by tile, drawn before it is split.
-            for seed in &mut self.seeds[..bsz] {
-                *seed = rng.next_u64();
-            }
-        }
         let out = Outputs {
             lse: &mut self.lse[..bsz],
             picks: &mut self.picks[..bsz],
@@ -415,8 +405,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
             found: masking.then_some(&mut self.found[..bsz]),
         };
         let hit_keys = masking.then_some(&self.hit_keys[..bsz]);
-        let seeds = if random { &self.seeds[..bsz] } else { &[] };
-        let finite = stream(cache, queries, hit_keys, alpha, top_k, mode, out, seeds, fork);
+        let finite = stream(cache, queries, hit_keys, alpha, top_k, mode, out, rng, fork);
         if !finite {
             return Err(Error::NonFinite { what: "cache score" });
         }
@@ -893,7 +882,7 @@ fn stream<I: Item, const DIM: usize, const NEG: usize>(
     top_k: usize,
     mode: Mode<'_>,
     out: Outputs<'_, NEG, DIM>,
-    seeds: &[u64],
+    rng: &mut impl RngCore,
     fork: &impl Fork,
 ) -> bool {
     #[cfg(feature = "int8-scoring")]
@@ -911,7 +900,7 @@ fn stream<I: Item, const DIM: usize, const NEG: usize>(
         top_k,
         mode,
     };
-    kernel::pass_on(fork, &p, out, seeds)
+    kernel::pass_on(fork, &p, out, rng)
 }
 
 #[cfg(test)]
@@ -1651,16 +1640,17 @@ mod tests {
 
     #[test]
     fn a_split_pass_computes_the_serial_bits() {
-        // 50 queries (three full tiles and a partial one) against 300
-        // slots (a partial block), an empty slot, masked positives, in
-        // every mode: outputs, draws and weights bit for bit.
+        // 150 queries (two chunks of seeds: 128 and 22; nine full tiles
+        // and a partial one) against 300 slots (a partial block), an
+        // empty slot, masked positives, in every mode: outputs, draws and
+        // weights bit for bit.
         let mut r = rng(21);
         let emb: [[f32; D]; 300] = random_rows(&mut r, 0.8);
         let mut cache = filled(&emb);
         cache.as_mut().set_occupied(17, false).unwrap();
-        let q: [[f32; D]; 50] = random_rows(&mut r, 1.0);
-        let items: [u32; 50] = core::array::from_fn(|b| (b as u32 * 7) % 300);
-        let fixed: [usize; 50] = core::array::from_fn(|b| (b * 3) % 5);
+        let q: [[f32; D]; 150] = random_rows(&mut r, 1.0);
+        let items: [u32; 150] = core::array::from_fn(|b| (b as u32 * 7) % 300);
+        let fixed: [usize; 150] = core::array::from_fn(|b| (b * 3) % 5);
         let modes = [
             (Retrieval::ExpJump { inv_temp: 1.0 }, 0),
             (Retrieval::ExpJump { inv_temp: 0.5 }, 0),
@@ -1672,9 +1662,9 @@ mod tests {
         for (ret, top_k) in modes {
             let cfg = LossConfig { score_scale: 3.0, top_k, mask_accidental_hits: true };
             let run = |split: bool| {
-                let mut loss = CacheLoss::<50, 1>::new();
-                let mut mean = [[0.0f32; D]; 50];
-                let (mut ts, mut tl) = ([0.0f32; 250], [0u32; 250]);
+                let mut loss = CacheLoss::<150, 1>::new();
+                let mut mean = [[0.0f32; D]; 150];
+                let (mut ts, mut tl) = ([0.0f32; 750], [0u32; 750]);
                 let top = (top_k > 0).then(|| TopKOut { scores: &mut ts[..], slots: &mut tl[..] });
                 let mut g = rng(5);
                 let (m, p) = (Some(&mut mean[..]), Some(&items[..]));
@@ -1687,7 +1677,7 @@ mod tests {
                 (loss, mean, ts, tl, g.next_u64())
             };
             let (a, b) = (run(false), run(true));
-            for k in 0..50 {
+            for k in 0..150 {
                 assert_eq!(a.0.negatives(k), b.0.negatives(k), "{ret:?} query {k}");
                 assert_eq!(a.0.positive_slot(k), b.0.positive_slot(k));
                 assert_eq!(a.0.candidate_lse(k).max.to_bits(), b.0.candidate_lse(k).max.to_bits());

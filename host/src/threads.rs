@@ -94,16 +94,26 @@ pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+static COUNT: OnceLock<usize> = OnceLock::new();
 static SHARED: OnceLock<Arc<Threads>> = OnceLock::new();
 
-/// Sets the process's threads (the `--threads` flag; 0 for one per core),
-/// once, before the first [`shared`].
+/// Sets the process's thread count (the `--threads` flag; 0 for one per
+/// core), once; the pool starts at the first [`shared`], so a command that
+/// trains nothing starts no thread.
 pub fn configure(count: usize) -> anyhow::Result<()> {
-    let threads = Arc::new(Threads::new(count)?);
-    SHARED.set(threads).map_err(|_| anyhow::anyhow!("the process's threads were already set"))
+    COUNT.set(count).map_err(|_| anyhow::anyhow!("the process's threads were already set"))
 }
 
-/// The process's threads: those [`configure`]d, or one per core.
+/// The process's threads: as many as [`configure`]d, or one per core; on
+/// the calling thread alone if the pool cannot start.
 pub fn shared() -> Arc<Threads> {
-    SHARED.get_or_init(|| Arc::new(Threads::new(0).unwrap_or_else(|_| Threads::serial()))).clone()
+    SHARED
+        .get_or_init(|| {
+            let count = COUNT.get().copied().unwrap_or(0);
+            Arc::new(Threads::new(count).unwrap_or_else(|e| {
+                eprintln!("warning: {e:#}; the pass runs on one thread");
+                Threads::serial()
+            }))
+        })
+        .clone()
 }

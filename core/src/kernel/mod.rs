@@ -52,6 +52,17 @@
 //! how queries are tiled or on the order in which lanes are visited, and a
 //! run is still a function of the caller's seed.
 //!
+//! # Threads
+//!
+//! The trainer's pass (`pass_on`) draws the queries' seeds first (up to
+//! 128 queries at a time), in query order, then cuts them at tile
+//! boundaries and runs the pieces
+//! through the caller's [`Fork`]: each tile computes exactly what it
+//! computes in a one-thread pass, so the result is the same bits on any
+//! number of threads (tested with a fork that runs the pieces in reverse).
+//! A piece goes to another thread only when a tile's pass is at least
+//! [`Fork::min_piece_work`] multiply-adds.
+//!
 //! # Sharding
 //!
 //! [`sample_shard`] runs the pass (exponential-jump sampling) over a range
@@ -60,9 +71,11 @@
 //! `W_k / sum_i W_i` (`W_k` the shard's total sampling weight) by a
 //! Gumbel-max over the shards' log-sum-exps. Since shard `k`'s pick is slot
 //! `j` with probability `w_j / W_k`, the merged pick is slot `j` with
-//! probability `w_j / W`: the distribution of an unsharded pass. The host's
-//! benchmark (`negcache bench`) scores the halves of a cache on two threads
-//! this way; the trainer still runs one pass on one thread.
+//! probability `w_j / W`: the distribution of an unsharded pass, though
+//! not its bits. The host's benchmark (`negcache bench`) splits a cache
+//! this way (the MPI driver merges its shards' log-sum-exps by the same
+//! rule); the trainer splits its queries instead (above), which keeps the
+//! bits.
 //!
 //! # Quantized rows
 //!
@@ -451,17 +464,58 @@ pub(crate) fn pass<R: Rows<DIM>, const DIM: usize, const NEG: usize>(
     tiles(p, out, &mut || rng.next_u64())
 }
 
-/// [`pass`] with the queries' seeds drawn beforehand (`seeds[b]` for query
-/// `b`; unused, and may be empty, when the mode draws nothing), split at
-/// query tiles over `fork`. Each tile computes what it computes in
-/// [`pass`], so the result is the same bits whatever `fork` does.
+/// [`pass`] with its query tiles split over `fork` when a tile's pass is
+/// worth a hand-over: the seeds of up to [`CHUNK`] queries are drawn
+/// first, in query order (what [`pass`] draws tile by tile), then their
+/// tiles run as pieces. Each tile computes what it computes in [`pass`],
+/// so the result is the same bits whatever `fork` does.
 pub(crate) fn pass_on<R: Rows<DIM> + Sync, F: Fork, const DIM: usize, const NEG: usize>(
     fork: &F,
     p: &Pass<'_, R, DIM>,
-    out: Outputs<'_, NEG, DIM>,
-    seeds: &[u64],
+    mut out: Outputs<'_, NEG, DIM>,
+    rng: &mut impl RngCore,
 ) -> bool {
-    split_tiles(fork, p, out, seeds, fork.width())
+    let worth = fork.width() > 1 && p.queries.len() > TILE && p.range.len() * DIM * TILE >= fork.min_piece_work();
+    if worth {
+        split_chunks(fork, p, out, rng)
+    } else {
+        tiles(p, &mut out, &mut || rng.next_u64())
+    }
+}
+
+/// Queries whose seeds are drawn at once before a split: 1 KiB of seeds on
+/// the stack, only on the split path (a device's one-thread step never
+/// reserves it).
+const CHUNK: usize = 8 * TILE;
+
+/// The split path of [`pass_on`], chunk by chunk.
+#[inline(never)]
+fn split_chunks<R: Rows<DIM> + Sync, F: Fork, const DIM: usize, const NEG: usize>(
+    fork: &F,
+    p: &Pass<'_, R, DIM>,
+    mut out: Outputs<'_, NEG, DIM>,
+    rng: &mut impl RngCore,
+) -> bool {
+    let random = matches!(p.mode, Mode::Jump1 | Mode::Jump(_) | Mode::Gumbel(_));
+    let bsz = p.queries.len();
+    let mut finite = true;
+    let mut c0 = 0;
+    while c0 < bsz {
+        let n = (bsz - c0).min(CHUNK);
+        let (_, rest) = p.split_at(c0);
+        let (chunk, _) = rest.split_at(n);
+        let (here, tail) = out.split_at(n, p.top_k);
+        out = tail;
+        let mut seeds = [0u64; CHUNK];
+        if random {
+            for s in &mut seeds[..n] {
+                *s = rng.next_u64();
+            }
+        }
+        finite &= split_tiles(fork, &chunk, here, &seeds[..n], fork.width());
+        c0 += n;
+    }
+    finite
 }
 
 /// Runs `parts` pieces of `p`'s queries, cut at tile boundaries.
