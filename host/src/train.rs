@@ -206,6 +206,16 @@ settings_with_protocol! {
         /// sampling; needs control_variate false).
         #[arg(long, action = ArgAction::Set, default_value_t = false)]
         pub fresh_scores: bool,
+        /// With objective sampled: give the item tower the gradients of
+        /// only this many of the negatives (a uniform subset, scaled to
+        /// stay unbiased), 0 for all; a diagnostic of how much of sampled
+        /// softmax's lead comes from its item-side gradients.
+        #[arg(long, default_value_t = 0)]
+        pub sampled_item_gradients: usize,
+        /// With sampled_item_gradients: choose them by priority sampling on
+        /// the gradients' norms (unbiased) instead of uniformly.
+        #[arg(long, action = ArgAction::Set, default_value_t = false)]
+        pub sampled_item_priority: bool,
         /// Approximate top-k groups, 0 for off.
         #[arg(long, default_value_t = 0)]
         pub top_k: usize,
@@ -369,6 +379,14 @@ impl TrainConfig {
         if !crate::session::NEGATIVES.contains(&self.negatives) {
             bail!("negatives must be one of {:?}, got {}", crate::session::NEGATIVES, self.negatives);
         }
+        if self.sampled_item_gradients > 0
+            && (self.objective != ObjectiveName::Sampled || self.sampled_item_gradients > self.sampled_negatives)
+        {
+            bail!("sampled_item_gradients needs objective sampled and at most sampled_negatives");
+        }
+        if self.sampled_item_priority && !(1..=BATCH).contains(&self.sampled_item_gradients) {
+            bail!("sampled_item_priority needs sampled_item_gradients between 1 and {BATCH}");
+        }
         if self.fresh_scores && (self.objective != ObjectiveName::CacheShared || self.control_variate) {
             bail!("fresh_scores needs objective cache_shared and control_variate false");
         }
@@ -428,6 +446,8 @@ impl TrainConfig {
             },
             clip_norm: self.clip_norm,
             fresh_scores: self.fresh_scores,
+            sampled_item_gradients: self.sampled_item_gradients,
+            sampled_item_priority: self.sampled_item_priority,
         }
     }
 

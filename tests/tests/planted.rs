@@ -23,7 +23,11 @@ type PlantedCache = NegativeCache<ItemTokens, 256, 32>;
 /// Trains `steps` steps with `objective` from `seed`; returns the trainer
 /// and its cache.
 pub fn train(objective: Objective, seed: u64, steps: usize) -> (Box<PlantedTrainer>, Box<PlantedCache>) {
-    let cfg = TrainerConfig { objective, optimizer: OptimizerKind::ADAM, ..TrainerConfig::DEFAULT };
+    train_with(TrainerConfig { objective, optimizer: OptimizerKind::ADAM, ..TrainerConfig::DEFAULT }, seed, steps)
+}
+
+/// [`train`] with every setting given.
+pub fn train_with(cfg: TrainerConfig, seed: u64, steps: usize) -> (Box<PlantedTrainer>, Box<PlantedCache>) {
     let mut t = boxed(move || Trainer::new(Towers::new(TowerConfig::DEFAULT), cfg)).unwrap();
     let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(seed);
     t.model.init(&mut rng);
@@ -77,6 +81,27 @@ fn mixed_cache_and_in_batch_learns_the_planted_towers() {
 #[test]
 fn sampled_softmax_learns_the_planted_towers() {
     check("sampled", Objective::Sampled { negatives: 256 });
+}
+
+#[test]
+fn sampled_item_gradients_subsample_only_the_item_side() {
+    // Keeping every negative's item gradient is the plain objective, bit
+    // for bit; keeping 16 of 256 changes the run.
+    let cfg = |g| TrainerConfig {
+        objective: Objective::Sampled { negatives: 256 },
+        optimizer: OptimizerKind::ADAM,
+        sampled_item_gradients: g,
+        ..TrainerConfig::DEFAULT
+    };
+    let emb = |t: &PlantedTrainer| {
+        let mut e = [0.0f32; 32];
+        use negcache::tower::{Side, TokenModel};
+        t.model.embed(Side::Item, &planted::corpus()[5], &mut e);
+        e.map(f32::to_bits)
+    };
+    let plain = train_with(cfg(0), 3, 20).0;
+    assert_eq!(emb(&plain), emb(&train_with(cfg(256), 3, 20).0));
+    assert_ne!(emb(&plain), emb(&train_with(cfg(16), 3, 20).0));
 }
 
 #[test]
