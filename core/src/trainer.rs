@@ -357,6 +357,17 @@ where
         if let Objective::Sampled { negatives: 0 } = cfg.objective {
             return Err(Error::InvalidConfig { what: "sampled negatives must be between 1 and the cache capacity" });
         }
+        let sampled = matches!(cfg.objective, Objective::Sampled { .. });
+        if (cfg.sampled_item_gradients > 0 || cfg.sampled_item_priority) && !sampled {
+            return Err(Error::InvalidConfig {
+                what: "sampled_item_gradients and _priority need the sampled objective",
+            });
+        }
+        if cfg.sampled_item_priority && !(1..=BATCH * NEG).contains(&cfg.sampled_item_gradients) {
+            return Err(Error::InvalidConfig {
+                what: "sampled_item_priority needs sampled_item_gradients between 1 and BATCH * NEG",
+            });
+        }
         if matches!(cfg.retrieval, Retrieval::Fixed(_)) {
             return Err(Error::InvalidConfig {
                 what: "training draws its negatives; fixed retrieval is for verification",

@@ -119,8 +119,9 @@ pub struct CachedTrainer<M, const N: usize> {
     pub trainer: Box<TokenTrainer<M, N>>,
     /// The cache the trainer is lent at every call.
     pub cache: OwnedCache<ItemTokens, DIM>,
-    /// The threads the step's scoring pass runs on.
-    pub threads: Arc<Threads>,
+    /// The threads the step's scoring pass runs on: the process's
+    /// ([`threads::shared`], started at the first step) unless set.
+    pub threads: Option<Arc<Threads>>,
 }
 
 impl<M, const N: usize> std::fmt::Debug for CachedTrainer<M, N> {
@@ -138,9 +139,9 @@ where
 {
     /// `trainer` with an empty cache of `capacity` slots (both initialised
     /// by [`Session::init`]), stepping on the process's threads
-    /// ([`threads::shared`]).
+    /// ([`threads::shared`]) unless told otherwise.
     pub fn new(trainer: Box<TokenTrainer<M, N>>, capacity: usize) -> anyhow::Result<Self> {
-        Ok(Self { trainer, cache: OwnedCache::new(capacity)?, threads: threads::shared() })
+        Ok(Self { trainer, cache: OwnedCache::new(capacity)?, threads: None })
     }
 
     /// Writes the `PARM` and `OPTM` sections: the towers, their optimiser
@@ -224,10 +225,11 @@ where
         lr: f32,
         rng: &mut Pcg64Mcg,
     ) -> negcache::Result<StepReport> {
-        self.trainer.step_on(&*self.threads, &mut self.cache.as_mut(), batch, corpus, lr, rng)
+        let threads = self.threads.get_or_insert_with(threads::shared);
+        self.trainer.step_on(&**threads, &mut self.cache.as_mut(), batch, corpus, lr, rng)
     }
     fn set_threads(&mut self, threads: Arc<Threads>) {
-        self.threads = threads;
+        self.threads = Some(threads);
     }
     fn embed(&self, side: Side, tokens: &[u32], out: &mut [f32; DIM]) {
         self.trainer.model.embed(side, tokens, out)

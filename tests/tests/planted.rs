@@ -102,6 +102,21 @@ fn sampled_item_gradients_subsample_only_the_item_side() {
     let plain = train_with(cfg(0), 3, 20).0;
     assert_eq!(emb(&plain), emb(&train_with(cfg(256), 3, 20).0));
     assert_ne!(emb(&plain), emb(&train_with(cfg(16), 3, 20).0));
+    // Priority sampling of the 16 trains, and differently again.
+    let priority = TrainerConfig { sampled_item_priority: true, ..cfg(16) };
+    let chosen = emb(&train_with(priority, 3, 20).0);
+    assert_ne!(emb(&plain), chosen);
+    assert_ne!(emb(&train_with(cfg(16), 3, 20).0), chosen);
+    // The settings are refused for another objective, and priority
+    // sampling beyond the step's gradient buffers (BATCH x NEG = 32).
+    for bad in [
+        TrainerConfig { sampled_item_gradients: 8, ..TrainerConfig::DEFAULT },
+        TrainerConfig { sampled_item_priority: true, ..cfg(64) },
+    ] {
+        let mut t = boxed(move || Trainer::new(Towers::new(TowerConfig::DEFAULT), bad)).unwrap();
+        let t: &mut PlantedTrainer = &mut t;
+        assert!(t.init().is_err(), "{bad:?}");
+    }
 }
 
 #[test]

@@ -475,7 +475,8 @@ pub(crate) fn pass_on<R: Rows<DIM> + Sync, F: Fork, const DIM: usize, const NEG:
     mut out: Outputs<'_, NEG, DIM>,
     rng: &mut impl RngCore,
 ) -> bool {
-    let worth = fork.width() > 1 && p.queries.len() > TILE && p.range.len() * DIM * TILE >= fork.min_piece_work();
+    let tile_work = p.range.len().saturating_mul(DIM * TILE);
+    let worth = fork.width() > 1 && p.queries.len() > TILE && tile_work >= fork.min_piece_work();
     if worth {
         split_chunks(fork, p, out, rng)
     } else {
@@ -527,7 +528,7 @@ fn split_tiles<R: Rows<DIM> + Sync, F: Fork, const DIM: usize, const NEG: usize>
     parts: usize,
 ) -> bool {
     let n_tiles = p.queries.len().div_ceil(TILE);
-    let tile_work = p.range.len() * DIM * TILE;
+    let tile_work = p.range.len().saturating_mul(DIM * TILE);
     if parts <= 1 || n_tiles <= 1 || tile_work < fork.min_piece_work() {
         let mut next = seeds.iter().copied();
         return tiles(p, &mut out, &mut || next.next().unwrap_or(0));
