@@ -475,12 +475,23 @@ pub(crate) fn pass_on<R: Rows<DIM> + Sync, F: Fork, const DIM: usize, const NEG:
     mut out: Outputs<'_, NEG, DIM>,
     rng: &mut impl RngCore,
 ) -> bool {
-    let tile_work = p.range.len().saturating_mul(DIM * TILE);
-    let worth = fork.width() > 1 && p.queries.len() > TILE && tile_work >= fork.min_piece_work();
-    if worth {
+    if pass_threads(fork, p.queries.len(), p.range.len(), DIM) > 1 {
         split_chunks(fork, p, out, rng)
     } else {
         tiles(p, &mut out, &mut || rng.next_u64())
+    }
+}
+
+/// How many threads the trainer's pass uses on `fork` for `queries`
+/// queries over `slots` slots of `dim` floats: one per tile of [`TILE`]
+/// queries, up to the fork's width, when a tile's pass is at least
+/// [`Fork::min_piece_work`] multiply-adds; else one.
+pub fn pass_threads(fork: &impl Fork, queries: usize, slots: usize, dim: usize) -> usize {
+    let tile_work = slots.saturating_mul(dim.saturating_mul(TILE));
+    if tile_work < fork.min_piece_work() {
+        1
+    } else {
+        fork.width().min(queries.div_ceil(TILE)).max(1)
     }
 }
 
@@ -528,8 +539,7 @@ fn split_tiles<R: Rows<DIM> + Sync, F: Fork, const DIM: usize, const NEG: usize>
     parts: usize,
 ) -> bool {
     let n_tiles = p.queries.len().div_ceil(TILE);
-    let tile_work = p.range.len().saturating_mul(DIM * TILE);
-    if parts <= 1 || n_tiles <= 1 || tile_work < fork.min_piece_work() {
+    if parts <= 1 || n_tiles <= 1 {
         let mut next = seeds.iter().copied();
         return tiles(p, &mut out, &mut || next.next().unwrap_or(0));
     }

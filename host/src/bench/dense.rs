@@ -11,10 +11,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
-use negcache::kernel::TILE;
+use negcache::kernel;
 use negcache::layered::LayerTowers;
 use negcache::layers::{Act, Activation, Chain, Dense, L2};
-use negcache::parallel::Fork;
 use negcache::random;
 use negcache::tower::Model;
 use negcache::trainer::{Batch, Objective, Trainer, TrainerConfig};
@@ -137,11 +136,7 @@ pub fn run_one(name: &str, seconds: f64) -> anyhow::Result<DenseFigure> {
         peak_rss_mib: rss,
         // Only the cache objectives' scoring pass is split, at tiles of
         // queries, and only when a tile's work is worth a hand-over.
-        threads: if objective == Objective::Cache && size * D * TILE >= threads.min_piece_work() {
-            threads.count().min(BATCH.div_ceil(TILE))
-        } else {
-            1
-        },
+        threads: if objective == Objective::Cache { kernel::pass_threads(&*threads, BATCH, size, D) } else { 1 },
         one_thread_steps_per_s: None,
     })
 }
