@@ -36,6 +36,13 @@
 //!   `w_j = P_j / q_j`; `E[sum_{j drawn} w_j f_j] = sum_j P_j f_j`. The
 //!   weights sum to 1 only in expectation. With at most m candidates all
 //!   are drawn, `q_j = 1` and `w_j = P_j`;
+//! - m independent draws from `rho` ([`Retrieval::ExpJump`], m > 1; with
+//!   replacement): a slot drawn `k` times is one negative (embedded once)
+//!   with `w = (k / m) P_j / rho_j`. The weights sum to exactly 1 at
+//!   inverse temperature 1, and none exceeds one draw's, so the estimate
+//!   has `1/m` of one draw's variance; Horvitz-Thompson weights can be far
+//!   larger than `P_j` when m is small (their threshold is a low order
+//!   statistic of the keys);
 //! - the m highest scores ([`Retrieval::MaxScore`]): `1 / m` each (a plain
 //!   mean; not an estimate of anything).
 //!
@@ -150,6 +157,9 @@ enum Weighting {
     Ratio(f32),
     /// Horvitz-Thompson weights `P_j / q_j` for Gumbel-top-m at `inv_temp`.
     Priority(f32),
+    /// m independent draws from `softmax(inv_temp * c)`: `(k / m) P_n /
+    /// rho_n` for a slot drawn k times.
+    Replacement(f32),
 }
 
 /// Batch means of a step's loss quantities.
@@ -341,10 +351,10 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
         let alpha = cfg.score_scale;
         let top_k = cfg.top_k;
         let weighting = match retrieval {
+            Retrieval::Gumbel { inv_temp } if NEG > 1 => Weighting::Priority(inv_temp),
+            Retrieval::ExpJump { inv_temp } if NEG > 1 => Weighting::Replacement(inv_temp),
             Retrieval::Gumbel { inv_temp } | Retrieval::ExpJump { inv_temp } => {
-                if NEG > 1 {
-                    Weighting::Priority(inv_temp)
-                } else if inv_temp == 1.0 {
+                if inv_temp == 1.0 {
                     Weighting::One
                 } else {
                     Weighting::Ratio(inv_temp)
@@ -360,11 +370,6 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
             }
             Retrieval::ExpJump { inv_temp } => {
                 check_inv_temp(inv_temp)?;
-                if NEG != 1 {
-                    return Err(Error::Unsupported {
-                        what: "ExpJump draws one negative per query; use Gumbel for several",
-                    });
-                }
                 // At temperature 1 the sampling weights are the log-sum-exp's
                 // own terms.
                 if inv_temp == 1.0 {
@@ -422,7 +427,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
             self.prob_pos[b] = pos.prob_pos;
             self.prob_neg[b] = pos.prob_neg;
             self.interpretable[b] = pos.interpretable;
-            self.weights[b] = negative_weights(&self.picks[b], &self.lse[b], &self.jump[b].lse, weighting);
+            self.weights[b] = negative_weights(&mut self.picks[b], &self.lse[b], &self.jump[b].lse, weighting);
         }
         self.average = weighting == Weighting::Mean;
         Ok(())
@@ -802,24 +807,52 @@ fn check_inv_temp(inv_temp: f32) -> Result<()> {
 
 /// The weights of one query's negatives (see the module docs): `cand` is
 /// the log-sum-exp of its candidates' scores, `sampling` that of its
-/// sampling logits (used by a single tempered draw).
+/// sampling logits (used by tempered draws). Independent draws of the
+/// same slot are merged here into one pick (embedded once) whose weight
+/// counts them all.
 fn negative_weights<const NEG: usize>(
-    picks: &Picks<NEG>,
+    picks: &mut Picks<NEG>,
     cand: &LogSumExp,
     sampling: &LogSumExp,
     weighting: Weighting,
 ) -> [f32; NEG] {
+    // P_n / rho_n = exp((c - max) - (t c - max_t)) * sum_t / sum: one
+    // exponential of a difference, which neither underflows nor divides
+    // by a flushed probability.
+    let ratio = |temp: f32, c: f32| math::exp((c - cand.max) - (temp * c - sampling.max)) * (sampling.sum / cand.sum);
     let m = picks.len;
     let mut w = [0.0; NEG];
     match weighting {
         Weighting::One => w[..m].fill(1.0),
         Weighting::Mean => w[..m].fill(if m > 0 { 1.0 / m as f32 } else { 0.0 }),
         Weighting::Ratio(temp) => {
-            // P_n / rho_n = exp((c - max) - (t c - max_t)) * sum_t / sum:
-            // one exponential of a difference, which neither underflows
-            // nor divides by a flushed probability.
             for (wi, &c) in w[..m].iter_mut().zip(&picks.scores[..m]) {
-                *wi = math::exp((c - cand.max) - (temp * c - sampling.max)) * (sampling.sum / cand.sum);
+                *wi = ratio(temp, c);
+            }
+        }
+        Weighting::Replacement(temp) => {
+            // Each draw is an unbiased estimate of the softmax mean with
+            // weight P_n / rho_n (1 untempered); their mean is one with
+            // 1/m of the variance, and weights that never exceed the
+            // draw's own ratio.
+            let mut count = [0u32; NEG];
+            let mut distinct = 0;
+            for i in 0..m {
+                let slot = picks.slots[i];
+                match picks.slots[..distinct].iter().position(|&s| s == slot) {
+                    Some(k) => count[k] += 1,
+                    None => {
+                        picks.slots[distinct] = slot;
+                        picks.scores[distinct] = picks.scores[i];
+                        count[distinct] = 1;
+                        distinct += 1;
+                    }
+                }
+            }
+            picks.len = distinct;
+            for k in 0..distinct {
+                let share = count[k] as f32 / m as f32;
+                w[k] = if temp == 1.0 { share } else { share * ratio(temp, picks.scores[k]) };
             }
         }
         Weighting::Priority(temp) => {
@@ -1252,16 +1285,7 @@ mod tests {
         let e = loss.score_and_sample(huge.as_ref(), &ten, &ten, None, &NO_MASK, Retrieval::MaxScore, &mut r, None);
         assert_eq!(e, Err(Error::NonFinite { what: "cache score" }));
         let mut two = CacheLoss::<2, 2>::new();
-        let e = two.score_and_sample(
-            cache.as_ref(),
-            &q,
-            &q,
-            None,
-            &NO_MASK,
-            Retrieval::ExpJump { inv_temp: 1.0 },
-            &mut r,
-            None,
-        );
+        let e = two.score_and_sample(cache.as_ref(), &q, &q, None, &NO_MASK, Retrieval::Fixed(&[0, 1]), &mut r, None);
         assert!(matches!(e, Err(Error::Unsupported { .. })));
     }
 
@@ -1475,6 +1499,103 @@ mod tests {
         check_estimator::<6, 2>(&emb, &Q5, &P5, 2.0, 3, gumbel(0.5), draws, 40);
         // m equal to the number of candidates: all drawn, q = 1, w = P.
         check_estimator::<6, 3>(&emb, &Q5, &P5, 2.0, 3, gumbel(1.0), 1_000, 41);
+        // Independent draws (exponential jumps, m > 1), plain, tempered
+        // and over top-k candidates.
+        let jump = |t: f32| Retrieval::ExpJump { inv_temp: t };
+        check_estimator::<5, 2>(&E5, &Q5, &P5, 2.5, 0, jump(1.0), draws, 42);
+        check_estimator::<5, 3>(&E5, &Q5, &P5, 2.5, 0, jump(0.5), draws, 43);
+        check_estimator::<6, 2>(&emb, &Q5, &P5, 2.0, 3, jump(0.5), draws, 44);
+    }
+
+    #[test]
+    fn independent_draws_are_independent_softmax_draws() {
+        // Two reservoirs: after merging, the picks in reservoir order give
+        // the ordered pair drawn; its frequency must be P_i P_j (5 s.e.),
+        // and the weights 1 for a pair of equal draws, 1/2 each otherwise.
+        let cache = filled(&E5);
+        let alpha = 2.5f32;
+        let cfg = LossConfig { score_scale: alpha, ..NO_MASK };
+        let c: heapless::Vec<f64, 8> = E5.iter().map(|e| score64(alpha, &Q5, e)).collect();
+        let big_p = softmax(&c, 1.0);
+        let mut r = rng(45);
+        let mut loss = CacheLoss::<1, 2>::new();
+        let mut seen = [[0u32; 5]; 5];
+        let n = 200_000;
+        for _ in 0..n {
+            let ret = Retrieval::ExpJump { inv_temp: 1.0 };
+            loss.score_and_sample(cache.as_ref(), &[Q5], &[P5], None, &cfg, ret, &mut r, None).unwrap();
+            let (negs, w) = (loss.negatives(0), loss.negative_weights(0));
+            match negs.len() {
+                1 => {
+                    assert_eq!(w[0].to_bits(), 1.0f32.to_bits());
+                    seen[negs[0] as usize][negs[0] as usize] += 1;
+                }
+                2 => {
+                    assert_ne!(negs[0], negs[1]);
+                    assert_eq!(w, &[0.5, 0.5]);
+                    seen[negs[0] as usize][negs[1] as usize] += 1;
+                }
+                k => panic!("{k} picks"),
+            }
+        }
+        for i in 0..5 {
+            for j in 0..5 {
+                let want = big_p[i] * big_p[j];
+                let got = f64::from(seen[i][j]) / n as f64;
+                let se = (want * (1.0 - want) / n as f64).sqrt();
+                assert!((got - want).abs() <= 5.0 * se + 1e-6, "pair ({i}, {j}): {got} vs {want}");
+            }
+        }
+    }
+
+    /// The variance (summed over the dimensions) of the query gradient's
+    /// estimate over `draws` passes.
+    fn query_gradient_variance<const M: usize>(
+        emb: &[[f32; D]; 64],
+        alpha: f32,
+        ret: Retrieval<'_>,
+        draws: usize,
+    ) -> f64 {
+        let cache = filled(emb);
+        let cfg = LossConfig { score_scale: alpha, ..NO_MASK };
+        let mut r = rng(46);
+        let mut loss = CacheLoss::<1, M>::new();
+        let (mut g1, mut g2) = ([0f64; D], [0f64; D]);
+        for _ in 0..draws {
+            loss.score_and_sample(cache.as_ref(), &[Q5], &[P5], None, &cfg, ret, &mut r, None).unwrap();
+            let mut fresh = [[0.0f32; D]; M];
+            for (i, &slot) in loss.negatives(0).iter().enumerate() {
+                fresh[i] = emb[slot as usize];
+            }
+            let (mut gq, mut gp, mut gf) = ([[0.0; D]; 1], [[0.0; D]; 1], [[0.0; D]; M]);
+            let grads = LossGrads { query: &mut gq, positive: &mut gp, negative: &mut gf };
+            loss.backward(cache.as_ref(), &[Q5], &[P5], &fresh, Some(grads)).unwrap();
+            for d in 0..D {
+                g1[d] += gq[0][d] as f64;
+                g2[d] += (gq[0][d] as f64).powi(2);
+            }
+        }
+        let n = draws as f64;
+        (0..D).map(|d| g2[d] / n - (g1[d] / n).powi(2)).sum()
+    }
+
+    #[test]
+    fn independent_draws_cut_the_variance_where_priority_weights_do_not() {
+        // 64 cached rows, one of them near the query (it dominates the
+        // softmax, as a near-synonym does): two independent draws halve
+        // one draw's variance; Gumbel-top-2's Horvitz-Thompson weights,
+        // whose threshold is then the second key of the rest, have more
+        // variance than one draw.
+        let mut r = rng(47);
+        let mut emb: [[f32; D]; 64] = random_rows(&mut r, 0.3);
+        emb[9] = Q5;
+        let (alpha, draws) = (6.0, 40_000);
+        let one = query_gradient_variance::<1>(&emb, alpha, Retrieval::ExpJump { inv_temp: 1.0 }, draws);
+        let two = query_gradient_variance::<2>(&emb, alpha, Retrieval::ExpJump { inv_temp: 1.0 }, draws);
+        let ht = query_gradient_variance::<2>(&emb, alpha, Retrieval::Gumbel { inv_temp: 1.0 }, draws);
+        // Sampling error of a variance estimate at 40,000 draws: a few %.
+        assert!((two / one - 0.5).abs() < 0.05, "two draws {two} vs one {one}");
+        assert!(ht > one, "Gumbel-top-2 {ht} vs one draw {one}");
     }
 
     #[test]
@@ -1640,29 +1761,37 @@ mod tests {
 
     #[test]
     fn a_split_pass_computes_the_serial_bits() {
-        // 150 queries (two chunks of seeds: 128 and 22; nine full tiles
-        // and a partial one) against 300 slots (a partial block), an
-        // empty slot, masked positives, in every mode: outputs, draws and
-        // weights bit for bit.
-        let mut r = rng(21);
-        let emb: [[f32; D]; 300] = random_rows(&mut r, 0.8);
-        let mut cache = filled(&emb);
-        cache.as_mut().set_occupied(17, false).unwrap();
-        let q: [[f32; D]; 150] = random_rows(&mut r, 1.0);
-        let items: [u32; 150] = core::array::from_fn(|b| (b as u32 * 7) % 300);
         let fixed: [usize; 150] = core::array::from_fn(|b| (b * 3) % 5);
-        let modes = [
+        split_matches_serial::<1>(&[
             (Retrieval::ExpJump { inv_temp: 1.0 }, 0),
             (Retrieval::ExpJump { inv_temp: 0.5 }, 0),
             (Retrieval::Gumbel { inv_temp: 0.7 }, 0),
             (Retrieval::MaxScore, 0),
             (Retrieval::Gumbel { inv_temp: 1.0 }, 5),
             (Retrieval::Fixed(&fixed), 5),
-        ];
-        for (ret, top_k) in modes {
+        ]);
+        split_matches_serial::<3>(&[
+            (Retrieval::ExpJump { inv_temp: 1.0 }, 0),
+            (Retrieval::ExpJump { inv_temp: 0.5 }, 5),
+            (Retrieval::Gumbel { inv_temp: 1.0 }, 0),
+        ]);
+    }
+
+    /// 150 queries (two chunks of seeds: 128 and 22; nine full tiles and a
+    /// partial one) against 300 slots (a partial block), an empty slot,
+    /// masked positives, in each of `modes`: outputs, draws and weights bit
+    /// for bit.
+    fn split_matches_serial<const M: usize>(modes: &[(Retrieval<'_>, usize)]) {
+        let mut r = rng(21);
+        let emb: [[f32; D]; 300] = random_rows(&mut r, 0.8);
+        let mut cache = filled(&emb);
+        cache.as_mut().set_occupied(17, false).unwrap();
+        let q: [[f32; D]; 150] = random_rows(&mut r, 1.0);
+        let items: [u32; 150] = core::array::from_fn(|b| (b as u32 * 7) % 300);
+        for &(ret, top_k) in modes {
             let cfg = LossConfig { score_scale: 3.0, top_k, mask_accidental_hits: true };
             let run = |split: bool| {
-                let mut loss = CacheLoss::<150, 1>::new();
+                let mut loss = CacheLoss::<150, M>::new();
                 let mut mean = [[0.0f32; D]; 150];
                 let (mut ts, mut tl) = ([0.0f32; 750], [0u32; 750]);
                 let top = (top_k > 0).then(|| TopKOut { scores: &mut ts[..], slots: &mut tl[..] });
@@ -1683,7 +1812,7 @@ mod tests {
                 assert_eq!(a.0.candidate_lse(k).max.to_bits(), b.0.candidate_lse(k).max.to_bits());
                 assert_eq!(a.0.candidate_lse(k).sum.to_bits(), b.0.candidate_lse(k).sum.to_bits());
                 assert_eq!(a.0.sampling_lse(k).sum.to_bits(), b.0.sampling_lse(k).sum.to_bits());
-                let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<heapless::Vec<u32, 1>>();
+                let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<heapless::Vec<u32, M>>();
                 assert_eq!(bits(a.0.negative_weights(k)), bits(b.0.negative_weights(k)));
                 for d in 0..D {
                     assert_eq!(a.1[k][d].to_bits(), b.1[k][d].to_bits());

@@ -14,7 +14,8 @@
 //!   ([`inclusion_probability`]), which gives the loss its unbiased
 //!   Horvitz-Thompson weights. One logarithm pair per candidate.
 //! - [`Retrieval::ExpJump`]: the same distribution for m = 1 from a weighted
-//!   reservoir that jumps. With `W_j` the running sum of weights
+//!   reservoir that jumps (m > 1: m independent reservoirs over the same
+//!   running sum, so m independent draws, with replacement). With `W_j` the running sum of weights
 //!   `w = exp(inv_temp * c)`, the current pick, chosen at total `W_i`,
 //!   survives past total `W_j` with probability `W_i / W_j` (that is what
 //!   replacing with probability `w_j / W_j` at every step multiplies out
@@ -27,10 +28,7 @@
 //!   lower slot index).
 //! - [`Retrieval::Fixed`]: given per query (for verification).
 
-use rand_core::RngCore;
-
 use crate::math;
-use crate::random;
 
 /// How negatives are chosen among the candidates.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,7 +41,9 @@ pub enum Retrieval<'a> {
     },
     /// The same distribution as `Gumbel` for one negative per query, by a
     /// jumping weighted reservoir that draws O(log N) random numbers per
-    /// query instead of one per candidate.
+    /// query instead of one per candidate. With m > 1 negatives per query:
+    /// m independent reservoirs, so m independent draws (with replacement;
+    /// a slot drawn twice is one negative of twice the weight).
     ExpJump {
         /// Inverse temperature applied to the scores before sampling.
         inv_temp: f32,
@@ -178,6 +178,16 @@ impl<const NEG: usize> Picks<NEG> {
         self.len += 1;
     }
 
+    /// Sets pick `i` (an independent draw) and counts it.
+    #[inline]
+    pub(crate) fn set_at(&mut self, i: usize, slot: u32, score: f32) {
+        self.scores[i] = score;
+        self.slots[i] = slot;
+        if self.len <= i {
+            self.len = i + 1;
+        }
+    }
+
     pub(crate) fn set_one(&mut self, slot: u32, score: f32) {
         self.keys[0] = 0.0;
         self.scores[0] = score;
@@ -205,32 +215,16 @@ pub fn inclusion_probability(logit: f32, tau: f32) -> f32 {
     -math::exp_m1(-math::exp(logit - tau))
 }
 
-/// The jumping reservoir's state for one query (m = 1).
+/// What a pass reports about a query's sampling distribution.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Jump {
-    /// Running log-sum-exp of the sampling logits (only used when the
-    /// inverse temperature is not 1; otherwise the loss's own is shared).
+    /// The log-sum-exp of the sampling logits (the candidates' own scores'
+    /// when the inverse temperature is 1).
     pub(crate) lse: LogSumExp,
-    /// The running sum (relative to `lse.max`) at which the pick changes.
-    pub(crate) threshold: f32,
 }
 
 impl Jump {
-    pub(crate) const EMPTY: Self = Self { lse: LogSumExp::EMPTY, threshold: 0.0 };
-
-    /// Called after the candidate's weight was added to a running sum
-    /// `sum` whose earlier value was rescaled by `scale`; returns whether
-    /// the candidate becomes the pick.
-    #[inline]
-    pub(crate) fn step(&mut self, sum: f32, scale: f32, rng: &mut impl RngCore) -> bool {
-        self.threshold *= scale;
-        if sum > self.threshold {
-            self.threshold = sum / random::open01(rng);
-            true
-        } else {
-            false
-        }
-    }
+    pub(crate) const EMPTY: Self = Self { lse: LogSumExp::EMPTY };
 }
 
 #[cfg(test)]

@@ -27,8 +27,11 @@ PY
 run in-batch 2000 --objective in-batch
 run cache 1000 --objective cache --negatives 1 --control-variate false
 run cache-cv 1000 --objective cache --negatives 1 --control-variate true
-run ABC-2neg 500 --objective cache-in-batch --negatives 2 --control-variate true
-run ABC-4neg 500 --objective cache-in-batch --negatives 4 --control-variate true
+run ABC-2neg 500 --objective cache-in-batch --negatives 2 --control-variate true --sampler exp-jump
+run ABC-4neg 500 --objective cache-in-batch --negatives 4 --control-variate true --sampler exp-jump
+run ABC-2neg-indep 1000 --objective cache-in-batch --negatives 2 --control-variate true --sampler independent
+run ABC-4neg-indep 1000 --objective cache-in-batch --negatives 4 --control-variate true --sampler independent
+run ABC-2neg-indep-r16 1000 --objective cache-in-batch --negatives 2 --control-variate true --sampler independent --refresh-per-step 16
 run D-fresh 1000 --objective cache-shared --negatives 1 --control-variate false --fresh-scores true
 run D-fresh-r48 1000 --objective cache-shared --negatives 1 --control-variate false --fresh-scores true --refresh-per-step 48
 run sampled-8k 100 --objective sampled --sampled-negatives 8192 --negatives 1 --control-variate false

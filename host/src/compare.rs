@@ -157,7 +157,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             let reusable = std::fs::read(&saved)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<RunResult>(&b).ok())
-                .filter(|r| r.config == cfg);
+                .filter(|r| r.config == cfg && r.name == entry.name);
             if let Some(r) = reusable {
                 eprintln!("[{done}/{total}] {} seed {seed}: reused {}", entry.name, saved.display());
                 results.push(r);
@@ -220,7 +220,9 @@ fn mean_spread(xs: &[f64]) -> (f64, f64) {
 fn write_results(file: &CompareFile, results: &[RunResult], b: &Baselines, cfg: &TrainConfig) -> anyhow::Result<()> {
     let mut by_run: BTreeMap<usize, Vec<&RunResult>> = BTreeMap::new();
     for r in results {
-        let i = file.runs.iter().position(|e| e.name == r.name).unwrap_or(0);
+        let Some(i) = file.runs.iter().position(|e| e.name == r.name) else {
+            bail!("a result of run {:?}, which the file does not have", r.name);
+        };
         by_run.entry(i).or_default().push(r);
     }
     let headers = [

@@ -317,7 +317,9 @@ struct Lanes<const NEG: usize> {
     sum: [f32; TILE],
     m2: [f32; TILE],
     sum2: [f32; TILE],
-    thr: [f32; TILE],
+    /// Each reservoir's jump threshold (exponential jumps: one reservoir
+    /// per negative, independent draws).
+    thr: [[f32; NEG]; TILE],
     bad: [f32; TILE],
     gbest: [f32; TILE],
     gslot: [u32; TILE],
@@ -364,7 +366,7 @@ impl<const NEG: usize> Lanes<NEG> {
             sum: [0.0; TILE],
             m2: [f32::NEG_INFINITY; TILE],
             sum2: [0.0; TILE],
-            thr: [0.0; TILE],
+            thr: [[0.0; NEG]; TILE],
             bad: [0.0; TILE],
             gbest: [f32::NEG_INFINITY; TILE],
             gslot: [NO_SLOT; TILE],
@@ -595,7 +597,7 @@ fn tiles<R: Rows<DIM>, const DIM: usize, const NEG: usize>(
             out.lse[b] = LogSumExp { max: t.m[l], sum: t.sum[l] };
             let sampling =
                 if tempered::<NEG>(p.mode) { LogSumExp { max: t.m2[l], sum: t.sum2[l] } } else { out.lse[b] };
-            out.jump[b] = Jump { lse: sampling, threshold: t.thr[l] };
+            out.jump[b] = Jump { lse: sampling };
             out.picks[b] = t.picks[l];
             out.group[b] = (t.gbest[l], t.gslot[l]);
             if let Some(mean) = out.mean.as_deref_mut() {
@@ -722,7 +724,7 @@ fn block<const NEG: usize, const DIM: usize>(
         let r = exp_le0(t.m[l] - nm);
         t.sum[l] *= r;
         if jump1 {
-            t.thr[l] *= r;
+            t.thr[l].iter_mut().for_each(|x| *x *= r);
         }
         t.m[l] = nm;
         rescale[l] = r;
@@ -752,15 +754,12 @@ fn block<const NEG: usize, const DIM: usize>(
     match mode {
         Mode::Jump1 => {
             for l in 0..nq {
-                if t.sum[l] > t.thr[l] {
-                    // Some slot of the block replaces the pick: replay.
+                if t.sum[l] > lowest(&t.thr[l]) {
+                    // Some slot of the block replaces a pick: replay.
                     let mut acc = start[l];
                     for (s, row) in c.iter().enumerate() {
                         acc += exp_le0(row[l] - t.m[l]);
-                        if acc > t.thr[l] {
-                            t.thr[l] = acc / random::open01(&mut t.rng[l]);
-                            t.picks[l].set_one((j0 + s) as u32, row[l]);
-                        }
+                        jump_at(&mut t.thr[l], &mut t.picks[l], &mut t.rng[l], acc, (j0 + s) as u32, row[l]);
                     }
                 }
             }
@@ -769,19 +768,16 @@ fn block<const NEG: usize, const DIM: usize>(
             // A second log-sum-exp over the sampling logits temp * c.
             let r = t.rescale_tempered(c, temp);
             for l in 0..TILE {
-                t.thr[l] *= r[l];
+                t.thr[l].iter_mut().for_each(|x| *x *= r[l]);
             }
             let start = t.sum2;
             t.add_tempered(c, temp);
             for l in 0..nq {
-                if t.sum2[l] > t.thr[l] {
+                if t.sum2[l] > lowest(&t.thr[l]) {
                     let mut acc = start[l];
                     for (s, row) in c.iter().enumerate() {
                         acc += exp_le0(temp * row[l] - t.m2[l]);
-                        if acc > t.thr[l] {
-                            t.thr[l] = acc / random::open01(&mut t.rng[l]);
-                            t.picks[l].set_one((j0 + s) as u32, row[l]);
-                        }
+                        jump_at(&mut t.thr[l], &mut t.picks[l], &mut t.rng[l], acc, (j0 + s) as u32, row[l]);
                     }
                 }
             }
@@ -815,6 +811,35 @@ fn block<const NEG: usize, const DIM: usize>(
             }
         }
         Mode::Fixed(_) => {}
+    }
+}
+
+/// The lowest of a query's reservoir thresholds: no pick changes while
+/// the running sum stays at or below it.
+#[inline(always)]
+fn lowest<const NEG: usize>(thr: &[f32; NEG]) -> f32 {
+    thr.iter().fold(f32::INFINITY, |a, &x| if x < a { x } else { a })
+}
+
+/// The exponential-jump step of each of a query's `NEG` independent
+/// reservoirs once the running sum of sampling weights has reached `acc`
+/// at `slot`: reservoir `i` takes the slot when `acc` passes its
+/// threshold, and draws its next one (`acc / U`). In reservoir order, so
+/// the random stream is read the same way on every target.
+#[inline(always)]
+fn jump_at<const NEG: usize>(
+    thr: &mut [f32; NEG],
+    picks: &mut Picks<NEG>,
+    rng: &mut LaneRng,
+    acc: f32,
+    slot: u32,
+    score: f32,
+) {
+    for (i, x) in thr.iter_mut().enumerate() {
+        if acc > *x {
+            *x = acc / random::open01(rng);
+            picks.set_at(i, slot, score);
+        }
     }
 }
 
@@ -895,11 +920,8 @@ fn candidate<const NEG: usize>(
                 }
                 _ => (t.sum[l], r),
             };
-            let mut jump = Jump { lse: LogSumExp::EMPTY, threshold: t.thr[l] };
-            if jump.step(sum, r, &mut t.rng[l]) {
-                t.picks[l].set_one(slot, c);
-            }
-            t.thr[l] = jump.threshold;
+            t.thr[l].iter_mut().for_each(|x| *x *= r);
+            jump_at(&mut t.thr[l], &mut t.picks[l], &mut t.rng[l], sum, slot, c);
         }
         Mode::Gumbel(temp) => {
             if tempered::<NEG>(mode) {
