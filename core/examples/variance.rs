@@ -9,7 +9,9 @@
 //! variance of its query gradient (summed over the dimensions), its ratio
 //! to one draw's, and how far its mean is from the exact softmax gradient
 //! in standard errors (all estimators here are unbiased, so that column
-//! should stay within a few).
+//! should stay within a few). It fails unless every mean is within 6
+//! standard errors of the exact gradient and m independent draws have
+//! 1/m of one draw's variance (within 0.1).
 //!
 //! `cargo run --release -p negcache --example variance > docs/results/variance.md`
 
@@ -78,7 +80,7 @@ fn exact(cache: &NegativeCache<u32, N, D>, q: &[f32; D], p: &[f32; D]) -> [f64; 
     })
 }
 
-fn main() {
+fn main() -> Result<(), String> {
     let mut r = rand_pcg::Pcg64Mcg::seed_from_u64(3);
     let mut cache: NegativeCache<u32, N, D> = NegativeCache::new();
     let rows: Vec<[f32; D]> = (0..N).map(|_| unit(&mut r)).collect();
@@ -119,7 +121,14 @@ fn main() {
                 .map(|d| (mean[d] - want[d]).abs() / (var[d] / PASSES as f64).sqrt().max(1e-12))
                 .fold(0.0, f64::max);
             println!("| {m} | {how} | {total:.4} | {:.3} | {off:.1} |", total / one);
+            if off > 6.0 {
+                return Err(format!("{case}: {m} by {how}: mean {off:.1} standard errors off"));
+            }
+            if how.starts_with("independent") && (total / one - 1.0 / m.parse::<f64>().unwrap_or(1.0)).abs() > 0.1 {
+                return Err(format!("{case}: {m} independent draws: {:.3} of one draw's variance", total / one));
+            }
         }
         println!();
     }
+    Ok(())
 }

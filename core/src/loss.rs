@@ -38,7 +38,7 @@
 //!   are drawn, `q_j = 1` and `w_j = P_j`;
 //! - m independent draws from `rho` ([`Retrieval::ExpJump`], m > 1; with
 //!   replacement): a slot drawn `k` times is one negative (embedded once)
-//!   with `w = (k / m) P_j / rho_j`. The weights sum to exactly 1 at
+//!   with `w = (k / m) P_j / rho_j`. The weights sum to 1 (to rounding) at
 //!   inverse temperature 1, and none exceeds one draw's, so the estimate
 //!   has `1/m` of one draw's variance; Horvitz-Thompson weights can be far
 //!   larger than `P_j` when m is small (their threshold is a low order
