@@ -90,7 +90,7 @@ use crate::item::Item;
 use crate::kernel::{self, Mode, Outputs, Pass, Rows};
 use crate::math;
 use crate::parallel::{Fork, Serial};
-use crate::sampler::{inclusion_probability, Jump, LogSumExp, Picks, Retrieval};
+use crate::sampler::{inclusion_probability, LogSumExp, Picks, Retrieval};
 use crate::vector::{self, dot};
 
 pub use crate::kernel::TopKOut;
@@ -203,7 +203,7 @@ pub struct CacheLoss<const BATCH: usize, const NEG: usize> {
     lse: [LogSumExp; BATCH],
     picks: [Picks<NEG>; BATCH],
     weights: [[f32; NEG]; BATCH],
-    jump: [Jump; BATCH],
+    sampling: [LogSumExp; BATCH],
     group: [(f32, u32); BATCH],
     pos_score: [f32; BATCH],
     prob_pos: [f32; BATCH],
@@ -229,7 +229,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
             lse: [LogSumExp::EMPTY; BATCH],
             picks: [Picks::EMPTY; BATCH],
             weights: [[0.0; NEG]; BATCH],
-            jump: [Jump::EMPTY; BATCH],
+            sampling: [LogSumExp::EMPTY; BATCH],
             group: [(f32::NEG_INFINITY, NO_SLOT); BATCH],
             pos_score: [0.0; BATCH],
             prob_pos: [1.0; BATCH],
@@ -343,7 +343,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
         for b in 0..bsz {
             self.lse[b] = LogSumExp::EMPTY;
             self.picks[b] = Picks::EMPTY;
-            self.jump[b] = Jump::EMPTY;
+            self.sampling[b] = LogSumExp::EMPTY;
             self.training[b] = 0.0;
             self.staleness[b] = 0.0;
         }
@@ -394,7 +394,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
                             return Err(Error::EmptyCandidate { query: b });
                         }
                         // The score is unused: a fixed negative has weight 1.
-                        self.picks[b].set_one(r as u32, 0.0);
+                        self.picks[b].set_at(0, r as u32, 0.0);
                     }
                 }
                 Mode::Fixed(chosen)
@@ -403,7 +403,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
         let out = Outputs {
             lse: &mut self.lse[..bsz],
             picks: &mut self.picks[..bsz],
-            jump: &mut self.jump[..bsz],
+            sampling: &mut self.sampling[..bsz],
             group: &mut self.group[..bsz],
             top: top_k_out,
             mean: candidate_mean,
@@ -427,7 +427,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
             self.prob_pos[b] = pos.prob_pos;
             self.prob_neg[b] = pos.prob_neg;
             self.interpretable[b] = pos.interpretable;
-            self.weights[b] = negative_weights(&mut self.picks[b], &self.lse[b], &self.jump[b].lse, weighting);
+            self.weights[b] = negative_weights(&mut self.picks[b], &self.lse[b], &self.sampling[b], weighting);
         }
         self.average = weighting == Weighting::Mean;
         Ok(())
@@ -609,7 +609,8 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
     }
     /// The weights of query `b`'s negatives, in the order of
     /// [`Self::negatives`] (see the module docs): 1 for one draw from the
-    /// softmax itself, `P_n / rho_n` for one tempered draw, the
+    /// softmax itself, `P_n / rho_n` for one tempered draw, `(k / m) P_n /
+    /// rho_n` for a slot drawn k times in m independent draws, the
     /// Horvitz-Thompson weights `P_j / q_j` for Gumbel-top-m, `1 / m` for
     /// the highest scores.
     pub fn negative_weights(&self, b: usize) -> &[f32] {
@@ -660,7 +661,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
     /// the draw is untempered; [`LogSumExp::EMPTY`] past the batch.
     pub fn sampling_lse(&self, b: usize) -> LogSumExp {
         if b < self.batch {
-            self.jump[b].lse
+            self.sampling[b]
         } else {
             LogSumExp::EMPTY
         }

@@ -15,8 +15,8 @@
 //!   Horvitz-Thompson weights. One logarithm pair per candidate.
 //! - [`Retrieval::ExpJump`]: the same distribution for m = 1 from a weighted
 //!   reservoir that jumps (m > 1: m independent reservoirs over the same
-//!   running sum, so m independent draws, with replacement). With `W_j` the running sum of weights
-//!   `w = exp(inv_temp * c)`, the current pick, chosen at total `W_i`,
+//!   running sum, so m independent draws, with replacement). With `W_j`
+//!   the running sum of weights `w = exp(inv_temp * c)`, the current pick, chosen at total `W_i`,
 //!   survives past total `W_j` with probability `W_i / W_j` (that is what
 //!   replacing with probability `w_j / W_j` at every step multiplies out
 //!   to). So instead of a coin per candidate we draw `U ~ (0, 1)` once and
@@ -178,7 +178,8 @@ impl<const NEG: usize> Picks<NEG> {
         self.len += 1;
     }
 
-    /// Sets pick `i` (an independent draw) and counts it.
+    /// Sets pick `i` (an independent draw, or the one given) and counts
+    /// it.
     #[inline]
     pub(crate) fn set_at(&mut self, i: usize, slot: u32, score: f32) {
         self.scores[i] = score;
@@ -186,13 +187,6 @@ impl<const NEG: usize> Picks<NEG> {
         if self.len <= i {
             self.len = i + 1;
         }
-    }
-
-    pub(crate) fn set_one(&mut self, slot: u32, score: f32) {
-        self.keys[0] = 0.0;
-        self.scores[0] = score;
-        self.slots[0] = slot;
-        self.len = 1;
     }
 
     pub(crate) fn as_slice(&self) -> &[u32] {
@@ -213,18 +207,6 @@ pub fn inclusion_probability(logit: f32, tau: f32) -> f32 {
         return 1.0;
     }
     -math::exp_m1(-math::exp(logit - tau))
-}
-
-/// What a pass reports about a query's sampling distribution.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Jump {
-    /// The log-sum-exp of the sampling logits (the candidates' own scores'
-    /// when the inverse temperature is 1).
-    pub(crate) lse: LogSumExp,
-}
-
-impl Jump {
-    pub(crate) const EMPTY: Self = Self { lse: LogSumExp::EMPTY };
 }
 
 #[cfg(test)]

@@ -1198,6 +1198,10 @@ fn softmax_report(sum: softmax::SoftmaxSummary, evals: u32, alpha: f32) -> StepR
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::NegativeCache;
+    use crate::tower::{SeparateTowers, Side, TokenModel, TowerConfig};
+    use rand_core::SeedableRng;
+    use rand_pcg::Pcg64Mcg;
 
     #[test]
     fn priority_sampling_estimates_the_sum_without_bias() {
@@ -1233,12 +1237,8 @@ mod tests {
             p.offer(&(j as u32), x, &mut rng);
         }
         assert_eq!(p.scale(), 10);
-        assert_eq!(p.grads, &g.map(|x| x)[..]);
+        assert_eq!(p.grads, &g[..]);
     }
-    use crate::cache::NegativeCache;
-    use crate::tower::{SeparateTowers, Side, TokenModel, TowerConfig};
-    use rand_core::SeedableRng;
-    use rand_pcg::Pcg64Mcg;
 
     type Towers = SeparateTowers<13, 4, 5, 3, 0>;
     type Item2 = [u32; 2];

@@ -38,8 +38,9 @@ pub const S: usize = 2;
 pub const MAX_CAPACITY: usize = 1 << 24;
 /// Largest batch.
 pub const BATCH: usize = 256;
-/// Negatives drawn per query: the paper's one, or two or four (Gumbel-top-m,
-/// distinct, with unbiased Horvitz-Thompson weights) as other shapes.
+/// Negatives drawn per query: the paper's one, or two or four (independent
+/// draws, or Gumbel-top-m with Horvitz-Thompson weights: see
+/// `--sampler`) as other shapes.
 pub const NEG: usize = 1;
 /// The third shape's negatives per query.
 pub const NEG_MANY: usize = 4;

@@ -29,17 +29,15 @@ impl Threads {
     /// `count` threads; 0 for one per core. One thread means no pool.
     pub fn new(count: usize) -> anyhow::Result<Self> {
         let count = if count == 0 { cores() } else { count };
-        let pool = if count > 1 {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(count - 1)
-                .thread_name(|i| format!("negcache-pass-{i}"))
-                .build()
-                .with_context(|| format!("starting {count} threads"))?;
-            Some(pool)
-        } else {
-            None
-        };
-        Ok(Self { pool, count, min_piece_work: negcache::parallel::MIN_PIECE_WORK })
+        if count == 1 {
+            return Ok(Self::serial());
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(count - 1)
+            .thread_name(|i| format!("negcache-pass-{i}"))
+            .build()
+            .with_context(|| format!("starting {count} threads"))?;
+        Ok(Self { pool: Some(pool), count, min_piece_work: negcache::parallel::MIN_PIECE_WORK })
     }
 
     /// These threads, splitting work down to pieces of `work`
@@ -52,11 +50,6 @@ impl Threads {
     /// The calling thread alone.
     pub fn serial() -> Self {
         Self { pool: None, count: 1, min_piece_work: negcache::parallel::MIN_PIECE_WORK }
-    }
-
-    /// How many threads the pass may use.
-    pub fn count(&self) -> usize {
-        self.count
     }
 }
 
@@ -104,13 +97,21 @@ pub fn configure(count: usize) -> anyhow::Result<()> {
     COUNT.set(count).map_err(|_| anyhow::anyhow!("the process's threads were already set"))
 }
 
+/// How many threads the process's pass may use: as [`configure`]d, or one
+/// per core (without starting them).
+pub fn count() -> usize {
+    match COUNT.get().copied().unwrap_or(0) {
+        0 => cores(),
+        n => n,
+    }
+}
+
 /// The process's threads: as many as [`configure`]d, or one per core; on
 /// the calling thread alone if the pool cannot start.
 pub fn shared() -> Arc<Threads> {
     SHARED
         .get_or_init(|| {
-            let count = COUNT.get().copied().unwrap_or(0);
-            Arc::new(Threads::new(count).unwrap_or_else(|e| {
+            Arc::new(Threads::new(count()).unwrap_or_else(|e| {
                 eprintln!("warning: {e:#}; the pass runs on one thread");
                 Threads::serial()
             }))

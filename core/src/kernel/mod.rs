@@ -30,11 +30,12 @@
 //!   reduction and a polynomial in basic IEEE arithmetic (no libm call,
 //!   vectorisable, at most 2 ulp from the correctly rounded value; see its
 //!   docs and the test `exp_is_within_two_ulp`);
-//! - the exponential-jump reservoir keeps its running sum in the same
-//!   lanes; since weights are non-negative, the running sum at the end of a
-//!   block exceeds the query's threshold exactly when some slot of the
-//!   block would replace the pick, so one comparison per block and query
-//!   finds the rare blocks where a query jumps, and only those lanes are
+//! - the exponential-jump reservoirs (one per negative) keep their running
+//!   sum in the same lanes; since weights are non-negative, the running sum
+//!   at the end of a block exceeds the lowest of the query's thresholds
+//!   exactly when some slot of the block would replace a pick, so one
+//!   comparison per block and query finds the rare blocks where a query
+//!   jumps, and only those lanes are
 //!   replayed slot by slot (the replay recomputes the same weights and
 //!   repeats the same additions in the same order, so it sees the same
 //!   sums).
@@ -107,7 +108,7 @@ use rand_core::RngCore;
 
 use crate::parallel::Fork;
 use crate::random;
-use crate::sampler::{Jump, LogSumExp, Picks};
+use crate::sampler::{LogSumExp, Picks};
 
 pub use exp::exp_le0;
 pub use rng::LaneRng;
@@ -151,6 +152,13 @@ pub(crate) enum Mode<'a> {
     Fixed(&'a [usize]),
 }
 
+impl Mode<'_> {
+    /// Whether each query draws from its own random stream.
+    fn is_random(self) -> bool {
+        matches!(self, Mode::Jump1 | Mode::Jump(_) | Mode::Gumbel(_))
+    }
+}
+
 /// What one pass reads.
 pub(crate) struct Pass<'a, R, const DIM: usize> {
     pub rows: &'a R,
@@ -175,10 +183,10 @@ pub struct TopKOut<'a> {
 }
 
 /// Where one pass writes, one entry per query. `picks` are read first (the
-/// fixed retrieval presets them) and written back. `jump[b].lse` receives
-/// the log-sum-exp of the sampling logits `inv_temp * c` when they differ
-/// from the scores and one negative is drawn (for the importance weight);
-/// otherwise the scores' own.
+/// fixed retrieval presets them) and written back. `sampling[b]` receives
+/// the log-sum-exp of the sampling logits `inv_temp * c` when the draw is
+/// tempered (exponential jumps, or a single Gumbel draw: for the
+/// importance weights); otherwise the scores' own.
 ///
 /// `mean`, if given, receives each query's candidate mean of the stale
 /// embeddings, `sum_j softmax(c)_j e_j` (zero without candidates), kept
@@ -187,7 +195,7 @@ pub struct TopKOut<'a> {
 pub(crate) struct Outputs<'o, const NEG: usize, const DIM: usize> {
     pub lse: &'o mut [LogSumExp],
     pub picks: &'o mut [Picks<NEG>],
-    pub jump: &'o mut [Jump],
+    pub sampling: &'o mut [LogSumExp],
     pub group: &'o mut [(f32, u32)],
     pub top: Option<TopKOut<'o>>,
     pub mean: Option<&'o mut [[f32; DIM]]>,
@@ -225,7 +233,7 @@ impl<'o, const NEG: usize, const DIM: usize> Outputs<'o, NEG, DIM> {
     fn split_at(self, mid: usize, k: usize) -> (Self, Self) {
         let (lse_a, lse_b) = self.lse.split_at_mut(mid);
         let (picks_a, picks_b) = self.picks.split_at_mut(mid);
-        let (jump_a, jump_b) = self.jump.split_at_mut(mid);
+        let (sampling_a, sampling_b) = self.sampling.split_at_mut(mid);
         let (group_a, group_b) = self.group.split_at_mut(mid);
         let (top_a, top_b) = match self.top {
             Some(t) => {
@@ -253,7 +261,7 @@ impl<'o, const NEG: usize, const DIM: usize> Outputs<'o, NEG, DIM> {
             Outputs {
                 lse: lse_a,
                 picks: picks_a,
-                jump: jump_a,
+                sampling: sampling_a,
                 group: group_a,
                 top: top_a,
                 mean: mean_a,
@@ -262,7 +270,7 @@ impl<'o, const NEG: usize, const DIM: usize> Outputs<'o, NEG, DIM> {
             Outputs {
                 lse: lse_b,
                 picks: picks_b,
-                jump: jump_b,
+                sampling: sampling_b,
                 group: group_b,
                 top: top_b,
                 mean: mean_b,
@@ -480,7 +488,7 @@ pub(crate) fn pass_on<R: Rows<DIM> + Sync, F: Fork, const DIM: usize, const NEG:
     if pass_threads(fork, p.queries.len(), p.range.len(), DIM) > 1 {
         split_chunks(fork, p, out, rng)
     } else {
-        tiles(p, &mut out, &mut || rng.next_u64())
+        pass(p, &mut out, rng)
     }
 }
 
@@ -510,7 +518,7 @@ fn split_chunks<R: Rows<DIM> + Sync, F: Fork, const DIM: usize, const NEG: usize
     mut out: Outputs<'_, NEG, DIM>,
     rng: &mut impl RngCore,
 ) -> bool {
-    let random = matches!(p.mode, Mode::Jump1 | Mode::Jump(_) | Mode::Gumbel(_));
+    let random = p.mode.is_random();
     let bsz = p.queries.len();
     let mut finite = true;
     let mut c0 = 0;
@@ -566,7 +574,7 @@ fn tiles<R: Rows<DIM>, const DIM: usize, const NEG: usize>(
     seed: &mut dyn FnMut() -> u64,
 ) -> bool {
     let bsz = p.queries.len();
-    let random = matches!(p.mode, Mode::Jump1 | Mode::Jump(_) | Mode::Gumbel(_));
+    let random = p.mode.is_random();
     let mut finite = true;
     let mut q0 = 0;
     while q0 < bsz {
@@ -595,9 +603,8 @@ fn tiles<R: Rows<DIM>, const DIM: usize, const NEG: usize>(
             let b = q0 + l;
             finite &= !t.bad[l].is_nan();
             out.lse[b] = LogSumExp { max: t.m[l], sum: t.sum[l] };
-            let sampling =
+            out.sampling[b] =
                 if tempered::<NEG>(p.mode) { LogSumExp { max: t.m2[l], sum: t.sum2[l] } } else { out.lse[b] };
-            out.jump[b] = Jump { lse: sampling };
             out.picks[b] = t.picks[l];
             out.group[b] = (t.gbest[l], t.gslot[l]);
             if let Some(mean) = out.mean.as_deref_mut() {
@@ -933,7 +940,7 @@ fn candidate<const NEG: usize>(
         Mode::Max => t.picks[l].offer(c, c, slot),
         Mode::Fixed(chosen) => {
             if chosen[b] == g {
-                t.picks[l].set_one(slot, c);
+                t.picks[l].set_at(0, slot, c);
             }
         }
     }

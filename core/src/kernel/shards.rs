@@ -11,7 +11,7 @@ use rand_core::RngCore;
 use super::{pass, Mode, Outputs, Pass, Rows, NO_SLOT, TILE};
 use crate::error::{check_len, Error, Result};
 use crate::random;
-use crate::sampler::{Jump, LogSumExp, Picks};
+use crate::sampler::{LogSumExp, Picks};
 
 /// One query's result of a shard: its candidates' log-sum-exp (the loss's,
 /// at temperature 1), the log-sum-exp of its sampling logits, and the
@@ -89,7 +89,7 @@ pub fn sample_shard<R: Rows<DIM>, const DIM: usize>(
         let nq = chunk.len();
         let mut lse = [LogSumExp::EMPTY; TILE];
         let mut picks = [Picks::<1>::EMPTY; TILE];
-        let mut jump = [Jump::EMPTY; TILE];
+        let mut sampling = [LogSumExp::EMPTY; TILE];
         let mut group = [(f32::NEG_INFINITY, NO_SLOT); TILE];
         let p = Pass {
             rows: slots.rows,
@@ -105,7 +105,7 @@ pub fn sample_shard<R: Rows<DIM>, const DIM: usize>(
         let mut o = Outputs {
             lse: &mut lse[..nq],
             picks: &mut picks[..nq],
-            jump: &mut jump[..nq],
+            sampling: &mut sampling[..nq],
             group: &mut group[..nq],
             top: None,
             mean: None,
@@ -115,7 +115,7 @@ pub fn sample_shard<R: Rows<DIM>, const DIM: usize>(
         for l in 0..nq {
             out[b0 + l] = Draw {
                 lse: lse[l],
-                sample_lse: jump[l].lse,
+                sample_lse: sampling[l],
                 slot: if picks[l].len > 0 { picks[l].slots[0] } else { NO_SLOT },
             };
         }

@@ -165,7 +165,7 @@ pub fn run_all(seconds: f64, json: Option<&Path>, markdown: Option<&Path>) -> an
     };
     for (name, ..) in CONFIGS {
         eprintln!("dense benchmark model, {name} ...");
-        let mut fig = child(name, crate::threads::shared().count())?;
+        let mut fig = child(name, crate::threads::count())?;
         if fig.threads > 1 {
             // The same configuration on one thread, side by side.
             eprintln!("dense benchmark model, {name} on one thread ...");
