@@ -38,7 +38,7 @@ fn moments<const M: usize>(
     p: &[f32; D],
     ret: Retrieval<'_>,
 ) -> [[f64; D]; 2] {
-    let emb = cache.as_ref().embeddings();
+    let emb = cache.as_ref().embeddings().as_f32().expect("an f32 cache");
     let cfg = LossConfig { score_scale: ALPHA, mask_accidental_hits: false, ..LossConfig::DEFAULT };
     let mut r = rand_pcg::Pcg64Mcg::seed_from_u64(7);
     let mut loss = CacheLoss::<1, M>::new();
@@ -67,7 +67,7 @@ fn moments<const M: usize>(
 /// The exact softmax gradient of the query (f64): `alpha (1 - p_pos)
 /// (sum_j P_j e_j - p)`.
 fn exact(cache: &NegativeCache<u32, N, D>, q: &[f32; D], p: &[f32; D]) -> [f64; D] {
-    let emb = cache.as_ref().embeddings();
+    let emb = cache.as_ref().embeddings().as_f32().expect("an f32 cache");
     let dot = |a: &[f32; D], b: &[f32; D]| (0..D).map(|d| f64::from(a[d]) * f64::from(b[d])).sum::<f64>();
     let c: Vec<f64> = emb.iter().map(|e| f64::from(ALPHA) * dot(q, e)).collect();
     let s = f64::from(ALPHA) * dot(q, p);

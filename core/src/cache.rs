@@ -13,6 +13,7 @@
 
 use crate::error::{check_len, Error, Result};
 use crate::item::Item;
+use crate::storage::{F32Store, Precision, Store, Stored, StoredMut};
 use crate::vector;
 
 /// How inserted items choose their slots.
@@ -33,9 +34,13 @@ pub enum Eviction {
 /// - `I`: the item type (see [`Item`]).
 /// - `CAP`: the number of slots.
 /// - `DIM`: the embedding dimension.
+/// - `S`: how the embeddings are stored ([`crate::storage`]): `f32` by
+///   default, or [`crate::storage::Int8Store`] (`DIM + 4` bytes per row) or
+///   [`crate::storage::Bf16Store`] (`2 * DIM`).
 ///
 /// # Memory
-/// `CAP * (4 * DIM + size_of::<I>() + 8 + 4 + 4 + 1)` bytes plus padding:
+/// `CAP * (4 * DIM + size_of::<I>() + 8 + 4 + 4 + 1)` bytes plus padding
+/// with `f32` storage:
 /// embeddings are stored row-major, one `[f32; DIM]` per slot, then the
 /// items, their keys (`u64`, [`Item::key`], compared by masking and the
 /// in-cache filter), the ages (`i32`), the write stamps (`u32`, the step at
@@ -48,9 +53,22 @@ pub enum Eviction {
 /// static CACHE: NegativeCache<u32, 65536, 64> = NegativeCache::new();
 /// assert_eq!(CACHE.len(), 0);
 /// ```
+///
+/// The same number of slots in int8, 3.76 times smaller per embedding:
+///
+/// ```
+/// use negcache::storage::{Int8Store, Precision};
+/// use negcache::NegativeCache;
+/// type Small = NegativeCache<u32, 65536, 64, Int8Store<65536, 64>>;
+/// static CACHE: Small = Small::new();
+/// assert_eq!(CACHE.view().embeddings().precision(), Precision::Int8);
+/// // Per slot: 64 + 4 (int8 row, scale), 4 + 8 (item, key), 4 + 4 + 1 (age,
+/// // stamp, flag); then the clock, padded to 8.
+/// assert_eq!(size_of::<Small>(), 65536 * (68 + 4 + 8 + 4 + 4 + 1) + 8);
+/// ```
 #[derive(Debug, Clone)]
-pub struct NegativeCache<I, const CAP: usize, const DIM: usize> {
-    embeddings: [[f32; DIM]; CAP],
+pub struct NegativeCache<I, const CAP: usize, const DIM: usize, S = F32Store<CAP, DIM>> {
+    embeddings: S,
     items: [I; CAP],
     keys: [u64; CAP],
     ages: [i32; CAP],
@@ -59,13 +77,13 @@ pub struct NegativeCache<I, const CAP: usize, const DIM: usize> {
     clock: u32,
 }
 
-impl<I: Item, const CAP: usize, const DIM: usize> NegativeCache<I, CAP, DIM> {
+impl<I: Item, const CAP: usize, const DIM: usize, S: Store<CAP, DIM>> NegativeCache<I, CAP, DIM, S> {
     /// An empty cache: zero embeddings, empty items, every age 0.
     pub const fn new() -> Self {
         const { assert!(CAP > 0 && CAP <= i32::MAX as usize, "CAP must be in 1..=i32::MAX") };
         const { assert!(DIM > 0, "DIM must be positive") };
         Self {
-            embeddings: [[0.0; DIM]; CAP],
+            embeddings: S::ZERO,
             items: [I::EMPTY; CAP],
             keys: [0; CAP],
             ages: [0; CAP],
@@ -106,7 +124,7 @@ impl<I: Item, const CAP: usize, const DIM: usize> NegativeCache<I, CAP, DIM> {
     pub fn prefix(&self, n: usize) -> CacheRef<'_, I, DIM> {
         let n = if n == 0 { CAP } else { n.min(CAP) };
         CacheRef {
-            embeddings: &self.embeddings[..n],
+            embeddings: self.embeddings.stored(n),
             items: &self.items[..n],
             keys: &self.keys[..n],
             ages: &self.ages[..n],
@@ -120,7 +138,7 @@ impl<I: Item, const CAP: usize, const DIM: usize> NegativeCache<I, CAP, DIM> {
     pub fn prefix_mut(&mut self, n: usize) -> CacheMut<'_, I, DIM> {
         let n = if n == 0 { CAP } else { n.min(CAP) };
         CacheMut {
-            embeddings: &mut self.embeddings[..n],
+            embeddings: self.embeddings.stored_mut(n),
             items: &mut self.items[..n],
             keys: &mut self.keys[..n],
             ages: &mut self.ages[..n],
@@ -134,7 +152,7 @@ impl<I: Item, const CAP: usize, const DIM: usize> NegativeCache<I, CAP, DIM> {
     /// checkpoint.
     pub fn slots_mut(&mut self) -> SlotsMut<'_, I, DIM> {
         SlotsMut {
-            embeddings: &mut self.embeddings,
+            embeddings: self.embeddings.stored_mut(CAP),
             items: &mut self.items,
             keys: &mut self.keys,
             ages: &mut self.ages,
@@ -162,7 +180,7 @@ impl<I: Item, const CAP: usize, const DIM: usize> NegativeCache<I, CAP, DIM> {
     }
 }
 
-impl<I: Item, const CAP: usize, const DIM: usize> Default for NegativeCache<I, CAP, DIM> {
+impl<I: Item, const CAP: usize, const DIM: usize, S: Store<CAP, DIM>> Default for NegativeCache<I, CAP, DIM, S> {
     fn default() -> Self {
         Self::new()
     }
@@ -171,7 +189,7 @@ impl<I: Item, const CAP: usize, const DIM: usize> Default for NegativeCache<I, C
 /// A read-only view of a cache's slots (see the module docs).
 #[derive(Debug, Clone, Copy)]
 pub struct CacheRef<'a, I, const DIM: usize> {
-    embeddings: &'a [[f32; DIM]],
+    embeddings: Stored<'a, DIM>,
     items: &'a [I],
     keys: &'a [u64],
     ages: &'a [i32],
@@ -183,7 +201,7 @@ pub struct CacheRef<'a, I, const DIM: usize> {
 /// A mutable view of a cache's slots (see the module docs).
 #[derive(Debug)]
 pub struct CacheMut<'a, I, const DIM: usize> {
-    embeddings: &'a mut [[f32; DIM]],
+    embeddings: StoredMut<'a, DIM>,
     items: &'a mut [I],
     keys: &'a mut [u64],
     ages: &'a mut [i32],
@@ -196,8 +214,8 @@ pub struct CacheMut<'a, I, const DIM: usize> {
 /// of the same length.
 #[derive(Debug)]
 pub struct SlotsMut<'a, I, const DIM: usize> {
-    /// One embedding per slot.
-    pub embeddings: &'a mut [[f32; DIM]],
+    /// One embedding per slot, in any [`Precision`].
+    pub embeddings: StoredMut<'a, DIM>,
     /// One item per slot.
     pub items: &'a mut [I],
     /// Each slot's [`Item::key`] (0 in an empty slot; only occupied slots'
@@ -250,7 +268,7 @@ impl<'a, I: Item, const DIM: usize> CacheRef<'a, I, DIM> {
     /// A read-only view over caller-owned slices (see [`SlotsMut`] for
     /// what each holds); their lengths must agree.
     pub fn new(
-        embeddings: &'a [[f32; DIM]],
+        embeddings: Stored<'a, DIM>,
         items: &'a [I],
         keys: &'a [u64],
         ages: &'a [i32],
@@ -259,6 +277,7 @@ impl<'a, I: Item, const DIM: usize> CacheRef<'a, I, DIM> {
         clock: u32,
     ) -> Result<Self> {
         let n = embeddings.len();
+        embeddings.check()?;
         check_len("items", n, items.len())?;
         check_len("keys", n, keys.len())?;
         check_len("ages", n, ages.len())?;
@@ -270,9 +289,14 @@ impl<'a, I: Item, const DIM: usize> CacheRef<'a, I, DIM> {
     pub fn capacity(&self) -> usize {
         self.embeddings.len()
     }
-    /// All slot embeddings, row-major.
-    pub fn embeddings(&self) -> &'a [[f32; DIM]] {
+    /// All slot embeddings, in their stored precision
+    /// ([`Stored::row`] decodes one).
+    pub fn embeddings(&self) -> Stored<'a, DIM> {
         self.embeddings
+    }
+    /// How the embeddings are stored.
+    pub fn precision(&self) -> Precision {
+        self.embeddings.precision()
     }
     /// All slot items.
     pub fn items(&self) -> &'a [I] {
@@ -388,6 +412,7 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
     /// A view over caller-owned slices; their lengths must agree.
     pub fn from_slots(slots: SlotsMut<'a, I, DIM>) -> Result<Self> {
         let n = slots.embeddings.len();
+        slots.embeddings.check()?;
         check_len("items", n, slots.items.len())?;
         check_len("keys", n, slots.keys.len())?;
         check_len("ages", n, slots.ages.len())?;
@@ -412,10 +437,15 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
         self.embeddings.len()
     }
 
+    /// How the embeddings are stored.
+    pub fn precision(&self) -> Precision {
+        self.embeddings.as_ref().precision()
+    }
+
     /// A read-only view of the same slots.
     pub fn as_ref(&self) -> CacheRef<'_, I, DIM> {
         CacheRef {
-            embeddings: self.embeddings,
+            embeddings: self.embeddings.as_ref(),
             items: self.items,
             keys: self.keys,
             ages: self.ages,
@@ -427,7 +457,7 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
 
     /// Empties every slot and resets the ages.
     pub fn clear(&mut self) {
-        self.embeddings.fill([0.0; DIM]);
+        self.embeddings.clear();
         self.items.fill(I::EMPTY);
         self.keys.fill(0);
         self.ages.fill(0);
@@ -446,7 +476,7 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
         if !vector::all_finite(embedding) {
             return Err(Error::NonFinite { what: "slot embedding" });
         }
-        self.embeddings[j] = *embedding;
+        self.embeddings.set(j, embedding);
         self.items[j] = item;
         self.keys[j] = item.key();
         self.ages[j] = age;
@@ -505,7 +535,7 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
         let now = *self.clock;
         for (u, &j) in up.refresh_indices.iter().enumerate() {
             if up.refresh_mask.is_none_or(|m| m[u]) {
-                self.embeddings[j] = up.refresh_embeddings[u];
+                self.embeddings.set(j, &up.refresh_embeddings[u]);
                 self.stamps[j] = now;
                 if eviction == Eviction::Lru {
                     self.ages[j] = -1;
@@ -558,7 +588,7 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
             let (got, next) = select_top(n, &mut chosen[..want], bound, age_key);
             for &slot in &chosen[..got] {
                 if let Some((e, item)) = incoming.next() {
-                    self.embeddings[slot] = *e;
+                    self.embeddings.set(slot, e);
                     self.items[slot] = *item;
                     self.keys[slot] = item.key();
                     self.occupied[slot] = true;
@@ -613,7 +643,7 @@ mod tests {
         // Highest age first: slot 2 (age 1), then slot 0 (age 0, lower index).
         assert_eq!(c.as_ref().items(), &[13, 11, 12]);
         assert_eq!(c.as_ref().ages(), &[0, 1, 0]);
-        assert_eq!(c.as_ref().embeddings(), &[[13.0], [11.0], [12.0]]);
+        assert_eq!(c.as_ref().embeddings().as_f32().unwrap(), &[[13.0], [11.0], [12.0]]);
         assert_eq!(cache.len(), 3);
     }
 
@@ -634,7 +664,7 @@ mod tests {
             c.update(&up, ev).unwrap();
             let r = c.as_ref();
             assert_eq!(r.items()[want_slot], 9, "{ev:?}");
-            assert_eq!(r.embeddings()[0], if want_slot == 0 { [9.0] } else { [7.0] });
+            assert_eq!(r.embeddings().row(0), if want_slot == 0 { [9.0] } else { [7.0] });
             let want_ages: [i32; 2] = if ev == Eviction::Lru { [0, 0] } else { [0, 4] };
             assert_eq!(r.ages(), &want_ages, "{ev:?}");
         }

@@ -39,12 +39,15 @@
 //! - [`optim`]: SGD, Adam and Adagrad over a model's parameters.
 //! - [`item`]: what a cache slot holds and how items are told apart.
 //! - [`cache`]: the cache's slots and their update rules.
+//! - [`storage`]: how the cache stores its embeddings (`f32`, bf16 or
+//!   int8), chosen at run time.
 //! - [`loss`]: the streaming scoring pass and the cache loss.
 //! - [`remainder`]: the exact in-batch softmax with the cache's sampled
 //!   remainder.
 //! - [`kernel`]: the blocked scoring-and-sampling pass (and the top-k it
-//!   writes), its fast `exp`, its per-query random streams, quantized cache
-//!   rows and exactly merged shards, one file per concern.
+//!   writes), its fast `exp`, its per-query random streams, the rows of
+//!   each storage as it reads them and exactly merged shards, one file per
+//!   concern.
 //! - [`sampler`]: how negatives are chosen among candidates.
 //! - [`parallel`]: how the pass's pieces run, in turn or on the caller's
 //!   threads ([`Fork`]).
@@ -74,6 +77,7 @@ pub mod retrieve;
 pub mod sampler;
 pub mod softmax;
 pub mod stats;
+pub mod storage;
 pub mod tokenizer;
 pub mod tower;
 pub mod trainer;

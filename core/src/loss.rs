@@ -87,10 +87,11 @@ use rand_core::RngCore;
 use crate::cache::CacheRef;
 use crate::error::{check_len, Error, Result};
 use crate::item::Item;
-use crate::kernel::{self, Mode, Outputs, Pass, Rows};
+use crate::kernel::{self, Mode, Outputs, Pass};
 use crate::math;
 use crate::parallel::{Fork, Serial};
 use crate::sampler::{inclusion_probability, LogSumExp, Picks, Retrieval};
+use crate::storage::Stored;
 use crate::vector::{self, dot};
 
 pub use crate::kernel::TopKOut;
@@ -496,20 +497,27 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
                 return Err(Error::NonFinite { what: "fresh negative embedding" });
             }
             let weights = &self.weights[b][..m];
-            // The plain estimator with at most one negative of weight exactly
-            // 1 (one draw from the softmax itself): the per-query terms a
-            // distributed driver computes with the same function.
-            if control.is_none() && m <= 1 && weights.iter().all(|&wi| wi == 1.0) {
+            // At most one negative of weight exactly 1 (one draw from the
+            // softmax itself): the per-query terms a distributed driver
+            // computes with the same function.
+            if m <= 1 && weights.iter().all(|&wi| wi == 1.0) {
                 let grads_b = grads.as_mut().map(|g| {
                     let negative = &mut g.negative[b * NEG..(b + 1) * NEG];
                     negative[1..].fill([0.0; DIM]);
                     QueryGrads { query: &mut g.query[b], positive: &mut g.positive[b], negative: &mut negative[0] }
                 });
-                let t = query_terms(&queries[b], &positives[b], &self.lse[b], rows.first(), alpha, inv_b, grads_b)?;
-                let stale = match rows.first() {
-                    Some(f) => relative_staleness(&cache.embeddings()[self.picks[b].slots[0] as usize], f),
-                    None => 0.0,
+                let e = match m {
+                    0 => [0.0; DIM],
+                    _ => stale_row(cache, self.picks[b].slots[0] as usize),
                 };
+                let cv = control.as_ref().map(|cv| QueryControl {
+                    beta: cv.beta,
+                    stale: &e,
+                    candidate_mean: &cv.candidate_mean[b],
+                });
+                let (q, p, first) = (&queries[b], &positives[b], rows.first());
+                let t = query_terms(q, p, &self.lse[b], first, cv, alpha, inv_b, grads_b)?;
+                let stale = first.map_or(0.0, |f| relative_staleness(&e, f));
                 self.training[b] = t.training_loss;
                 self.staleness[b] = stale;
                 if m > 0 {
@@ -528,8 +536,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
                 let d = dot(&queries[b], f);
                 neg_dot += d;
                 weighted_dot += weights[i] * d;
-                let e = &cache.embeddings()[self.picks[b].slots[i] as usize];
-                stale += relative_staleness(e, f);
+                stale += relative_staleness(&stale_row(cache, self.picks[b].slots[i] as usize), f);
             }
             // The highest scores keep their plain mean (as computed before
             // weights existed); for m = 1 both are the one dot product.
@@ -708,8 +715,21 @@ pub struct QueryGrads<'a, const DIM: usize> {
     pub negative: &'a mut [f32; DIM],
 }
 
+/// One query's control variate for [`query_terms`] (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct QueryControl<'a, const DIM: usize> {
+    /// beta in `[0, 1]`.
+    pub beta: f32,
+    /// The drawn slot's cached embedding as the pass read it (ignored
+    /// without a negative).
+    pub stale: &'a [f32; DIM],
+    /// The softmax mean of the stale cached embeddings over the query's
+    /// candidates (zero without candidates).
+    pub candidate_mean: &'a [f32; DIM],
+}
+
 /// One query's share of the cache loss (see the module docs) with at most
-/// one negative of weight 1, from the log-sum-exp of its candidates'
+/// one negative of weight 1, optionally with the control variate, from the log-sum-exp of its candidates'
 /// scores (`candidates`, the positive not included) and the fresh
 /// embedding `negative` of the one drawn, if any:
 ///
@@ -728,11 +748,13 @@ pub struct QueryGrads<'a, const DIM: usize> {
 /// # Errors
 /// [`Error::NonFinite`] if the positive score or the negative embedding
 /// is not finite.
+#[allow(clippy::too_many_arguments)]
 pub fn query_terms<const DIM: usize>(
     query: &[f32; DIM],
     positive: &[f32; DIM],
     candidates: &LogSumExp,
     negative: Option<&[f32; DIM]>,
+    control: Option<QueryControl<'_, DIM>>,
     alpha: f32,
     inv_batch: f32,
     grads: Option<QueryGrads<'_, DIM>>,
@@ -740,6 +762,11 @@ pub fn query_terms<const DIM: usize>(
     let pos = PositiveTerms::new(query, positive, candidates, alpha)?;
     if negative.is_some_and(|f| !vector::all_finite(f)) {
         return Err(Error::NonFinite { what: "fresh negative embedding" });
+    }
+    if let Some(cv) = &control {
+        if !(0.0..=1.0).contains(&cv.beta) {
+            return Err(Error::InvalidConfig { what: "control variate beta must be in [0, 1]" });
+        }
     }
     let w = pos.prob_neg;
     let mut terms = QueryTerms {
@@ -756,8 +783,22 @@ pub fn query_terms<const DIM: usize>(
     if let Some(g) = grads {
         let c = if negative.is_some() { w * alpha * inv_batch } else { 0.0 };
         *g.query = [0.0; DIM];
-        if let Some(f) = negative {
-            vector::axpy(c, f, g.query);
+        match &control {
+            None => {
+                if let Some(f) = negative {
+                    vector::axpy(c, f, g.query);
+                }
+            }
+            // The same operations, in the same order, as
+            // `CacheLoss::backward_with` for several negatives.
+            Some(cv) => {
+                if let Some(f) = negative {
+                    let k = c * cv.beta;
+                    vector::axpy(k, f, g.query);
+                    vector::axpy(-k, cv.stale, g.query);
+                }
+                vector::axpy(c, cv.candidate_mean, g.query);
+            }
         }
         vector::axpy(-c, positive, g.query);
         *g.positive = [0.0; DIM];
@@ -873,16 +914,11 @@ fn negative_weights<const NEG: usize>(
     w
 }
 
-/// A cached embedding as the pass read it (through int8 quantization with
-/// the `int8-scoring` feature), so that the control variate subtracts the
-/// same vectors that its candidate mean averaged.
+/// A cached embedding as the pass read it (decoded from its storage's
+/// precision), so that the control variate subtracts the same vectors that
+/// its candidate mean averaged.
 pub(crate) fn stale_row<I: Item, const DIM: usize>(cache: CacheRef<'_, I, DIM>, j: usize) -> [f32; DIM] {
-    let mut row = [0.0; DIM];
-    #[cfg(feature = "int8-scoring")]
-    kernel::QuantizedView(cache.embeddings()).row(j, &mut row);
-    #[cfg(not(feature = "int8-scoring"))]
-    kernel::F32Rows(cache.embeddings()).row(j, &mut row);
-    row
+    cache.embeddings().row(j)
 }
 
 /// `|e - f|^2 / |f|^2`; 0 when both are zero, `+inf` when only `f` is.
@@ -905,8 +941,9 @@ pub fn relative_staleness<const DIM: usize>(stale: &[f32; DIM], fresh: &[f32; DI
 ///
 /// The work is done by `kernel::pass_on` (blocked scoring, block-wise
 /// log-sum-exp, one random stream per query, tiles of queries split over
-/// `fork`; see `crate::kernel`). With
-/// the `int8-scoring` feature the cache is read through int8 quantization.
+/// `fork`; see `crate::kernel`). The pass is compiled once per storage
+/// precision and chosen here, once per call: an `f32` cache is read in
+/// place, a bf16 or int8 one is decoded block by block.
 #[allow(clippy::too_many_arguments)]
 fn stream<I: Item, const DIM: usize, const NEG: usize>(
     cache: CacheRef<'_, I, DIM>,
@@ -919,22 +956,28 @@ fn stream<I: Item, const DIM: usize, const NEG: usize>(
     rng: &mut impl RngCore,
     fork: &impl Fork,
 ) -> bool {
-    #[cfg(feature = "int8-scoring")]
-    let rows = kernel::QuantizedView(cache.embeddings());
-    #[cfg(not(feature = "int8-scoring"))]
-    let rows = kernel::F32Rows(cache.embeddings());
-    let p = Pass {
-        rows: &rows,
-        keys: cache.keys(),
-        occupied: cache.occupied(),
-        range: 0..cache.capacity(),
-        queries,
-        hits: hit_keys,
-        alpha,
-        top_k,
-        mode,
-    };
-    kernel::pass_on(fork, &p, out, rng)
+    // One `Pass` per storage's row type; everything else is shared.
+    macro_rules! pass_over {
+        ($rows:expr) => {{
+            let p = Pass {
+                rows: $rows,
+                keys: cache.keys(),
+                occupied: cache.occupied(),
+                range: 0..cache.capacity(),
+                queries,
+                hits: hit_keys,
+                alpha,
+                top_k,
+                mode,
+            };
+            kernel::pass_on(fork, &p, out, rng)
+        }};
+    }
+    match cache.embeddings() {
+        Stored::F32(r) => pass_over!(&kernel::F32Rows(r)),
+        Stored::Bf16(r) => pass_over!(&kernel::Bf16Rows(r)),
+        Stored::Int8 { rows, scales } => pass_over!(&kernel::I8Rows { rows, scales }),
+    }
 }
 
 #[cfg(test)]
@@ -1948,7 +1991,7 @@ mod tests {
         // With the cache's own log-sum-exp and B = 1: CacheLoss's bits.
         let (mut q1, mut p1, mut f1) = ([9.0; D], [9.0; D], [9.0; D]);
         let g = QueryGrads { query: &mut q1, positive: &mut p1, negative: &mut f1 };
-        let t = query_terms(&Q5, &P5, &loss.candidate_lse(0), Some(&fresh[0]), alpha, 1.0, Some(g)).unwrap();
+        let t = query_terms(&Q5, &P5, &loss.candidate_lse(0), Some(&fresh[0]), None, alpha, 1.0, Some(g)).unwrap();
         assert_eq!(t.training_loss.to_bits(), sum.training_loss.to_bits());
         assert_eq!(t.interpretable_loss.to_bits(), sum.interpretable_loss.to_bits());
         assert_eq!(t.prob_pos.to_bits(), sum.prob_pos.to_bits());
@@ -1967,7 +2010,7 @@ mod tests {
         a.merge(&b);
         let (mut q4, mut p4, mut f4) = ([9.0; D], [9.0; D], [9.0; D]);
         let g = QueryGrads { query: &mut q4, positive: &mut p4, negative: &mut f4 };
-        let t = query_terms(&Q5, &P5, &a, Some(&fresh[0]), alpha, 0.25, Some(g)).unwrap();
+        let t = query_terms(&Q5, &P5, &a, Some(&fresh[0]), None, alpha, 0.25, Some(g)).unwrap();
         let s = score64(alpha, &Q5, &P5);
         let z: f64 = E5.iter().map(|e| score64(alpha, &Q5, e).exp()).sum();
         let w = z / (s.exp() + z);
@@ -1985,17 +2028,34 @@ mod tests {
             assert_relative_eq!(f4[d] as f64, k * Q5[d] as f64, epsilon = 1e-6, max_relative = 1e-5);
         }
 
+        // With the control variate (beta 0.7, a stale row and a candidate
+        // mean): only the query gradient changes, to the closed form
+        // k (beta (f - e) + e_bar - p); the other gradients are the same bits.
+        let (e, e_bar) = ([0.3, -0.2, 0.1, 0.05], [0.1, 0.2, -0.3, 0.4]);
+        let cv = QueryControl { beta: 0.7, stale: &e, candidate_mean: &e_bar };
+        let (mut qc, mut pc, mut fc) = ([9.0; D], [9.0; D], [9.0; D]);
+        let g = QueryGrads { query: &mut qc, positive: &mut pc, negative: &mut fc };
+        let tc = query_terms(&Q5, &P5, &a, Some(&fresh[0]), Some(cv), alpha, 0.25, Some(g)).unwrap();
+        assert_eq!(tc.training_loss.to_bits(), t.training_loss.to_bits());
+        assert_eq!((bits(pc), bits(fc)), (bits(p4), bits(f4)));
+        for d in 0..D {
+            let want = k * (0.7 * (f[d] - e[d]) as f64 + e_bar[d] as f64 - P5[d] as f64);
+            assert_relative_eq!(qc[d] as f64, want, epsilon = 1e-6, max_relative = 1e-5);
+        }
+        let bad = QueryControl { beta: 1.5, ..cv };
+        assert!(query_terms(&Q5, &P5, &a, Some(&fresh[0]), Some(bad), alpha, 0.25, None).is_err());
+
         // No negative (no candidate anywhere): prob_pos 1, no loss, zero
         // gradients.
         let (mut q0, mut p0, mut f0) = ([9.0; D], [9.0; D], [9.0; D]);
         let g = QueryGrads { query: &mut q0, positive: &mut p0, negative: &mut f0 };
-        let t = query_terms(&Q5, &P5, &LogSumExp::EMPTY, None, alpha, 0.25, Some(g)).unwrap();
+        let t = query_terms(&Q5, &P5, &LogSumExp::EMPTY, None, None, alpha, 0.25, Some(g)).unwrap();
         assert_eq!((t.prob_pos, t.training_loss, t.grad_scale), (1.0, 0.0, 0.0));
         assert!(t.interpretable_loss.abs() < 1e-7, "{}", t.interpretable_loss);
         assert_eq!((q0, p0, f0), ([0.0; D], [0.0; D], [0.0; D]));
 
         // A non-finite fresh embedding is an error.
-        let e = query_terms(&Q5, &P5, &a, Some(&[f32::NAN; D]), alpha, 0.25, None);
+        let e = query_terms(&Q5, &P5, &a, Some(&[f32::NAN; D]), None, alpha, 0.25, None);
         assert!(matches!(e, Err(Error::NonFinite { .. })), "{e:?}");
     }
 }

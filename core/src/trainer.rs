@@ -41,7 +41,12 @@ use crate::random;
 use crate::remainder::{self, CacheSide, RemainderGrads};
 use crate::sampler::{LogSumExp, Retrieval};
 use crate::softmax::{self, SoftmaxOut};
+use crate::storage::Precision;
 use crate::tower::Towers;
+
+/// Sampled and full softmax use the cache's storage as their table of
+/// candidate embeddings, which they read as `f32` slices.
+const NEEDS_F32: Error = Error::InvalidConfig { what: "sampled and full softmax need a cache stored as f32" };
 
 /// What the step minimises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -697,7 +702,7 @@ where
             for i in 0..NEG {
                 self.neg_weight[b][i] = weights.get(i).copied().unwrap_or(0.0);
                 self.neg_valid[b][i] = i < slots.len();
-                // As the pass read them (through int8 with `int8-scoring`),
+                // As the pass read them (decoded from the cache's storage),
                 // so that the control variate subtracts what it averaged.
                 self.stale[b][i] = slots.get(i).map_or([0.0; DIM], |&s| crate::loss::stale_row(cache_ref, s as usize));
                 if i < slots.len() {
@@ -920,6 +925,9 @@ where
         if corpus.is_empty() || corpus.len() > u32::MAX as usize {
             return Err(Error::InvalidConfig { what: "sampled softmax needs a corpus" });
         }
+        if cache.precision() != Precision::F32 {
+            return Err(NEEDS_F32);
+        }
         self.embed_batch(batch);
         // Draw the negatives uniformly, with replacement, into the cache's
         // storage, which this objective uses as its table; embed them
@@ -944,8 +952,8 @@ where
         self.log_q[..bsz].fill(-shift);
         let alpha = self.model.score_scale();
         let table = cache.as_ref();
-        let (emb, items, keys) =
-            (&table.embeddings()[..negatives], &table.items()[..negatives], &table.keys()[..negatives]);
+        let emb = table.embeddings().as_f32().ok_or(NEEDS_F32)?;
+        let (emb, items, keys) = (&emb[..negatives], &table.items()[..negatives], &table.keys()[..negatives]);
         let mask = self.cfg.mask_accidental_hits;
         let keep = match self.cfg.sampled_item_gradients {
             0 => negatives,
@@ -1008,6 +1016,9 @@ where
         corpus: &[I],
     ) -> Result<StepReport> {
         let bsz = batch.queries.len();
+        if cache.precision() != Precision::F32 {
+            return Err(NEEDS_F32);
+        }
         let index = batch.positive_index.ok_or(Error::InvalidConfig { what: "full softmax needs positive_index" })?;
         check_len("positive_index", bsz, index.len())?;
         if corpus.is_empty() || corpus.len() > cache.capacity() {
@@ -1022,7 +1033,7 @@ where
             *slot = i as usize;
         }
         let alpha = self.model.score_scale();
-        let emb = &cache.as_ref().embeddings()[..corpus.len()];
+        let emb = &cache.as_ref().embeddings().as_f32().ok_or(NEEDS_F32)?[..corpus.len()];
         let mut pending = Pending::new(&mut self.model, &mut self.neg_items, &mut self.gn);
         let mut sink = |j: usize, g: &[f32; DIM]| pending.push(&corpus[j], g);
         let out = SoftmaxOut {
@@ -1287,7 +1298,7 @@ mod tests {
         let c = cache.as_ref();
         let want = embed(t, &c.items()[slot]);
         // Bit for bit: the cache stores the very embedding computed.
-        assert_eq!(c.embeddings()[slot], want, "slot {slot} ({:?})", c.items()[slot]);
+        assert_eq!(c.embeddings().row(slot), want, "slot {slot} ({:?})", c.items()[slot]);
     }
 
     #[test]
@@ -1362,7 +1373,7 @@ mod tests {
             for b in 0..2 {
                 let slot = t.loss.negatives(b)[0] as usize;
                 t.model.embed(Side::Item, &cache.as_ref().items()[slot], &mut e);
-                assert_eq!(cache.as_ref().embeddings()[slot], e);
+                assert_eq!(cache.as_ref().embeddings().row(slot), e);
             }
         }
     }
@@ -1384,6 +1395,47 @@ mod tests {
             // Not inserted a second time; slots 2 and 3 stay empty.
             assert_eq!(cache.as_ref().occupied(), &[true, true, false, false]);
         }
+    }
+
+    /// A bf16 or int8 cache steps exactly as an `f32` cache holding its
+    /// decoded rows (the pass and the loss read the stored values, bit for
+    /// bit), and stores each refreshed or inserted embedding encoded.
+    #[test]
+    fn quantized_caches_step_on_their_stored_values() {
+        use crate::storage::{dequantize_i8, quantize_i8, Bf16Store, Int8Store, Store};
+        fn check<S: Store<4, 3>>(encode: impl Fn(&[f32; 3]) -> [f32; 3]) {
+            for seed in 0..10 {
+                let (mut plain, mut f32_cache) = trainer(Objective::CacheInBatch, CacheMode::Streaming, &[]);
+                let (mut small, _) = trainer(Objective::CacheInBatch, CacheMode::Streaming, &[]);
+                plain.set_control_variate(Some(1.0)).unwrap();
+                small.set_control_variate(Some(1.0)).unwrap();
+                let mut cache = NegativeCache::<Item2, 4, 3, S>::new();
+                for (j, item) in [A, B, D].iter().enumerate() {
+                    cache.as_mut().set_slot(j, &STALE[j], *item, 5, true).unwrap();
+                    f32_cache.as_mut().set_slot(j, &encode(&STALE[j]), *item, 5, true).unwrap();
+                }
+                let batch = Batch { queries: &[[11, 12], [13, 14]], positives: &[A, C], positive_index: None };
+                let rng = || Pcg64Mcg::seed_from_u64(seed);
+                let r0 = plain.step(&mut f32_cache.as_mut(), &batch, &[], 0.1, &mut rng()).unwrap();
+                let r1 = small.step(&mut cache.as_mut(), &batch, &[], 0.1, &mut rng()).unwrap();
+                assert_eq!(r0.training_loss.to_bits(), r1.training_loss.to_bits(), "seed {seed}");
+                assert_eq!(r0.grad_norm.to_bits(), r1.grad_norm.to_bits(), "seed {seed}");
+                for b in 0..2 {
+                    assert_eq!(plain.loss.negatives(b), small.loss.negatives(b));
+                }
+                // Every slot written this step holds its f32 twin's value, encoded.
+                let (q, f) = (cache.as_ref(), f32_cache.as_ref());
+                assert_eq!(q.items(), f.items());
+                for j in 0..4 {
+                    assert_eq!(q.embeddings().row(j), encode(&f.embeddings().row(j)), "seed {seed} slot {j}");
+                }
+            }
+        }
+        check::<Int8Store<4, 3>>(|x| {
+            let (q, k) = quantize_i8(x);
+            dequantize_i8(&q, k)
+        });
+        check::<Bf16Store<4, 3>>(|x| x.map(|v| crate::storage::bf16_to_f32(crate::storage::f32_to_bf16(v))));
     }
 
     #[test]

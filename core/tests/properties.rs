@@ -172,7 +172,7 @@ proptest! {
             items[j] = j as u32;
         }
         let mut cache = CacheMut::from_slots(SlotsMut {
-            embeddings: &mut embeddings, items: &mut items, keys: &mut keys, ages: &mut ages,
+            embeddings: negcache::storage::StoredMut::F32(&mut embeddings), items: &mut items, keys: &mut keys, ages: &mut ages,
             stamps: &mut stamps, occupied: &mut occ, clock: &mut clock,
         }).unwrap();
         cache.rekey();

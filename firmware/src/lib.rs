@@ -24,6 +24,7 @@ use negcache::layers::ParamVisitor;
 use negcache::optim::OptimizerKind;
 use negcache::retrieve::{search, Hit};
 use negcache::sampler::LogSumExp;
+use negcache::storage::Int8Store;
 use negcache::tower::{Model, SharedTokenTowers, Side, TokenModel, TowerConfig};
 use negcache::trainer::{Batch, Trainer, TrainerConfig};
 use negcache::vector::dot;
@@ -42,7 +43,7 @@ pub const H: usize = 32;
 pub const DIM: usize = 16;
 /// Negative-cache slots: half the items, so negatives come from a cache
 /// that does not hold the whole corpus.
-pub const CAP: usize = 64;
+pub const CAP: usize = N_ITEMS / 2;
 /// Queries per step.
 pub const BATCH: usize = 16;
 /// Negatives drawn from the cache per query.
@@ -65,8 +66,9 @@ pub type Towers = SharedTokenTowers<BUCKETS, E, H, DIM, 1>;
 /// The trainer: towers and batch buffers (the cache is in [`Scratch`]).
 pub type FwTrainer = Trainer<Towers, QueryTokens, ItemTokens, DIM, BATCH, NEG>;
 /// The negative cache: `CAP` items, owned by this program and lent to the
-/// trainer at each step.
-pub type FwCache = negcache::NegativeCache<ItemTokens, CAP, DIM>;
+/// trainer at each step, their embeddings stored as int8 with a per-row
+/// scale: 20 bytes per embedding instead of 64 as `f32`.
+pub type FwCache = negcache::NegativeCache<ItemTokens, CAP, DIM, Int8Store<CAP, DIM>>;
 
 /// The paper's method (streaming cache, FIFO eviction, exact sampling
 /// from the softmax over the cache, accidental hits masked) with Adagrad,
@@ -90,8 +92,8 @@ pub struct Settings {
 }
 
 /// The settings both the device and the host run.
-/// 1,200 steps of 16 queries are 50 passes over the 384 training queries.
-pub const SETTINGS: Settings = Settings { seed: 0, steps: 1200, lr: 0.1, report_every: 48 };
+/// 4,800 steps of 16 queries are 50 passes over the 1,536 training queries.
+pub const SETTINGS: Settings = Settings { seed: 0, steps: 4800, lr: 0.1, report_every: 192 };
 
 /// The trainer's storage. Its constant initialiser contains non-zero
 /// settings (the score scale, the optimiser), so the linker puts it in
@@ -326,7 +328,7 @@ pub fn run(t: &mut FwTrainer, scratch: &mut Scratch, s: &Settings, out: &mut dyn
     )?;
     writeln!(
         out,
-        "config towers=shared-token buckets={BUCKETS} e={E} h={H} dim={DIM} cache={CAP} batch={BATCH} neg={NEG} \
+        "config towers=shared-token buckets={BUCKETS} e={E} h={H} dim={DIM} cache={CAP} cache_precision=int8 batch={BATCH} neg={NEG} \
          optimizer=adagrad lr={} steps={} seed={}",
         s.lr, s.steps, s.seed
     )?;

@@ -33,7 +33,7 @@ fn pass(c: &mut Criterion) {
     });
     g.bench_function("exp_jump_unmasked", |b| b.iter(|| black_box(bench::run_pass(&d, &mut loss, 0, false, &mut rng))));
     let mut draws = vec![Draw::EMPTY; B];
-    let rows = F32Rows(NegativeCache::as_ref(&*d.cache).embeddings());
+    let rows = F32Rows(NegativeCache::as_ref(&*d.cache).embeddings().as_f32().expect("an f32 cache"));
     g.bench_function("shards_2_threads", |b| {
         b.iter(|| bench::sharded_pass(&d, &rows, 2, &mut rng, &mut draws).unwrap())
     });

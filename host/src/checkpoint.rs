@@ -189,6 +189,11 @@ impl Writer {
     pub fn u64(&mut self, x: u64) {
         self.0.extend_from_slice(&x.to_le_bytes());
     }
+    /// Raw bytes (int8 and bf16 values, already little-endian).
+    pub fn bytes(&mut self, v: &[u8]) {
+        self.u64(v.len() as u64);
+        self.0.extend_from_slice(v);
+    }
 }
 
 /// Reads what a [`Writer`] wrote, with errors naming what was expected.
@@ -242,6 +247,15 @@ impl<'a> Reader<'a> {
         for (x, b) in out.iter_mut().zip(self.take(4 * n)?.chunks_exact(4)) {
             *x = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         }
+        Ok(())
+    }
+    /// Raw bytes into `out`, whose length must match.
+    pub fn bytes_into(&mut self, out: &mut [u8]) -> anyhow::Result<()> {
+        let n = self.u64()? as usize;
+        if n != out.len() {
+            bail!("checkpoint body: {n} bytes of stored embeddings where {} were expected: the checkpoint is from another configuration", out.len());
+        }
+        out.copy_from_slice(self.take(n)?);
         Ok(())
     }
     /// Whether every byte was read.

@@ -698,7 +698,11 @@ fn cache_update(inputs: Obj<'_>, expected: Obj<'_>, check: &mut Check) -> Parse<
                     we.cols
                 )));
             }
-            check.numbers(&format!("states[{s}].embeddings"), &flat(r.embeddings(), we.cols), &we.data);
+            check.numbers(
+                &format!("states[{s}].embeddings"),
+                &flat(r.embeddings().as_f32().expect("a reference cache is f32"), we.cols),
+                &we.data,
+            );
         }
         if let Some(wi) = w.opt_matrix("items", Some(n), dims.map(|x| x.1))? {
             if wi.cols > 8 {

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use negcache::layers::ParamVisitor;
+use negcache::storage::{Precision, Stored, StoredMut};
 use negcache::tower::{SeparateTowers, SharedTokenTowers, SiameseTowers, Side, TokenModel, TowerConfig, Towers};
 use negcache::trainer::{Batch, StepReport, Trainer, TrainerConfig};
 use rand_pcg::Pcg64Mcg;
@@ -173,7 +174,14 @@ where
 pub fn save_cache(cache: &OwnedCache<ItemTokens, DIM>, w: &mut Writer) {
     let c = cache.as_ref();
     w.tag(b"CACH");
-    w.f32s(c.embeddings().as_flattened());
+    match c.embeddings() {
+        Stored::F32(r) => w.f32s(r.as_flattened()),
+        Stored::Bf16(r) => w.bytes(&r.as_flattened().iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<_>>()),
+        Stored::Int8 { rows, scales } => {
+            w.bytes(&rows.as_flattened().iter().map(|&q| q as u8).collect::<Vec<_>>());
+            w.f32s(scales);
+        }
+    }
     w.u32s(c.items().as_flattened());
     w.u32s(&c.ages().iter().map(|&a| a as u32).collect::<Vec<_>>());
     w.u32s(c.stamps());
@@ -186,7 +194,24 @@ pub fn save_cache(cache: &OwnedCache<ItemTokens, DIM>, w: &mut Writer) {
 pub fn load_cache(cache: &mut OwnedCache<ItemTokens, DIM>, r: &mut Reader<'_>) -> anyhow::Result<()> {
     r.tag(b"CACH")?;
     let slots = cache.slots_mut();
-    r.f32s_into(slots.embeddings.as_flattened_mut())?;
+    match slots.embeddings {
+        StoredMut::F32(e) => r.f32s_into(e.as_flattened_mut())?,
+        StoredMut::Bf16(e) => {
+            let mut raw = vec![0u8; 2 * e.as_flattened().len()];
+            r.bytes_into(&mut raw)?;
+            for (h, b) in e.as_flattened_mut().iter_mut().zip(raw.chunks_exact(2)) {
+                *h = u16::from_le_bytes([b[0], b[1]]);
+            }
+        }
+        StoredMut::Int8 { rows, scales } => {
+            let mut raw = vec![0u8; rows.as_flattened().len()];
+            r.bytes_into(&mut raw)?;
+            for (q, &b) in rows.as_flattened_mut().iter_mut().zip(&raw) {
+                *q = b as i8;
+            }
+            r.f32s_into(scales)?;
+        }
+    }
     r.u32s_into(slots.items.as_flattened_mut())?;
     let mut tmp = vec![0u32; slots.ages.len()];
     r.u32s_into(&mut tmp)?;
@@ -199,10 +224,15 @@ pub fn load_cache(cache: &mut OwnedCache<ItemTokens, DIM>, r: &mut Reader<'_>) -
     Ok(())
 }
 
-/// Bytes of the `CACH` section of a cache of `capacity` slots, the last
-/// section of a checkpoint body.
-pub fn cache_section_bytes(capacity: usize) -> usize {
-    4 + (8 + capacity * DIM * 4) + (8 + capacity * ITEM_TOKENS * 4) + 3 * (8 + capacity * 4) + 8
+/// Bytes of the `CACH` section of a cache of `capacity` slots stored in
+/// `precision`, the last section of a checkpoint body.
+pub fn cache_section_bytes(capacity: usize, precision: Precision) -> usize {
+    let rows = match precision {
+        Precision::F32 => 8 + capacity * DIM * 4,
+        Precision::Bf16 => 8 + capacity * DIM * 2,
+        Precision::Int8 => (8 + capacity * DIM) + (8 + capacity * 4),
+    };
+    4 + rows + (8 + capacity * ITEM_TOKENS * 4) + 3 * (8 + capacity * 4) + 8
 }
 
 impl<M, const N: usize> Session for CachedTrainer<M, N>
@@ -262,7 +292,11 @@ where
         if check.state {
             return Some("optimiser state");
         }
-        let cache_ok = self.cache.as_ref().embeddings().as_flattened().iter().all(|x| x.is_finite());
+        let cache_ok = match self.cache.as_ref().embeddings() {
+            Stored::F32(r) => r.as_flattened().iter().all(|x| x.is_finite()),
+            Stored::Bf16(r) => r.as_flattened().iter().all(|&h| negcache::storage::bf16_to_f32(h).is_finite()),
+            Stored::Int8 { scales, .. } => scales.iter().all(|x| x.is_finite()),
+        };
         (!cache_ok).then_some("cache embeddings")
     }
 }
@@ -290,12 +324,21 @@ impl ParamVisitor for FiniteCheck {
     }
 }
 
+/// A cache's size and how it stores its embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheShape {
+    /// Slots.
+    pub capacity: usize,
+    /// The stored embeddings' precision.
+    pub precision: Precision,
+}
+
 /// A trainer of the standard shape with the given tying and negatives
-/// per query (one of [`NEGATIVES`]), and a cache of `capacity` slots.
+/// per query (one of [`NEGATIVES`]), and a cache of that shape.
 pub fn new_session(
     tying: Tying,
     negatives: usize,
-    capacity: usize,
+    cache: CacheShape,
     tower: TowerConfig,
     cfg: TrainerConfig,
 ) -> anyhow::Result<Box<dyn Session>> {
@@ -304,22 +347,21 @@ pub fn new_session(
     type Siam = SiameseTowers<BUCKETS, E, H, DIM, S>;
     fn run<M: Towers<QueryTokens, ItemTokens, DIM> + TokenModel<DIM> + Send + Sync + 'static, const N: usize>(
         trainer: Box<T<M, N>>,
-        capacity: usize,
+        shape: CacheShape,
     ) -> anyhow::Result<Box<dyn Session>> {
-        Ok(Box::new(CachedTrainer::new(trainer, capacity)?))
+        let cache = OwnedCache::with_precision(shape.capacity, shape.precision)?;
+        Ok(Box::new(CachedTrainer { trainer, cache, threads: None }))
     }
     Ok(match (tying, negatives) {
-        (Tying::Separate, NEG) => run(boxed(move || T::<_, NEG>::new(Sep::new(tower), cfg))?, capacity)?,
-        (Tying::SharedTokens, NEG) => run(boxed(move || T::<_, NEG>::new(Shared::new(tower), cfg))?, capacity)?,
-        (Tying::Siamese, NEG) => run(boxed(move || T::<_, NEG>::new(Siam::new(tower), cfg))?, capacity)?,
-        (Tying::Separate, NEG_MANY) => run(boxed(move || T::<_, NEG_MANY>::new(Sep::new(tower), cfg))?, capacity)?,
-        (Tying::SharedTokens, NEG_MANY) => {
-            run(boxed(move || T::<_, NEG_MANY>::new(Shared::new(tower), cfg))?, capacity)?
-        }
-        (Tying::Siamese, NEG_MANY) => run(boxed(move || T::<_, NEG_MANY>::new(Siam::new(tower), cfg))?, capacity)?,
-        (Tying::Separate, NEG_TWO) => run(boxed(move || T::<_, NEG_TWO>::new(Sep::new(tower), cfg))?, capacity)?,
-        (Tying::SharedTokens, NEG_TWO) => run(boxed(move || T::<_, NEG_TWO>::new(Shared::new(tower), cfg))?, capacity)?,
-        (Tying::Siamese, NEG_TWO) => run(boxed(move || T::<_, NEG_TWO>::new(Siam::new(tower), cfg))?, capacity)?,
+        (Tying::Separate, NEG) => run(boxed(move || T::<_, NEG>::new(Sep::new(tower), cfg))?, cache)?,
+        (Tying::SharedTokens, NEG) => run(boxed(move || T::<_, NEG>::new(Shared::new(tower), cfg))?, cache)?,
+        (Tying::Siamese, NEG) => run(boxed(move || T::<_, NEG>::new(Siam::new(tower), cfg))?, cache)?,
+        (Tying::Separate, NEG_MANY) => run(boxed(move || T::<_, NEG_MANY>::new(Sep::new(tower), cfg))?, cache)?,
+        (Tying::SharedTokens, NEG_MANY) => run(boxed(move || T::<_, NEG_MANY>::new(Shared::new(tower), cfg))?, cache)?,
+        (Tying::Siamese, NEG_MANY) => run(boxed(move || T::<_, NEG_MANY>::new(Siam::new(tower), cfg))?, cache)?,
+        (Tying::Separate, NEG_TWO) => run(boxed(move || T::<_, NEG_TWO>::new(Sep::new(tower), cfg))?, cache)?,
+        (Tying::SharedTokens, NEG_TWO) => run(boxed(move || T::<_, NEG_TWO>::new(Shared::new(tower), cfg))?, cache)?,
+        (Tying::Siamese, NEG_TWO) => run(boxed(move || T::<_, NEG_TWO>::new(Siam::new(tower), cfg))?, cache)?,
         (_, n) => anyhow::bail!("negatives per query must be one of {NEGATIVES:?}, got {n}"),
     })
 }
@@ -372,11 +414,18 @@ mod tests {
 
     #[test]
     fn a_body_read_back_is_written_again_byte_for_byte_and_ends_with_its_cache_section() {
+        for precision in [Precision::F32, Precision::Bf16, Precision::Int8] {
+            body_round_trip(precision);
+        }
+    }
+
+    fn body_round_trip(precision: Precision) {
         type Sep = SeparateTowers<BUCKETS, E, H, DIM, S>;
         let (tower, cfg, capacity) = (TowerConfig::DEFAULT, TrainerConfig::DEFAULT, 24);
         let new = || {
             let trainer = boxed(move || T::<Sep, NEG>::new(Sep::new(tower), cfg)).expect("a trainer");
-            CachedTrainer::new(trainer, capacity).expect("a cache")
+            let cache = OwnedCache::with_precision(capacity, precision).expect("a cache");
+            CachedTrainer { trainer, cache, threads: None }
         };
         let mut run = new();
         run.init(&mut Pcg64Mcg::seed_from_u64(3)).expect("init");
@@ -390,10 +439,13 @@ mod tests {
         assert_eq!(back.cache.as_ref().position(&items[3]), Some(3), "keys recomputed on load");
         let mut b = Writer::default();
         back.save(&mut b);
-        assert!(a.0 == b.0, "a body read back is written differently");
+        assert!(a.0 == b.0, "{precision:?}: a body read back is written differently");
+        let e = |c: &OwnedCache<ItemTokens, DIM>| c.as_ref().embeddings().row(2);
+        assert_eq!(e(&back.cache), e(&run.cache));
+        assert_ne!(e(&back.cache), [0.0; DIM]);
         let mut cache = Writer::default();
         save_cache(&run.cache, &mut cache);
-        assert_eq!(cache.0.len(), cache_section_bytes(capacity));
+        assert_eq!(cache.0.len(), cache_section_bytes(capacity, precision));
         assert!(a.0.ends_with(&cache.0), "the cache section is not last");
         assert_eq!(&cache.0[..4], b"CACH");
     }

@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use clap::ArgAction;
 use negcache::optim::OptimizerKind;
 use negcache::random;
+use negcache::storage::Precision;
 use negcache::tokenizer::TokenizerConfig;
 use negcache::tower::{Scale, Side, TowerConfig};
 use negcache::trainer::{Batch, CacheMode, Objective, StepReport, TrainerConfig};
@@ -20,7 +21,7 @@ use crate::data::{beir, Dataset};
 use crate::eval::{Bm25Config, Evaluator, Metrics, Protocol, Ranking};
 use crate::featurize::{featurize, Features, QueryTokens};
 use crate::resume::{LossWindow, Progress, LOSS_WINDOW};
-use crate::session::{new_session, Session, Tying, BATCH, DIM, MAX_CAPACITY};
+use crate::session::{new_session, CacheShape, Session, Tying, BATCH, DIM, MAX_CAPACITY};
 
 /// What a run minimises (see `negcache::trainer::Objective`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -81,6 +82,30 @@ pub enum OptimizerName {
     Adagrad,
     /// SGD with momentum 0.9.
     Sgd,
+}
+
+/// How the cache stores its embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PrecisionName {
+    /// 32-bit floats: 256 bytes per embedding at the standard shape.
+    #[default]
+    F32,
+    /// bf16: 128 bytes per embedding.
+    Bf16,
+    /// int8 with a per-row scale: 68 bytes per embedding.
+    Int8,
+}
+
+impl PrecisionName {
+    /// The core's precision.
+    pub fn core(self) -> Precision {
+        match self {
+            PrecisionName::F32 => Precision::F32,
+            PrecisionName::Bf16 => Precision::Bf16,
+            PrecisionName::Int8 => Precision::Int8,
+        }
+    }
 }
 
 /// How negatives are drawn from the cache.
@@ -181,6 +206,11 @@ settings_with_protocol! {
         /// Cache slots in use, at most 65536.
         #[arg(long, default_value_t = 8192)]
         pub cache_capacity: usize,
+        /// How the cache stores its embeddings: f32, bf16 (half the bytes)
+        /// or int8 with a per-row scale (3.76x fewer); scores and samples
+        /// come from the stored values. Sampled and full softmax need f32.
+        #[arg(long, value_enum, default_value_t = PrecisionName::F32)]
+        pub cache_precision: PrecisionName,
         /// Fill the cache with the whole corpus first instead of streaming
         /// (corpus mode).
         #[arg(long, action = ArgAction::Set, default_value_t = false)]
@@ -358,6 +388,14 @@ impl TrainConfig {
                 self.sampled_negatives
             );
         }
+        if matches!(self.objective, ObjectiveName::Sampled | ObjectiveName::Full)
+            && self.cache_precision != PrecisionName::F32
+        {
+            bail!(
+                "cache_precision {:?} needs a cache objective: sampled and full softmax read their candidates as f32",
+                self.cache_precision
+            );
+        }
         if self.refresh_per_step > self.cache_capacity {
             bail!(
                 "refresh_per_step must be at most cache_capacity ({}), got {}",
@@ -430,6 +468,11 @@ impl TrainConfig {
     /// The BM25 baseline's parameters.
     pub fn bm25(&self) -> Bm25Config {
         Bm25Config { k1: self.bm25_k1, b: self.bm25_b }
+    }
+
+    /// The cache's capacity and precision.
+    pub fn cache(&self) -> CacheShape {
+        CacheShape { capacity: self.cache_capacity, precision: self.cache_precision.core() }
     }
 
     /// The core's trainer settings.
@@ -586,7 +629,7 @@ impl Run {
     /// A new run, initialised from the seed.
     pub fn start(cfg: TrainConfig, data: &Prepared) -> anyhow::Result<Self> {
         cfg.validate()?;
-        let mut session = new_session(cfg.tying, cfg.negatives, cfg.cache_capacity, cfg.tower(), cfg.trainer())?;
+        let mut session = new_session(cfg.tying, cfg.negatives, cfg.cache(), cfg.tower(), cfg.trainer())?;
         session.set_control_variate(cfg.control())?;
         let mut rng = Pcg64Mcg::seed_from_u64(cfg.seed);
         session.init(&mut rng)?;
@@ -617,7 +660,7 @@ impl Run {
         }
         let step = ck.header["step"].as_u64().with_context(|| format!("{}: header has no step", path.display()))?;
         let progress = Progress::from_header(&ck.header, path)?;
-        let mut session = new_session(cfg.tying, cfg.negatives, cfg.cache_capacity, cfg.tower(), cfg.trainer())?;
+        let mut session = new_session(cfg.tying, cfg.negatives, cfg.cache(), cfg.tower(), cfg.trainer())?;
         session.set_control_variate(cfg.control())?;
         session.init(&mut Pcg64Mcg::seed_from_u64(cfg.seed))?;
         session.load(&mut Reader::new(&ck.body)).with_context(|| format!("{}: cannot restore", path.display()))?;

@@ -132,7 +132,7 @@ mod mpi_runs {
     /// embedding bits, age, stamp).
     fn cache_entries(body: &[u8]) -> Vec<(ItemTokens, Vec<u32>, u32, u32)> {
         const CAP: usize = CAPACITY;
-        let at = body.len() - cache_section_bytes(CAP);
+        let at = body.len() - cache_section_bytes(CAP, negcache::storage::Precision::F32);
         let mut r = Reader::new(&body[at..]);
         r.tag(b"CACH").unwrap();
         let mut emb = vec![0f32; CAP * DIM];
@@ -215,14 +215,24 @@ mod mpi_runs {
                 (1, Retrieval::Gumbel { inv_temp: 1.0 })
             };
             let mut rng = rank_rng(11, round, rank);
+            // The control variate's inputs on the first round of each sampler.
+            let control = round % ROUNDS == 0;
+            let c = cache.as_ref();
             sampler
-                .draw(&mut comm, cache.as_ref(), &queries, &positives, ALPHA, true, retrieval, &mut rng, &mut draws)
+                .draw(&mut comm, c, &queries, &positives, ALPHA, true, retrieval, control, &mut rng, &mut draws)
                 .unwrap();
             for (i, d) in draws.iter().enumerate() {
                 let (shard, slot) = d.pick.expect("every query has candidates");
                 let j = d.item[0] as usize - 1;
                 assert_eq!(j % p, shard, "item {j} came from shard {shard}");
                 assert_eq!(j, rank_slot_item(shard, slot as usize, p));
+                if control {
+                    assert_eq!(d.stale, emb[j], "the drawn slot's cached embedding");
+                    let want = candidate_mean(&emb, &qs[i % 2], i % 2 == 0);
+                    for (k, (got, want)) in d.mean.iter().zip(want).enumerate() {
+                        assert!((got - want).abs() < 1e-5, "merged candidate mean {k}: {got} vs {want}");
+                    }
+                }
                 counts[(which * 2 + i % 2) * ITEMS + j] += 1;
                 lse[i % 2] = d.lse;
             }
@@ -236,6 +246,19 @@ mod mpi_runs {
                 println!("LSE {t} {} {}", z.max, z.sum);
             }
         }
+    }
+
+    /// The softmax mean of the whole scene's item embeddings for query `q`
+    /// (item 5 masked when `masked`), in f64: what the shards' merged means
+    /// must equal.
+    fn candidate_mean(emb: &[[f32; DIM]], q: &[f32; DIM], masked: bool) -> [f32; DIM] {
+        let cand: Vec<usize> = (0..ITEMS).filter(|&j| !(masked && j == 5)).collect();
+        let s: Vec<f64> = cand.iter().map(|&j| ALPHA as f64 * dot(q, &emb[j]) as f64).collect();
+        let m = s.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
+        let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+        std::array::from_fn(|k| {
+            cand.iter().zip(&s).map(|(&j, x)| (x - m).exp() / z * emb[j][k] as f64).sum::<f64>() as f32
+        })
     }
 
     /// The item in slot `slot` of shard `shard` of the worker's layout.
@@ -309,13 +332,27 @@ mod mpi_runs {
 
     #[test]
     fn one_process_reproduces_the_single_process_run_bit_for_bit() {
+        one_process_is_the_single_process_run(false);
+    }
+
+    /// The same with the control variate (estimator B): the shard's
+    /// candidate mean and the drawn slot's cached row reach the loss as
+    /// one cache's would.
+    #[test]
+    fn one_process_reproduces_the_single_process_run_with_the_control_variate() {
+        one_process_is_the_single_process_run(true);
+    }
+
+    fn one_process_is_the_single_process_run(control_variate: bool) {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
         tiny_dataset(&data);
         let out = tmp.path().join("one");
-        run_distributed(1, &flags(&data, &out, 40));
+        let mut args = flags(&data, &out, 40);
+        *args.last_mut().unwrap() = control_variate.to_string();
+        run_distributed(1, &args);
 
-        let cfg = config(&data, &tmp.path().join("single"), 40);
+        let cfg = TrainConfig { control_variate, ..config(&data, &tmp.path().join("single"), 40) };
         let prepared = prepare(&cfg).unwrap();
         let mut single = Run::start(cfg, &prepared).unwrap();
         let summary = train(&mut single, &prepared, &mut |_, _, _| Ok(())).unwrap();

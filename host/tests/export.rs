@@ -348,7 +348,7 @@ fn weights_follow_the_tying() {
     let tokens = [3u32, 70_000, 12, PAD, 3];
     for tying in [Tying::Separate, Tying::SharedTokens, Tying::Siamese] {
         let cfg = TrainConfig { tying, learn_scale: true, scale: 7.5, ..TrainConfig::default() };
-        let mut session = new_session(tying, 1, cfg.cache_capacity, cfg.tower(), cfg.trainer()).unwrap();
+        let mut session = new_session(tying, 1, cfg.cache(), cfg.tower(), cfg.trainer()).unwrap();
         session.init(&mut rand_pcg::Pcg64Mcg::new(5)).unwrap();
         let w = weights(session.as_mut(), &cfg).unwrap();
         assert!((w.score_scale - 7.5).abs() < 1e-5, "{tying:?}: score scale {}", w.score_scale);

@@ -2,6 +2,7 @@
 //! keeps the two in step.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use negcache::storage::{Bf16Store, Int8Store};
 use negcache::tower::{SeparateTowers, TowerConfig};
 use negcache::trainer::Trainer;
 use negcache::{CacheLoss, NegativeCache};
@@ -20,6 +21,14 @@ fn the_readme_states_the_sizes_of_the_core_types() {
     let _ = TowerConfig::DEFAULT;
     let sizes = [
         ("| `NegativeCache<u32, 65536, 64>`", size_of::<NegativeCache<u32, 65536, 64>>()),
+        (
+            "| `NegativeCache<u32, 65536, 64, Bf16Store",
+            size_of::<NegativeCache<u32, 65536, 64, Bf16Store<65536, 64>>>(),
+        ),
+        (
+            "| `NegativeCache<u32, 65536, 64, Int8Store",
+            size_of::<NegativeCache<u32, 65536, 64, Int8Store<65536, 64>>>(),
+        ),
         ("| `CacheLoss<32, 1>`", size_of::<CacheLoss<32, 1>>()),
         ("| a large trainer", size_of::<Big>()),
     ];

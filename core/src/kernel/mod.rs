@@ -80,12 +80,15 @@
 //!
 //! # Quantized rows
 //!
-//! [`Rows`] is what the pass reads a block of cached embeddings through:
-//! `f32` rows as stored ([`F32Rows`]), int8 rows with a per-row scale
-//! ([`I8Rows`], 68 bytes per 64-dimensional row instead of 256) or bf16
-//! rows ([`Bf16Rows`], 128 bytes). Quantized blocks are decoded to `f32` in
-//! a 4 KiB buffer before scoring: one decode per cached value per query
-//! tile, against `TILE` multiply-adds that use it.
+//! [`Rows`] is what the pass reads a block of cached embeddings through,
+//! one implementation per precision a cache may store
+//! ([`crate::storage::Precision`]): `f32` rows as stored ([`F32Rows`]),
+//! int8 rows with a per-row scale ([`I8Rows`], 68 bytes per 64-dimensional
+//! row instead of 256) or bf16 rows ([`Bf16Rows`], 128 bytes). Quantized
+//! blocks are decoded to `f32` in a 4 KiB buffer before scoring: one
+//! decode per cached value per query tile, against `TILE` multiply-adds
+//! that use it. The loss picks the implementation from the cache's view,
+//! once per pass.
 //!
 //! # Files
 //!
@@ -112,7 +115,7 @@ use crate::sampler::{LogSumExp, Picks};
 
 pub use exp::exp_le0;
 pub use rng::LaneRng;
-pub use rows::{bf16_to_f32, f32_to_bf16, quantize_i8, Bf16Rows, F32Rows, I8Rows, QuantizedView, Rows, BLOCK};
+pub use rows::{Bf16Rows, F32Rows, I8Rows, Rows, BLOCK};
 pub use shards::{merge_draws, sample_shard, Draw, Slots};
 
 /// Query lanes of the micro-kernel: one AVX-512 register, two AVX2 ones,

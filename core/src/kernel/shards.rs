@@ -159,7 +159,7 @@ pub fn merge_draws(parts: &[&[Draw]], rng: &mut impl RngCore, out: &mut [Draw]) 
 mod tests {
     use super::*;
     use crate::cache::NegativeCache;
-    use crate::kernel::{exp_le0, f32_to_bf16, quantize_i8, Bf16Rows, F32Rows, I8Rows, LaneRng, QuantizedView, BLOCK};
+    use crate::kernel::{exp_le0, Bf16Rows, F32Rows, I8Rows, LaneRng, Rows, BLOCK};
     use crate::stats::chi_square;
     use rand_core::SeedableRng;
     use rand_pcg::Pcg64Mcg;
@@ -277,51 +277,42 @@ mod tests {
         }
     }
 
+    /// Caches stored as int8 and bf16 score within rounding of the `f32`
+    /// cache, and the int8 cache holds exactly `quantize_i8` of each row.
     #[test]
     fn quantized_rows_score_close_to_f32() {
-        let mut r = Pcg64Mcg::seed_from_u64(8);
-        let mut cache = NegativeCache::<u32, 64, D>::new();
-        let emb: [[f32; D]; 64] = rows(&mut r, 0.5);
-        let mut cm = cache.as_mut();
-        for (j, e) in emb.iter().enumerate() {
-            cm.set_slot(j, e, j as u32, 0, true).unwrap();
+        use crate::storage::{f32_to_bf16, quantize_i8, Bf16Store, Int8Store, Store};
+        fn filled<S: Store<64, D>>(emb: &[[f32; D]; 64]) -> NegativeCache<u32, 64, D, S> {
+            let mut cache = NegativeCache::<u32, 64, D, S>::new();
+            let mut cm = cache.as_mut();
+            for (j, e) in emb.iter().enumerate() {
+                cm.set_slot(j, e, j as u32, 0, true).unwrap();
+            }
+            cache
         }
-        let q: [[f32; D]; 1] = rows(&mut r, 0.5);
-        let mut i8rows = [[0i8; D]; 64];
-        let mut scales = [0f32; 64];
-        let mut bf = [[0u16; D]; 64];
-        for j in 0..64 {
-            (i8rows[j], scales[j]) = quantize_i8(&emb[j]);
-            bf[j] = emb[j].map(f32_to_bf16);
-        }
-        let cr = cache.as_ref();
-        let lse_of = |rows: &dyn Fn(&mut [Draw; 1])| {
+        fn lse<R: Rows<D>>(rows: &R, keys: &[u64], occupied: &[bool], q: &[[f32; D]; 1]) -> f32 {
             let mut d = [Draw::EMPTY];
-            rows(&mut d);
+            let s = Slots { rows, keys, occupied };
+            sample_shard(s, 0..64, q, None, 4.0, 1.0, &mut Pcg64Mcg::seed_from_u64(1), &mut d).unwrap();
             d[0].lse.max + crate::math::ln(d[0].lse.sum)
-        };
-        let occ = cr.occupied();
-        let keys = cr.keys();
-        let run = |d: &mut [Draw; 1], rows: &dyn Fn(&mut [Draw; 1])| rows(d);
-        let _ = run;
-        let f = lse_of(&|d| {
-            let s = Slots { rows: &F32Rows(cr.embeddings()), keys, occupied: occ };
-            sample_shard(s, 0..64, &q, None, 4.0, 1.0, &mut Pcg64Mcg::seed_from_u64(1), d).unwrap();
-        });
-        let i = lse_of(&|d| {
-            let s = Slots { rows: &I8Rows { rows: &i8rows, scales: &scales }, keys, occupied: occ };
-            sample_shard(s, 0..64, &q, None, 4.0, 1.0, &mut Pcg64Mcg::seed_from_u64(1), d).unwrap();
-        });
-        let v = lse_of(&|d| {
-            let s = Slots { rows: &QuantizedView(cr.embeddings()), keys, occupied: occ };
-            sample_shard(s, 0..64, &q, None, 4.0, 1.0, &mut Pcg64Mcg::seed_from_u64(1), d).unwrap();
-        });
-        let h = lse_of(&|d| {
-            let s = Slots { rows: &Bf16Rows(&bf), keys, occupied: occ };
-            sample_shard(s, 0..64, &q, None, 4.0, 1.0, &mut Pcg64Mcg::seed_from_u64(1), d).unwrap();
-        });
+        }
+        let mut r = Pcg64Mcg::seed_from_u64(8);
+        let emb: [[f32; D]; 64] = rows(&mut r, 0.5);
+        let q: [[f32; D]; 1] = rows(&mut r, 0.5);
+        let f32_cache = filled::<crate::storage::F32Store<64, D>>(&emb);
+        let i8_cache = filled::<Int8Store<64, D>>(&emb);
+        let bf_cache = filled::<Bf16Store<64, D>>(&emb);
+        let (keys, occ) = (f32_cache.view().keys(), f32_cache.view().occupied());
+        let f = lse(&F32Rows(f32_cache.view().embeddings().as_f32().unwrap()), keys, occ, &q);
+        let crate::storage::Stored::Int8 { rows: i8rows, scales } = i8_cache.view().embeddings() else { panic!() };
+        let i = lse(&I8Rows { rows: i8rows, scales }, keys, occ, &q);
+        let crate::storage::Stored::Bf16(bf) = bf_cache.view().embeddings() else { panic!() };
+        let h = lse(&Bf16Rows(bf), keys, occ, &q);
+        assert!(f != i && f != h, "quantized scores should differ from f32 in the last bits");
         assert!((f - i).abs() < 0.05 && (f - h).abs() < 0.05, "{f} {i} {h}");
-        // The quantizing view sees exactly what int8 storage holds.
-        assert_eq!(i, v);
+        for j in 0..64 {
+            assert_eq!((i8rows[j], scales[j]), quantize_i8(&emb[j]));
+            assert_eq!(bf[j], emb[j].map(f32_to_bf16));
+        }
     }
 }

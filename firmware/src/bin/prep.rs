@@ -55,7 +55,7 @@ impl Args {
         let mut a = Args {
             data: root.join("fixtures/data/wordnet-hypernyms"),
             out: root.join("fixtures/firmware/wordnet-tiny.bin"),
-            items: 128,
+            items: 512,
             train_per_item: 3,
             heldout_per_item: 1,
             query_len: 16,

@@ -12,9 +12,9 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context;
 use negcache::kernel::{self, Bf16Rows, Draw, F32Rows, I8Rows, LaneRng, Slots};
 use negcache::sampler::LogSumExp;
+use negcache::storage::{self, Precision};
 use negcache::tower::{Model, SharedTokenTowers, Side, TokenModel, TowerConfig};
 use negcache::trainer::{Batch, TrainerConfig};
 use negcache::{random, vector, CacheLoss, Item, LossConfig, NegativeCache, Retrieval};
@@ -23,7 +23,8 @@ use rand_pcg::Pcg64Mcg;
 
 use crate::featurize::{ItemTokens, QueryTokens, ITEM_TOKENS, QUERY_TOKENS};
 use crate::memory::boxed;
-use crate::session::{new_session, Session, Tying, BUCKETS, DIM, E, H, S};
+use crate::session::{new_session, CacheShape, Session, Tying, BUCKETS, DIM, E, H, S};
+use crate::store::OwnedCache;
 
 /// The pass's batch.
 pub const B: usize = 32;
@@ -48,10 +49,10 @@ pub struct BenchArgs {
     /// Seconds spent on each timed measurement (more: steadier figures).
     #[arg(long, default_value_t = 1.5)]
     pub seconds: f64,
-    /// Training-run results on the quantized cache to include
-    /// (docs/results/quantized-recall.json, written by
-    /// `negcache bench --quantized-recall`); skipped if missing.
-    #[arg(long, default_value = "docs/results/quantized-recall.json")]
+    /// Training runs with each cache precision to include: the directory
+    /// that `negcache compare --config docs/results/precision/compare.toml`
+    /// writes (its `compare.md` and `runs/`); skipped if missing.
+    #[arg(long, default_value = "docs/results/precision")]
     pub recall_results: PathBuf,
     /// Run the original TensorFlow library's benchmark model in its five
     /// configurations (cache_N4096, cache_N65536, cache_N65536_topk64,
@@ -278,7 +279,7 @@ pub fn run_pass_on(
 /// top-k groups as before. Kept to measure the speed-up in the same run.
 pub fn legacy_pass(d: &PassData, top_k: usize, mask: bool, rng: &mut impl RngCore, out: &mut [Draw]) {
     let cache = NegativeCache::as_ref(&*d.cache);
-    let (emb, items, occupied) = (cache.embeddings(), cache.items(), cache.occupied());
+    let (emb, items, occupied) = (cache.embeddings().as_f32().expect("an f32 cache"), cache.items(), cache.occupied());
     let n = emb.len();
     let glen = n.checked_div(top_k).unwrap_or(0);
     let mut st = Legacy { lse: [LogSumExp::EMPTY; B], thr: [0.0; B], pick: [u32::MAX; B] };
@@ -396,9 +397,9 @@ impl std::fmt::Debug for Quantized {
 
 /// Quantizes the pass's cache.
 pub fn quantize(d: &PassData) -> Quantized {
-    let emb = NegativeCache::as_ref(&*d.cache).embeddings();
-    let (i8_rows, scales) = emb.iter().map(kernel::quantize_i8).unzip();
-    let bf16_rows = emb.iter().map(|r| r.map(kernel::f32_to_bf16)).collect();
+    let emb = NegativeCache::as_ref(&*d.cache).embeddings().as_f32().expect("an f32 cache");
+    let (i8_rows, scales) = emb.iter().map(storage::quantize_i8).unzip();
+    let bf16_rows = emb.iter().map(|r| r.map(storage::f32_to_bf16)).collect();
     Quantized { i8_rows, scales, bf16_rows }
 }
 
@@ -425,7 +426,8 @@ impl std::fmt::Debug for StepData {
 pub fn step_data(seed: u64) -> anyhow::Result<StepData> {
     let cfg = TrainerConfig::DEFAULT;
     let tower = TowerConfig { scale: negcache::tower::Scale::Fixed(ALPHA), ..TowerConfig::DEFAULT };
-    let mut session = new_session(Tying::SharedTokens, 1, N, tower, cfg)?;
+    let mut session =
+        new_session(Tying::SharedTokens, 1, CacheShape { capacity: N, precision: Precision::F32 }, tower, cfg)?;
     // One thread, like the pass the step is compared with.
     session.set_threads(std::sync::Arc::new(crate::threads::Threads::serial()));
     let mut rng = Pcg64Mcg::seed_from_u64(seed);
@@ -691,7 +693,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         String::new(),
         &mut pass_rows,
     );
-    let f32_rows = F32Rows(NegativeCache::as_ref(&*d.cache).embeddings());
+    let f32_rows = F32Rows(NegativeCache::as_ref(&*d.cache).embeddings().as_f32().expect("an f32 cache"));
     let one = add(
         "kernel::sample_shard, 1 thread",
         time(secs, || sharded_pass(&d, &f32_rows, 1, &mut rng, &mut draws).unwrap_or(())),
@@ -889,26 +891,21 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let per_item = eval.median / (nq as f64);
     let _ = writeln!(md, "\n{:.2} ms per query over {EVAL_ITEMS} items.\n", per_item * 1e3);
 
-    let item = size_of::<ItemTokens>();
-    let meta = item + 4 + 4 + 1;
+    let slot = OwnedCache::<ItemTokens, DIM>::bytes_per_slot;
     let _ = writeln!(md, "## Bytes per cached item (DIM {DIM})\n");
     let _ = writeln!(
         md,
-        "| storage | embedding | with item tokens, age, stamp, flag | embedding vs f32 | whole slot vs f32 |"
+        "| storage (`--cache-precision`) | embedding | whole slot (with item tokens, key, age, stamp, flag) | embedding vs f32 | whole slot vs f32 |"
     );
     let _ = writeln!(md, "|---|---:|---:|---:|---:|");
-    for (name, bytes) in [
-        ("f32", <F32Rows<'_, DIM> as kernel::Rows<DIM>>::BYTES_PER_ROW),
-        ("int8 + f32 row scale", <I8Rows<'_, DIM> as kernel::Rows<DIM>>::BYTES_PER_ROW),
-        ("bf16", <Bf16Rows<'_, DIM> as kernel::Rows<DIM>>::BYTES_PER_ROW),
-    ] {
-        let f = 4 * DIM;
+    for (name, p) in [("f32", Precision::F32), ("int8 + f32 row scale", Precision::Int8), ("bf16", Precision::Bf16)] {
+        let (bytes, f) = (p.bytes_per_row(DIM), Precision::F32.bytes_per_row(DIM));
         let _ = writeln!(
             md,
             "| {name} | {bytes} | {} | {:.2}x | {:.2}x |",
-            bytes + meta,
+            slot(p),
             f as f64 / bytes as f64,
-            (f + meta) as f64 / (bytes + meta) as f64
+            slot(Precision::F32) as f64 / slot(p) as f64
         );
     }
     let _ = writeln!(md);
@@ -950,28 +947,32 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         fast.median / split.median,
         yes(flops / split.median / peak2 >= 0.7)
     );
+    let ratio = |p: Precision| slot(Precision::F32) as f64 / slot(p) as f64;
     let _ = writeln!(
         md,
-        "| int8 >= 4x fewer bytes per item | {:.2}x (embedding), {:.2}x (whole slot); pass {:.2}x the f32 time | {} |",
-        (4 * DIM) as f64 / (DIM + 4) as f64,
-        (4 * DIM + meta) as f64 / (DIM + 4 + meta) as f64,
+        "| int8 storage: >= 3.5x fewer bytes per slot, all fields counted | {:.2}x (whole slot), {:.2}x (embedding); pass {:.2}x the f32 time | {} |",
+        ratio(Precision::Int8),
+        Precision::F32.bytes_per_row(DIM) as f64 / Precision::Int8.bytes_per_row(DIM) as f64,
         int8.median / one.median,
-        yes(false)
+        yes(ratio(Precision::Int8) >= 3.5)
     );
     let _ = writeln!(
         md,
-        "| bf16 >= 2x fewer bytes per item | 2.00x (embedding), {:.2}x (whole slot); pass {:.2}x the f32 time | yes (embedding) |",
-        (4 * DIM + meta) as f64 / (2 * DIM + meta) as f64,
-        bf16.median / one.median
+        "| bf16 storage: >= 2x fewer bytes per slot, all fields counted | {:.2}x (whole slot), 2.00x (embedding); pass {:.2}x the f32 time | {} |",
+        ratio(Precision::Bf16),
+        bf16.median / one.median,
+        yes(ratio(Precision::Bf16) >= 2.0)
     );
-    if let Some((diff, sd, n)) = recall_difference(&args.recall_results) {
-        let _ = writeln!(
-            md,
-            "| int8 costs <= 1 point of Recall@10 on WordNet | {:+.2} points (int8 - f32, mean of {n} seeds; sd {:.2}) | {} |",
-            100.0 * diff,
-            100.0 * sd,
-            yes(diff >= -0.01)
-        );
+    for p in ["int8", "bf16"] {
+        if let Some((diff, sd, n)) = recall_difference(&args.recall_results, p) {
+            let _ = writeln!(
+                md,
+                "| {p} storage costs <= 1 point of Recall@10 on WordNet | {:+.2} points ({p} - f32, mean of {n} seeds; sd {:.2}) | {} |",
+                100.0 * diff,
+                100.0 * sd,
+                yes(diff >= -0.01)
+            );
+        }
     }
     let _ = writeln!(
         md,
@@ -987,16 +988,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         bwd_q.median * 1e6,
         bwd_i.median * 1e6
     );
-    match std::fs::read_to_string(&args.recall_results) {
+    let _ = writeln!(md, "## Cache precision: Recall@10 on WordNet\n");
+    match std::fs::read_to_string(args.recall_results.join("compare.md")) {
         Ok(text) => {
-            let _ = writeln!(md, "## Quantized cache: Recall@10 on WordNet\n");
-            let v: serde_json::Value = serde_json::from_str(&text).context("recall results")?;
-            if let Some(t) = v["markdown"].as_str() {
-                let _ = writeln!(md, "{t}");
-            }
+            // The compare's table and its notes, under this heading.
+            let body = text.lines().skip_while(|l| l.starts_with('#') || l.is_empty()).collect::<Vec<_>>().join("\n");
+            let _ = writeln!(
+                md,
+                "From `negcache compare --config {}/compare.toml`:\n\n{body}\n",
+                args.recall_results.display()
+            );
         }
         Err(_) => {
-            let _ = writeln!(md, "(No quantized-cache recall results at {}.)\n", args.recall_results.display());
+            let _ = writeln!(md, "(No cache-precision results in {}.)\n", args.recall_results.display());
         }
     }
     let _ = writeln!(
@@ -1045,13 +1049,16 @@ struct Limits {
     contains: f64,
 }
 
-/// Mean and standard deviation over seeds of int8 minus f32 Recall@10,
-/// from the recall results file.
-fn recall_difference(path: &std::path::Path) -> Option<(f64, f64, usize)> {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
-    let col = |k: &str| -> Option<Vec<f64>> { v[k].as_array()?.iter().map(|r| r[0].as_f64()).collect() };
-    let (f, i) = (col("f32")?, col("int8")?);
-    let d: Vec<f64> = f.iter().zip(&i).map(|(a, b)| b - a).collect();
+/// Mean and standard deviation over seeds of `precision`'s minus f32's
+/// Recall@10, seed by seed, from the runs `default-f32` and
+/// `default-<precision>` stored in `dir`.
+fn recall_difference(dir: &std::path::Path, precision: &str) -> Option<(f64, f64, usize)> {
+    let recall = |name: &str, seed: u64| -> Option<f64> {
+        let path = dir.join(format!("runs/default-{name}-s{seed}/result.json"));
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+        v["metrics"]["recall_at_10"].as_f64()
+    };
+    let d: Vec<f64> = (0..).map_while(|s| Some(recall(precision, s)? - recall("f32", s)?)).collect();
     let n = d.len();
     if n < 2 {
         return None;
@@ -1108,13 +1115,29 @@ fn limits(md: &mut String, l: &Limits) {
         l.peak2 / l.peak1,
         l.fast / l.split
     );
+    let meta = OwnedCache::<ItemTokens, DIM>::bytes_per_slot(Precision::F32) - Precision::F32.bytes_per_row(DIM);
+    let ids = size_of::<u32>() + 8 + 4 + 4 + 1;
+    let ratio =
+        |m: usize| (Precision::F32.bytes_per_row(DIM) + m) as f64 / (Precision::Int8.bytes_per_row(DIM) + m) as f64;
+    // The most bookkeeping per slot at which int8 still saves 3.5x:
+    // (256 + m) / (68 + m) >= 3.5.
+    let most = (Precision::F32.bytes_per_row(DIM) as f64 - 3.5 * Precision::Int8.bytes_per_row(DIM) as f64) / 2.5;
     let _ = writeln!(
         md,
-        "**Bytes per item.** With a per-row scale, int8 cannot reach 4x: 64 bytes of components plus a 4-byte \
-         scale is 68 bytes against 256 (3.76x; a 2-byte scale would give 3.88x). Exactly 4x needs no per-row \
-         metadata, e.g. a fixed scale of 1/127 for L2-normalised rows, at about 3x the rounding error of a \
-         per-row scale (typical components are near 1/8); that variant is not built. Counting the whole slot \
-         (48 bytes of item tokens, age, stamp, flag) the savings are 2.5x (int8) and 1.7x (bf16).\n"
+        "**Bytes per item.** With a per-row scale, int8 cannot reach 4x on the embedding: {DIM} bytes of \
+         components plus a 4-byte scale is {} bytes against {} (3.76x; a 2-byte scale would give 3.88x). Exactly \
+         4x needs no per-row metadata, e.g. a fixed scale of 1/127 for L2-normalised rows, at about 3x the \
+         rounding error of a per-row scale (typical components are near 1/8); that variant is not built. \
+         Counting the whole slot, the {meta} bytes each slot also keeps here (item tokens, key, age, stamp, flag) \
+         bring the savings to {:.2}x (int8) and {:.2}x (bf16); with `u32` ids for items ({ids} bytes) int8 saves \
+         {:.2}x. A saving of 3.5x counting every field needs at most {most:.1} bytes of bookkeeping per slot \
+         next to a 68-byte int8 row, less than the key alone: the goal is out of reach at DIM {DIM} while slots \
+         keep their key, age and stamp.\n",
+        Precision::Int8.bytes_per_row(DIM),
+        Precision::F32.bytes_per_row(DIM),
+        ratio(meta),
+        (Precision::F32.bytes_per_row(DIM) + meta) as f64 / (Precision::Bf16.bytes_per_row(DIM) + meta) as f64,
+        ratio(ids)
     );
     let _ = writeln!(
         md,

@@ -109,7 +109,7 @@ impl Exchange {
                 KIND_REFRESH => {
                     let slot = r[1] as usize;
                     ensure!(slot < n, "a refresh of slot {slot} of a shard of {n}");
-                    stale_sum += relative_staleness(&cache.embeddings()[slot], &e);
+                    stale_sum += relative_staleness(&cache.embeddings().row(slot), &e);
                     stale_count += 1.0;
                     self.refresh_slots.push(slot);
                     self.refresh_rows.push(e);

@@ -4,6 +4,7 @@
 //! both kinds of run.
 
 use negcache::layers::EmbeddingBag;
+use negcache::storage::Precision;
 use negcache::tower::{TokenModel, TowerConfig, Towers, TwoTower};
 use negcache::trainer::TrainerConfig;
 
@@ -49,7 +50,7 @@ pub(super) fn new_replica<M: Replicated>(
 /// step count, which must be identical on every process of a distributed
 /// run.
 pub fn model_checksum(body: &[u8], capacity: usize) -> u32 {
-    crc32fast::hash(&body[..body.len().saturating_sub(cache_section_bytes(capacity))])
+    crc32fast::hash(&body[..body.len().saturating_sub(cache_section_bytes(capacity, Precision::F32))])
 }
 
 #[cfg(test)]
@@ -57,7 +58,7 @@ mod tests {
     use super::*;
     use crate::checkpoint::{Reader, Writer};
     use crate::featurize::ITEM_TOKENS;
-    use crate::session::{new_session, Session, Tying};
+    use crate::session::{new_session, CacheShape, Session, Tying};
     use negcache::tower::SharedTokenTowers;
     use rand_core::SeedableRng;
     use rand_pcg::Pcg64Mcg;
@@ -69,7 +70,9 @@ mod tests {
         // single-process session writes, so either run resumes the other's
         // checkpoints and one process reproduces `negcache train`.
         let (tower, cfg, capacity) = (TowerConfig::DEFAULT, TrainerConfig::DEFAULT, 24);
-        let mut single = new_session(Tying::SharedTokens, NEG, capacity, tower, cfg).expect("a session");
+        let mut single =
+            new_session(Tying::SharedTokens, NEG, CacheShape { capacity, precision: Precision::F32 }, tower, cfg)
+                .expect("a session");
         single.init(&mut Pcg64Mcg::seed_from_u64(3)).expect("init");
         type Shared = SharedTokenTowers<BUCKETS, E, H, DIM, S>;
         let mut replica = new_replica::<Shared>(tower, cfg, capacity).expect("a replica");

@@ -53,6 +53,33 @@ pub struct Draw {
     pub pick: Option<(usize, u32)>,
     /// The drawn item (`ItemTokens::EMPTY` without a pick).
     pub item: ItemTokens,
+    /// With the control variate: the drawn slot's cached embedding (zero
+    /// without a pick or without the variate).
+    pub stale: [f32; DIM],
+    /// With the control variate: the softmax mean of the stale cached
+    /// embeddings over every shard's candidates, merged exactly from the
+    /// shards' means (zero without candidates or without the variate).
+    pub mean: [f32; DIM],
+}
+
+/// Merges the shards' candidate means into the whole cache's: shard `s`'s
+/// mean weighs `Z_s / Z`. With one shard holding every candidate its mean
+/// is taken as it is, so that one process computes the bits of one cache.
+pub fn merge_means(lse: &[LogSumExp], means: &[[f32; DIM]]) -> [f32; DIM] {
+    let live: Vec<usize> = (0..lse.len()).filter(|&s| lse[s].sum > 0.0).collect();
+    match live.as_slice() {
+        [] => [0.0; DIM],
+        [s] => means[*s],
+        _ => {
+            let mut total = LogSumExp::EMPTY;
+            lse.iter().for_each(|z| total.merge(z));
+            let mut out = [0.0; DIM];
+            for &s in &live {
+                negcache::vector::axpy(lse[s].sum * total.weight(lse[s].max), &means[s], &mut out);
+            }
+            out
+        }
+    }
 }
 
 /// The sharded draw (steps 3 to 6 of the module docs): every process
@@ -61,6 +88,8 @@ pub struct Draw {
 pub struct ShardedSampler {
     loss: Box<CacheLoss<BATCH, NEG>>,
     queries: Vec<[f32; DIM]>,
+    means: Vec<[f32; DIM]>,
+    shard_means: Vec<[f32; DIM]>,
     items: Vec<ItemTokens>,
     send: Vec<u32>,
     recv: Vec<u32>,
@@ -75,8 +104,10 @@ impl std::fmt::Debug for ShardedSampler {
 
 /// Words per query in the all-gather: the embedding, then the positive.
 const QUERY_WORDS: usize = DIM + ITEM_TOKENS;
-/// Words per (query, shard) reply: lse max, lse sum, slot, the item.
-const REPLY_WORDS: usize = 3 + ITEM_TOKENS;
+/// Words per (query, shard) reply: lse max, lse sum, slot, the item, then
+/// the winner's cached embedding and the shard's candidate mean (zeros
+/// without the control variate).
+const REPLY_WORDS: usize = 3 + ITEM_TOKENS + 2 * DIM;
 
 impl Default for ShardedSampler {
     fn default() -> Self {
@@ -90,6 +121,8 @@ impl ShardedSampler {
         Self {
             loss: Box::new(CacheLoss::new()),
             queries: Vec::new(),
+            means: Vec::new(),
+            shard_means: Vec::new(),
             items: Vec::new(),
             send: Vec::new(),
             recv: Vec::new(),
@@ -110,7 +143,9 @@ impl ShardedSampler {
     /// (masked in every shard when `mask_accidental_hits`), `alpha` the
     /// score scale; `retrieval` must be `ExpJump` or `Gumbel` with inverse
     /// temperature 1. `rng` is this process's: it draws this shard's
-    /// winners and the shard choice for this process's queries.
+    /// winners and the shard choice for this process's queries. With
+    /// `control`, each draw also carries its slot's cached embedding and
+    /// the whole cache's candidate mean (the control variate's inputs).
     #[allow(clippy::too_many_arguments)]
     pub fn draw(
         &mut self,
@@ -121,6 +156,7 @@ impl ShardedSampler {
         alpha: f32,
         mask_accidental_hits: bool,
         retrieval: Retrieval<'_>,
+        control: bool,
         rng: &mut impl RngCore,
         out: &mut Vec<Draw>,
     ) -> anyhow::Result<()> {
@@ -153,7 +189,9 @@ impl ShardedSampler {
         // the global log-sum-exp and is recomputed by the query's process,
         // so the queries stand in for them here.
         let cfg = LossConfig { score_scale: alpha, top_k: 0, mask_accidental_hits };
-        self.loss.score_and_sample(
+        self.means.clear();
+        self.means.resize(p * bl, [0.0; DIM]);
+        self.loss.score_and_sample_with(
             shard,
             &self.queries,
             &self.queries,
@@ -162,16 +200,20 @@ impl ShardedSampler {
             retrieval,
             rng,
             None,
+            control.then_some(&mut self.means[..]),
+            &negcache::Serial,
         )?;
         self.send.clear();
         for g in 0..p * bl {
             let z = self.loss.candidate_lse(g);
-            let (slot, item) = match self.loss.negatives(g).first() {
-                Some(&s) => (s, shard.items()[s as usize]),
-                None => (NO_SLOT, ItemTokens::EMPTY),
+            let (slot, item, stale) = match self.loss.negatives(g).first() {
+                Some(&s) if control => (s, shard.items()[s as usize], shard.embeddings().row(s as usize)),
+                Some(&s) => (s, shard.items()[s as usize], [0.0; DIM]),
+                None => (NO_SLOT, ItemTokens::EMPTY, [0.0; DIM]),
             };
             self.send.extend([z.max.to_bits(), z.sum.to_bits(), slot]);
             self.send.extend_from_slice(&item);
+            self.send.extend(stale.iter().chain(&self.means[g]).map(|x| x.to_bits()));
         }
         self.recv.clear();
         self.recv.resize(self.send.len(), 0);
@@ -179,22 +221,28 @@ impl ShardedSampler {
 
         // Block s of the replies is shard s's answer for the local queries.
         out.clear();
+        let floats = |r: &[u32], at: usize| -> [f32; DIM] { std::array::from_fn(|k| f32::from_bits(r[at + k])) };
+        let (stale_at, mean_at) = (3 + ITEM_TOKENS, 3 + ITEM_TOKENS + DIM);
         for i in 0..bl {
             self.lse.clear();
+            self.shard_means.clear();
             let mut total = LogSumExp::EMPTY;
             for s in 0..p {
-                let r = &self.recv[(s * bl + i) * REPLY_WORDS..];
+                let r = &self.recv[(s * bl + i) * REPLY_WORDS..(s * bl + i + 1) * REPLY_WORDS];
                 let z = LogSumExp { max: f32::from_bits(r[0]), sum: f32::from_bits(r[1]) };
                 total.merge(&z);
                 self.lse.push(z);
+                self.shard_means.push(floats(r, mean_at));
             }
+            let mean = if control { merge_means(&self.lse, &self.shard_means) } else { [0.0; DIM] };
             let draw = match choose_shard(&self.lse, rng) {
                 Some(s) => {
                     let r = &self.recv[(s * bl + i) * REPLY_WORDS..(s * bl + i + 1) * REPLY_WORDS];
                     ensure!(r[2] != NO_SLOT, "shard {s} reported candidates but no winner");
-                    Draw { lse: total, pick: Some((s, r[2])), item: std::array::from_fn(|k| r[3 + k]) }
+                    let item = std::array::from_fn(|k| r[3 + k]);
+                    Draw { lse: total, pick: Some((s, r[2])), item, stale: floats(r, stale_at), mean }
                 }
-                None => Draw { lse: total, pick: None, item: ItemTokens::EMPTY },
+                None => Draw { lse: total, pick: None, item: ItemTokens::EMPTY, stale: [0.0; DIM], mean },
             };
             out.push(draw);
         }

@@ -46,7 +46,7 @@ const SLOT_WORDS: usize = DIM + ITEM_TOKENS + 3;
 /// Copies slot `j` of `from` into slot `k` of `to` (its key is left to a
 /// `rekey`).
 fn copy_slot(from: &CacheRef<'_, ItemTokens, DIM>, j: usize, to: &mut SlotsMut<'_, ItemTokens, DIM>, k: usize) {
-    to.embeddings[k] = from.embeddings()[j];
+    to.embeddings.set(k, &from.embeddings().row(j));
     to.items[k] = from.items()[j];
     to.ages[k] = from.ages()[j];
     to.stamps[k] = from.stamps()[j];
@@ -92,7 +92,7 @@ pub(super) fn take_shard(
         copy_slot(all, j, &mut to, k);
     }
     for k in picked.len()..n {
-        to.embeddings[k] = [0.0; DIM];
+        to.embeddings.set(k, &[0.0; DIM]);
         to.items[k] = ItemTokens::EMPTY;
         to.ages[k] = clock.min(i32::MAX as u32) as i32;
         to.stamps[k] = 0;
@@ -113,7 +113,7 @@ pub(super) fn gather(
     let n = shard.capacity();
     let mut words = Vec::with_capacity(n * SLOT_WORDS + 1);
     for j in 0..n {
-        words.extend(shard.embeddings()[j].iter().map(|x| x.to_bits()));
+        words.extend(shard.embeddings().row(j).iter().map(|x| x.to_bits()));
         words.extend_from_slice(&shard.items()[j]);
         words.extend([shard.ages()[j] as u32, shard.stamps()[j], shard.occupied()[j] as u32]);
     }
@@ -127,10 +127,10 @@ pub(super) fn gather(
         ensure!(all[(r + 1) * block - 1] == clock, "the cache shards' clocks differ");
     }
     let mut global = OwnedCache::new(comm.size() * n)?;
-    let to = global.slots_mut();
+    let mut to = global.slots_mut();
     let records = (0..comm.size()).flat_map(|r| all[r * block..(r + 1) * block - 1].chunks_exact(SLOT_WORDS));
     for (k, w) in records.enumerate() {
-        to.embeddings[k] = std::array::from_fn(|i| f32::from_bits(w[i]));
+        to.embeddings.set(k, &std::array::from_fn(|i| f32::from_bits(w[i])));
         to.items[k] = std::array::from_fn(|i| w[DIM + i]);
         let t = DIM + ITEM_TOKENS;
         to.ages[k] = w[t] as i32;

@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use anyhow::{ensure, Context};
-use negcache::loss::{query_terms, QueryGrads};
+use negcache::loss::{query_terms, QueryControl, QueryGrads};
 use negcache::random;
 use negcache::trainer::{CacheMode, StepReport};
 use rand_core::SeedableRng;
@@ -24,7 +24,7 @@ use crate::checkpoint::{Checkpoint, Reader, Writer};
 use crate::featurize::{ItemTokens, QueryTokens};
 use crate::session::{load_cache, save_cache, Session, DIM};
 use crate::store::OwnedCache;
-use crate::train::{self, ObjectiveName, Prepared, TrainConfig};
+use crate::train::{self, ObjectiveName, PrecisionName, Prepared, TrainConfig};
 
 /// The generator of process `rank` at `step`. Process 0 draws exactly what
 /// a single-process run draws ([`train::step_rng`]), so one process
@@ -40,15 +40,18 @@ pub fn validate(cfg: &TrainConfig, processes: usize) -> anyhow::Result<()> {
     let p = processes;
     ensure!(
         cfg.objective == ObjectiveName::Cache,
-        "--distributed trains the paper's cache objective only (--objective cache --negatives 1 --control-variate false)"
+        "--distributed trains the cache objective only (--objective cache --negatives 1), with or without the control variate"
     );
     ensure!(cfg.negatives == 1, "--distributed draws one negative per query (negatives = 1)");
-    ensure!(!cfg.control_variate, "--distributed has no control variate yet (control_variate = false)");
     ensure!(
         cfg.inv_temp == 1.0,
         "--distributed needs inv_temp = 1: only then do the shards' log-sum-exps merge into an exact draw"
     );
     ensure!(cfg.top_k == 0, "--distributed scores every slot (top_k = 0): top-k groups would cut across shards");
+    ensure!(
+        cfg.cache_precision == PrecisionName::F32,
+        "--distributed stores its cache shards as f32 (cache_precision = \"f32\")"
+    );
     ensure!(cfg.batch % p == 0, "batch {} is not a multiple of the {p} processes", cfg.batch);
     ensure!(
         cfg.cache_capacity % p == 0,
@@ -150,6 +153,7 @@ impl<M: Replicated> Worker<M> {
         tcfg.refresh_per_step = cfg.refresh_per_step / p;
         let mut replica = new_replica::<M>(cfg.tower(), tcfg, shard_cap)?;
         replica.init(&mut Pcg64Mcg::seed_from_u64(cfg.seed))?;
+        replica.trainer.set_control_variate(cfg.control())?;
         let pairs: Vec<(u32, u32)> = data.pairs.iter().skip(rank).step_by(p).copied().collect();
         ensure!(!pairs.is_empty(), "process {rank} has no training pairs: fewer pairs than processes");
         let owners = Owners::new(&data.features.items, p);
@@ -240,6 +244,7 @@ impl<M: Replicated> Worker<M> {
             alpha,
             self.cfg.mask_accidental_hits,
             trainer.config().retrieval,
+            trainer.control_variate().is_some(),
             &mut rng,
             &mut self.draws,
         )?;
@@ -254,12 +259,14 @@ impl<M: Replicated> Worker<M> {
         // The loss of the global batch's mean, with prob_pos from the global
         // log-sum-exp: each process's part, summed by the all-reduce.
         let inv_b = 1.0 / (p * bl) as f32;
+        let beta = trainer.control_variate();
         let (mut training, mut interpretable, mut prob_pos, mut grad_scale) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
         for b in 0..bl {
             let d = &self.draws[b];
             let grads = QueryGrads { query: &mut self.gq[b], positive: &mut self.gp[b], negative: &mut self.gn[b] };
             let fresh = d.pick.map(|_| &self.f[b]);
-            let t = query_terms(&self.q[b], &self.p[b], &d.lse, fresh, alpha, inv_b, Some(grads))?;
+            let cv = beta.map(|beta| QueryControl { beta, stale: &d.stale, candidate_mean: &d.mean });
+            let t = query_terms(&self.q[b], &self.p[b], &d.lse, fresh, cv, alpha, inv_b, Some(grads))?;
             training += t.training_loss;
             interpretable += t.interpretable_loss;
             prob_pos += t.prob_pos;
