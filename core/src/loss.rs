@@ -71,11 +71,12 @@
 //! Only the query gradient changes; the loss, `dL/dp`, `dL/df` and
 //! `dL/dalpha` are those above.
 //!
-//! A query with at most one negative of weight 1 and no control variate
-//! (one draw from the softmax itself) goes through [`query_terms`], which
-//! takes the candidates' log-sum-exp as a value: a driver that merges it
-//! from the shards of a distributed cache computes the same terms with the
-//! same arithmetic.
+//! A query with at most one negative of weight 1 (one draw from the
+//! softmax itself), with or without the control variate, goes through
+//! [`query_terms`], which takes the candidates' log-sum-exp (and the
+//! variate's inputs) as values: a driver that merges them from the shards
+//! of a distributed cache computes the same terms with the same
+//! arithmetic.
 //!
 //! `1 - prob_pos` is computed from the candidates' own sum, not by
 //! subtraction from 1, so it keeps its precision when the positive dominates.
@@ -729,7 +730,7 @@ pub struct QueryControl<'a, const DIM: usize> {
 }
 
 /// One query's share of the cache loss (see the module docs) with at most
-/// one negative of weight 1, optionally with the control variate, from the log-sum-exp of its candidates'
+/// one negative of weight 1, from the log-sum-exp of its candidates'
 /// scores (`candidates`, the positive not included) and the fresh
 /// embedding `negative` of the one drawn, if any:
 ///
@@ -739,6 +740,10 @@ pub struct QueryControl<'a, const DIM: usize> {
 /// dL/dq = w alpha (f - p) * inv_batch,  dL/dp = -w alpha q * inv_batch,  dL/df = w alpha q * inv_batch
 /// ```
 ///
+/// With `control` (beta, the drawn slot's cached embedding `e` and the
+/// candidates' softmax mean `e_bar`) the query gradient is
+/// `w alpha (beta (f - e) + e_bar - p) * inv_batch`; the rest is unchanged.
+///
 /// `inv_batch` is the normaliser of the batch mean (`1 / B`). This is
 /// [`CacheLoss::backward`]'s arithmetic for such a query, operation for
 /// operation (it calls this function), so that a driver that merges the
@@ -747,7 +752,7 @@ pub struct QueryControl<'a, const DIM: usize> {
 ///
 /// # Errors
 /// [`Error::NonFinite`] if the positive score or the negative embedding
-/// is not finite.
+/// is not finite; [`Error::InvalidConfig`] if beta is outside `[0, 1]`.
 #[allow(clippy::too_many_arguments)]
 pub fn query_terms<const DIM: usize>(
     query: &[f32; DIM],

@@ -40,6 +40,15 @@ impl Precision {
             Precision::Int8 => dim + 4,
         }
     }
+
+    /// Its name: `f32`, `bf16` or `int8`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
+        }
+    }
 }
 
 /// A cache's embeddings, borrowed for reading.
@@ -91,6 +100,15 @@ impl<'a, const DIM: usize> Stored<'a, DIM> {
             Stored::F32(r) => r[j],
             Stored::Bf16(r) => r[j].map(bf16_to_f32),
             Stored::Int8 { rows, scales } => dequantize_i8(&rows[j], scales[j]),
+        }
+    }
+
+    /// Whether every stored value is finite (for int8, every scale).
+    pub fn all_finite(&self) -> bool {
+        match self {
+            Stored::F32(r) => r.as_flattened().iter().all(|x| x.is_finite()),
+            Stored::Bf16(r) => r.as_flattened().iter().all(|&h| bf16_to_f32(h).is_finite()),
+            Stored::Int8 { scales, .. } => scales.iter().all(|x| x.is_finite()),
         }
     }
 
@@ -154,7 +172,7 @@ impl<const DIM: usize> StoredMut<'_, DIM> {
     pub fn set(&mut self, j: usize, x: &[f32; DIM]) {
         match self {
             StoredMut::F32(r) => r[j] = *x,
-            StoredMut::Bf16(r) => r[j] = x.map(f32_to_bf16),
+            StoredMut::Bf16(r) => r[j] = x.map(f32_to_bf16_finite),
             StoredMut::Int8 { rows, scales } => (rows[j], scales[j]) = quantize_i8(x),
         }
     }
@@ -281,6 +299,19 @@ pub fn f32_to_bf16(x: f32) -> u16 {
     (b.wrapping_add(round) >> 16) as u16
 }
 
+/// [`f32_to_bf16`], except that a finite value beyond bf16's largest
+/// finite magnitude (about 3.39e38) becomes that magnitude, not infinity:
+/// what a cache stores from a finite embedding stays finite.
+#[inline]
+pub fn f32_to_bf16_finite(x: f32) -> u16 {
+    let h = f32_to_bf16(x);
+    if x.is_finite() && !bf16_to_f32(h).is_finite() {
+        h - 1 // one step below infinity, same sign
+    } else {
+        h
+    }
+}
+
 /// bf16 to `f32` (exact).
 #[inline(always)]
 pub fn bf16_to_f32(h: u16) -> f32 {
@@ -298,6 +329,12 @@ mod tests {
         // 1 + 2^-8 is a tie between 1 and 1 + 2^-7: rounds to even (1).
         assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 1.0 / 256.0)), 1.0);
         assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        // The largest finite f32 rounds to bf16 infinity; a cache stores
+        // bf16's largest finite value instead.
+        assert_eq!(bf16_to_f32(f32_to_bf16(f32::MAX)), f32::INFINITY);
+        assert_eq!(bf16_to_f32(f32_to_bf16_finite(f32::MAX)), f32::from_bits(0x7F7F_0000));
+        assert_eq!(bf16_to_f32(f32_to_bf16_finite(-f32::MAX)), -f32::from_bits(0x7F7F_0000));
+        assert_eq!(f32_to_bf16_finite(1.5), f32_to_bf16(1.5));
         let x = [0.5f32, -0.25, 0.125, 0.0];
         let (q, k) = quantize_i8(&x);
         assert_eq!(q, [127, -64, 32, 0]);

@@ -24,7 +24,7 @@ use negcache::layers::ParamVisitor;
 use negcache::optim::OptimizerKind;
 use negcache::retrieve::{search, Hit};
 use negcache::sampler::LogSumExp;
-use negcache::storage::Int8Store;
+use negcache::storage::{Int8Store, Store};
 use negcache::tower::{Model, SharedTokenTowers, Side, TokenModel, TowerConfig};
 use negcache::trainer::{Batch, Trainer, TrainerConfig};
 use negcache::vector::dot;
@@ -68,7 +68,9 @@ pub type FwTrainer = Trainer<Towers, QueryTokens, ItemTokens, DIM, BATCH, NEG>;
 /// The negative cache: `CAP` items, owned by this program and lent to the
 /// trainer at each step, their embeddings stored as int8 with a per-row
 /// scale: 20 bytes per embedding instead of 64 as `f32`.
-pub type FwCache = negcache::NegativeCache<ItemTokens, CAP, DIM, Int8Store<CAP, DIM>>;
+pub type FwCache = negcache::NegativeCache<ItemTokens, CAP, DIM, FwStore>;
+/// The cache's embedding storage.
+pub type FwStore = Int8Store<CAP, DIM>;
 
 /// The paper's method (streaming cache, FIFO eviction, exact sampling
 /// from the softmax over the cache, accidental hits masked) with Adagrad,
@@ -328,9 +330,12 @@ pub fn run(t: &mut FwTrainer, scratch: &mut Scratch, s: &Settings, out: &mut dyn
     )?;
     writeln!(
         out,
-        "config towers=shared-token buckets={BUCKETS} e={E} h={H} dim={DIM} cache={CAP} cache_precision=int8 batch={BATCH} neg={NEG} \
-         optimizer=adagrad lr={} steps={} seed={}",
-        s.lr, s.steps, s.seed
+        "config towers=shared-token buckets={BUCKETS} e={E} h={H} dim={DIM} cache={CAP} cache_precision={} batch={BATCH} \
+         neg={NEG} optimizer=adagrad lr={} steps={} seed={}",
+        <FwStore as Store<CAP, DIM>>::PRECISION.name(),
+        s.lr,
+        s.steps,
+        s.seed
     )?;
 
     let mut rng = rand_pcg::Pcg32::seed_from_u64(s.seed);

@@ -139,11 +139,11 @@ impl<M, const N: usize> CachedTrainer<M, N>
 where
     M: Towers<QueryTokens, ItemTokens, DIM> + TokenModel<DIM> + Send + Sync,
 {
-    /// `trainer` with an empty cache of `capacity` slots (both initialised
-    /// by [`Session::init`]), stepping on the process's threads
+    /// `trainer` with an empty cache of that shape (both initialised by
+    /// [`Session::init`]), stepping on the process's threads
     /// ([`threads::shared`]) unless told otherwise.
-    pub fn new(trainer: Box<TokenTrainer<M, N>>, capacity: usize) -> anyhow::Result<Self> {
-        Ok(Self { trainer, cache: OwnedCache::new(capacity)?, threads: None })
+    pub fn new(trainer: Box<TokenTrainer<M, N>>, cache: CacheShape) -> anyhow::Result<Self> {
+        Ok(Self { trainer, cache: OwnedCache::with_precision(cache.capacity, cache.precision)?, threads: None })
     }
 
     /// Writes the `PARM` and `OPTM` sections: the towers, their optimiser
@@ -173,7 +173,7 @@ where
 /// its clock.
 pub fn save_cache(cache: &OwnedCache<ItemTokens, DIM>, w: &mut Writer) {
     let c = cache.as_ref();
-    w.tag(b"CACH");
+    w.tag(cache_tag(c.precision()));
     match c.embeddings() {
         Stored::F32(r) => w.f32s(r.as_flattened()),
         Stored::Bf16(r) => w.bytes(&r.as_flattened().iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<_>>()),
@@ -192,7 +192,7 @@ pub fn save_cache(cache: &OwnedCache<ItemTokens, DIM>, w: &mut Writer) {
 /// Reads what [`save_cache`] wrote into a cache of the same capacity, and
 /// recomputes its keys.
 pub fn load_cache(cache: &mut OwnedCache<ItemTokens, DIM>, r: &mut Reader<'_>) -> anyhow::Result<()> {
-    r.tag(b"CACH")?;
+    r.tag(cache_tag(cache.precision()))?;
     let slots = cache.slots_mut();
     match slots.embeddings {
         StoredMut::F32(e) => r.f32s_into(e.as_flattened_mut())?,
@@ -224,14 +224,22 @@ pub fn load_cache(cache: &mut OwnedCache<ItemTokens, DIM>, r: &mut Reader<'_>) -
     Ok(())
 }
 
-/// Bytes of the `CACH` section of a cache of `capacity` slots stored in
+/// The cache section's tag: `CACH` for `f32` (the format before other
+/// precisions existed), `CAB2` for bf16, `CAI8` for int8, so that a body
+/// read with another precision fails at the tag.
+fn cache_tag(precision: Precision) -> &'static [u8; 4] {
+    match precision {
+        Precision::F32 => b"CACH",
+        Precision::Bf16 => b"CAB2",
+        Precision::Int8 => b"CAI8",
+    }
+}
+
+/// Bytes of the cache section of a cache of `capacity` slots stored in
 /// `precision`, the last section of a checkpoint body.
 pub fn cache_section_bytes(capacity: usize, precision: Precision) -> usize {
-    let rows = match precision {
-        Precision::F32 => 8 + capacity * DIM * 4,
-        Precision::Bf16 => 8 + capacity * DIM * 2,
-        Precision::Int8 => (8 + capacity * DIM) + (8 + capacity * 4),
-    };
+    // One length-prefixed array of rows (int8: then one of scales).
+    let rows = 8 + capacity * precision.bytes_per_row(DIM) + if precision == Precision::Int8 { 8 } else { 0 };
     4 + rows + (8 + capacity * ITEM_TOKENS * 4) + 3 * (8 + capacity * 4) + 8
 }
 
@@ -292,12 +300,7 @@ where
         if check.state {
             return Some("optimiser state");
         }
-        let cache_ok = match self.cache.as_ref().embeddings() {
-            Stored::F32(r) => r.as_flattened().iter().all(|x| x.is_finite()),
-            Stored::Bf16(r) => r.as_flattened().iter().all(|&h| negcache::storage::bf16_to_f32(h).is_finite()),
-            Stored::Int8 { scales, .. } => scales.iter().all(|x| x.is_finite()),
-        };
-        (!cache_ok).then_some("cache embeddings")
+        (!self.cache.as_ref().embeddings().all_finite()).then_some("cache embeddings")
     }
 }
 
@@ -349,8 +352,7 @@ pub fn new_session(
         trainer: Box<T<M, N>>,
         shape: CacheShape,
     ) -> anyhow::Result<Box<dyn Session>> {
-        let cache = OwnedCache::with_precision(shape.capacity, shape.precision)?;
-        Ok(Box::new(CachedTrainer { trainer, cache, threads: None }))
+        Ok(Box::new(CachedTrainer::new(trainer, shape)?))
     }
     Ok(match (tying, negatives) {
         (Tying::Separate, NEG) => run(boxed(move || T::<_, NEG>::new(Sep::new(tower), cfg))?, cache)?,
@@ -424,8 +426,7 @@ mod tests {
         let (tower, cfg, capacity) = (TowerConfig::DEFAULT, TrainerConfig::DEFAULT, 24);
         let new = || {
             let trainer = boxed(move || T::<Sep, NEG>::new(Sep::new(tower), cfg)).expect("a trainer");
-            let cache = OwnedCache::with_precision(capacity, precision).expect("a cache");
-            CachedTrainer { trainer, cache, threads: None }
+            CachedTrainer::new(trainer, CacheShape { capacity, precision }).expect("a cache")
         };
         let mut run = new();
         run.init(&mut Pcg64Mcg::seed_from_u64(3)).expect("init");
@@ -447,6 +448,12 @@ mod tests {
         save_cache(&run.cache, &mut cache);
         assert_eq!(cache.0.len(), cache_section_bytes(capacity, precision));
         assert!(a.0.ends_with(&cache.0), "the cache section is not last");
-        assert_eq!(&cache.0[..4], b"CACH");
+        assert_eq!(&cache.0[..4], cache_tag(precision));
+        // A body read with another precision fails at the cache's tag.
+        let other = if precision == Precision::Int8 { Precision::F32 } else { Precision::Int8 };
+        let trainer = boxed(move || T::<Sep, NEG>::new(Sep::new(tower), cfg)).expect("a trainer");
+        let mut wrong = CachedTrainer::new(trainer, CacheShape { capacity, precision: other }).expect("a cache");
+        let err = wrong.load(&mut Reader::new(&a.0)).expect_err("another precision");
+        assert!(err.to_string().contains("expected section"), "{err}");
     }
 }

@@ -12,32 +12,32 @@ use negcache::Item;
 
 /// A cache's embeddings in one of the core's precisions.
 #[derive(Debug, Clone)]
-enum Rows<const DIM: usize> {
+enum OwnedRows<const DIM: usize> {
     F32(Vec<[f32; DIM]>),
     Bf16(Vec<[u16; DIM]>),
     Int8 { rows: Vec<[i8; DIM]>, scales: Vec<f32> },
 }
 
-impl<const DIM: usize> Rows<DIM> {
+impl<const DIM: usize> OwnedRows<DIM> {
     fn new(capacity: usize, precision: Precision) -> Self {
         match precision {
-            Precision::F32 => Rows::F32(vec![[0.0; DIM]; capacity]),
-            Precision::Bf16 => Rows::Bf16(vec![[0; DIM]; capacity]),
-            Precision::Int8 => Rows::Int8 { rows: vec![[0; DIM]; capacity], scales: vec![0.0; capacity] },
+            Precision::F32 => OwnedRows::F32(vec![[0.0; DIM]; capacity]),
+            Precision::Bf16 => OwnedRows::Bf16(vec![[0; DIM]; capacity]),
+            Precision::Int8 => OwnedRows::Int8 { rows: vec![[0; DIM]; capacity], scales: vec![0.0; capacity] },
         }
     }
     fn view(&self) -> Stored<'_, DIM> {
         match self {
-            Rows::F32(r) => Stored::F32(r),
-            Rows::Bf16(r) => Stored::Bf16(r),
-            Rows::Int8 { rows, scales } => Stored::Int8 { rows, scales },
+            OwnedRows::F32(r) => Stored::F32(r),
+            OwnedRows::Bf16(r) => Stored::Bf16(r),
+            OwnedRows::Int8 { rows, scales } => Stored::Int8 { rows, scales },
         }
     }
     fn view_mut(&mut self) -> StoredMut<'_, DIM> {
         match self {
-            Rows::F32(r) => StoredMut::F32(r),
-            Rows::Bf16(r) => StoredMut::Bf16(r),
-            Rows::Int8 { rows, scales } => StoredMut::Int8 { rows, scales },
+            OwnedRows::F32(r) => StoredMut::F32(r),
+            OwnedRows::Bf16(r) => StoredMut::Bf16(r),
+            OwnedRows::Int8 { rows, scales } => StoredMut::Int8 { rows, scales },
         }
     }
 }
@@ -45,7 +45,7 @@ impl<const DIM: usize> Rows<DIM> {
 /// One `Vec` per slot field, all of length `capacity`.
 #[derive(Debug, Clone)]
 pub struct OwnedCache<I, const DIM: usize> {
-    embeddings: Rows<DIM>,
+    embeddings: OwnedRows<DIM>,
     items: Vec<I>,
     keys: Vec<u64>,
     ages: Vec<i32>,
@@ -70,7 +70,7 @@ impl<I: Item, const DIM: usize> OwnedCache<I, DIM> {
             i32::MAX
         );
         Ok(Self {
-            embeddings: Rows::new(capacity, precision),
+            embeddings: OwnedRows::new(capacity, precision),
             items: vec![I::EMPTY; capacity],
             keys: vec![0; capacity],
             ages: vec![0; capacity],

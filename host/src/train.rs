@@ -392,8 +392,8 @@ impl TrainConfig {
             && self.cache_precision != PrecisionName::F32
         {
             bail!(
-                "cache_precision {:?} needs a cache objective: sampled and full softmax read their candidates as f32",
-                self.cache_precision
+                "cache_precision {} needs a cache objective: sampled and full softmax read their candidates as f32",
+                self.cache_precision.core().name()
             );
         }
         if self.refresh_per_step > self.cache_capacity {
@@ -625,6 +625,17 @@ impl std::fmt::Debug for Run {
     }
 }
 
+/// The settings a checkpoint was written with. Settings added after it was
+/// written take the value that reproduces its run, not today's default.
+pub fn stored_config(ck: &Checkpoint, path: &Path) -> anyhow::Result<TrainConfig> {
+    let mut stored = ck.header["config"].clone();
+    if let Some(obj) = stored.as_object_mut() {
+        obj.entry("control_variate").or_insert(serde_json::Value::Bool(false));
+    }
+    serde_json::from_value(stored)
+        .with_context(|| format!("{}: the header's config does not fit this build", path.display()))
+}
+
 impl Run {
     /// A new run, initialised from the seed.
     pub fn start(cfg: TrainConfig, data: &Prepared) -> anyhow::Result<Self> {
@@ -640,17 +651,11 @@ impl Run {
     }
 
     /// A run restored from a checkpoint (its configuration comes from the
-    /// checkpoint; `steps` may be raised to train further).
+    /// checkpoint, [`stored_config`]; `steps` may be raised to train
+    /// further).
     pub fn resume(path: &Path, steps: Option<u64>) -> anyhow::Result<Self> {
         let ck = Checkpoint::load(path)?;
-        let mut stored = ck.header["config"].clone();
-        // Settings added after a checkpoint was written take the value that
-        // reproduces its run, not today's default.
-        if let Some(obj) = stored.as_object_mut() {
-            obj.entry("control_variate").or_insert(serde_json::Value::Bool(false));
-        }
-        let mut cfg: TrainConfig = serde_json::from_value(stored)
-            .with_context(|| format!("{}: the header's config does not fit this build", path.display()))?;
+        let mut cfg = stored_config(&ck, path)?;
         if let Some(s) = steps {
             cfg.steps = s;
         }

@@ -429,6 +429,27 @@ mod mpi_runs {
         }
     }
 
+    /// Two processes with the control variate: the merged candidate means
+    /// reach every process's query gradients, and the towers stay
+    /// identical (the means' exactness is checked in the sampling worker).
+    #[test]
+    fn two_processes_with_the_control_variate_keep_identical_towers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        tiny_dataset(&data);
+        let out = tmp.path().join("cv");
+        let mut args = flags(&data, &out, 60);
+        *args.last_mut().unwrap() = "true".to_owned();
+        run_distributed(2, &args);
+        let sums = summary_checksums(&out);
+        assert_eq!(sums.len(), 2);
+        assert_eq!(sums[0], sums[1], "the two processes' towers differ");
+        // Not the run without the variate: the query gradients changed.
+        let plain = tmp.path().join("plain");
+        run_distributed(2, &flags(&data, &plain, 60));
+        assert_ne!(summary_checksums(&plain)[0], sums[0]);
+    }
+
     // ---- a single-process checkpoint resumes on two processes ----
 
     #[test]

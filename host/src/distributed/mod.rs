@@ -13,9 +13,11 @@
 //!  2. embed        each process embeds its B/P queries and positives
 //!  3. [queries]    all-gather: every process gets all B queries and positive items
 //!  4. score        every shard scores all B queries: its log-sum-exp Z_s and its
-//!                  exact winner per query (the core's CacheLoss, inv_temp 1)
+//!                  exact winner per query (the core's CacheLoss, inv_temp 1); with
+//!                  the control variate also its candidate mean of stale rows
 //!  5. [replies]    all-to-all: per query, each shard's (Z_s, winner slot, winner
-//!                  tokens) go to the query's process
+//!                  tokens; with the variate, the winner's row and the mean) go
+//!                  to the query's process
 //!  6. draw         the query's process merges the Z_s into the global Z, picks
 //!                  shard s with probability Z_s / Z (Gumbel-max over ln Z_s) and
 //!                  takes that shard's winner: exactly a draw from the softmax over
@@ -33,8 +35,9 @@
 //!
 //! The draw is restricted to what merges exactly: one negative per query,
 //! inverse temperature 1 (the shards' log-sum-exps are then the sampling
-//! normalisers), all slots as candidates (no top-k) and the cache
-//! objective. Process 0 draws from the same generator as a single-process
+//! normalisers), all slots as candidates (no top-k), `f32` cache storage
+//! and the cache objective, with or without the control variate (whose
+//! candidate means merge exactly, weighted by Z_s / Z). Process 0 draws from the same generator as a single-process
 //! run ([`rank_rng`]), so with P = 1 a distributed run reproduces
 //! `negcache train` bit for bit. Checkpoints gather the shards into one
 //! cache in the single-process format, so the two kinds of run resume from
@@ -42,7 +45,7 @@
 //!
 //! The step is the core's, driven phase by phase: the refresh is
 //! `Trainer::refresh_stalest` on this process's shard, the scoring pass is
-//! `CacheLoss::score_and_sample`, each query's loss and gradients are
+//! `CacheLoss::score_and_sample_with`, each query's loss and gradients are
 //! `loss::query_terms` (what `CacheLoss::backward` computes for one draw),
 //! and the cache updates are `CacheMut::refresh` and `CacheMut::update`.
 //! What is distributed's own is the order around the exchanges.

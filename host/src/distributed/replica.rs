@@ -10,7 +10,7 @@ use negcache::trainer::TrainerConfig;
 
 use crate::featurize::{ItemTokens, QueryTokens};
 use crate::memory::boxed;
-use crate::session::{cache_section_bytes, CachedTrainer, TokenTrainer, BUCKETS, DIM, E, H, NEG, S};
+use crate::session::{cache_section_bytes, CacheShape, CachedTrainer, TokenTrainer, BUCKETS, DIM, E, H, NEG, S};
 
 /// A model a distributed run can train: the standard towers, whose token
 /// tables can be reached so that rows another process touched can be
@@ -42,7 +42,7 @@ pub(super) fn new_replica<M: Replicated>(
     capacity: usize,
 ) -> anyhow::Result<Replica<M>> {
     let trainer = boxed(move || TokenTrainer::<M, NEG>::new(M::with_config(tower), cfg))?;
-    CachedTrainer::new(trainer, capacity)
+    CachedTrainer::new(trainer, CacheShape { capacity, precision: Precision::F32 })
 }
 
 /// CRC-32 of a checkpoint body without its cache section (of `capacity`

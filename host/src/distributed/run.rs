@@ -80,8 +80,7 @@ fn run(
     let (ck, mut cfg) = match resume {
         Some(path) => {
             let ck = Checkpoint::load(path)?;
-            let c: TrainConfig = serde_json::from_value(ck.header["config"].clone())
-                .with_context(|| format!("{}: the header's config does not fit this build", path.display()))?;
+            let c = train::stored_config(&ck, path)?;
             (Some(ck), c)
         }
         None => (None, cfg),

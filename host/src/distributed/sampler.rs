@@ -104,10 +104,12 @@ impl std::fmt::Debug for ShardedSampler {
 
 /// Words per query in the all-gather: the embedding, then the positive.
 const QUERY_WORDS: usize = DIM + ITEM_TOKENS;
-/// Words per (query, shard) reply: lse max, lse sum, slot, the item, then
-/// the winner's cached embedding and the shard's candidate mean (zeros
-/// without the control variate).
-const REPLY_WORDS: usize = 3 + ITEM_TOKENS + 2 * DIM;
+/// Words per (query, shard) reply: lse max, lse sum, slot, the item; with
+/// the control variate, then the winner's cached embedding and the shard's
+/// candidate mean.
+fn reply_words(control: bool) -> usize {
+    3 + ITEM_TOKENS + if control { 2 * DIM } else { 0 }
+}
 
 impl Default for ShardedSampler {
     fn default() -> Self {
@@ -213,7 +215,9 @@ impl ShardedSampler {
             };
             self.send.extend([z.max.to_bits(), z.sum.to_bits(), slot]);
             self.send.extend_from_slice(&item);
-            self.send.extend(stale.iter().chain(&self.means[g]).map(|x| x.to_bits()));
+            if control {
+                self.send.extend(stale.iter().chain(&self.means[g]).map(|x| x.to_bits()));
+            }
         }
         self.recv.clear();
         self.recv.resize(self.send.len(), 0);
@@ -221,14 +225,19 @@ impl ShardedSampler {
 
         // Block s of the replies is shard s's answer for the local queries.
         out.clear();
-        let floats = |r: &[u32], at: usize| -> [f32; DIM] { std::array::from_fn(|k| f32::from_bits(r[at + k])) };
+        let words = reply_words(control);
+        let reply = |s: usize, i: usize| &self.recv[(s * bl + i) * words..(s * bl + i + 1) * words];
+        // The control variate's rows, zeros without it.
+        let floats = |r: &[u32], at: usize| -> [f32; DIM] {
+            std::array::from_fn(|k| r.get(at + k).map_or(0.0, |&w| f32::from_bits(w)))
+        };
         let (stale_at, mean_at) = (3 + ITEM_TOKENS, 3 + ITEM_TOKENS + DIM);
         for i in 0..bl {
             self.lse.clear();
             self.shard_means.clear();
             let mut total = LogSumExp::EMPTY;
             for s in 0..p {
-                let r = &self.recv[(s * bl + i) * REPLY_WORDS..(s * bl + i + 1) * REPLY_WORDS];
+                let r = reply(s, i);
                 let z = LogSumExp { max: f32::from_bits(r[0]), sum: f32::from_bits(r[1]) };
                 total.merge(&z);
                 self.lse.push(z);
@@ -237,7 +246,7 @@ impl ShardedSampler {
             let mean = if control { merge_means(&self.lse, &self.shard_means) } else { [0.0; DIM] };
             let draw = match choose_shard(&self.lse, rng) {
                 Some(s) => {
-                    let r = &self.recv[(s * bl + i) * REPLY_WORDS..(s * bl + i + 1) * REPLY_WORDS];
+                    let r = reply(s, i);
                     ensure!(r[2] != NO_SLOT, "shard {s} reported candidates but no winner");
                     let item = std::array::from_fn(|k| r[3 + k]);
                     Draw { lse: total, pick: Some((s, r[2])), item, stale: floats(r, stale_at), mean }
