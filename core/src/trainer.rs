@@ -1438,6 +1438,21 @@ mod tests {
         check::<Bf16Store<4, 3>>(|x| x.map(|v| crate::storage::bf16_to_f32(crate::storage::f32_to_bf16(v))));
     }
 
+    /// Sampled and full softmax read the cache as `f32` rows: on an int8
+    /// cache they fail before touching it.
+    #[test]
+    fn softmax_objectives_refuse_a_quantized_cache() {
+        use crate::storage::Int8Store;
+        for objective in [Objective::Sampled { negatives: 2 }, Objective::Full] {
+            let (mut t, _) = trainer(objective, CacheMode::Streaming, &[]);
+            let mut cache = NegativeCache::<Item2, 4, 3, Int8Store<4, 3>>::new();
+            let batch = Batch { queries: &[[11, 12]], positives: &[A], positive_index: Some(&[0]) };
+            let r = t.step(&mut cache.as_mut(), &batch, &[A, B], 0.1, &mut Pcg64Mcg::seed_from_u64(1));
+            assert!(matches!(r, Err(Error::InvalidConfig { .. })), "{objective:?}: {r:?}");
+            assert!(cache.is_empty(), "{objective:?} wrote into the cache");
+        }
+    }
+
     #[test]
     fn control_variate_setting_is_checked_and_used() {
         let (mut t, mut cache) = trainer(Objective::Cache, CacheMode::Streaming, &[A, B, D]);
