@@ -509,7 +509,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
                 });
                 let e = match m {
                     0 => [0.0; DIM],
-                    _ => stale_row(cache, self.picks[b].slots[0] as usize),
+                    _ => cache.embeddings().row(self.picks[b].slots[0] as usize),
                 };
                 let cv = control.as_ref().map(|cv| QueryControl {
                     beta: cv.beta,
@@ -537,7 +537,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
                 let d = dot(&queries[b], f);
                 neg_dot += d;
                 weighted_dot += weights[i] * d;
-                stale += relative_staleness(&stale_row(cache, self.picks[b].slots[i] as usize), f);
+                stale += relative_staleness(&cache.embeddings().row(self.picks[b].slots[i] as usize), f);
             }
             // The highest scores keep their plain mean (as computed before
             // weights existed); for m = 1 both are the one dot product.
@@ -574,7 +574,7 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
                         // mean): no gradient, as without the variate.
                         for (i, (f, &wi)) in rows.iter().zip(weights).enumerate() {
                             let k = c * cv.beta * wi;
-                            let e = stale_row(cache, self.picks[b].slots[i] as usize);
+                            let e = cache.embeddings().row(self.picks[b].slots[i] as usize);
                             vector::axpy(k, f, gq);
                             vector::axpy(-k, &e, gq);
                         }
@@ -917,13 +917,6 @@ fn negative_weights<const NEG: usize>(
         }
     }
     w
-}
-
-/// A cached embedding as the pass read it (decoded from its storage's
-/// precision), so that the control variate subtracts the same vectors that
-/// its candidate mean averaged.
-pub(crate) fn stale_row<I: Item, const DIM: usize>(cache: CacheRef<'_, I, DIM>, j: usize) -> [f32; DIM] {
-    cache.embeddings().row(j)
 }
 
 /// `|e - f|^2 / |f|^2`; 0 when both are zero, `+inf` when only `f` is.

@@ -704,7 +704,7 @@ where
                 self.neg_valid[b][i] = i < slots.len();
                 // As the pass read them (decoded from the cache's storage),
                 // so that the control variate subtracts what it averaged.
-                self.stale[b][i] = slots.get(i).map_or([0.0; DIM], |&s| crate::loss::stale_row(cache_ref, s as usize));
+                self.stale[b][i] = slots.get(i).map_or([0.0; DIM], |&s| cache_ref.embeddings().row(s as usize));
                 if i < slots.len() {
                     stale_sum += crate::loss::relative_staleness(&self.stale[b][i], &self.n[b][i]);
                     drawn += 1;

@@ -90,6 +90,11 @@ mod mpi_runs {
 
     /// The `train --distributed` flags of [`config`].
     fn flags(data: &Path, out: &Path, steps: u64) -> Vec<String> {
+        flags_with(data, out, steps, false)
+    }
+
+    /// [`flags`] with the control variate on or off.
+    fn flags_with(data: &Path, out: &Path, steps: u64, control_variate: bool) -> Vec<String> {
         let s = |x: &str| x.to_owned();
         vec![
             s("train"),
@@ -113,7 +118,7 @@ mod mpi_runs {
             s("--negatives"),
             s("1"),
             s("--control-variate"),
-            s("false"),
+            control_variate.to_string(),
         ]
     }
 
@@ -348,9 +353,7 @@ mod mpi_runs {
         let data = tmp.path().join("data");
         tiny_dataset(&data);
         let out = tmp.path().join("one");
-        let mut args = flags(&data, &out, 40);
-        *args.last_mut().unwrap() = control_variate.to_string();
-        run_distributed(1, &args);
+        run_distributed(1, &flags_with(&data, &out, 40, control_variate));
 
         let cfg = TrainConfig { control_variate, ..config(&data, &tmp.path().join("single"), 40) };
         let prepared = prepare(&cfg).unwrap();
@@ -438,9 +441,7 @@ mod mpi_runs {
         let data = tmp.path().join("data");
         tiny_dataset(&data);
         let out = tmp.path().join("cv");
-        let mut args = flags(&data, &out, 60);
-        *args.last_mut().unwrap() = "true".to_owned();
-        run_distributed(2, &args);
+        run_distributed(2, &flags_with(&data, &out, 60, true));
         let sums = summary_checksums(&out);
         assert_eq!(sums.len(), 2);
         assert_eq!(sums[0], sums[1], "the two processes' towers differ");

@@ -227,10 +227,8 @@ impl ShardedSampler {
         out.clear();
         let words = reply_words(control);
         let reply = |s: usize, i: usize| &self.recv[(s * bl + i) * words..(s * bl + i + 1) * words];
-        // The control variate's rows, zeros without it.
-        let floats = |r: &[u32], at: usize| -> [f32; DIM] {
-            std::array::from_fn(|k| r.get(at + k).map_or(0.0, |&w| f32::from_bits(w)))
-        };
+        // The control variate's rows (replies carry them only with it).
+        let floats = |r: &[u32], at: usize| -> [f32; DIM] { std::array::from_fn(|k| f32::from_bits(r[at + k])) };
         let (stale_at, mean_at) = (3 + ITEM_TOKENS, 3 + ITEM_TOKENS + DIM);
         for i in 0..bl {
             self.lse.clear();
@@ -241,7 +239,9 @@ impl ShardedSampler {
                 let z = LogSumExp { max: f32::from_bits(r[0]), sum: f32::from_bits(r[1]) };
                 total.merge(&z);
                 self.lse.push(z);
-                self.shard_means.push(floats(r, mean_at));
+                if control {
+                    self.shard_means.push(floats(r, mean_at));
+                }
             }
             let mean = if control { merge_means(&self.lse, &self.shard_means) } else { [0.0; DIM] };
             let draw = match choose_shard(&self.lse, rng) {
@@ -249,7 +249,8 @@ impl ShardedSampler {
                     let r = reply(s, i);
                     ensure!(r[2] != NO_SLOT, "shard {s} reported candidates but no winner");
                     let item = std::array::from_fn(|k| r[3 + k]);
-                    Draw { lse: total, pick: Some((s, r[2])), item, stale: floats(r, stale_at), mean }
+                    let stale = if control { floats(r, stale_at) } else { [0.0; DIM] };
+                    Draw { lse: total, pick: Some((s, r[2])), item, stale, mean }
                 }
                 None => Draw { lse: total, pick: None, item: ItemTokens::EMPTY, stale: [0.0; DIM], mean },
             };
