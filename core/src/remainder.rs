@@ -91,6 +91,25 @@ pub struct RemainderSummary {
     pub grad_scale: f32,
 }
 
+/// Which queries of a batch a call holds: the queries of one process of a
+/// distributed run see every positive of the global batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPart {
+    /// The index among the positives of the first query's own positive:
+    /// query `b`'s is `positives[first + b]`.
+    pub first: usize,
+    /// The number of queries of the whole batch, the normaliser of its
+    /// mean (at least the queries given).
+    pub batch: usize,
+}
+
+impl BatchPart {
+    /// A whole batch of `batch` queries, query `b`'s positive at `b`.
+    pub const fn whole(batch: usize) -> Self {
+        Self { first: 0, batch }
+    }
+}
+
 /// Computes the loss and gradients above. `items` (optional) are the
 /// positives' identities, for leaving accidental hits out; `neg` is the
 /// number of rows per query in `cache.fresh`.
@@ -106,12 +125,38 @@ pub fn in_batch_with_remainder<I: PartialEq, const DIM: usize>(
     cache: CacheSide<'_, DIM>,
     grads: RemainderGrads<'_, DIM>,
 ) -> Result<RemainderSummary> {
+    let part = BatchPart::whole(queries.len());
+    in_batch_part_with_remainder(queries, positives, items, alpha, neg, part, cache, grads)
+}
+
+/// [`in_batch_with_remainder`] for some of a batch's queries: every
+/// positive of the batch enters each query's softmax, query `b`'s own is
+/// `positives[part.first + b]`, and the figures and gradients are those of
+/// the mean over `part.batch` queries, so that the parts' results sum to
+/// the whole batch's. `grads.positive` has a row per positive, this part's
+/// share of its gradient. Called with [`BatchPart::whole`] it is
+/// [`in_batch_with_remainder`], operation for operation.
+///
+/// # Errors
+/// As [`in_batch_with_remainder`], and a part that does not fit the
+/// positives or the batch.
+#[allow(clippy::too_many_arguments)]
+pub fn in_batch_part_with_remainder<I: PartialEq, const DIM: usize>(
+    queries: &[[f32; DIM]],
+    positives: &[[f32; DIM]],
+    items: Option<&[I]>,
+    alpha: f32,
+    neg: usize,
+    part: BatchPart,
+    cache: CacheSide<'_, DIM>,
+    grads: RemainderGrads<'_, DIM>,
+) -> Result<RemainderSummary> {
     let bsz = queries.len();
     let total = bsz.checked_mul(neg).ok_or(Error::CapacityExceeded { requested: usize::MAX, capacity: bsz })?;
     check_len("negative weights", total, cache.weights.len())?;
     let weights = cache.weights;
     let terms = Terms { rows: |b: usize| b * neg..(b + 1) * neg, weight: |_: usize, k: usize| weights[k] };
-    remainder(queries, positives, items, alpha, total, cache, terms, grads)
+    remainder(queries, positives, items, alpha, total, part, cache, terms, grads)
 }
 
 /// The draws of a whole batch, one per query, each used by every query:
@@ -211,7 +256,7 @@ pub fn in_batch_with_shared_draws<I: PartialEq, const DIM: usize>(
     };
     if !shared.fresh_scores {
         let terms = Terms { rows: |_: usize| 0..bsz, weight };
-        return remainder(queries, positives, items, alpha, bsz, cache, terms, grads);
+        return remainder(queries, positives, items, alpha, bsz, BatchPart::whole(bsz), cache, terms, grads);
     }
     // r_bk relative to the query's largest ratio, so that no exp overflows;
     // the shift cancels in the weights and moves into the log-sum-exp.
@@ -243,7 +288,7 @@ pub fn in_batch_with_shared_draws<I: PartialEq, const DIM: usize>(
     };
     let side = CacheSide { lse: corrected, ..cache };
     let terms = Terms { rows: |_: usize| 0..bsz, weight: fresh_weight };
-    remainder(queries, positives, items, alpha, bsz, side, terms, grads)
+    remainder(queries, positives, items, alpha, bsz, BatchPart::whole(bsz), side, terms, grads)
 }
 
 /// Which draws enter query `b`'s cache term, and with what weight.
@@ -261,6 +306,7 @@ fn remainder<I: PartialEq, R, W, const DIM: usize>(
     items: Option<&[I]>,
     alpha: f32,
     total: usize,
+    part: BatchPart,
     cache: CacheSide<'_, DIM>,
     terms: Terms<R, W>,
     grads: RemainderGrads<'_, DIM>,
@@ -270,9 +316,13 @@ where
     W: Fn(usize, usize) -> f32,
 {
     let bsz = queries.len();
-    check_len("positives", bsz, positives.len())?;
+    let np = positives.len();
+    let first = part.first;
+    if first.checked_add(bsz).is_none_or(|end| end > np) || part.batch < bsz {
+        return Err(Error::InvalidConfig { what: "a batch part must fit its positives and its batch" });
+    }
     if let Some(ids) = items {
-        check_len("positive items", bsz, ids.len())?;
+        check_len("positive items", np, ids.len())?;
     }
     check_len("cache log-sum-exp", bsz, cache.lse.len())?;
     check_len("fresh negatives", total, cache.fresh.len())?;
@@ -284,7 +334,7 @@ where
         check_len("candidate means", bsz, mean.len())?;
     }
     check_len("query gradient", bsz, grads.query.len())?;
-    check_len("positive gradient", bsz, grads.positive.len())?;
+    check_len("positive gradient", np, grads.positive.len())?;
     check_len("negative gradient", total, grads.negative.len())?;
     if !alpha.is_finite() {
         return Err(Error::NonFinite { what: "score scale" });
@@ -292,15 +342,16 @@ where
     if !vector::rows_finite(queries) || !vector::rows_finite(positives) || !vector::rows_finite(cache.fresh) {
         return Err(Error::NonFinite { what: "embedding" });
     }
-    let hit = |b: usize, j: usize| j != b && items.is_some_and(|ids| ids[j] == ids[b]);
-    let inv_b = if bsz > 0 { 1.0 / bsz as f32 } else { 0.0 };
+    let hit = |b: usize, j: usize| j != first + b && items.is_some_and(|ids| ids[j] == ids[first + b]);
+    let inv_b = if part.batch > 0 { 1.0 / part.batch as f32 } else { 0.0 };
     let c = alpha * inv_b;
     grads.positive.iter_mut().for_each(|g| *g = [0.0; DIM]);
     grads.negative.iter_mut().for_each(|g| *g = [0.0; DIM]);
     let mut sum = RemainderSummary::default();
     for b in 0..bsz {
         let q = &queries[b];
-        let own = alpha * dot(q, &positives[b]);
+        let mine = first + b;
+        let own = alpha * dot(q, &positives[mine]);
         let mut z = LogSumExp::EMPTY;
         for (j, p) in positives.iter().enumerate() {
             if !hit(b, j) {
@@ -318,7 +369,7 @@ where
         // In-batch terms, exact.
         let gq = &mut grads.query[b];
         *gq = [0.0; DIM];
-        let mut scale_grad = -dot(q, &positives[b]);
+        let mut scale_grad = -dot(q, &positives[mine]);
         for (j, p) in positives.iter().enumerate() {
             if hit(b, j) {
                 continue;
@@ -329,8 +380,8 @@ where
             vector::axpy(c * pi, q, &mut grads.positive[j]);
             scale_grad += pi * d;
         }
-        vector::axpy(-c, &positives[b], gq);
-        vector::axpy(-c, q, &mut grads.positive[b]);
+        vector::axpy(-c, &positives[mine], gq);
+        vector::axpy(-c, q, &mut grads.positive[mine]);
 
         // The cache remainder, sampled.
         for k in (terms.rows)(b) {
@@ -674,6 +725,59 @@ mod tests {
         let s = in_batch_with_remainder(&q, &p, Some(&[7u32, 7]), 3.0, 1, side, grads).unwrap();
         assert!(s.loss.abs() < 1e-6 && (s.prob_pos - 1.0).abs() < 1e-6 && s.cache_mass == 0.0);
         assert!(gq.iter().chain(&gp).chain(&gn).all(|g| g.iter().all(|x| x.abs() < 1e-6)));
+    }
+
+    /// A batch split into parts (the queries of two processes) gives each
+    /// query the whole batch's terms: its query and negative gradients to
+    /// the bit, and figures and positive gradients that sum to the
+    /// whole's. With an accidental hit across the parts and a control
+    /// variate.
+    #[test]
+    fn parts_of_a_batch_sum_to_the_whole() {
+        let mut r = Pcg64Mcg::seed_from_u64(3);
+        let (q, p) = (rows::<3>(&mut r), rows::<3>(&mut r));
+        let (fresh, stale, mean) = (rows::<6>(&mut r), rows::<6>(&mut r), rows::<3>(&mut r));
+        let ids = [4u32, 9, 4];
+        let lse = [LogSumExp { max: 0.3, sum: 2.0 }, LogSumExp::EMPTY, LogSumExp { max: -1.0, sum: 1.5 }];
+        let weights = [0.5, 0.5, 0.0, 0.0, 1.0, 0.0];
+        let side = |b: core::ops::Range<usize>| CacheSide {
+            lse: &lse[b.clone()],
+            fresh: &fresh[2 * b.start..2 * b.end],
+            weights: &weights[2 * b.start..2 * b.end],
+            control: Some(Control { beta: 0.7, stale: &stale[2 * b.start..2 * b.end], mean: &mean[b] }),
+        };
+        let (mut gq, mut gp, mut gn) = ([[0.0; D]; 3], [[0.0; D]; 3], [[0.0; D]; 6]);
+        let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
+        let whole = in_batch_with_remainder(&q, &p, Some(&ids), 2.5, 2, side(0..3), grads).unwrap();
+        let (mut pq, mut pn, mut psum) = ([[0.0; D]; 3], [[0.0; D]; 6], RemainderSummary::default());
+        let mut pp = [[0.0f32; D]; 3];
+        for range in [0..1, 1..3] {
+            let mut gp_part = [[0.0; D]; 3];
+            let grads = RemainderGrads {
+                query: &mut pq[range.clone()],
+                positive: &mut gp_part,
+                negative: &mut pn[2 * range.start..2 * range.end],
+            };
+            let part = BatchPart { first: range.start, batch: 3 };
+            let s = in_batch_part_with_remainder(&q[range.clone()], &p, Some(&ids), 2.5, 2, part, side(range), grads)
+                .unwrap();
+            psum.loss += s.loss;
+            psum.prob_pos += s.prob_pos;
+            psum.grad_scale += s.grad_scale;
+            for (acc, g) in pp.iter_mut().zip(&gp_part) {
+                vector::axpy(1.0, g, acc);
+            }
+        }
+        assert_eq!((pq, pn), (gq, gn), "query and negative gradients are each query's own");
+        let close = |a: f32, b: f32| (a - b).abs() < 1e-6 * (1.0 + b.abs());
+        assert!(close(psum.loss, whole.loss) && close(psum.prob_pos, whole.prob_pos));
+        assert!(close(psum.grad_scale, whole.grad_scale), "{psum:?} {whole:?}");
+        assert!(pp.iter().flatten().zip(gp.iter().flatten()).all(|(&a, &b)| close(a, b)), "{pp:?} {gp:?}");
+        // A part must fit its positives and its batch.
+        let (mut gq, mut gp, mut gn) = ([[0.0; D]; 2], [[0.0; D]; 3], [[0.0; D]; 4]);
+        let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
+        let part = BatchPart { first: 2, batch: 3 };
+        assert!(in_batch_part_with_remainder(&q[..2], &p, Some(&ids), 2.5, 2, part, side(0..2), grads).is_err());
     }
 
     #[test]

@@ -30,11 +30,11 @@ mod mpi_runs {
     use negcache::vector::dot;
     use negcache::{CacheLoss, LossConfig, NegativeCache, Retrieval};
     use negcache_host::checkpoint::{Checkpoint, Reader};
-    use negcache_host::distributed::{model_checksum, rank_rng, Comm, ShardedSampler};
+    use negcache_host::distributed::{in_batch_part, model_checksum, rank_rng, Comm, DrawSpec, ShardedSampler};
     use negcache_host::featurize::{ItemTokens, ITEM_TOKENS};
     use negcache_host::report::read_series;
     use negcache_host::session::{cache_section_bytes, DIM};
-    use negcache_host::train::{prepare, train, Run, TrainConfig};
+    use negcache_host::train::{prepare, train, ObjectiveName, Run, TrainConfig};
     use rand_core::SeedableRng;
 
     /// One `mpirun` at a time: the machine has two cores, and concurrent
@@ -80,8 +80,8 @@ mod mpi_runs {
             cache_capacity: CAPACITY,
             warmup: 3,
             eval_every: 0,
-            // The sharded path trains the paper's estimator.
-            objective: negcache_host::train::ObjectiveName::Cache,
+            // The paper's estimator, unless a test asks for another.
+            objective: ObjectiveName::Cache,
             negatives: 1,
             control_variate: false,
             ..TrainConfig::default()
@@ -95,6 +95,14 @@ mod mpi_runs {
 
     /// [`flags`] with the control variate on or off.
     fn flags_with(data: &Path, out: &Path, steps: u64, control_variate: bool) -> Vec<String> {
+        let mut f = flags_for(data, out, steps, control_variate);
+        f.extend(["--objective", "cache", "--negatives", "1"].map(str::to_owned));
+        f
+    }
+
+    /// The flags of [`config`] but the objective and the negatives per
+    /// query (the default's: exact in-batch terms, four independent draws).
+    fn flags_for(data: &Path, out: &Path, steps: u64, control_variate: bool) -> Vec<String> {
         let s = |x: &str| x.to_owned();
         vec![
             s("train"),
@@ -113,10 +121,6 @@ mod mpi_runs {
             s("3"),
             s("--eval-every"),
             s("0"),
-            s("--objective"),
-            s("cache"),
-            s("--negatives"),
-            s("1"),
             s("--control-variate"),
             control_variate.to_string(),
         ]
@@ -193,11 +197,19 @@ mod mpi_runs {
         (emb, [q0, q1], [item(5), item(40)])
     }
 
+    /// The samplers of the worker, in order: exp-jump and Gumbel-max with
+    /// one negative per query, then four independent draws per query with
+    /// the batch's positives hidden from the draw (the exact in-batch
+    /// objective).
+    const SAMPLERS: usize = 3;
+    /// Draws per query of each sampler.
+    const DRAWS: [u32; SAMPLERS] = [1, 1, 4];
+
     /// The worker: every process holds the items `j` with `j mod P = rank`
     /// in a shard of 8 slots, and draws for 32 local queries (alternately
-    /// the two queries) per round, half the rounds by exp-jump, half by
-    /// Gumbel-max. Process 0 prints the counts per (sampler, query, item)
-    /// and the merged log-sum-exp of each query.
+    /// the two queries) per round, `ROUNDS` rounds per sampler
+    /// ([`SAMPLERS`]). Process 0 prints the draws per (sampler, query,
+    /// item) and the merged log-sum-exp of each query of the first two.
     fn sampling_worker() {
         let universe = mpi::initialize().unwrap();
         let mut comm = Comm::new(universe.world());
@@ -210,36 +222,53 @@ mod mpi_runs {
         }
         let queries: Vec<[f32; DIM]> = (0..LOCAL_QUERIES).map(|i| qs[i % 2]).collect();
         let positives: Vec<ItemTokens> = (0..LOCAL_QUERIES).map(|i| pos[i % 2]).collect();
-        let mut counts = vec![0u32; 2 * 2 * ITEMS];
+        // Only the in-batch sampler sends them: stand-ins.
+        let rows = queries.clone();
+        let mut counts = vec![0u32; SAMPLERS * 2 * ITEMS];
         let mut lse = [LogSumExp::EMPTY; 2];
-        let (mut sampler, mut draws) = (ShardedSampler::new(), Vec::new());
-        for round in 0..2 * ROUNDS {
-            let (which, retrieval) = if round < ROUNDS {
-                (0, Retrieval::ExpJump { inv_temp: 1.0 })
-            } else {
-                (1, Retrieval::Gumbel { inv_temp: 1.0 })
+        let (mut one, mut four, mut draws) = (ShardedSampler::<1>::new(), ShardedSampler::<4>::new(), Vec::new());
+        for round in 0..SAMPLERS as u64 * ROUNDS {
+            let which = (round / ROUNDS) as usize;
+            let retrieval = match which {
+                1 => Retrieval::Gumbel { inv_temp: 1.0 },
+                _ => Retrieval::ExpJump { inv_temp: 1.0 },
             };
             let mut rng = rank_rng(11, round, rank);
             // The control variate's inputs on the first round of each sampler.
             let control = round % ROUNDS == 0;
-            let c = cache.as_ref();
-            sampler
-                .draw(&mut comm, c, &queries, &positives, ALPHA, true, retrieval, control, &mut rng, &mut draws)
-                .unwrap();
+            let in_batch = which == 2;
+            let spec = DrawSpec { alpha: ALPHA, mask_accidental_hits: true, retrieval, control, in_batch };
+            let c = cache.as_mut();
+            if in_batch {
+                four.draw(&mut comm, c, &queries, &positives, &rows, spec, &mut rng, &mut draws).unwrap();
+                // The hidden slots are restored.
+                assert_eq!(cache.as_ref().occupied().iter().filter(|&&o| o).count(), (rank..ITEMS).step_by(p).count());
+            } else {
+                one.draw(&mut comm, c, &queries, &positives, &rows, spec, &mut rng, &mut draws).unwrap();
+            }
             for (i, d) in draws.iter().enumerate() {
-                let (shard, slot) = d.pick.expect("every query has candidates");
-                let j = d.item[0] as usize - 1;
-                assert_eq!(j % p, shard, "item {j} came from shard {shard}");
-                assert_eq!(j, rank_slot_item(shard, slot as usize, p));
+                assert!(!d.picks().is_empty(), "every query has candidates");
+                assert_eq!(d.picks().iter().map(|k| k.weight).sum::<f32>(), 1.0, "the weights of a query's draws");
+                for k in d.picks() {
+                    let j = k.item[0] as usize - 1;
+                    assert_eq!(j % p, k.shard, "item {j} came from shard {}", k.shard);
+                    assert_eq!(j, rank_slot_item(k.shard, k.slot as usize, p));
+                    if control {
+                        assert_eq!(k.stale, emb[j], "the drawn slot's cached embedding");
+                    }
+                    counts[(which * 2 + i % 2) * ITEMS + j] += (k.weight * DRAWS[which] as f32).round() as u32;
+                }
                 if control {
-                    assert_eq!(d.stale, emb[j], "the drawn slot's cached embedding");
-                    let want = candidate_mean(&emb, &qs[i % 2], i % 2 == 0);
+                    // With the batch hidden, item 5 (query 0's positive) is
+                    // no candidate of either query.
+                    let want = candidate_mean(&emb, &qs[i % 2], i % 2 == 0 || in_batch);
                     for (k, (got, want)) in d.mean.iter().zip(want).enumerate() {
                         assert!((got - want).abs() < 1e-5, "merged candidate mean {k}: {got} vs {want}");
                     }
                 }
-                counts[(which * 2 + i % 2) * ITEMS + j] += 1;
-                lse[i % 2] = d.lse;
+                if which < 2 {
+                    lse[i % 2] = d.lse;
+                }
             }
         }
         if let Some(all) = comm.gather_to_root("counts", &counts) {
@@ -313,24 +342,106 @@ mod mpi_runs {
             let (want, got) = (loss.candidate_lse(t).minus(0.0), merged.minus(0.0));
             assert!((want - got).abs() < 1e-5, "query {t}: merged log Z {got}, one cache {want}");
         }
-        let total = (ROUNDS as usize * LOCAL_QUERIES) as u64; // per (sampler, query): 2 processes x 16
-        for which in 0..2 {
+        for which in 0..SAMPLERS {
+            // Per (sampler, query): 2 processes x 16 queries x the draws.
+            let total = (ROUNDS as usize * LOCAL_QUERIES) as u64 * u64::from(DRAWS[which]);
             for t in 0..2 {
+                // Masked: the query's own positive, and with the batch
+                // hidden every batch positive (item 5 for both queries).
+                let masked = |j: usize| item(j) == pos[t] || (which == 2 && pos.contains(&item(j)));
                 let scores: Vec<f64> = (0..ITEMS)
-                    .map(|j| if item(j) == pos[t] { f64::NEG_INFINITY } else { (ALPHA * dot(&qs[t], &emb[j])) as f64 })
+                    .map(|j| if masked(j) { f64::NEG_INFINITY } else { (ALPHA * dot(&qs[t], &emb[j])) as f64 })
                     .collect();
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
                 let probs: Vec<f64> = scores.iter().map(|s| (s - m).exp() / z).collect();
                 let cell = &counts[(which * 2 + t) * ITEMS..(which * 2 + t + 1) * ITEMS];
                 assert_eq!(cell.iter().sum::<u64>(), total);
-                if t == 0 {
-                    assert_eq!(cell[5], 0, "query 0's own positive was drawn");
+                if t == 0 || which == 2 {
+                    assert_eq!(cell[5], 0, "sampler {which}, query {t}: a masked or hidden positive was drawn");
                 }
                 let test = negcache::stats::chi_square(cell, &probs).unwrap();
                 assert!(test.p_value > 1e-3, "sampler {which}, query {t}: {test:?}, counts {cell:?}, probs {probs:?}");
             }
         }
+    }
+
+    // ---- the exact in-batch terms, split over processes ----
+
+    /// Rows of DIM floats from `r`.
+    fn random_rows(r: &mut rand_pcg::Pcg64Mcg, n: usize) -> Vec<[f32; DIM]> {
+        (0..n).map(|_| std::array::from_fn(|_| 0.2 * negcache::random::normal(r))).collect()
+    }
+
+    /// The worker: a global batch of 4 queries (two per process) with 2
+    /// draws each, a control variate and an accidental hit across the
+    /// processes (positives 0 and 3 are one item). Each process computes
+    /// its queries' terms with `in_batch_part`; every process checks them
+    /// against the core's whole-batch terms computed locally: its query
+    /// and negative gradients to the bit, the summed positive gradients
+    /// and the summed figures to rounding.
+    fn parts_worker() {
+        use negcache::remainder::{in_batch_with_remainder, CacheSide, Control, RemainderGrads};
+        const B: usize = 4;
+        let universe = mpi::initialize().unwrap();
+        let mut comm = Comm::new(universe.world());
+        let (rank, p) = (comm.rank(), comm.size());
+        let bl = B / p;
+        let mut r = rand_pcg::Pcg64Mcg::seed_from_u64(17);
+        let (q, pos) = (random_rows(&mut r, B), random_rows(&mut r, B));
+        let (fresh, stale, mean) = (random_rows(&mut r, 2 * B), random_rows(&mut r, 2 * B), random_rows(&mut r, B));
+        let ids = [1u64, 2, 3, 1];
+        let lse = [
+            LogSumExp { max: 0.4, sum: 3.0 },
+            LogSumExp::EMPTY,
+            LogSumExp { max: -0.2, sum: 1.5 },
+            LogSumExp { max: 1.0, sum: 1.0 },
+        ];
+        let weights = [0.5, 0.5, 0.0, 0.0, 1.0, 0.0, 0.75, 0.25];
+        let side = |b: std::ops::Range<usize>| CacheSide {
+            lse: &lse[b.clone()],
+            fresh: &fresh[2 * b.start..2 * b.end],
+            weights: &weights[2 * b.start..2 * b.end],
+            control: Some(Control { beta: 1.0, stale: &stale[2 * b.start..2 * b.end], mean: &mean[b] }),
+        };
+        let (mut gq, mut gp, mut gn) = (vec![[0.0; DIM]; B], vec![[0.0; DIM]; B], vec![[0.0; DIM]; 2 * B]);
+        let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
+        let whole = in_batch_with_remainder(&q, &pos, Some(&ids), 3.0, 2, side(0..B), grads).unwrap();
+
+        let mine = rank * bl..(rank + 1) * bl;
+        let (mut pq, mut pp, mut pn, mut sum) =
+            (vec![[0.0; DIM]; bl], vec![[0.0; DIM]; B], vec![[0.0; DIM]; 2 * bl], Vec::new());
+        let grads = RemainderGrads { query: &mut pq, positive: &mut pp, negative: &mut pn };
+        let part =
+            in_batch_part(&mut comm, &q[mine.clone()], &pos, Some(&ids), 3.0, 2, side(mine.clone()), grads, &mut sum)
+                .unwrap();
+        assert_eq!(pq, gq[mine.clone()], "process {rank}: query gradients");
+        assert_eq!(pn, gn[2 * mine.start..2 * mine.end], "process {rank}: negative gradients");
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-6 * (1.0 + b.abs());
+        for (j, (got, want)) in sum.iter().zip(&gp).enumerate() {
+            assert!(got.iter().zip(want).all(|(&a, &b)| close(a, b)), "positive {j}: {got:?} against {want:?}");
+        }
+        let mut figures = [0.0f32; 3];
+        comm.sum_f32("figures", &[part.loss, part.prob_pos, part.grad_scale], &mut figures);
+        for (got, want) in figures.iter().zip([whole.loss, whole.prob_pos, whole.grad_scale]) {
+            assert!(close(*got, want), "summed figures {figures:?} against {whole:?}");
+        }
+        if rank == 0 {
+            println!("PARTS OK");
+        }
+    }
+
+    #[test]
+    fn in_batch_terms_split_over_processes_sum_to_the_whole_batch() {
+        if std::env::var(WORKER).as_deref() == Ok("parts") {
+            return parts_worker();
+        }
+        let exe = std::env::current_exe().unwrap();
+        let name = "mpi_runs::in_batch_terms_split_over_processes_sum_to_the_whole_batch";
+        let out =
+            mpirun(2, exe.to_str().unwrap(), &["--exact", name, "--nocapture", "--test-threads=1"], Some("parts"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("PARTS OK"), "{stdout}");
     }
 
     // ---- one process is the single-process run ----
@@ -348,14 +459,51 @@ mod mpi_runs {
         one_process_is_the_single_process_run(true);
     }
 
+    /// The default estimator: exact in-batch terms (every positive of the
+    /// batch in each query's softmax, their slots hidden from the draw),
+    /// the control variate, four independent draws per query.
+    #[test]
+    fn one_process_reproduces_the_single_process_run_with_the_default_estimator() {
+        let cfg = |data: &Path, out: &Path| TrainConfig {
+            objective: ObjectiveName::CacheInBatch,
+            negatives: 4,
+            control_variate: true,
+            ..config(data, out, 40)
+        };
+        one_process_is(|data, out| flags_for(data, out, 40, true), cfg);
+    }
+
+    /// Two independent draws without the control variate.
+    #[test]
+    fn one_process_reproduces_the_single_process_run_with_two_in_batch_draws() {
+        let cfg = |data: &Path, out: &Path| TrainConfig {
+            objective: ObjectiveName::CacheInBatch,
+            negatives: 2,
+            ..config(data, out, 40)
+        };
+        let flags = |data: &Path, out: &Path| {
+            let mut f = flags_for(data, out, 40, false);
+            f.extend(["--negatives", "2"].map(str::to_owned));
+            f
+        };
+        one_process_is(flags, cfg);
+    }
+
     fn one_process_is_the_single_process_run(control_variate: bool) {
+        let cfg = |data: &Path, out: &Path| TrainConfig { control_variate, ..config(data, out, 40) };
+        one_process_is(|data, out| flags_with(data, out, 40, control_variate), cfg);
+    }
+
+    /// `mpirun -np 1` of `flags` against `negcache train` of `cfg`, on the
+    /// tiny dataset: the same checkpoint body and logged losses.
+    fn one_process_is(flags: impl Fn(&Path, &Path) -> Vec<String>, cfg: impl Fn(&Path, &Path) -> TrainConfig) {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
         tiny_dataset(&data);
         let out = tmp.path().join("one");
-        run_distributed(1, &flags_with(&data, &out, 40, control_variate));
+        run_distributed(1, &flags(&data, &out));
 
-        let cfg = TrainConfig { control_variate, ..config(&data, &tmp.path().join("single"), 40) };
+        let cfg = cfg(&data, &tmp.path().join("single"));
         let prepared = prepare(&cfg).unwrap();
         let mut single = Run::start(cfg, &prepared).unwrap();
         let summary = train(&mut single, &prepared, &mut |_, _, _| Ok(())).unwrap();
@@ -449,6 +597,32 @@ mod mpi_runs {
         let plain = tmp.path().join("plain");
         run_distributed(2, &flags(&data, &plain, 60));
         assert_ne!(summary_checksums(&plain)[0], sums[0]);
+    }
+
+    /// Two processes with the default estimator: each process's queries
+    /// meet the positives of both, the positives' gradients are summed
+    /// before each process back-propagates its own, and the towers stay
+    /// identical; a resumed run equals an uninterrupted one.
+    #[test]
+    fn two_processes_with_the_default_estimator_keep_identical_towers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        tiny_dataset(&data);
+        let out = tmp.path().join("default");
+        run_distributed(2, &flags_for(&data, &out, 60, true));
+        let sums = summary_checksums(&out);
+        assert_eq!(sums.len(), 2);
+        assert_eq!(sums[0], sums[1], "the two processes' towers differ");
+        let half = tmp.path().join("half");
+        run_distributed(2, &flags_for(&data, &half, 30, true));
+        let mut args = flags_for(&data, &half, 60, true);
+        args.extend(["--resume".to_owned(), half.join("checkpoint.ckpt").display().to_string()]);
+        run_distributed(2, &args);
+        let (a, b) = (
+            Checkpoint::load(&out.join("checkpoint.ckpt")).unwrap(),
+            Checkpoint::load(&half.join("checkpoint.ckpt")).unwrap(),
+        );
+        assert!(a.body == b.body, "a resumed distributed run differs from an uninterrupted one");
     }
 
     // ---- a single-process checkpoint resumes on two processes ----

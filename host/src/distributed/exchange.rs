@@ -25,9 +25,11 @@ const WORDS: usize = 2 + DIM;
 pub(super) struct Outgoing<'a> {
     /// The draws of the local queries.
     pub draws: &'a [Draw],
-    /// Their drawn negatives' fresh embeddings (rows without a draw are
-    /// ignored).
+    /// Their picks' fresh embeddings: row `b * neg + i` for pick `i` of
+    /// query `b` (rows past a query's picks are ignored).
     pub fresh: &'a [[f32; DIM]],
+    /// Rows of `fresh` per query.
+    pub neg: usize,
     /// Their positives' items and fresh embeddings.
     pub positives: &'a [ItemTokens],
     /// See `positives`.
@@ -76,11 +78,9 @@ impl Exchange {
         for (dest, c) in counts.iter_mut().enumerate() {
             let start = self.words.len();
             for (b, own) in owner.iter().enumerate() {
-                if let Some((s, slot)) = out.draws[b].pick {
-                    if s == dest {
-                        self.words.extend([KIND_REFRESH, slot]);
-                        self.words.extend(out.fresh[b].iter().map(|x| x.to_bits()));
-                    }
+                for (i, pick) in out.draws[b].picks().iter().enumerate().filter(|(_, k)| k.shard == dest) {
+                    self.words.extend([KIND_REFRESH, pick.slot]);
+                    self.words.extend(out.fresh[b * out.neg + i].iter().map(|x| x.to_bits()));
                 }
                 if *own == Some(dest) {
                     self.words.extend([KIND_INSERT, (out.first_query + b) as u32]);

@@ -16,7 +16,7 @@ use super::worker::{validate, Laps, Worker, PHASES};
 use crate::checkpoint::Checkpoint;
 use crate::report::MetricsLog;
 use crate::resume::{LossWindow, LOSS_WINDOW};
-use crate::session::{Session, Tying, BUCKETS, DIM, E, H, S};
+use crate::session::{Session, Tying, BUCKETS, DIM, E, H, NEG, NEGATIVES, NEG_MANY, NEG_TWO, S};
 use crate::train::{self, Prepared, TrainConfig, TrainSummary, METRIC_COLUMNS};
 
 /// What a distributed run adds to `summary.json`.
@@ -96,15 +96,30 @@ fn run(
     // to know each item's owner and its own shard of the pairs.
     let data = train::prepare(&cfg)?;
     match cfg.tying {
-        Tying::Separate => go::<SeparateTowers<BUCKETS, E, H, DIM, S>>(comm, cfg, &data, ck),
-        Tying::SharedTokens => go::<SharedTokenTowers<BUCKETS, E, H, DIM, S>>(comm, cfg, &data, ck),
-        Tying::Siamese => go::<SiameseTowers<BUCKETS, E, H, DIM, S>>(comm, cfg, &data, ck),
+        Tying::Separate => picks::<SeparateTowers<BUCKETS, E, H, DIM, S>>(comm, cfg, &data, ck),
+        Tying::SharedTokens => picks::<SharedTokenTowers<BUCKETS, E, H, DIM, S>>(comm, cfg, &data, ck),
+        Tying::Siamese => picks::<SiameseTowers<BUCKETS, E, H, DIM, S>>(comm, cfg, &data, ck),
     }
 }
 
-fn go<M: Replicated>(comm: Comm, cfg: TrainConfig, data: &Prepared, ck: Option<Checkpoint>) -> anyhow::Result<()> {
+/// [`go`] with the worker of the configured negatives per query.
+fn picks<M: Replicated>(comm: Comm, cfg: TrainConfig, data: &Prepared, ck: Option<Checkpoint>) -> anyhow::Result<()> {
+    match cfg.negatives {
+        NEG => go::<M, NEG>(comm, cfg, data, ck),
+        NEG_TWO => go::<M, NEG_TWO>(comm, cfg, data, ck),
+        NEG_MANY => go::<M, NEG_MANY>(comm, cfg, data, ck),
+        n => bail!("negatives per query must be one of {NEGATIVES:?}, got {n}"),
+    }
+}
+
+fn go<M: Replicated, const K: usize>(
+    comm: Comm,
+    cfg: TrainConfig,
+    data: &Prepared,
+    ck: Option<Checkpoint>,
+) -> anyhow::Result<()> {
     let rank = comm.rank();
-    let mut w = Worker::<M>::new(comm, cfg.clone(), data)?;
+    let mut w = Worker::<M, K>::new(comm, cfg.clone(), data)?;
     let resumed = ck.is_some();
     if let Some(ck) = &ck {
         w.restore(ck)?;
@@ -159,8 +174,8 @@ fn go<M: Replicated>(comm: Comm, cfg: TrainConfig, data: &Prepared, ck: Option<C
 
 /// The training loop of `train::train`, collective: every process steps;
 /// process 0 logs, evaluates and writes. Returns the summaries on process 0.
-fn train_loop<M: Replicated>(
-    w: &mut Worker<M>,
+fn train_loop<M: Replicated, const K: usize>(
+    w: &mut Worker<M, K>,
     data: &Prepared,
     log: &mut Option<MetricsLog>,
 ) -> anyhow::Result<Option<(TrainSummary, DistributedSummary)>> {

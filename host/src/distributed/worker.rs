@@ -7,10 +7,15 @@
 
 use std::time::Instant;
 
-use anyhow::{ensure, Context};
+use anyhow::{bail, ensure, Context};
 use negcache::loss::{query_terms, QueryControl, QueryGrads};
 use negcache::random;
+use negcache::remainder::{
+    in_batch_part_with_remainder, BatchPart, CacheSide, Control, RemainderGrads, RemainderSummary,
+};
+use negcache::sampler::LogSumExp;
 use negcache::trainer::{CacheMode, StepReport};
+use negcache::Item;
 use rand_core::SeedableRng;
 use rand_pcg::Pcg64Mcg;
 
@@ -18,13 +23,13 @@ use super::comm::Comm;
 use super::exchange::{Exchange, Outgoing};
 use super::gradients::GradientSum;
 use super::replica::{new_replica, Replica, Replicated};
-use super::sampler::{Draw, ShardedSampler};
+use super::sampler::{Draw, DrawSpec, ShardedSampler};
 use super::shards::{gather, take_shard, Owners};
 use crate::checkpoint::{Checkpoint, Reader, Writer};
 use crate::featurize::{ItemTokens, QueryTokens};
 use crate::session::{load_cache, save_cache, Session, DIM};
 use crate::store::OwnedCache;
-use crate::train::{self, ObjectiveName, PrecisionName, Prepared, TrainConfig};
+use crate::train::{self, ObjectiveName, PrecisionName, Prepared, SamplerName, TrainConfig};
 
 /// The generator of process `rank` at `step`. Process 0 draws exactly what
 /// a single-process run draws ([`train::step_rng`]), so one process
@@ -38,11 +43,20 @@ pub fn rank_rng(seed: u64, step: u64, rank: usize) -> Pcg64Mcg {
 pub fn validate(cfg: &TrainConfig, processes: usize) -> anyhow::Result<()> {
     cfg.validate()?;
     let p = processes;
-    ensure!(
-        cfg.objective == ObjectiveName::Cache,
-        "--distributed trains the cache objective only (--objective cache --negatives 1), with or without the control variate"
-    );
-    ensure!(cfg.negatives == 1, "--distributed draws one negative per query (negatives = 1)");
+    match cfg.objective {
+        ObjectiveName::Cache => ensure!(
+            cfg.negatives == 1,
+            "--distributed draws one negative per query with --objective cache; --objective cache-in-batch (the default) takes several"
+        ),
+        ObjectiveName::CacheInBatch => ensure!(
+            cfg.negatives == 1 || cfg.sampler == SamplerName::Independent,
+            "--distributed draws several negatives per query independently (--sampler independent): distinct draws do not merge exactly across shards"
+        ),
+        other => bail!(
+            "--distributed trains --objective cache-in-batch (the default) or cache, not {}",
+            serde_json::to_value(other).map(|v| v.to_string()).unwrap_or_default()
+        ),
+    }
     ensure!(
         cfg.inv_temp == 1.0,
         "--distributed needs inv_temp = 1: only then do the shards' log-sum-exps merge into an exact draw"
@@ -109,6 +123,48 @@ impl Laps {
     }
 }
 
+/// The exact in-batch terms of this process's queries
+/// (`remainder::in_batch_part_with_remainder`): every process holds `B/P`
+/// of the global batch's queries, in rank order, and all `B` positives.
+/// `grads.positive` receives this process's share of each positive's
+/// gradient, and `positive_sum` the sum of every process's shares
+/// (**positive gradients**: an all-reduce of B x DIM floats), the whole
+/// batch's gradient of each positive. The summary is this process's share
+/// of the batch means. Collective.
+///
+/// # Errors
+/// The core's, for mismatched lengths or non-finite inputs.
+#[allow(clippy::too_many_arguments)]
+pub fn in_batch_part(
+    comm: &mut Comm,
+    queries: &[[f32; DIM]],
+    positives: &[[f32; DIM]],
+    ids: Option<&[u64]>,
+    alpha: f32,
+    neg: usize,
+    side: CacheSide<'_, DIM>,
+    grads: RemainderGrads<'_, DIM>,
+    positive_sum: &mut Vec<[f32; DIM]>,
+) -> anyhow::Result<RemainderSummary> {
+    let (p, bl) = (comm.size(), queries.len());
+    let part = BatchPart { first: comm.rank() * bl, batch: p * bl };
+    let RemainderGrads { query, positive, negative } = grads;
+    let grads = RemainderGrads { query, positive: &mut *positive, negative };
+    let sum = in_batch_part_with_remainder(queries, positives, ids, alpha, neg, part, side, grads)?;
+    positive_sum.resize(positive.len(), [0.0; DIM]);
+    comm.sum_f32("positive gradients", positive.as_flattened(), positive_sum.as_flattened_mut());
+    Ok(sum)
+}
+
+/// A process's share of a step's figures: the training loss, the
+/// interpretable loss, the probability of the positive and the tower
+/// evaluations, summed over processes by the gradient all-reduce; the
+/// first three are multiplied by `scale` after the sum.
+struct Terms {
+    extra: [f32; 4],
+    scale: f32,
+}
+
 /// A step's report, and this shard's staleness sum and count (summed over
 /// processes once per logging window rather than every step).
 pub(super) struct Stepped {
@@ -117,37 +173,50 @@ pub(super) struct Stepped {
     pub stale_count: f32,
 }
 
-/// One process's part of a distributed run.
-pub(super) struct Worker<M> {
+/// One process's part of a distributed run, drawing `K` negatives per
+/// query.
+pub(super) struct Worker<M, const K: usize> {
     pub comm: Comm,
     pub cfg: TrainConfig,
     pub replica: Replica<M>,
     pub local_batch: usize,
     pub step: u64,
     pub laps: Laps,
-    sampler: ShardedSampler,
+    sampler: ShardedSampler<K>,
     gradients: GradientSum,
     exchange: Exchange,
     owners: Owners,
     pairs: Vec<(u32, u32)>,
     queries: Vec<QueryTokens>,
     positives: Vec<ItemTokens>,
+    /// Per local query (`q`, `p`, `gq`, `lse`, `means`); per pick, `K` rows
+    /// per query (`picked`, `f`, `gn`, `weights`, `stale`); per positive
+    /// of the global batch with exact in-batch terms (`gp`, `gp_sum`),
+    /// else per local query (`gp`).
     q: Vec<[f32; DIM]>,
     p: Vec<[f32; DIM]>,
+    picked: Vec<ItemTokens>,
     f: Vec<[f32; DIM]>,
     gq: Vec<[f32; DIM]>,
     gp: Vec<[f32; DIM]>,
+    gp_sum: Vec<[f32; DIM]>,
     gn: Vec<[f32; DIM]>,
+    lse: Vec<LogSumExp>,
+    weights: Vec<f32>,
+    stale: Vec<[f32; DIM]>,
+    means: Vec<[f32; DIM]>,
+    keys: Vec<u64>,
     draws: Vec<Draw>,
 }
 
-impl<M: Replicated> Worker<M> {
+impl<M: Replicated, const K: usize> Worker<M, K> {
     /// A replica initialised from the seed (the same towers on every
     /// process), with an empty shard of `cache_capacity / P` slots (in
     /// corpus mode, filled with the items this process owns).
     pub fn new(comm: Comm, cfg: TrainConfig, data: &Prepared) -> anyhow::Result<Self> {
         let (rank, p) = (comm.rank(), comm.size());
         validate(&cfg, p)?;
+        ensure!(cfg.negatives == K, "a worker drawing {K} negatives per query, configured for {}", cfg.negatives);
         let shard_cap = cfg.cache_capacity / p;
         let mut tcfg = cfg.trainer();
         tcfg.refresh_per_step = cfg.refresh_per_step / p;
@@ -167,9 +236,10 @@ impl<M: Replicated> Worker<M> {
             );
             replica.fill_cache(&mine)?;
         }
+        let bl = cfg.batch / p;
         Ok(Self {
             comm,
-            local_batch: cfg.batch / p,
+            local_batch: bl,
             gradients: GradientSum::new(&mut replica.trainer.model),
             cfg,
             replica,
@@ -181,12 +251,19 @@ impl<M: Replicated> Worker<M> {
             pairs,
             queries: Vec::new(),
             positives: Vec::new(),
-            q: Vec::new(),
-            p: Vec::new(),
-            f: Vec::new(),
-            gq: Vec::new(),
+            q: vec![[0.0; DIM]; bl],
+            p: vec![[0.0; DIM]; bl],
+            picked: vec![ItemTokens::EMPTY; bl * K],
+            f: vec![[0.0; DIM]; bl * K],
+            gq: vec![[0.0; DIM]; bl],
             gp: Vec::new(),
-            gn: Vec::new(),
+            gp_sum: Vec::new(),
+            gn: vec![[0.0; DIM]; bl * K],
+            lse: vec![LogSumExp::EMPTY; bl],
+            weights: vec![0.0; bl * K],
+            stale: vec![[0.0; DIM]; bl * K],
+            means: vec![[0.0; DIM]; bl],
+            keys: Vec::new(),
             draws: Vec::new(),
         })
     }
@@ -211,7 +288,7 @@ impl<M: Replicated> Worker<M> {
 
     /// One step (see the module docs).
     pub fn step(&mut self, data: &Prepared) -> anyhow::Result<Stepped> {
-        let (rank, p, bl) = (self.comm.rank(), self.comm.size(), self.local_batch);
+        let (rank, bl) = (self.comm.rank(), self.local_batch);
         let mut rng = rank_rng(self.cfg.seed, self.step, rank);
         let n = self.pairs.len() as u32;
         self.queries.clear();
@@ -222,71 +299,44 @@ impl<M: Replicated> Worker<M> {
             self.positives.push(data.features.items[d as usize]);
         }
         let lr = self.cfg.lr_at(self.step);
+        let in_batch = self.cfg.objective == ObjectiveName::CacheInBatch;
         let Replica { trainer, cache, .. } = &mut self.replica;
         self.laps.start();
         trainer.model.zero_grad();
         let mut evals = trainer.refresh_stalest(&mut cache.as_mut())?;
         self.laps.lap(0);
-        for v in [&mut self.q, &mut self.p, &mut self.f, &mut self.gq, &mut self.gp, &mut self.gn] {
-            v.clear();
-            v.resize(bl, [0.0; DIM]);
-        }
         trainer.model.embed_queries(&self.queries, &mut self.q);
         trainer.model.embed_items(&self.positives, &mut self.p);
         evals += 2 * bl as u32;
         self.laps.lap(1);
         let alpha = trainer.model.score_scale();
-        self.sampler.draw(
-            &mut self.comm,
-            cache.as_ref(),
-            &self.q,
-            &self.positives,
+        let spec = DrawSpec {
             alpha,
-            self.cfg.mask_accidental_hits,
-            trainer.config().retrieval,
-            trainer.control_variate().is_some(),
-            &mut rng,
-            &mut self.draws,
-        )?;
+            mask_accidental_hits: self.cfg.mask_accidental_hits,
+            retrieval: trainer.config().retrieval,
+            control: trainer.control_variate().is_some(),
+            in_batch,
+        };
+        let (queries, positives, rows) = (&self.q, &self.positives, &self.p);
+        self.sampler.draw(&mut self.comm, cache.as_mut(), queries, positives, rows, spec, &mut rng, &mut self.draws)?;
         self.laps.lap(2);
-        for (d, f) in self.draws.iter().zip(&mut self.f) {
-            if d.pick.is_some() {
-                trainer.model.embed_item(&d.item, f);
-                evals += 1;
+        // Each query's picks embedded afresh, one batched call per query;
+        // rows past a query's picks are zero (weight 0).
+        self.f.fill([0.0; DIM]);
+        for (b, d) in self.draws.iter().enumerate() {
+            let (rows, m) = (b * K..b * K + d.picks().len(), d.picks().len());
+            for (slot, pick) in self.picked[rows.clone()].iter_mut().zip(d.picks()) {
+                *slot = pick.item;
             }
+            trainer.model.embed_items(&self.picked[rows.clone()], &mut self.f[rows]);
+            evals += m as u32;
         }
 
-        // The loss of the global batch's mean, with prob_pos from the global
-        // log-sum-exp: each process's part, summed by the all-reduce.
-        let inv_b = 1.0 / (p * bl) as f32;
-        let beta = trainer.control_variate();
-        let (mut training, mut interpretable, mut prob_pos, mut grad_scale) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
-        for b in 0..bl {
-            let d = &self.draws[b];
-            let grads = QueryGrads { query: &mut self.gq[b], positive: &mut self.gp[b], negative: &mut self.gn[b] };
-            let fresh = d.pick.map(|_| &self.f[b]);
-            let cv = beta.map(|beta| QueryControl { beta, stale: &d.stale, candidate_mean: &d.mean });
-            let t = query_terms(&self.q[b], &self.p[b], &d.lse, fresh, cv, alpha, inv_b, Some(grads))?;
-            training += t.training_loss;
-            interpretable += t.interpretable_loss;
-            prob_pos += t.prob_pos;
-            if d.pick.is_some() {
-                grad_scale += t.grad_scale;
-            }
-        }
-        let model = &mut trainer.model;
-        for b in 0..bl {
-            model.backward_query(&self.queries[b], &self.gq[b]);
-            model.backward_item(&self.positives[b], &self.gp[b]);
-            if self.draws[b].pick.is_some() {
-                model.backward_item(&self.draws[b].item, &self.gn[b]);
-            }
-        }
-        model.backward_scale(grad_scale * inv_b);
+        let terms = if in_batch { self.in_batch_terms(alpha, evals)? } else { self.cache_terms(alpha, evals)? };
+        let trainer = &mut self.replica.trainer;
         self.laps.lap(3);
 
-        let extra = [training, interpretable, prob_pos, evals as f32];
-        let sums = self.gradients.all_reduce(&mut self.comm, &mut trainer.model, &extra)?;
+        let sums = self.gradients.all_reduce(&mut self.comm, &mut trainer.model, &terms.extra)?;
         self.laps.lap(4);
         let mut opt = *trainer.optimizer();
         let stats = opt.step(lr, &mut |v| trainer.model.visit(v))?;
@@ -296,6 +346,7 @@ impl<M: Replicated> Worker<M> {
         let out = Outgoing {
             draws: &self.draws,
             fresh: &self.f,
+            neg: K,
             positives: &self.positives,
             positive_rows: &self.p,
             first_query: rank * bl,
@@ -303,16 +354,18 @@ impl<M: Replicated> Worker<M> {
         let streaming = trainer.config().cache_mode == CacheMode::Streaming;
         let eviction = trainer.config().eviction;
         let positives = self.sampler.positives();
+        let cache = &mut self.replica.cache;
         let (stale_sum, stale_count) =
             self.exchange.run(&mut self.comm, cache, &self.owners, out, positives, streaming, eviction)?;
         self.laps.lap(6);
         self.step += 1;
+        let mean = |x: f32| x * terms.scale;
         Ok(Stepped {
             report: StepReport {
-                training_loss: sums[0] * inv_b,
-                interpretable_loss: sums[1] * inv_b,
+                training_loss: mean(sums[0]),
+                interpretable_loss: mean(sums[1]),
                 staleness: 0.0,
-                prob_pos: sums[2] * inv_b,
+                prob_pos: mean(sums[2]),
                 tower_evals: sums[3] as u32,
                 grad_norm: stats.grad_norm,
                 score_scale: alpha,
@@ -320,6 +373,92 @@ impl<M: Replicated> Worker<M> {
             stale_sum,
             stale_count,
         })
+    }
+
+    /// The paper's estimator (one pick per query, with or without the
+    /// control variate): each query's terms with the global log-sum-exp
+    /// (`loss::query_terms`, as `CacheLoss::backward` computes them), then
+    /// back-propagation. Returns the sums to all-reduce: raw sums, to be
+    /// scaled by 1/B.
+    fn cache_terms(&mut self, alpha: f32, evals: u32) -> anyhow::Result<Terms> {
+        let (p, bl) = (self.comm.size(), self.local_batch);
+        let trainer = &mut self.replica.trainer;
+        self.gp.resize(bl, [0.0; DIM]);
+        let inv_b = 1.0 / (p * bl) as f32;
+        let beta = trainer.control_variate();
+        let (mut training, mut interpretable, mut prob_pos, mut grad_scale) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
+        for b in 0..bl {
+            let d = &self.draws[b];
+            let pick = d.picks().first();
+            let grads = QueryGrads { query: &mut self.gq[b], positive: &mut self.gp[b], negative: &mut self.gn[b * K] };
+            let fresh = pick.map(|_| &self.f[b * K]);
+            let stale = pick.map_or([0.0; DIM], |k| k.stale);
+            let cv = beta.map(|beta| QueryControl { beta, stale: &stale, candidate_mean: &d.mean });
+            let t = query_terms(&self.q[b], &self.p[b], &d.lse, fresh, cv, alpha, inv_b, Some(grads))?;
+            training += t.training_loss;
+            interpretable += t.interpretable_loss;
+            prob_pos += t.prob_pos;
+            if pick.is_some() {
+                grad_scale += t.grad_scale;
+            }
+        }
+        let model = &mut trainer.model;
+        for b in 0..bl {
+            model.backward_query(&self.queries[b], &self.gq[b]);
+            model.backward_item(&self.positives[b], &self.gp[b]);
+            if let Some(pick) = self.draws[b].picks().first() {
+                model.backward_item(&pick.item, &self.gn[b * K]);
+            }
+        }
+        model.backward_scale(grad_scale * inv_b);
+        Ok(Terms { extra: [training, interpretable, prob_pos, evals as f32], scale: inv_b })
+    }
+
+    /// The exact in-batch objective (the default): each local query's
+    /// softmax over every positive of the global batch, exactly, and the
+    /// sharded cache's remainder from its picks
+    /// (`remainder::in_batch_part_with_remainder`, what the single-process
+    /// trainer computes for the whole batch). The positives' gradients
+    /// from every process's queries are summed (**positive gradients**:
+    /// all-reduce of B x DIM) before each process back-propagates its
+    /// own. Returns the sums to all-reduce: already batch means.
+    fn in_batch_terms(&mut self, alpha: f32, evals: u32) -> anyhow::Result<Terms> {
+        let (rank, bl) = (self.comm.rank(), self.local_batch);
+        let trainer = &mut self.replica.trainer;
+        for (b, d) in self.draws.iter().enumerate() {
+            self.lse[b] = d.lse;
+            self.means[b] = d.mean;
+            for i in 0..K {
+                let pick = d.picks().get(i);
+                self.weights[b * K + i] = pick.map_or(0.0, |k| k.weight);
+                self.stale[b * K + i] = pick.map_or([0.0; DIM], |k| k.stale);
+            }
+        }
+        let all = self.sampler.positives();
+        self.keys.clear();
+        self.keys.extend(all.iter().map(|y| y.key()));
+        self.gp.resize(all.len(), [0.0; DIM]);
+        let side = CacheSide {
+            lse: &self.lse,
+            fresh: &self.f,
+            weights: &self.weights,
+            control: trainer.control_variate().map(|beta| Control { beta, stale: &self.stale, mean: &self.means }),
+        };
+        let grads = RemainderGrads { query: &mut self.gq, positive: &mut self.gp, negative: &mut self.gn };
+        let ids = self.cfg.mask_accidental_hits.then_some(&self.keys[..]);
+        let rows = self.sampler.positive_rows();
+        let sum = in_batch_part(&mut self.comm, &self.q, rows, ids, alpha, K, side, grads, &mut self.gp_sum)?;
+        let first = rank * bl;
+        let model = &mut trainer.model;
+        for b in 0..bl {
+            model.backward_query(&self.queries[b], &self.gq[b]);
+            model.backward_item(&self.positives[b], &self.gp_sum[first + b]);
+            for (i, pick) in self.draws[b].picks().iter().enumerate() {
+                model.backward_item(&pick.item, &self.gn[b * K + i]);
+            }
+        }
+        model.backward_scale(sum.grad_scale);
+        Ok(Terms { extra: [sum.loss, sum.loss, sum.prob_pos, evals as f32], scale: 1.0 })
     }
 
     /// The run as a checkpoint in the single-process format, on process 0
