@@ -12,17 +12,23 @@
 //!  1. refresh      each shard re-embeds its R/P stalest entries
 //!  2. embed        each process embeds its B/P queries and positives
 //!  3. [queries]    all-gather: every process gets all B queries and positive items
-//!  4. score        every shard scores all B queries: its log-sum-exp Z_s and its
-//!                  exact winner per query (the core's CacheLoss, inv_temp 1); with
-//!                  the control variate also its candidate mean of stale rows
-//!  5. [replies]    all-to-all: per query, each shard's (Z_s, winner slot, winner
-//!                  tokens; with the variate, the winner's row and the mean) go
-//!                  to the query's process
-//!  6. draw         the query's process merges the Z_s into the global Z, picks
-//!                  shard s with probability Z_s / Z (Gumbel-max over ln Z_s) and
-//!                  takes that shard's winner: exactly a draw from the softmax over
-//!                  all N slots; it embeds the winner afresh
-//!  7. loss         prob_pos from the global Z; gradients of the global-batch mean
+//!                  (with exact in-batch terms, the positives' embeddings too)
+//!  4. score        every shard scores all B queries, the batch's positives hidden
+//!                  when they enter exactly: its log-sum-exp Z_s and K independent
+//!                  draws per query (the core's CacheLoss, inv_temp 1); with the
+//!                  control variate also its candidate mean of stale rows
+//!  5. [replies]    all-to-all: per query, each shard's Z_s and draws (slot,
+//!                  count, tokens; with the variate, the rows and the mean) go to
+//!                  the query's process
+//!  6. draw         the query's process merges the Z_s into the global Z, gives
+//!                  each of the K draws to shard s with probability Z_s / Z and
+//!                  takes that many of s's draws at random: exactly K independent
+//!                  draws from the softmax over all N slots; it embeds them afresh
+//!  7. loss         the paper's estimator (prob_pos from the global Z) or the exact
+//!                  in-batch terms over all B positives plus the sampled remainder;
+//!                  gradients of the global-batch mean
+//!     [positive gradients]  all-reduce (sum), in-batch terms only: each positive's
+//!                  gradient from every process's queries, before back-propagation
 //!  8. [touched]    all-reduce (bitwise or): the embedding rows any process touched
 //!  9. [gradients]  all-reduce (sum): dense gradients, the touched rows only, and
 //!                  the step's loss sums
@@ -33,22 +39,27 @@
 //! 12. update       each shard: refresh, insert, age (one core update call)
 //! ```
 //!
-//! The draw is restricted to what merges exactly: one negative per query,
-//! inverse temperature 1 (the shards' log-sum-exps are then the sampling
-//! normalisers), all slots as candidates (no top-k), `f32` cache storage
-//! and the cache objective, with or without the control variate (whose
-//! candidate means merge exactly, weighted by Z_s / Z). Process 0 draws from the same generator as a single-process
-//! run ([`rank_rng`]), so with P = 1 a distributed run reproduces
-//! `negcache train` bit for bit. Checkpoints gather the shards into one
-//! cache in the single-process format, so the two kinds of run resume from
-//! each other's checkpoints. `docs/distributed.md` has the costs.
+//! The draw is restricted to what merges exactly: independent draws
+//! (several per query only with the exact in-batch objective, the
+//! default), inverse temperature 1 (the shards' log-sum-exps are then the
+//! sampling normalisers), all slots as candidates (no top-k), `f32` cache
+//! storage, and the objectives `cache` and `cache-in-batch`, with or
+//! without the control variate (whose candidate means merge exactly,
+//! weighted by Z_s / Z). Process 0 draws from the same generator as a
+//! single-process run ([`rank_rng`]), so with P = 1 a distributed run
+//! reproduces `negcache train` bit for bit. Checkpoints gather the shards
+//! into one cache in the single-process format, so the two kinds of run
+//! resume from each other's checkpoints. `docs/distributed.md` has the
+//! costs.
 //!
 //! The step is the core's, driven phase by phase: the refresh is
 //! `Trainer::refresh_stalest` on this process's shard, the scoring pass is
 //! `CacheLoss::score_and_sample_with`, each query's loss and gradients are
-//! `loss::query_terms` (what `CacheLoss::backward` computes for one draw),
-//! and the cache updates are `CacheMut::refresh` and `CacheMut::update`.
-//! What is distributed's own is the order around the exchanges.
+//! `loss::query_terms` (what `CacheLoss::backward` computes for one draw)
+//! or `remainder::in_batch_part_with_remainder` (what the trainer computes
+//! for the whole batch), and the cache updates are `CacheMut::refresh` and
+//! `CacheMut::update`. What is distributed's own is the order around the
+//! exchanges and the merge of the shards' draws.
 //!
 //! Modules, each importing only from those below it:
 //!

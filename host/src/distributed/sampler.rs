@@ -1,7 +1,8 @@
 //! The cross-shard draw (steps 3 to 6 of the module docs): every shard
 //! scores every query of the step with the core's streaming pass, and each
-//! query's own process merges the shards' log-sum-exps and winners into
-//! one exact draw from the softmax over every slot of every shard.
+//! query's own process merges the shards' log-sum-exps and draws into
+//! exact independent draws from the softmax over every slot of every
+//! shard.
 
 use anyhow::ensure;
 use negcache::cache::CacheMut;

@@ -8,6 +8,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context};
+use clap::ValueEnum;
 use negcache::loss::{query_terms, QueryControl, QueryGrads};
 use negcache::random;
 use negcache::remainder::{
@@ -54,7 +55,7 @@ pub fn validate(cfg: &TrainConfig, processes: usize) -> anyhow::Result<()> {
         ),
         other => bail!(
             "--distributed trains --objective cache-in-batch (the default) or cache, not {}",
-            serde_json::to_value(other).map(|v| v.to_string()).unwrap_or_default()
+            other.to_possible_value().map(|v| v.get_name().to_owned()).unwrap_or_default()
         ),
     }
     ensure!(
