@@ -71,12 +71,11 @@
 //! Only the query gradient changes; the loss, `dL/dp`, `dL/df` and
 //! `dL/dalpha` are those above.
 //!
-//! A query with at most one negative of weight 1 (one draw from the
-//! softmax itself), with or without the control variate, goes through
-//! [`query_terms`], which takes the candidates' log-sum-exp (and the
-//! variate's inputs) as values: a driver that merges them from the shards
-//! of a distributed cache computes the same terms with the same
-//! arithmetic.
+//! Each query's terms, with or without the control variate, are
+//! [`query_terms`], which takes the candidates' log-sum-exp, the weighted
+//! negatives and the variate's inputs as values: a driver that merges them
+//! from the shards of a distributed cache computes the same terms with the
+//! same arithmetic.
 //!
 //! `1 - prob_pos` is computed from the candidates' own sum, not by
 //! subtraction from 1, so it keeps its precision when the positive dominates.
@@ -498,99 +497,34 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
                 return Err(Error::NonFinite { what: "fresh negative embedding" });
             }
             let weights = &self.weights[b][..m];
-            // At most one negative of weight exactly 1 (one draw from the
-            // softmax itself): the per-query terms a distributed driver
-            // computes with the same function.
-            if m <= 1 && weights.iter().all(|&wi| wi == 1.0) {
-                let grads_b = grads.as_mut().map(|g| {
-                    let negative = &mut g.negative[b * NEG..(b + 1) * NEG];
-                    negative[1..].fill([0.0; DIM]);
-                    QueryGrads { query: &mut g.query[b], positive: &mut g.positive[b], negative: &mut negative[0] }
-                });
-                let e = match m {
-                    0 => [0.0; DIM],
-                    _ => cache.embeddings().row(self.picks[b].slots[0] as usize),
-                };
-                let cv = control.as_ref().map(|cv| QueryControl {
-                    beta: cv.beta,
-                    stale: &e,
-                    candidate_mean: &cv.candidate_mean[b],
-                });
-                let (q, p, first) = (&queries[b], &positives[b], rows.first());
-                let t = query_terms(q, p, &self.lse[b], first, cv, alpha, inv_b, grads_b)?;
-                let stale = first.map_or(0.0, |f| relative_staleness(&e, f));
-                self.training[b] = t.training_loss;
-                self.staleness[b] = stale;
-                if m > 0 {
-                    with_negative += 1;
-                    sum.staleness += self.staleness[b];
-                    sum.grad_scale += t.grad_scale;
-                }
-                sum.training_loss += self.training[b];
-                sum.interpretable_loss += self.interpretable[b];
-                sum.prob_pos += self.prob_pos[b];
-                continue;
-            }
-            let w = self.prob_neg[b];
-            let (mut neg_dot, mut weighted_dot, mut stale) = (0.0f32, 0.0f32, 0.0f32);
+            let mut stale = 0.0f32;
             for (i, f) in rows.iter().enumerate() {
-                let d = dot(&queries[b], f);
-                neg_dot += d;
-                weighted_dot += weights[i] * d;
                 stale += relative_staleness(&cache.embeddings().row(self.picks[b].slots[i] as usize), f);
             }
-            // The highest scores keep their plain mean (as computed before
-            // weights existed); for m = 1 both are the one dot product.
-            let est_dot = match m {
-                0 => 0.0,
-                _ if self.average => neg_dot / m as f32,
-                _ => weighted_dot,
+            let negatives = QueryNegatives {
+                fresh: rows,
+                weights,
+                stale: |i: usize| cache.embeddings().row(self.picks[b].slots[i] as usize),
+                mean_of_dots: self.average,
             };
+            let cv = control.as_ref().map(|cv| QueryControl { beta: cv.beta, candidate_mean: &cv.candidate_mean[b] });
+            let grads_b = grads.as_mut().map(|g| QueryGrads {
+                query: &mut g.query[b],
+                positive: &mut g.positive[b],
+                negative: &mut g.negative[b * NEG..(b + 1) * NEG],
+            });
+            let t = query_terms(&queries[b], &positives[b], &self.lse[b], negatives, cv, alpha, inv_b, grads_b)?;
             let inv_m = if m > 0 { 1.0 / m as f32 } else { 0.0 };
-            let pos_dot = dot(&queries[b], &positives[b]);
-            self.training[b] = if m > 0 { w * (alpha * est_dot - self.pos_score[b]) } else { 0.0 };
+            self.training[b] = t.training_loss;
             self.staleness[b] = stale * inv_m;
             if m > 0 {
                 with_negative += 1;
                 sum.staleness += self.staleness[b];
-                sum.grad_scale += w * (est_dot - pos_dot);
+                sum.grad_scale += t.grad_scale;
             }
             sum.training_loss += self.training[b];
             sum.interpretable_loss += self.interpretable[b];
             sum.prob_pos += self.prob_pos[b];
-
-            if let Some(g) = &mut grads {
-                let c = if m > 0 { w * alpha * inv_b } else { 0.0 };
-                let gq = &mut g.query[b];
-                *gq = [0.0; DIM];
-                match &control {
-                    None => {
-                        for (f, &wi) in rows.iter().zip(weights) {
-                            vector::axpy(c * wi, f, gq);
-                        }
-                    }
-                    Some(cv) => {
-                        // A query without candidates has c = 0 (and a zero
-                        // mean): no gradient, as without the variate.
-                        for (i, (f, &wi)) in rows.iter().zip(weights).enumerate() {
-                            let k = c * cv.beta * wi;
-                            let e = cache.embeddings().row(self.picks[b].slots[i] as usize);
-                            vector::axpy(k, f, gq);
-                            vector::axpy(-k, &e, gq);
-                        }
-                        vector::axpy(c, &cv.candidate_mean[b], gq);
-                    }
-                }
-                vector::axpy(-c, &positives[b], gq);
-                g.positive[b] = [0.0; DIM];
-                vector::axpy(-c, &queries[b], &mut g.positive[b]);
-                for (i, gn) in g.negative[b * NEG..(b + 1) * NEG].iter_mut().enumerate() {
-                    *gn = [0.0; DIM];
-                    if let Some(&wi) = weights.get(i) {
-                        vector::axpy(c * wi, &queries[b], gn);
-                    }
-                }
-            }
         }
         sum.training_loss *= inv_b;
         sum.interpretable_loss *= inv_b;
@@ -687,9 +621,9 @@ impl<const BATCH: usize, const NEG: usize> Default for CacheLoss<BATCH, NEG> {
     }
 }
 
-/// One query's terms of the cache loss with at most one negative, drawn
-/// from the softmax over its candidates (weight exactly 1): what
-/// [`query_terms`] returns.
+/// One query's terms of the cache loss: what [`query_terms`] returns.
+/// With several negatives, `<q, f>` below is their estimate
+/// `sum_i w_i <q, f_i>`.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct QueryTerms {
     /// `s = alpha * <q, p>`.
@@ -705,67 +639,89 @@ pub struct QueryTerms {
     pub grad_scale: f32,
 }
 
-/// Where [`query_terms`] writes one query's gradients (overwritten).
+/// One query's negatives for [`query_terms`].
+#[derive(Debug, Clone, Copy)]
+pub struct QueryNegatives<'a, S, const DIM: usize> {
+    /// The negatives' fresh embeddings (none when the query had no
+    /// candidate).
+    pub fresh: &'a [[f32; DIM]],
+    /// Their weights in the estimate of the candidates' softmax mean
+    /// ([`CacheLoss::negative_weights`]).
+    pub weights: &'a [f32],
+    /// The `i`-th negative's cached embedding as the pass read it (read
+    /// only with a control variate).
+    pub stale: S,
+    /// Estimate the negatives' score by the plain mean of their dot
+    /// products instead of the weighted sum (the highest scores'
+    /// estimate).
+    pub mean_of_dots: bool,
+}
+
+/// The query-side control variate of [`query_terms`]: the stale
+/// rows come with the negatives.
+#[derive(Debug, Clone, Copy)]
+pub struct QueryControl<'a, const DIM: usize> {
+    /// beta in `[0, 1]`.
+    pub beta: f32,
+    /// The softmax mean of the stale cached embeddings over the query's
+    /// candidates (zero without candidates).
+    pub candidate_mean: &'a [f32; DIM],
+}
+
+/// Where [`query_terms`] writes one query's gradients
+/// (overwritten).
 #[derive(Debug)]
 pub struct QueryGrads<'a, const DIM: usize> {
     /// d L / d q.
     pub query: &'a mut [f32; DIM],
     /// d L / d p.
     pub positive: &'a mut [f32; DIM],
-    /// d L / d f (zero without a negative).
-    pub negative: &'a mut [f32; DIM],
+    /// d L / d f_i, a row per negative; rows past the negatives are zeroed.
+    pub negative: &'a mut [[f32; DIM]],
 }
 
-/// One query's control variate for [`query_terms`] (see the module docs).
-#[derive(Debug, Clone, Copy)]
-pub struct QueryControl<'a, const DIM: usize> {
-    /// beta in `[0, 1]`.
-    pub beta: f32,
-    /// The drawn slot's cached embedding as the pass read it (ignored
-    /// without a negative).
-    pub stale: &'a [f32; DIM],
-    /// The softmax mean of the stale cached embeddings over the query's
-    /// candidates (zero without candidates).
-    pub candidate_mean: &'a [f32; DIM],
-}
-
-/// One query's share of the cache loss (see the module docs) with at most
-/// one negative of weight 1, from the log-sum-exp of its candidates'
-/// scores (`candidates`, the positive not included) and the fresh
-/// embedding `negative` of the one drawn, if any:
+/// One query's share of the cache loss (see the module docs), from the
+/// log-sum-exp of its candidates' scores (`candidates`, the positive not
+/// included) and its weighted negatives:
 ///
 /// ```text
-/// s = alpha <q, p>,  w = 1 - prob_pos = Z / (exp(s) + Z)
-/// training = w (alpha <q, f> - s)
-/// dL/dq = w alpha (f - p) * inv_batch,  dL/dp = -w alpha q * inv_batch,  dL/df = w alpha q * inv_batch
+/// s = alpha <q, p>,  w = 1 - prob_pos = Z / (exp(s) + Z),  c = w alpha inv_batch
+/// training = w (alpha sum_i w_i <q, f_i> - s)
+/// dL/dq = c (sum_i w_i f_i - p),  dL/dp = -c q,  dL/df_i = c w_i q
 /// ```
 ///
-/// With `control` (beta, the drawn slot's cached embedding `e` and the
-/// candidates' softmax mean `e_bar`) the query gradient is
-/// `w alpha (beta (f - e) + e_bar - p) * inv_batch`; the rest is unchanged.
+/// With `control` (beta and the candidates' softmax mean `e_bar`; the
+/// negatives' cached rows `e_i` come with them) the query gradient is
+/// `c (beta sum_i w_i (f_i - e_i) + e_bar - p)`; the rest is unchanged.
+/// `inv_batch` is the normaliser of the batch mean (`1 / B`).
 ///
-/// `inv_batch` is the normaliser of the batch mean (`1 / B`). This is
-/// [`CacheLoss::backward`]'s arithmetic for such a query, operation for
-/// operation (it calls this function), so that a driver that merges the
-/// candidates' log-sum-exp from elsewhere (the shards of a distributed
-/// cache, `LogSumExp::merge`) computes the same bits as one cache would.
+/// This is [`CacheLoss::backward`]'s arithmetic for each query, operation
+/// for operation (it calls this function), so that a driver that merges
+/// the candidates' log-sum-exp and draws from elsewhere (the shards of a
+/// distributed cache, `LogSumExp::merge`) computes the same bits as one
+/// cache would.
 ///
 /// # Errors
-/// [`Error::NonFinite`] if the positive score or the negative embedding
-/// is not finite; [`Error::InvalidConfig`] if beta is outside `[0, 1]`.
+/// [`Error::NonFinite`] if the positive score or a negative embedding is
+/// not finite; [`Error::InvalidConfig`] if beta is outside `[0, 1]`;
+/// mismatched lengths of the negatives, their weights and the gradient
+/// rows.
 #[allow(clippy::too_many_arguments)]
-pub fn query_terms<const DIM: usize>(
+pub fn query_terms<S: Fn(usize) -> [f32; DIM], const DIM: usize>(
     query: &[f32; DIM],
     positive: &[f32; DIM],
     candidates: &LogSumExp,
-    negative: Option<&[f32; DIM]>,
+    negatives: QueryNegatives<'_, S, DIM>,
     control: Option<QueryControl<'_, DIM>>,
     alpha: f32,
     inv_batch: f32,
     grads: Option<QueryGrads<'_, DIM>>,
 ) -> Result<QueryTerms> {
     let pos = PositiveTerms::new(query, positive, candidates, alpha)?;
-    if negative.is_some_and(|f| !vector::all_finite(f)) {
+    let (rows, weights) = (negatives.fresh, negatives.weights);
+    let m = rows.len();
+    check_len("negative weights", m, weights.len())?;
+    if !vector::rows_finite(rows) {
         return Err(Error::NonFinite { what: "fresh negative embedding" });
     }
     if let Some(cv) = &control {
@@ -773,34 +729,51 @@ pub fn query_terms<const DIM: usize>(
             return Err(Error::InvalidConfig { what: "control variate beta must be in [0, 1]" });
         }
     }
+    if let Some(g) = &grads {
+        if g.negative.len() < m {
+            return Err(Error::CapacityExceeded { requested: m, capacity: g.negative.len() });
+        }
+    }
     let w = pos.prob_neg;
+    let (mut neg_dot, mut weighted_dot) = (0.0f32, 0.0f32);
+    for (f, &wi) in rows.iter().zip(weights) {
+        let d = dot(query, f);
+        neg_dot += d;
+        weighted_dot += wi * d;
+    }
+    // The highest scores keep their plain mean (as computed before
+    // weights existed); for m = 1 both are the one dot product.
+    let est_dot = match m {
+        0 => 0.0,
+        _ if negatives.mean_of_dots => neg_dot / m as f32,
+        _ => weighted_dot,
+    };
     let mut terms = QueryTerms {
         positive_score: pos.score,
         prob_pos: pos.prob_pos,
         interpretable_loss: pos.interpretable,
         ..QueryTerms::default()
     };
-    if let Some(f) = negative {
-        let neg_dot = dot(query, f);
-        terms.training_loss = w * (alpha * neg_dot - pos.score);
-        terms.grad_scale = w * (neg_dot - dot(query, positive));
+    if m > 0 {
+        terms.training_loss = w * (alpha * est_dot - pos.score);
+        terms.grad_scale = w * (est_dot - dot(query, positive));
     }
     if let Some(g) = grads {
-        let c = if negative.is_some() { w * alpha * inv_batch } else { 0.0 };
+        let c = if m > 0 { w * alpha * inv_batch } else { 0.0 };
         *g.query = [0.0; DIM];
         match &control {
             None => {
-                if let Some(f) = negative {
-                    vector::axpy(c, f, g.query);
+                for (f, &wi) in rows.iter().zip(weights) {
+                    vector::axpy(c * wi, f, g.query);
                 }
             }
-            // The same operations, in the same order, as
-            // `CacheLoss::backward_with` for several negatives.
             Some(cv) => {
-                if let Some(f) = negative {
-                    let k = c * cv.beta;
+                // A query without candidates has c = 0 (and a zero mean):
+                // no gradient, as without the variate.
+                for (i, (f, &wi)) in rows.iter().zip(weights).enumerate() {
+                    let k = c * cv.beta * wi;
                     vector::axpy(k, f, g.query);
-                    vector::axpy(-k, cv.stale, g.query);
+                    vector::axpy(-k, &(negatives.stale)(i), g.query);
                 }
                 vector::axpy(c, cv.candidate_mean, g.query);
             }
@@ -808,9 +781,11 @@ pub fn query_terms<const DIM: usize>(
         vector::axpy(-c, positive, g.query);
         *g.positive = [0.0; DIM];
         vector::axpy(-c, query, g.positive);
-        *g.negative = [0.0; DIM];
-        if negative.is_some() {
-            vector::axpy(c, query, g.negative);
+        for (i, gn) in g.negative.iter_mut().enumerate() {
+            *gn = [0.0; DIM];
+            if let Some(&wi) = weights.get(i) {
+                vector::axpy(c * wi, query, gn);
+            }
         }
     }
     Ok(terms)
@@ -1971,7 +1946,7 @@ mod tests {
     // ---- One query's terms, shared with distributed drivers ----
 
     #[test]
-    fn query_terms_are_the_cache_loss_of_one_draw_and_follow_the_closed_form() {
+    fn query_terms_are_the_cache_loss_and_follow_the_closed_form() {
         // One query, five cached rows, the negative fixed to slot 2 and a
         // fresh embedding of it; a batch normaliser of 1/4 as for a query
         // that is one of four. Reference: the closed forms in f64.
@@ -1979,26 +1954,33 @@ mod tests {
         let alpha = 2.5f32;
         let cfg = LossConfig { score_scale: alpha, ..NO_MASK };
         let cache = filled(&E5);
-        let fresh: [[f32; D]; 1] = random_rows(&mut r, 0.5);
+        let fresh: [[f32; D]; 2] = random_rows(&mut r, 0.5);
         let mut loss = CacheLoss::<1, 1>::new();
         loss.score_and_sample(cache.as_ref(), &[Q5], &[P5], None, &cfg, Retrieval::Fixed(&[2]), &mut r, None).unwrap();
         let (mut gq, mut gp, mut gf) = ([[0.0; D]; 1], [[0.0; D]; 1], [[0.0; D]; 1]);
         let grads = LossGrads { query: &mut gq, positive: &mut gp, negative: &mut gf };
-        let sum = loss.backward(cache.as_ref(), &[Q5], &[P5], &fresh, Some(grads)).unwrap();
+        let sum = loss.backward(cache.as_ref(), &[Q5], &[P5], &fresh[..1], Some(grads)).unwrap();
+        let one = |w: &'static [f32]| QueryNegatives {
+            fresh: &fresh[..w.len()],
+            weights: w,
+            stale: |_| E5[2],
+            mean_of_dots: false,
+        };
 
         // With the cache's own log-sum-exp and B = 1: CacheLoss's bits.
-        let (mut q1, mut p1, mut f1) = ([9.0; D], [9.0; D], [9.0; D]);
+        let (mut q1, mut p1, mut f1) = ([9.0; D], [9.0; D], [[9.0; D]; 1]);
         let g = QueryGrads { query: &mut q1, positive: &mut p1, negative: &mut f1 };
-        let t = query_terms(&Q5, &P5, &loss.candidate_lse(0), Some(&fresh[0]), None, alpha, 1.0, Some(g)).unwrap();
+        let t = query_terms(&Q5, &P5, &loss.candidate_lse(0), one(&[1.0]), None, alpha, 1.0, Some(g)).unwrap();
         assert_eq!(t.training_loss.to_bits(), sum.training_loss.to_bits());
         assert_eq!(t.interpretable_loss.to_bits(), sum.interpretable_loss.to_bits());
         assert_eq!(t.prob_pos.to_bits(), sum.prob_pos.to_bits());
         assert_eq!(t.grad_scale.to_bits(), sum.grad_scale.to_bits());
         let bits = |v: [f32; D]| v.map(f32::to_bits);
-        assert_eq!((bits(q1), bits(p1), bits(f1)), (bits(gq[0]), bits(gp[0]), bits(gf[0])));
+        assert_eq!((bits(q1), bits(p1), bits(f1[0])), (bits(gq[0]), bits(gp[0]), bits(gf[0])));
 
         // The candidates' log-sum-exp merged from two "shards" (slots 0-1
-        // and 2-4), normaliser 1/4: the closed forms.
+        // and 2-4), normaliser 1/4, two negatives of weights 1/4 and 3/4:
+        // the closed forms.
         let (mut a, mut b) = (LogSumExp::EMPTY, LogSumExp::EMPTY);
         for (j, e) in E5.iter().enumerate() {
             let c = alpha * dot(&Q5, e);
@@ -2006,54 +1988,69 @@ mod tests {
             shard.push(c);
         }
         a.merge(&b);
-        let (mut q4, mut p4, mut f4) = ([9.0; D], [9.0; D], [9.0; D]);
+        let weights = [0.25, 0.75];
+        let (mut q4, mut p4, mut f4) = ([9.0; D], [9.0; D], [[9.0; D]; 3]);
         let g = QueryGrads { query: &mut q4, positive: &mut p4, negative: &mut f4 };
-        let t = query_terms(&Q5, &P5, &a, Some(&fresh[0]), None, alpha, 0.25, Some(g)).unwrap();
+        let t = query_terms(&Q5, &P5, &a, one(&[0.25, 0.75]), None, alpha, 0.25, Some(g)).unwrap();
         let s = score64(alpha, &Q5, &P5);
         let z: f64 = E5.iter().map(|e| score64(alpha, &Q5, e).exp()).sum();
         let w = z / (s.exp() + z);
-        let f = fresh[0];
+        let est =
+            |x: f64| weights[0] * score64(x as f32, &Q5, &fresh[0]) + weights[1] * score64(x as f32, &Q5, &fresh[1]);
         assert_relative_eq!(t.positive_score as f64, s, max_relative = 1e-6);
         assert_relative_eq!(t.prob_pos as f64, 1.0 - w, max_relative = 1e-5);
         assert_relative_eq!(t.interpretable_loss as f64, -(1.0 - w).ln(), max_relative = 1e-5);
-        assert_relative_eq!(t.training_loss as f64, w * (score64(alpha, &Q5, &f) - s), max_relative = 1e-5);
-        let grad_scale = w * (score64(1.0, &Q5, &f) - score64(1.0, &Q5, &P5));
+        assert_relative_eq!(t.training_loss as f64, w * (est(alpha as f64) - s), max_relative = 1e-5);
+        let grad_scale = w * (est(1.0) - score64(1.0, &Q5, &P5));
         assert_relative_eq!(t.grad_scale as f64, grad_scale, max_relative = 1e-5);
         let k = w * alpha as f64 * 0.25;
+        let mean = |d: usize| weights[0] * fresh[0][d] as f64 + weights[1] * fresh[1][d] as f64;
         for d in 0..D {
-            assert_relative_eq!(q4[d] as f64, k * (f[d] - P5[d]) as f64, epsilon = 1e-6, max_relative = 1e-5);
+            assert_relative_eq!(q4[d] as f64, k * (mean(d) - P5[d] as f64), epsilon = 1e-6, max_relative = 1e-5);
             assert_relative_eq!(p4[d] as f64, -k * Q5[d] as f64, epsilon = 1e-6, max_relative = 1e-5);
-            assert_relative_eq!(f4[d] as f64, k * Q5[d] as f64, epsilon = 1e-6, max_relative = 1e-5);
+            for (i, wi) in weights.iter().enumerate() {
+                assert_relative_eq!(f4[i][d] as f64, k * wi * Q5[d] as f64, epsilon = 1e-6, max_relative = 1e-5);
+            }
+            assert_eq!(f4[2][d], 0.0, "a row past the negatives is zeroed");
         }
 
-        // With the control variate (beta 0.7, a stale row and a candidate
-        // mean): only the query gradient changes, to the closed form
-        // k (beta (f - e) + e_bar - p); the other gradients are the same bits.
-        let (e, e_bar) = ([0.3, -0.2, 0.1, 0.05], [0.1, 0.2, -0.3, 0.4]);
-        let cv = QueryControl { beta: 0.7, stale: &e, candidate_mean: &e_bar };
-        let (mut qc, mut pc, mut fc) = ([9.0; D], [9.0; D], [9.0; D]);
+        // With the control variate (beta 0.7, the rows' stale embedding and
+        // a candidate mean): only the query gradient changes, to the closed
+        // form k (beta sum_i w_i (f_i - e) + e_bar - p); the other gradients
+        // are the same bits.
+        let (e, e_bar) = (E5[2], [0.1, 0.2, -0.3, 0.4]);
+        let cv = QueryControl { beta: 0.7, candidate_mean: &e_bar };
+        let (mut qc, mut pc, mut fc) = ([9.0; D], [9.0; D], [[9.0; D]; 3]);
         let g = QueryGrads { query: &mut qc, positive: &mut pc, negative: &mut fc };
-        let tc = query_terms(&Q5, &P5, &a, Some(&fresh[0]), Some(cv), alpha, 0.25, Some(g)).unwrap();
+        let tc = query_terms(&Q5, &P5, &a, one(&[0.25, 0.75]), Some(cv), alpha, 0.25, Some(g)).unwrap();
         assert_eq!(tc.training_loss.to_bits(), t.training_loss.to_bits());
-        assert_eq!((bits(pc), bits(fc)), (bits(p4), bits(f4)));
+        assert_eq!((bits(pc), fc.map(bits)), (bits(p4), f4.map(bits)));
         for d in 0..D {
-            let want = k * (0.7 * (f[d] - e[d]) as f64 + e_bar[d] as f64 - P5[d] as f64);
+            let want = k * (0.7 * (mean(d) - e[d] as f64) + e_bar[d] as f64 - P5[d] as f64);
             assert_relative_eq!(qc[d] as f64, want, epsilon = 1e-6, max_relative = 1e-5);
         }
         let bad = QueryControl { beta: 1.5, ..cv };
-        assert!(query_terms(&Q5, &P5, &a, Some(&fresh[0]), Some(bad), alpha, 0.25, None).is_err());
+        assert!(query_terms(&Q5, &P5, &a, one(&[1.0]), Some(bad), alpha, 0.25, None).is_err());
 
         // No negative (no candidate anywhere): prob_pos 1, no loss, zero
         // gradients.
-        let (mut q0, mut p0, mut f0) = ([9.0; D], [9.0; D], [9.0; D]);
+        let (mut q0, mut p0, mut f0) = ([9.0; D], [9.0; D], [[9.0; D]; 1]);
         let g = QueryGrads { query: &mut q0, positive: &mut p0, negative: &mut f0 };
-        let t = query_terms(&Q5, &P5, &LogSumExp::EMPTY, None, None, alpha, 0.25, Some(g)).unwrap();
+        let t = query_terms(&Q5, &P5, &LogSumExp::EMPTY, one(&[]), None, alpha, 0.25, Some(g)).unwrap();
         assert_eq!((t.prob_pos, t.training_loss, t.grad_scale), (1.0, 0.0, 0.0));
         assert!(t.interpretable_loss.abs() < 1e-7, "{}", t.interpretable_loss);
-        assert_eq!((q0, p0, f0), ([0.0; D], [0.0; D], [0.0; D]));
+        assert_eq!((q0, p0, f0), ([0.0; D], [0.0; D], [[0.0; D]; 1]));
 
-        // A non-finite fresh embedding is an error.
-        let e = query_terms(&Q5, &P5, &a, Some(&[f32::NAN; D]), None, alpha, 0.25, None);
+        // A non-finite fresh embedding, weights that do not match the
+        // negatives, or too few gradient rows are errors.
+        let nan = [[f32::NAN; D]];
+        let bad = QueryNegatives { fresh: &nan, weights: &[1.0], stale: |_| E5[2], mean_of_dots: false };
+        let e = query_terms(&Q5, &P5, &a, bad, None, alpha, 0.25, None);
         assert!(matches!(e, Err(Error::NonFinite { .. })), "{e:?}");
+        let short = QueryNegatives { fresh: &fresh, weights: &[1.0], stale: |_| E5[2], mean_of_dots: false };
+        assert!(query_terms(&Q5, &P5, &a, short, None, alpha, 0.25, None).is_err());
+        let mut few = [[0.0; D]; 1];
+        let g = QueryGrads { query: &mut q0, positive: &mut p0, negative: &mut few };
+        assert!(query_terms(&Q5, &P5, &a, one(&[0.25, 0.75]), None, alpha, 0.25, Some(g)).is_err());
     }
 }

@@ -489,6 +489,20 @@ mod mpi_runs {
         one_process_is(flags, cfg);
     }
 
+    /// The paper's estimator with four independent draws per query and the
+    /// control variate (estimators B and C).
+    #[test]
+    fn one_process_reproduces_the_single_process_run_with_four_cache_draws() {
+        let cfg =
+            |data: &Path, out: &Path| TrainConfig { negatives: 4, control_variate: true, ..config(data, out, 40) };
+        let flags = |data: &Path, out: &Path| {
+            let mut f = flags_for(data, out, 40, true);
+            f.extend(["--objective", "cache"].map(str::to_owned));
+            f
+        };
+        one_process_is(flags, cfg);
+    }
+
     fn one_process_is_the_single_process_run(control_variate: bool) {
         let cfg = |data: &Path, out: &Path| TrainConfig { control_variate, ..config(data, out, 40) };
         one_process_is(|data, out| flags_with(data, out, 40, control_variate), cfg);
@@ -597,6 +611,22 @@ mod mpi_runs {
         let plain = tmp.path().join("plain");
         run_distributed(2, &flags(&data, &plain, 60));
         assert_ne!(summary_checksums(&plain)[0], sums[0]);
+    }
+
+    /// Two processes with the paper's estimator and two independent draws
+    /// per query: the towers stay identical.
+    #[test]
+    fn two_processes_with_two_cache_draws_keep_identical_towers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        tiny_dataset(&data);
+        let out = tmp.path().join("two");
+        let mut f = flags_for(&data, &out, 60, false);
+        f.extend(["--objective", "cache", "--negatives", "2"].map(str::to_owned));
+        run_distributed(2, &f);
+        let sums = summary_checksums(&out);
+        assert_eq!(sums.len(), 2);
+        assert_eq!(sums[0], sums[1], "the two processes' towers differ");
     }
 
     /// Two processes with the default estimator: each process's queries

@@ -39,9 +39,8 @@
 //! 12. update       each shard: refresh, insert, age (one core update call)
 //! ```
 //!
-//! The draw is restricted to what merges exactly: independent draws
-//! (several per query only with the exact in-batch objective, the
-//! default), inverse temperature 1 (the shards' log-sum-exps are then the
+//! The draw is restricted to what merges exactly: independent draws,
+//! inverse temperature 1 (the shards' log-sum-exps are then the
 //! sampling normalisers), all slots as candidates (no top-k), `f32` cache
 //! storage, and the objectives `cache` and `cache-in-batch`, with or
 //! without the control variate (whose candidate means merge exactly,
@@ -55,8 +54,8 @@
 //! The step is the core's, driven phase by phase: the refresh is
 //! `Trainer::refresh_stalest` on this process's shard, the scoring pass is
 //! `CacheLoss::score_and_sample_with`, each query's loss and gradients are
-//! `loss::query_terms` (what `CacheLoss::backward` computes for one draw)
-//! or `remainder::in_batch_part_with_remainder` (what the trainer computes
+//! `loss::query_terms` (what `CacheLoss::backward` computes per query) or
+//! `remainder::in_batch_part_with_remainder` (what the trainer computes
 //! for the whole batch), and the cache updates are `CacheMut::refresh` and
 //! `CacheMut::update`. What is distributed's own is the order around the
 //! exchanges and the merge of the shards' draws.

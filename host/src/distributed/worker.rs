@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context};
 use clap::ValueEnum;
-use negcache::loss::{query_terms, QueryControl, QueryGrads};
+use negcache::loss::{query_terms, QueryControl, QueryGrads, QueryNegatives};
 use negcache::random;
 use negcache::remainder::{
     in_batch_part_with_remainder, BatchPart, CacheSide, Control, RemainderGrads, RemainderSummary,
@@ -45,11 +45,7 @@ pub fn validate(cfg: &TrainConfig, processes: usize) -> anyhow::Result<()> {
     cfg.validate()?;
     let p = processes;
     match cfg.objective {
-        ObjectiveName::Cache => ensure!(
-            cfg.negatives == 1,
-            "--distributed draws one negative per query with --objective cache; --objective cache-in-batch (the default) takes several"
-        ),
-        ObjectiveName::CacheInBatch => ensure!(
+        ObjectiveName::Cache | ObjectiveName::CacheInBatch => ensure!(
             cfg.negatives == 1 || cfg.sampler == SamplerName::Independent,
             "--distributed draws several negatives per query independently (--sampler independent): distinct draws do not merge exactly across shards"
         ),
@@ -376,9 +372,10 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
         })
     }
 
-    /// The paper's estimator (one pick per query, with or without the
-    /// control variate): each query's terms with the global log-sum-exp
-    /// (`loss::query_terms`, as `CacheLoss::backward` computes them), then
+    /// The paper's estimator, with one or several picks per query, with or
+    /// without the control variate: each query's terms with the global
+    /// log-sum-exp (`loss::query_terms`, what
+    /// `CacheLoss::backward` computes for one cache), then
     /// back-propagation. Returns the sums to all-reduce: raw sums, to be
     /// scaled by 1/B.
     fn cache_terms(&mut self, alpha: f32, evals: u32) -> anyhow::Result<Terms> {
@@ -390,16 +387,23 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
         let (mut training, mut interpretable, mut prob_pos, mut grad_scale) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
         for b in 0..bl {
             let d = &self.draws[b];
-            let pick = d.picks().first();
-            let grads = QueryGrads { query: &mut self.gq[b], positive: &mut self.gp[b], negative: &mut self.gn[b * K] };
-            let fresh = pick.map(|_| &self.f[b * K]);
-            let stale = pick.map_or([0.0; DIM], |k| k.stale);
-            let cv = beta.map(|beta| QueryControl { beta, stale: &stale, candidate_mean: &d.mean });
-            let t = query_terms(&self.q[b], &self.p[b], &d.lse, fresh, cv, alpha, inv_b, Some(grads))?;
+            let (picks, rows) = (d.picks(), b * K..(b + 1) * K);
+            for (w, pick) in self.weights[rows.clone()].iter_mut().zip(picks) {
+                *w = pick.weight;
+            }
+            let negatives = QueryNegatives {
+                fresh: &self.f[b * K..b * K + picks.len()],
+                weights: &self.weights[b * K..b * K + picks.len()],
+                stale: |i: usize| picks[i].stale,
+                mean_of_dots: false,
+            };
+            let cv = beta.map(|beta| QueryControl { beta, candidate_mean: &d.mean });
+            let grads = QueryGrads { query: &mut self.gq[b], positive: &mut self.gp[b], negative: &mut self.gn[rows] };
+            let t = query_terms(&self.q[b], &self.p[b], &d.lse, negatives, cv, alpha, inv_b, Some(grads))?;
             training += t.training_loss;
             interpretable += t.interpretable_loss;
             prob_pos += t.prob_pos;
-            if pick.is_some() {
+            if !picks.is_empty() {
                 grad_scale += t.grad_scale;
             }
         }
@@ -407,8 +411,8 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
         for b in 0..bl {
             model.backward_query(&self.queries[b], &self.gq[b]);
             model.backward_item(&self.positives[b], &self.gp[b]);
-            if let Some(pick) = self.draws[b].picks().first() {
-                model.backward_item(&pick.item, &self.gn[b * K]);
+            for (i, pick) in self.draws[b].picks().iter().enumerate() {
+                model.backward_item(&pick.item, &self.gn[b * K + i]);
             }
         }
         model.backward_scale(grad_scale * inv_b);
