@@ -623,7 +623,8 @@ impl<const BATCH: usize, const NEG: usize> Default for CacheLoss<BATCH, NEG> {
 
 /// One query's terms of the cache loss: what [`query_terms`] returns.
 /// With several negatives, `<q, f>` below is their estimate
-/// `sum_i w_i <q, f_i>`.
+/// `sum_i w_i <q, f_i>` (their plain mean with
+/// [`QueryNegatives::mean_of_dots`]).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct QueryTerms {
     /// `s = alpha * <q, p>`.
@@ -1960,10 +1961,11 @@ mod tests {
         let (mut gq, mut gp, mut gf) = ([[0.0; D]; 1], [[0.0; D]; 1], [[0.0; D]; 1]);
         let grads = LossGrads { query: &mut gq, positive: &mut gp, negative: &mut gf };
         let sum = loss.backward(cache.as_ref(), &[Q5], &[P5], &fresh[..1], Some(grads)).unwrap();
+        // Each negative's cached row is its own (E5[1 + i]).
         let one = |w: &'static [f32]| QueryNegatives {
             fresh: &fresh[..w.len()],
             weights: w,
-            stale: |_| E5[2],
+            stale: |i: usize| E5[1 + i],
             mean_of_dots: false,
         };
 
@@ -1979,8 +1981,9 @@ mod tests {
         assert_eq!((bits(q1), bits(p1), bits(f1[0])), (bits(gq[0]), bits(gp[0]), bits(gf[0])));
 
         // The candidates' log-sum-exp merged from two "shards" (slots 0-1
-        // and 2-4), normaliser 1/4, two negatives of weights 1/4 and 3/4:
-        // the closed forms.
+        // and 2-4), normaliser 1/4, two negatives of weights 1/4 and 1/2
+        // (weights need not sum to 1, as with tempered draws): the closed
+        // forms.
         let (mut a, mut b) = (LogSumExp::EMPTY, LogSumExp::EMPTY);
         for (j, e) in E5.iter().enumerate() {
             let c = alpha * dot(&Q5, e);
@@ -1988,10 +1991,10 @@ mod tests {
             shard.push(c);
         }
         a.merge(&b);
-        let weights = [0.25, 0.75];
+        let weights = [0.25, 0.5];
         let (mut q4, mut p4, mut f4) = ([9.0; D], [9.0; D], [[9.0; D]; 3]);
         let g = QueryGrads { query: &mut q4, positive: &mut p4, negative: &mut f4 };
-        let t = query_terms(&Q5, &P5, &a, one(&[0.25, 0.75]), None, alpha, 0.25, Some(g)).unwrap();
+        let t = query_terms(&Q5, &P5, &a, one(&[0.25, 0.5]), None, alpha, 0.25, Some(g)).unwrap();
         let s = score64(alpha, &Q5, &P5);
         let z: f64 = E5.iter().map(|e| score64(alpha, &Q5, e).exp()).sum();
         let w = z / (s.exp() + z);
@@ -2014,21 +2017,27 @@ mod tests {
             assert_eq!(f4[2][d], 0.0, "a row past the negatives is zeroed");
         }
 
-        // With the control variate (beta 0.7, the rows' stale embedding and
-        // a candidate mean): only the query gradient changes, to the closed
-        // form k (beta sum_i w_i (f_i - e) + e_bar - p); the other gradients
-        // are the same bits.
-        let (e, e_bar) = (E5[2], [0.1, 0.2, -0.3, 0.4]);
+        // With the control variate (beta 0.7, each negative's stale row
+        // and a candidate mean): only the query gradient changes, to the
+        // closed form k (beta sum_i w_i (f_i - e_i) + e_bar - p); the other
+        // gradients are the same bits.
+        let e_bar = [0.1, 0.2, -0.3, 0.4];
+        let stale_mean = |d: usize| weights[0] * E5[1][d] as f64 + weights[1] * E5[2][d] as f64;
         let cv = QueryControl { beta: 0.7, candidate_mean: &e_bar };
         let (mut qc, mut pc, mut fc) = ([9.0; D], [9.0; D], [[9.0; D]; 3]);
         let g = QueryGrads { query: &mut qc, positive: &mut pc, negative: &mut fc };
-        let tc = query_terms(&Q5, &P5, &a, one(&[0.25, 0.75]), Some(cv), alpha, 0.25, Some(g)).unwrap();
+        let tc = query_terms(&Q5, &P5, &a, one(&[0.25, 0.5]), Some(cv), alpha, 0.25, Some(g)).unwrap();
         assert_eq!(tc.training_loss.to_bits(), t.training_loss.to_bits());
         assert_eq!((bits(pc), fc.map(bits)), (bits(p4), f4.map(bits)));
         for d in 0..D {
-            let want = k * (0.7 * (mean(d) - e[d] as f64) + e_bar[d] as f64 - P5[d] as f64);
+            let want = k * (0.7 * (mean(d) - stale_mean(d)) + e_bar[d] as f64 - P5[d] as f64);
             assert_relative_eq!(qc[d] as f64, want, epsilon = 1e-6, max_relative = 1e-5);
         }
+        // The highest scores' estimate: the plain mean of the dot products.
+        let mean_dots = QueryNegatives { mean_of_dots: true, ..one(&[0.5, 0.5]) };
+        let tm = query_terms(&Q5, &P5, &a, mean_dots, None, alpha, 0.25, None).unwrap();
+        let plain = (score64(alpha, &Q5, &fresh[0]) + score64(alpha, &Q5, &fresh[1])) / 2.0;
+        assert_relative_eq!(tm.training_loss as f64, w * (plain - s), max_relative = 1e-5);
         let bad = QueryControl { beta: 1.5, ..cv };
         assert!(query_terms(&Q5, &P5, &a, one(&[1.0]), Some(bad), alpha, 0.25, None).is_err());
 
@@ -2044,13 +2053,13 @@ mod tests {
         // A non-finite fresh embedding, weights that do not match the
         // negatives, or too few gradient rows are errors.
         let nan = [[f32::NAN; D]];
-        let bad = QueryNegatives { fresh: &nan, weights: &[1.0], stale: |_| E5[2], mean_of_dots: false };
+        let bad = QueryNegatives { fresh: &nan, ..one(&[1.0]) };
         let e = query_terms(&Q5, &P5, &a, bad, None, alpha, 0.25, None);
         assert!(matches!(e, Err(Error::NonFinite { .. })), "{e:?}");
-        let short = QueryNegatives { fresh: &fresh, weights: &[1.0], stale: |_| E5[2], mean_of_dots: false };
+        let short = QueryNegatives { fresh: &fresh, ..one(&[1.0]) };
         assert!(query_terms(&Q5, &P5, &a, short, None, alpha, 0.25, None).is_err());
         let mut few = [[0.0; D]; 1];
         let g = QueryGrads { query: &mut q0, positive: &mut p0, negative: &mut few };
-        assert!(query_terms(&Q5, &P5, &a, one(&[0.25, 0.75]), None, alpha, 0.25, Some(g)).is_err());
+        assert!(query_terms(&Q5, &P5, &a, one(&[0.25, 0.5]), None, alpha, 0.25, Some(g)).is_err());
     }
 }

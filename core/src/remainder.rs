@@ -125,6 +125,7 @@ pub fn in_batch_with_remainder<I: PartialEq, const DIM: usize>(
     cache: CacheSide<'_, DIM>,
     grads: RemainderGrads<'_, DIM>,
 ) -> Result<RemainderSummary> {
+    check_len("positives", queries.len(), positives.len())?;
     let part = BatchPart::whole(queries.len());
     in_batch_part_with_remainder(queries, positives, items, alpha, neg, part, cache, grads)
 }
@@ -225,6 +226,7 @@ pub fn in_batch_with_shared_draws<I: PartialEq, const DIM: usize>(
     grads: RemainderGrads<'_, DIM>,
 ) -> Result<RemainderSummary> {
     let bsz = queries.len();
+    check_len("positives", bsz, positives.len())?;
     check_len("cache log-sum-exp", bsz, cache.lse.len())?;
     check_len("stale draws", bsz, shared.stale.len())?;
     check_len("drawn", bsz, shared.drawn.len())?;
@@ -773,11 +775,15 @@ mod tests {
         assert!(close(psum.loss, whole.loss) && close(psum.prob_pos, whole.prob_pos));
         assert!(close(psum.grad_scale, whole.grad_scale), "{psum:?} {whole:?}");
         assert!(pp.iter().flatten().zip(gp.iter().flatten()).all(|(&a, &b)| close(a, b)), "{pp:?} {gp:?}");
-        // A part must fit its positives and its batch.
+        // A part must fit its positives and its batch; a whole batch has a
+        // positive per query.
         let (mut gq, mut gp, mut gn) = ([[0.0; D]; 2], [[0.0; D]; 3], [[0.0; D]; 4]);
+        for part in [BatchPart { first: 2, batch: 3 }, BatchPart { first: 0, batch: 1 }] {
+            let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
+            assert!(in_batch_part_with_remainder(&q[..2], &p, Some(&ids), 2.5, 2, part, side(0..2), grads).is_err());
+        }
         let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
-        let part = BatchPart { first: 2, batch: 3 };
-        assert!(in_batch_part_with_remainder(&q[..2], &p, Some(&ids), 2.5, 2, part, side(0..2), grads).is_err());
+        assert!(in_batch_with_remainder(&q[..2], &p, Some(&ids), 2.5, 2, side(0..2), grads).is_err());
     }
 
     #[test]

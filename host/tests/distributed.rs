@@ -28,13 +28,13 @@ mod mpi_runs {
 
     use negcache::sampler::LogSumExp;
     use negcache::vector::dot;
-    use negcache::{CacheLoss, LossConfig, NegativeCache, Retrieval};
+    use negcache::{Batch, CacheLoss, LossConfig, NegativeCache, Retrieval};
     use negcache_host::checkpoint::{Checkpoint, Reader};
     use negcache_host::distributed::{in_batch_part, model_checksum, rank_rng, Comm, DrawSpec, ShardedSampler};
     use negcache_host::featurize::{ItemTokens, ITEM_TOKENS};
     use negcache_host::report::read_series;
     use negcache_host::session::{cache_section_bytes, DIM};
-    use negcache_host::train::{prepare, train, ObjectiveName, Run, TrainConfig};
+    use negcache_host::train::{prepare, train, ObjectiveName, OptimizerName, Run, TrainConfig};
     use rand_core::SeedableRng;
 
     /// One `mpirun` at a time: the machine has two cores, and concurrent
@@ -603,14 +603,11 @@ mod mpi_runs {
         let data = tmp.path().join("data");
         tiny_dataset(&data);
         let out = tmp.path().join("cv");
-        run_distributed(2, &flags_with(&data, &out, 60, true));
-        let sums = summary_checksums(&out);
-        assert_eq!(sums.len(), 2);
-        assert_eq!(sums[0], sums[1], "the two processes' towers differ");
+        let sum = two_processes_agree(&out, &flags_with(&data, &out, 60, true));
         // Not the run without the variate: the query gradients changed.
         let plain = tmp.path().join("plain");
         run_distributed(2, &flags(&data, &plain, 60));
-        assert_ne!(summary_checksums(&plain)[0], sums[0]);
+        assert_ne!(summary_checksums(&plain)[0], sum);
     }
 
     /// Two processes with the paper's estimator and two independent draws
@@ -623,10 +620,85 @@ mod mpi_runs {
         let out = tmp.path().join("two");
         let mut f = flags_for(&data, &out, 60, false);
         f.extend(["--objective", "cache", "--negatives", "2"].map(str::to_owned));
-        run_distributed(2, &f);
-        let sums = summary_checksums(&out);
+        two_processes_agree(&out, &f);
+    }
+
+    /// Runs `args` on two processes (writing to `out`) and checks that both
+    /// end with the same towers; returns their checksum.
+    fn two_processes_agree(out: &Path, args: &[String]) -> u32 {
+        run_distributed(2, args);
+        let sums = summary_checksums(out);
         assert_eq!(sums.len(), 2);
         assert_eq!(sums[0], sums[1], "the two processes' towers differ");
+        sums[0]
+    }
+
+    /// The first step of two processes with the default estimator, from an
+    /// empty cache (so no draw: the exact in-batch softmax over the global
+    /// batch alone), against one process stepping the same global batch:
+    /// the gathered positives, each query's own positive at its global
+    /// index and the positives' gradients summed across processes give the
+    /// same towers, to the rounding of the sums' order. SGD, so that every
+    /// gradient's size shows in the parameters. Back-propagating each
+    /// positive with its own process's share of its gradient only (no
+    /// positive-gradient all-reduce), or gathering the queries in place of
+    /// the positives' embeddings, fails it.
+    #[test]
+    fn two_processes_take_the_single_process_first_step_of_the_global_batch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        tiny_dataset(&data);
+        let out = tmp.path().join("two");
+        let mut f = flags_for(&data, &out, 1, true);
+        f.extend(["--optimizer", "sgd", "--lr", "0.1"].map(str::to_owned));
+        run_distributed(2, &f);
+
+        let cfg = TrainConfig {
+            objective: ObjectiveName::CacheInBatch,
+            negatives: 4,
+            control_variate: true,
+            optimizer: OptimizerName::Sgd,
+            lr: 0.1,
+            ..config(&data, &tmp.path().join("one"), 1)
+        };
+        let prepared = prepare(&cfg).unwrap();
+        let mut one = Run::start(cfg.clone(), &prepared).unwrap();
+        // The global batch: process r's B/2 pairs, from its own shard of
+        // the pairs (pair i belongs to process i mod 2) and its generator.
+        let (mut queries, mut positives) = (Vec::new(), Vec::new());
+        for rank in 0..2 {
+            let pairs: Vec<(u32, u32)> = prepared.pairs.iter().skip(rank).step_by(2).copied().collect();
+            let mut rng = rank_rng(cfg.seed, 0, rank);
+            for _ in 0..cfg.batch / 2 {
+                let (q, d) = pairs[negcache::random::below(&mut rng, pairs.len() as u32) as usize];
+                queries.push(prepared.features.queries[q as usize]);
+                positives.push(prepared.features.items[d as usize]);
+            }
+        }
+        let batch = Batch { queries: &queries, positives: &positives, positive_index: None };
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(0);
+        one.session.step(&batch, &prepared.features.items, cfg.lr_at(0), &mut rng).unwrap();
+
+        // The towers and optimiser state, word by word: equal bits or, as
+        // floats, equal to rounding.
+        let model = |body: &[u8]| -> Vec<u32> {
+            let end = body.len() - cache_section_bytes(CAPACITY, negcache::storage::Precision::F32);
+            body[..end].chunks_exact(4).map(|w| u32::from_le_bytes(w.try_into().unwrap())).collect()
+        };
+        let two = Checkpoint::load(&out.join("checkpoint.ckpt")).unwrap();
+        let (a, b) = (model(&two.body), model(&one.checkpoint().unwrap().body));
+        assert_eq!(a.len(), b.len());
+        let (mut moved, mut worst) = (0usize, 0.0f32);
+        for (&x, &y) in a.iter().zip(&b) {
+            let (fx, fy) = (f32::from_bits(x), f32::from_bits(y));
+            let d = (fx - fy).abs();
+            if x != y {
+                moved += 1;
+                worst = worst.max(d);
+            }
+            assert!(x == y || d <= 1e-6 + 1e-5 * fy.abs(), "{fx} against {fy}");
+        }
+        eprintln!("{moved} of {} words differ, by at most {worst:e}", a.len());
     }
 
     /// Two processes with the default estimator: each process's queries
@@ -639,10 +711,7 @@ mod mpi_runs {
         let data = tmp.path().join("data");
         tiny_dataset(&data);
         let out = tmp.path().join("default");
-        run_distributed(2, &flags_for(&data, &out, 60, true));
-        let sums = summary_checksums(&out);
-        assert_eq!(sums.len(), 2);
-        assert_eq!(sums[0], sums[1], "the two processes' towers differ");
+        two_processes_agree(&out, &flags_for(&data, &out, 60, true));
         let half = tmp.path().join("half");
         run_distributed(2, &flags_for(&data, &half, 30, true));
         let mut args = flags_for(&data, &half, 60, true);

@@ -31,7 +31,10 @@ impl<const T: usize, const M: usize> Replicated for TwoTower<T, M, BUCKETS, E, H
     }
 }
 
-/// A trainer (one negative per query) and the cache shard it trains with.
+/// A trainer and the cache shard it trains with. The trainer's own
+/// negatives-per-query shape is one, as it only refreshes entries and
+/// holds the towers and optimiser; the worker draws and weighs the step's
+/// negatives itself.
 pub(super) type Replica<M> = CachedTrainer<M, NEG>;
 
 /// A replica with zero towers and an empty cache of `capacity` slots

@@ -199,6 +199,18 @@ pub fn merge_draws(
     Ok(())
 }
 
+/// Marks every slot of `slots` occupied or not, all of them even when one
+/// fails; the first failure is the error.
+fn set_occupied(shard: &mut CacheMut<'_, ItemTokens, DIM>, slots: &[usize], occupied: bool) -> anyhow::Result<()> {
+    let mut first = Ok(());
+    for &slot in slots {
+        if let Err(e) = shard.set_occupied(slot, occupied) {
+            first = first.and(Err(e));
+        }
+    }
+    Ok(first?)
+}
+
 /// What a draw does besides drawing.
 #[derive(Debug, Clone, Copy)]
 pub struct DrawSpec<'a> {
@@ -371,8 +383,11 @@ impl<const K: usize> ShardedSampler<K> {
         if spec.in_batch {
             let view = shard.as_ref();
             self.hidden.extend(self.items.iter().filter_map(|y| view.position_of_key(y.key())));
-            for &slot in &self.hidden {
-                shard.set_occupied(slot, false)?;
+            if let Err(e) = set_occupied(&mut shard, &self.hidden, false) {
+                // Every slot was found occupied: marking them all occupied
+                // again restores the shard.
+                set_occupied(&mut shard, &self.hidden, true)?;
+                return Err(e);
             }
         }
         // This shard's log-sum-exp and exact draws for every query. The
@@ -394,9 +409,7 @@ impl<const K: usize> ShardedSampler<K> {
             spec.control.then_some(&mut self.means[..]),
             &negcache::Serial,
         );
-        for &slot in &self.hidden {
-            shard.set_occupied(slot, true)?;
-        }
+        set_occupied(&mut shard, &self.hidden, true)?;
         scored?;
         let view = shard.as_ref();
         self.send.clear();

@@ -2,8 +2,9 @@
 //! around the exchanges. The refresh, the embeddings, the scoring pass, the
 //! loss terms, back-propagation, the optimiser and the cache updates are
 //! the core's (`Trainer::refresh_stalest`, `Towers`, `CacheLoss` through
-//! the sampler, `loss::query_terms`, `Optimizer::step`, `CacheMut`); this
-//! file only orders them around the collectives.
+//! the sampler, `loss::query_terms` or
+//! `remainder::in_batch_part_with_remainder`, `Optimizer::step`,
+//! `CacheMut`); this file only orders them around the collectives.
 
 use std::time::Instant;
 
@@ -120,6 +121,12 @@ impl Laps {
     }
 }
 
+/// Where this process's `local` queries sit in the global batch: every
+/// process holds `local` of them, in rank order.
+pub fn local_part(comm: &Comm, local: usize) -> BatchPart {
+    BatchPart { first: comm.rank() * local, batch: comm.size() * local }
+}
+
 /// The exact in-batch terms of this process's queries
 /// (`remainder::in_batch_part_with_remainder`): every process holds `B/P`
 /// of the global batch's queries, in rank order, and all `B` positives.
@@ -143,8 +150,7 @@ pub fn in_batch_part(
     grads: RemainderGrads<'_, DIM>,
     positive_sum: &mut Vec<[f32; DIM]>,
 ) -> anyhow::Result<RemainderSummary> {
-    let (p, bl) = (comm.size(), queries.len());
-    let part = BatchPart { first: comm.rank() * bl, batch: p * bl };
+    let part = local_part(comm, queries.len());
     let RemainderGrads { query, positive, negative } = grads;
     let grads = RemainderGrads { query, positive: &mut *positive, negative };
     let sum = in_batch_part_with_remainder(queries, positives, ids, alpha, neg, part, side, grads)?;
@@ -428,7 +434,7 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
     /// all-reduce of B x DIM) before each process back-propagates its
     /// own. Returns the sums to all-reduce: already batch means.
     fn in_batch_terms(&mut self, alpha: f32, evals: u32) -> anyhow::Result<Terms> {
-        let (rank, bl) = (self.comm.rank(), self.local_batch);
+        let bl = self.local_batch;
         let trainer = &mut self.replica.trainer;
         for (b, d) in self.draws.iter().enumerate() {
             self.lse[b] = d.lse;
@@ -453,7 +459,7 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
         let ids = self.cfg.mask_accidental_hits.then_some(&self.keys[..]);
         let rows = self.sampler.positive_rows();
         let sum = in_batch_part(&mut self.comm, &self.q, rows, ids, alpha, K, side, grads, &mut self.gp_sum)?;
-        let first = rank * bl;
+        let first = local_part(&self.comm, bl).first;
         let model = &mut trainer.model;
         for b in 0..bl {
             model.backward_query(&self.queries[b], &self.gq[b]);
@@ -503,6 +509,31 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
 mod tests {
     use super::*;
     use rand_core::RngCore;
+
+    /// The configurations the sharded cache would not train exactly are
+    /// refused before anything runs; the default is accepted.
+    #[test]
+    fn inexact_configurations_are_refused() {
+        let ok = TrainConfig::default();
+        assert!(validate(&ok, 2).is_ok(), "{:?}", validate(&ok, 2));
+        let cache_four = TrainConfig { objective: ObjectiveName::Cache, ..ok.clone() };
+        assert!(validate(&cache_four, 2).is_ok());
+        let refused = [
+            (TrainConfig { objective: ObjectiveName::CacheShared, negatives: 1, ..ok.clone() }, "cache-in-batch"),
+            (TrainConfig { objective: ObjectiveName::InBatch, ..ok.clone() }, "cache-in-batch"),
+            (TrainConfig { sampler: SamplerName::ExpJump, ..ok.clone() }, "independently"),
+            (TrainConfig { sampler: SamplerName::Gumbel, ..ok.clone() }, "independently"),
+            (TrainConfig { inv_temp: 0.5, ..ok.clone() }, "inv_temp"),
+            (TrainConfig { top_k: 64, ..ok.clone() }, "top_k"),
+            (TrainConfig { cache_precision: PrecisionName::Int8, ..ok.clone() }, "f32"),
+            (TrainConfig { batch: 33, ..ok.clone() }, "multiple"),
+            (TrainConfig { refresh_per_step: 3, ..ok.clone() }, "refresh_per_step"),
+        ];
+        for (cfg, says) in refused {
+            let e = validate(&cfg, 2).expect_err("refused").to_string();
+            assert!(e.contains(says), "{e}");
+        }
+    }
 
     #[test]
     fn process_zero_draws_what_a_single_process_run_draws() {
