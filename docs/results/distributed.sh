@@ -15,8 +15,8 @@ dest=docs/results/distributed
 mpi=(mpirun --allow-run-as-root --oversubscribe --bind-to none)
 LOAD=$(cut -d" " -f1-3 /proc/loadavg)
 keep() {
-  # The summary and the metrics; the checkpoint is large and not a result.
-  rm -f "$dest/$1/checkpoint.ckpt"
+  # The summary and the metrics; the checkpoint is large, the plots not needed.
+  rm -f "$dest/$1/checkpoint.ckpt" "$dest/$1"/*.png "$dest/$1"/*.svg
 }
 "$bin" train --seed 0 --out "$dest/single-seed0" >/dev/null 2>&1
 keep single-seed0

@@ -300,16 +300,22 @@ mod mpi_runs {
         shard + slot * p
     }
 
+    /// Runs test `name` of this binary on two processes as `worker` (the
+    /// test sees [`WORKER`] set and runs the worker); its standard output.
+    fn on_two_processes(name: &str, worker: &str) -> String {
+        let exe = std::env::current_exe().unwrap();
+        let name = format!("mpi_runs::{name}");
+        let out =
+            mpirun(2, exe.to_str().unwrap(), &["--exact", &name, "--nocapture", "--test-threads=1"], Some(worker));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     #[test]
     fn sharded_draws_follow_one_cache_of_the_same_capacity() {
         if std::env::var(WORKER).as_deref() == Ok("sampling") {
             return sampling_worker();
         }
-        let exe = std::env::current_exe().unwrap();
-        let name = "mpi_runs::sharded_draws_follow_one_cache_of_the_same_capacity";
-        let out =
-            mpirun(2, exe.to_str().unwrap(), &["--exact", name, "--nocapture", "--test-threads=1"], Some("sampling"));
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stdout = on_two_processes("sharded_draws_follow_one_cache_of_the_same_capacity", "sampling");
         let counts: Vec<u64> = stdout
             .lines()
             .find_map(|l| l.split_once("COUNTS ").map(|(_, c)| c))
@@ -436,11 +442,7 @@ mod mpi_runs {
         if std::env::var(WORKER).as_deref() == Ok("parts") {
             return parts_worker();
         }
-        let exe = std::env::current_exe().unwrap();
-        let name = "mpi_runs::in_batch_terms_split_over_processes_sum_to_the_whole_batch";
-        let out =
-            mpirun(2, exe.to_str().unwrap(), &["--exact", name, "--nocapture", "--test-threads=1"], Some("parts"));
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stdout = on_two_processes("in_batch_terms_split_over_processes_sum_to_the_whole_batch", "parts");
         assert!(stdout.contains("PARTS OK"), "{stdout}");
     }
 
