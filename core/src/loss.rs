@@ -493,9 +493,6 @@ impl<const BATCH: usize, const NEG: usize> CacheLoss<BATCH, NEG> {
         for b in 0..bsz {
             let m = self.picks[b].len;
             let rows = &fresh[b * NEG..b * NEG + m];
-            if !vector::rows_finite(rows) {
-                return Err(Error::NonFinite { what: "fresh negative embedding" });
-            }
             let weights = &self.weights[b][..m];
             let mut stale = 0.0f32;
             for (i, f) in rows.iter().enumerate() {

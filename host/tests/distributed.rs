@@ -126,6 +126,14 @@ mod mpi_runs {
         ]
     }
 
+    /// A scratch directory holding the tiny dataset (in `data`).
+    fn tiny() -> (tempfile::TempDir, std::path::PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        tiny_dataset(&data);
+        (tmp, data)
+    }
+
     fn run_distributed(np: usize, args: &[String]) -> Output {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         negcache(np, &args)
@@ -513,9 +521,7 @@ mod mpi_runs {
     /// `mpirun -np 1` of `flags` against `negcache train` of `cfg`, on the
     /// tiny dataset: the same checkpoint body and logged losses.
     fn one_process_is(flags: impl Fn(&Path, &Path) -> Vec<String>, cfg: impl Fn(&Path, &Path) -> TrainConfig) {
-        let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
-        tiny_dataset(&data);
+        let (tmp, data) = tiny();
         let out = tmp.path().join("one");
         run_distributed(1, &flags(&data, &out));
 
@@ -545,9 +551,7 @@ mod mpi_runs {
 
     #[test]
     fn two_processes_keep_identical_towers_and_follow_the_single_process_loss() {
-        let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
-        tiny_dataset(&data);
+        let (tmp, data) = tiny();
         let steps = 300;
         let whole = tmp.path().join("whole");
         run_distributed(2, &flags(&data, &whole, steps));
@@ -601,9 +605,7 @@ mod mpi_runs {
     /// identical (the means' exactness is checked in the sampling worker).
     #[test]
     fn two_processes_with_the_control_variate_keep_identical_towers() {
-        let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
-        tiny_dataset(&data);
+        let (tmp, data) = tiny();
         let out = tmp.path().join("cv");
         let sum = two_processes_agree(&out, &flags_with(&data, &out, 60, true));
         // Not the run without the variate: the query gradients changed.
@@ -616,9 +618,7 @@ mod mpi_runs {
     /// per query: the towers stay identical.
     #[test]
     fn two_processes_with_two_cache_draws_keep_identical_towers() {
-        let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
-        tiny_dataset(&data);
+        let (tmp, data) = tiny();
         let out = tmp.path().join("two");
         let mut f = flags_for(&data, &out, 60, false);
         f.extend(["--objective", "cache", "--negatives", "2"].map(str::to_owned));
@@ -647,9 +647,7 @@ mod mpi_runs {
     /// the positives' embeddings, fails it.
     #[test]
     fn two_processes_take_the_single_process_first_step_of_the_global_batch() {
-        let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
-        tiny_dataset(&data);
+        let (tmp, data) = tiny();
         let out = tmp.path().join("two");
         let mut f = flags_for(&data, &out, 1, true);
         f.extend(["--optimizer", "sgd", "--lr", "0.1"].map(str::to_owned));
@@ -709,9 +707,7 @@ mod mpi_runs {
     /// identical; a resumed run equals an uninterrupted one.
     #[test]
     fn two_processes_with_the_default_estimator_keep_identical_towers() {
-        let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
-        tiny_dataset(&data);
+        let (tmp, data) = tiny();
         let out = tmp.path().join("default");
         two_processes_agree(&out, &flags_for(&data, &out, 60, true));
         let half = tmp.path().join("half");
@@ -730,9 +726,7 @@ mod mpi_runs {
 
     #[test]
     fn a_single_process_checkpoint_is_split_into_shards_and_gathered_back() {
-        let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
-        tiny_dataset(&data);
+        let (tmp, data) = tiny();
         let cfg = config(&data, &tmp.path().join("single"), 20);
         let prepared = prepare(&cfg).unwrap();
         let mut single = Run::start(cfg, &prepared).unwrap();

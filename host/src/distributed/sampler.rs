@@ -126,8 +126,9 @@ pub struct Taken {
 
 /// Merges `K` independent draws from each shard's softmax into `K`
 /// independent draws from the softmax over every shard's candidates.
-/// `counts[s][i]` is how many of shard `s`'s `K` draws were its pick `i`
-/// (they sum to `K` for a shard with candidates).
+/// `counts[s * K + i]` is how many of shard `s`'s `K` draws were its pick
+/// `i` (`K` entries per shard, summing to `K` for a shard with
+/// candidates).
 ///
 /// Draw `k` comes from shard `s` with probability `Z_s / Z`
 /// ([`choose_shard`], once per draw), so shard `s` supplies `n_s` of the
@@ -140,44 +141,50 @@ pub struct Taken {
 /// number is drawn, so one process draws what one cache draws.
 ///
 /// # Errors
-/// A shard with candidates whose counts do not sum to `K`.
+/// `K` above [`MAX_DRAWS`], counts not `K` per shard, or a shard with
+/// candidates whose counts do not sum to `K`.
 pub fn merge_draws(
     lse: &[LogSumExp],
-    counts: &[&[u32]],
-    k: u32,
+    counts: &[u32],
+    k: usize,
     rng: &mut impl RngCore,
     out: &mut Vec<Taken>,
 ) -> anyhow::Result<()> {
     out.clear();
-    ensure!(lse.len() == counts.len(), "{} shards' sums but {} shards' draws", lse.len(), counts.len());
-    let live: Vec<usize> = (0..lse.len()).filter(|&s| lse[s].sum > 0.0).collect();
-    for &s in &live {
-        let total: u32 = counts[s].iter().sum();
-        ensure!(total == k, "shard {s} reported candidates and {total} draws instead of {k}");
+    ensure!(k <= MAX_DRAWS, "{k} draws per query, at most {MAX_DRAWS}");
+    ensure!(counts.len() == lse.len() * k, "{} counts for {} shards of {k} draws", counts.len(), lse.len());
+    let shard = |s: usize| &counts[s * k..(s + 1) * k];
+    let mut live = (0..lse.len()).filter(|&s| lse[s].sum > 0.0);
+    for s in live.clone() {
+        let total: u32 = shard(s).iter().sum();
+        ensure!(total as usize == k, "shard {s} reported candidates and {total} draws instead of {k}");
     }
-    let take_all = |s: usize, out: &mut Vec<Taken>| {
-        for (pick, &count) in counts[s].iter().enumerate().filter(|(_, &c)| c > 0) {
+    let take = |s: usize, taken: &[u32], out: &mut Vec<Taken>| {
+        for (pick, &count) in taken.iter().enumerate().filter(|(_, &c)| c > 0) {
             out.push(Taken { shard: s, pick, count });
         }
     };
-    if let [s] = live.as_slice() {
-        take_all(*s, out);
+    if let (Some(s), None) = (live.next(), live.next()) {
+        take(s, shard(s), out);
         return Ok(());
     }
-    let mut supplied = vec![0u32; lse.len()];
-    for _ in 0..k {
-        if let Some(s) = choose_shard(lse, rng) {
-            supplied[s] += 1;
-        }
+    // The shard of each draw, then each shard's share of its own draws.
+    let mut from = [usize::MAX; MAX_DRAWS];
+    for f in &mut from[..k] {
+        *f = choose_shard(lse, rng).unwrap_or(usize::MAX);
     }
-    for (s, &n) in supplied.iter().enumerate().filter(|(_, &n)| n > 0) {
-        if n == k {
-            take_all(s, out);
+    for s in 0..lse.len() {
+        let n = from[..k].iter().filter(|&&f| f == s).count();
+        if n == 0 {
             continue;
         }
-        let mut left = counts[s].to_vec();
-        let mut taken = vec![0u32; left.len()];
-        let mut remaining = k;
+        if n == k {
+            take(s, shard(s), out);
+            continue;
+        }
+        let (mut left, mut taken) = ([0u32; MAX_DRAWS], [0u32; MAX_DRAWS]);
+        left[..k].copy_from_slice(shard(s));
+        let mut remaining = k as u32;
         for _ in 0..n {
             let mut r = random::below(rng, remaining);
             let i = left
@@ -192,9 +199,7 @@ pub fn merge_draws(
             taken[i] += 1;
             remaining -= 1;
         }
-        for (pick, &count) in taken.iter().enumerate().filter(|(_, &c)| c > 0) {
-            out.push(Taken { shard: s, pick, count });
-        }
+        take(s, &taken[..k], out);
     }
     Ok(())
 }
@@ -472,8 +477,7 @@ impl<const K: usize> ShardedSampler<K> {
                 }
             }
             let mean = if spec.control { merge_means(&self.lse, &self.shard_means) } else { [0.0; DIM] };
-            let counts: Vec<&[u32]> = self.counts.chunks_exact(K).collect();
-            merge_draws(&self.lse, &counts, K as u32, rng, &mut self.taken)?;
+            merge_draws(&self.lse, &self.counts, K, rng, &mut self.taken)?;
             let mut draw = Draw { lse: total, picks: [Pick::EMPTY; MAX_DRAWS], len: 0, mean };
             for t in &self.taken {
                 let r = pick_at(t.shard, i, t.pick);
@@ -552,12 +556,12 @@ mod tests {
         let rounds = 40_000;
         for _ in 0..rounds {
             // Each shard's K draws from its own softmax, as its reservoirs
-            // would return them: counts per slot.
+            // would return them: counts per slot, K entries per shard.
             let counts: Vec<Vec<u32>> = scores
                 .iter()
                 .zip(&lse)
                 .map(|(c, z)| {
-                    let mut n = vec![0u32; c.len()];
+                    let mut n = vec![0u32; K as usize];
                     if z.sum > 0.0 {
                         for _ in 0..K {
                             let u = random::open01(&mut rng);
@@ -572,8 +576,7 @@ mod tests {
                     n
                 })
                 .collect();
-            let views: Vec<&[u32]> = counts.iter().map(Vec::as_slice).collect();
-            merge_draws(&lse, &views, K, &mut rng, &mut out).unwrap();
+            merge_draws(&lse, &counts.concat(), K as usize, &mut rng, &mut out).unwrap();
             assert_eq!(out.iter().map(|t| t.count).sum::<u32>(), K);
             for t in &out {
                 assert!(t.count <= counts[t.shard][t.pick], "a pick taken more often than its shard drew it");
@@ -605,12 +608,12 @@ mod tests {
         let before = rng.clone().next_u64();
         let lse = [LogSumExp::EMPTY, LogSumExp { max: 0.5, sum: 1.0 }];
         let mut out = Vec::new();
-        merge_draws(&lse, &[&[0, 0], &[3, 0, 1]], 4, &mut rng, &mut out).unwrap();
+        merge_draws(&lse, &[0, 0, 0, 0, 3, 0, 1, 0], 4, &mut rng, &mut out).unwrap();
         let want = [Taken { shard: 1, pick: 0, count: 3 }, Taken { shard: 1, pick: 2, count: 1 }];
         assert_eq!(out, want);
         assert_eq!(rng.next_u64(), before, "a single candidate shard must not consume randomness");
         // A shard with candidates must report all its draws.
-        assert!(merge_draws(&lse, &[&[0, 0], &[3, 0, 0]], 4, &mut rng, &mut out).is_err());
+        assert!(merge_draws(&lse, &[0, 0, 0, 0, 3, 0, 0, 0], 4, &mut rng, &mut out).is_err());
     }
 
     #[test]
