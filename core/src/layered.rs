@@ -69,6 +69,9 @@ where
     fn state_slots(&self) -> usize {
         S
     }
+
+    // The two towers are two values: nothing is shared.
+    const SEPARATE_TOWERS: bool = true;
 }
 
 impl<QT, IT, const FQ: usize, const FI: usize, const S: usize, const DIM: usize> Towers<[f32; FQ], [f32; FI], DIM>
@@ -94,6 +97,9 @@ where
     }
     fn embed_items(&self, ys: &[[f32; FI]], out: &mut [[f32; DIM]]) {
         self.item.forward_batch(ys, out)
+    }
+    fn backward_queries(&mut self, xs: &[[f32; FQ]], grads: &[[f32; DIM]]) {
+        self.query.backward_batch(xs, grads, None)
     }
     fn backward_items(&mut self, ys: &[[f32; FI]], grads: &[[f32; DIM]]) {
         self.item.backward_batch(ys, grads, None)

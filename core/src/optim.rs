@@ -135,7 +135,10 @@ impl Optimizer {
     }
 
     /// Updates one dense slice (used by the visitors and by the reference
-    /// checks): `value` from `grad * scale`, with `state` slots.
+    /// checks): `value` from `grad * scale`, with `state` slots. Each rule
+    /// is written so that the compiler vectorises it: iterators instead of
+    /// indexing, and square roots by [`math::sqrt_wide`] (the same bits as
+    /// `libm`'s).
     pub fn update_slice(&self, lr: f32, scale: f32, value: &mut [f32], grad: &[f32], state: &mut [&mut [f32]]) {
         match self.kind {
             OptimizerKind::Sgd { momentum, weight_decay } => {
@@ -144,11 +147,10 @@ impl Optimizer {
                         *p -= lr * (g * scale + weight_decay * *p);
                     }
                 } else {
-                    let v = &mut state[0];
-                    for i in 0..value.len() {
-                        let g = grad[i] * scale + weight_decay * value[i];
-                        v[i] = momentum * v[i] + g;
-                        value[i] -= lr * v[i];
+                    for ((p, &g), v) in value.iter_mut().zip(grad).zip(state[0].iter_mut()) {
+                        let g = g * scale + weight_decay * *p;
+                        *v = momentum * *v + g;
+                        *p -= lr * *v;
                     }
                 }
             }
@@ -157,20 +159,19 @@ impl Optimizer {
                 let c1 = 1.0 - libm::powf(beta1, t as f32);
                 let c2 = 1.0 - libm::powf(beta2, t as f32);
                 let (m, rest) = state.split_at_mut(1);
-                let (m, v) = (&mut m[0], &mut rest[0]);
-                for i in 0..value.len() {
-                    let g = grad[i] * scale + weight_decay * value[i];
-                    m[i] = beta1 * m[i] + (1.0 - beta1) * g;
-                    v[i] = beta2 * v[i] + (1.0 - beta2) * g * g;
-                    value[i] -= lr * (m[i] / c1) / (math::sqrt(v[i] / c2) + eps);
+                let (m, v) = (&mut *m[0], &mut *rest[0]);
+                for (((p, &g), m), v) in value.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    let g = g * scale + weight_decay * *p;
+                    *m = beta1 * *m + (1.0 - beta1) * g;
+                    *v = beta2 * *v + (1.0 - beta2) * g * g;
+                    *p -= lr * (*m / c1) / (math::sqrt_wide(*v / c2) + eps);
                 }
             }
             OptimizerKind::Adagrad { eps, .. } => {
-                let acc = &mut state[0];
-                for i in 0..value.len() {
-                    let g = grad[i] * scale;
-                    acc[i] += g * g;
-                    value[i] -= lr * g / (math::sqrt(acc[i]) + eps);
+                for ((p, &g), a) in value.iter_mut().zip(grad).zip(state[0].iter_mut()) {
+                    let g = g * scale;
+                    *a += g * g;
+                    *p -= lr * g / (math::sqrt_wide(*a) + eps);
                 }
             }
         }
@@ -180,13 +181,30 @@ impl Optimizer {
 /// Sums squared gradients (in f64, over dense tensors and touched rows).
 struct Norm(f64);
 
+/// The sum of squares of `g` in f64: eight running sums, element `i` in
+/// sum `i % 8`, added up in a fixed order at the end, so that the loop
+/// vectorises and every build adds in the same order.
+fn sum_of_squares(g: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let mut chunks = g.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x as f64 * x as f64;
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += x as f64 * x as f64;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
 impl ParamVisitor for Norm {
     fn dense(&mut self, _: &mut [f32], grad: &mut [f32], _: &mut [&mut [f32]]) {
-        self.0 += grad.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>();
+        self.0 += sum_of_squares(grad);
     }
     fn sparse(&mut self, row_len: usize, _: &mut [f32], grad: &mut [f32], _: &mut [&mut [f32]], touched: &[bool]) {
         for (r, _) in touched.iter().enumerate().filter(|(_, &t)| t) {
-            self.0 += grad[r * row_len..(r + 1) * row_len].iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>();
+            self.0 += sum_of_squares(&grad[r * row_len..(r + 1) * row_len]);
         }
     }
 }

@@ -46,6 +46,13 @@ pub trait Model<const DIM: usize> {
     fn visit(&mut self, v: &mut dyn ParamVisitor);
     /// Optimiser-state slots kept per parameter.
     fn state_slots(&self) -> usize;
+
+    /// True when no parameter is in both towers. Back-propagating every
+    /// query and then every item then gives the bits of interleaving them,
+    /// so the trainer sends each side through its tower in batches. With
+    /// shared parameters (a shared token table, one tower for both sides)
+    /// it keeps its documented interleaved order.
+    const SEPARATE_TOWERS: bool = false;
 }
 
 /// Two towers over queries `Q` and items `I`, any types: token lists,
@@ -80,6 +87,12 @@ pub trait Towers<Q, I, const DIM: usize>: Model<DIM> {
     fn embed_items(&self, ys: &[I], out: &mut [[f32; DIM]]) {
         for (y, o) in ys.iter().zip(out) {
             self.embed_item(y, o);
+        }
+    }
+    /// [`Self::backward_query`] for each `(xs[k], grads[k])`, in order.
+    fn backward_queries(&mut self, xs: &[Q], grads: &[[f32; DIM]]) {
+        for (x, g) in xs.iter().zip(grads) {
+            self.backward_query(x, g);
         }
     }
     /// [`Self::backward_item`] for each `(ys[k], grads[k])`, in order.
@@ -397,6 +410,8 @@ impl<
     fn state_slots(&self) -> usize {
         S
     }
+
+    const SEPARATE_TOWERS: bool = TABLES == 2 && MLPS == 2;
 }
 
 #[cfg(test)]

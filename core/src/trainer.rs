@@ -528,8 +528,16 @@ where
         Ok(report)
     }
 
-    /// Back-propagates `gq` and `gp` through the query and item towers.
+    /// Back-propagates `gq` and `gp` through the query and item towers:
+    /// query 0, positive 0, query 1, ... one at a time, or each side as one
+    /// batch when the towers share no parameter (the same bits).
     fn backward_batch(&mut self, batch: &Batch<'_, Q, I>) {
+        let bsz = batch.queries.len();
+        if M::SEPARATE_TOWERS {
+            self.model.backward_queries(batch.queries, &self.gq[..bsz]);
+            self.model.backward_items(batch.positives, &self.gp[..bsz]);
+            return;
+        }
         for (b, (x, y)) in batch.queries.iter().zip(batch.positives).enumerate() {
             self.model.backward_query(x, &self.gq[b]);
             self.model.backward_item(y, &self.gp[b]);
@@ -669,10 +677,28 @@ where
     }
 
     /// Back-propagates `gq`, `gp` and the drawn negatives' `gn` through
-    /// the towers.
+    /// the towers: query 0, positive 0, query 0's negatives, query 1, ...
+    /// one at a time; or, when the towers share no parameter, the queries
+    /// as one batch and the items in that same order, in batches (the same
+    /// bits). The batches are gathered into `neg_items` and `q`, whose
+    /// contents the step no longer needs: the negatives' items are read
+    /// from the cache and the query embeddings are spent.
     fn backward_drawn(&mut self, cache: &CacheMut<'_, I, DIM>, batch: &Batch<'_, Q, I>) {
         let items = cache.as_ref().items();
-        for b in 0..batch.queries.len() {
+        let bsz = batch.queries.len();
+        if M::SEPARATE_TOWERS {
+            self.model.backward_queries(batch.queries, &self.gq[..bsz]);
+            let mut pending = Pending::over(&mut self.model, self.neg_items.as_flattened_mut(), &mut self.q);
+            for b in 0..bsz {
+                pending.push(&batch.positives[b], &self.gp[b]);
+                for (i, &slot) in self.loss.negatives(b).iter().enumerate() {
+                    pending.push(&items[slot as usize], &self.gn[b][i]);
+                }
+            }
+            pending.flush();
+            return;
+        }
+        for b in 0..bsz {
             self.model.backward_query(&batch.queries[b], &self.gq[b]);
             self.model.backward_item(&batch.positives[b], &self.gp[b]);
             for (i, &slot) in self.loss.negatives(b).iter().enumerate() {
@@ -875,12 +901,13 @@ where
         let negs = &self.n.as_flattened()[..count];
         let pos_keys = &self.pos_keys[..bsz];
         let sum = softmax::mixed_by(&self.q[..bsz], &self.p[..bsz], negs, pos_keys, &ids, alpha, out)?;
+        // Each positive's gradient from its own query and, as another
+        // query's candidate, from the others.
         for b in 0..bsz {
-            let mut g = self.gp[b];
-            crate::vector::axpy(1.0, &self.gn.as_flattened()[b], &mut g);
-            self.model.backward_query(&batch.queries[b], &self.gq[b]);
-            self.model.backward_item(&batch.positives[b], &g);
+            let g = self.gn.as_flattened()[b];
+            crate::vector::axpy(1.0, &g, &mut self.gp[b]);
         }
+        self.backward_batch(batch);
         // Unpack: `update_cache` pairs row (b, k) of `n` with query b's k-th
         // negative. Going backwards, each row moves towards the back, onto
         // rows already moved or never packed.
@@ -1046,9 +1073,7 @@ where
         let sum = softmax::full(&self.q[..bsz], emb, &self.slots[..bsz], alpha, out);
         pending.flush();
         let sum = sum?;
-        for b in 0..bsz {
-            self.model.backward_query(&batch.queries[b], &self.gq[b]);
-        }
+        self.model.backward_queries(batch.queries, &self.gq[..bsz]);
         self.model.backward_scale(sum.grad_scale);
         Ok(softmax_report(sum, evals + bsz as u32, alpha))
     }
@@ -1083,10 +1108,21 @@ impl<'a, M: Towers<Q, I, DIM>, Q, I: Item, const DIM: usize> Pending<'a, M, Q, I
         items: &'a mut [[I; N]; B],
         grads: &'a mut [[[f32; DIM]; N]; B],
     ) -> Self {
-        Self { model, items: items.as_flattened_mut(), grads: grads.as_flattened_mut(), n: 0, _queries: PhantomData }
+        Self::over(model, items.as_flattened_mut(), grads.as_flattened_mut())
+    }
+
+    /// Batches of up to the shorter of `items` and `grads` (one at a time
+    /// if either is empty).
+    fn over(model: &'a mut M, items: &'a mut [I], grads: &'a mut [[f32; DIM]]) -> Self {
+        let n = items.len().min(grads.len());
+        Self { model, items: &mut items[..n], grads: &mut grads[..n], n: 0, _queries: PhantomData }
     }
 
     fn push(&mut self, item: &I, grad: &[f32; DIM]) {
+        if self.items.is_empty() {
+            self.model.backward_items(core::slice::from_ref(item), core::slice::from_ref(grad));
+            return;
+        }
         self.items[self.n] = *item;
         self.grads[self.n] = *grad;
         self.n += 1;
@@ -1450,6 +1486,101 @@ mod tests {
             let r = t.step(&mut cache.as_mut(), &batch, &[A, B], 0.1, &mut Pcg64Mcg::seed_from_u64(1));
             assert!(matches!(r, Err(Error::InvalidConfig { .. })), "{objective:?}: {r:?}");
             assert!(cache.is_empty(), "{objective:?} wrote into the cache");
+        }
+    }
+
+    /// Separate towers back-propagate each side in batches (queries, then
+    /// the items in the interleaved order); the same model told that its
+    /// towers share parameters goes one input at a time, interleaved. Both
+    /// must reach the same bits, for every objective.
+    #[test]
+    fn separate_towers_in_batches_give_the_interleaved_bits() {
+        use crate::layered::LayerTowers;
+        use crate::layers::{Act, Activation, Chain, Dense, ParamVisitor, L2};
+        use crate::tower::{Model, Towers as TowerPair};
+        type Tower = Chain<Dense<6, 40, 2>, Chain<Act<40>, Chain<Dense<40, 67, 2>, L2<67>, 67>, 40>, 40>;
+        type Dense2 = LayerTowers<Tower, Tower, 6, 6, 2>;
+        /// `Dense2` one input at a time, as if its towers shared parameters.
+        struct OneByOne(Dense2);
+        impl Model<67> for OneByOne {
+            fn init(&mut self, rng: &mut impl RngCore) {
+                self.0.init(rng)
+            }
+            fn score_scale(&self) -> f32 {
+                self.0.alpha
+            }
+            fn backward_scale(&mut self, _: f32) {}
+            fn zero_grad(&mut self) {
+                self.0.zero_grad()
+            }
+            fn visit(&mut self, v: &mut dyn ParamVisitor) {
+                self.0.visit(v)
+            }
+            fn state_slots(&self) -> usize {
+                2
+            }
+        }
+        impl TowerPair<[f32; 6], [f32; 6], 67> for OneByOne {
+            fn embed_query(&self, x: &[f32; 6], out: &mut [f32; 67]) {
+                self.0.embed_query(x, out)
+            }
+            fn embed_item(&self, y: &[f32; 6], out: &mut [f32; 67]) {
+                self.0.embed_item(y, out)
+            }
+            fn backward_query(&mut self, x: &[f32; 6], g: &[f32; 67]) {
+                self.0.backward_query(x, g)
+            }
+            fn backward_item(&mut self, y: &[f32; 6], g: &[f32; 67]) {
+                self.0.backward_item(y, g)
+            }
+        }
+        struct Words(heapless::Vec<u32, 32768>);
+        impl ParamVisitor for Words {
+            fn dense(&mut self, v: &mut [f32], _: &mut [f32], s: &mut [&mut [f32]]) {
+                self.0.extend(v.iter().chain(s.iter().flat_map(|s| s.iter())).map(|x| x.to_bits()));
+            }
+            fn sparse(&mut self, _: usize, _: &mut [f32], _: &mut [f32], _: &mut [&mut [f32]], _: &[bool]) {}
+        }
+        fn run<M: TowerPair<[f32; 6], [f32; 6], 67>>(
+            model: M,
+            objective: Objective,
+        ) -> (heapless::Vec<u32, 32768>, [f32; 4]) {
+            let cfg = TrainerConfig { objective, ..TrainerConfig::DEFAULT };
+            let mut t = Trainer::<M, [f32; 6], [f32; 6], 67, 5, 2>::new(model, cfg);
+            let mut rng = Pcg64Mcg::seed_from_u64(4);
+            t.model.init(&mut rng);
+            t.init().unwrap();
+            let corpus: [[f32; 6]; 9] =
+                core::array::from_fn(|j| core::array::from_fn(|i| ((j * 7 + i * 3) % 11) as f32 - 5.0));
+            let mut cache = NegativeCache::<[f32; 6], 9, 67>::new();
+            let mut losses = [0.0; 4];
+            for (step, loss) in losses.iter_mut().enumerate() {
+                let picks: [usize; 5] = core::array::from_fn(|b| (step * 5 + b * 4) % 9);
+                let queries: [[f32; 6]; 5] = core::array::from_fn(|b| corpus[picks[b]].map(|x| 0.5 * x + 1.0));
+                let positives = picks.map(|j| corpus[j]);
+                let index = picks.map(|j| j as u32);
+                let batch = Batch { queries: &queries, positives: &positives, positive_index: Some(&index) };
+                *loss = t.step(&mut cache.as_mut(), &batch, &corpus, 0.05, &mut rng).unwrap().training_loss;
+            }
+            let mut words = Words(heapless::Vec::new());
+            t.model.visit(&mut words);
+            words.0.extend(cache.as_ref().embeddings().as_f32().unwrap().iter().flatten().map(|x| x.to_bits()));
+            (words.0, losses)
+        }
+        let tower = || Chain(Dense::new(), Chain(Act(Activation::Relu), Chain(Dense::new(), L2)));
+        let model = || LayerTowers::new(tower(), tower(), 8.0);
+        for objective in [
+            Objective::Cache,
+            Objective::CacheInBatch,
+            Objective::CacheMixed,
+            Objective::InBatch,
+            Objective::Sampled { negatives: 7 },
+            Objective::Full,
+        ] {
+            let (batched, a) = run(model(), objective);
+            let (one, b) = run(OneByOne(model()), objective);
+            assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits), "{objective:?}: losses");
+            assert!(batched == one, "{objective:?}: parameters, optimiser state or cache differ");
         }
     }
 

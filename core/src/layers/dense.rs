@@ -83,58 +83,66 @@ impl<const IN: usize, const OUT: usize, const S: usize> Dense<IN, OUT, S> {
     }
 
     /// `ys[k] = W xs[k] + b` for every `k`, bit for bit what
-    /// [`Self::forward`] gives each input alone, with each column of `W`
-    /// read once for the whole batch instead of once per input.
+    /// [`Self::forward`] gives each input alone.
+    ///
+    /// Each output is summed in nalgebra's gemv order, `b[o]` then
+    /// `+= W[o, i] x[i]` for `i` ascending, so the bits are those of one
+    /// input at a time. The work is blocked for registers: [`EXAMPLES`]
+    /// inputs by [`OUTPUTS`] outputs are summed together, so each weight
+    /// read from memory serves several inputs and the sums never leave
+    /// registers until they are done.
     pub fn forward_batch(&self, xs: &[[f32; IN]], ys: &mut [[f32; OUT]]) {
-        let w = self.w.as_slice();
-        for y in ys.iter_mut() {
-            y.copy_from_slice(self.b.as_slice());
+        let n = xs.len().min(ys.len());
+        let (w, b) = (self.w.as_slice(), self.b.as_slice());
+        let mut k = 0;
+        while k + EXAMPLES <= n {
+            forward_block::<IN, OUT, EXAMPLES>(w, b, &xs[k..k + EXAMPLES], &mut ys[k..k + EXAMPLES]);
+            k += EXAMPLES;
         }
-        // The order of nalgebra's gemv, element by element: y += W[:, i] x_i
-        // for i ascending (so the sums round the same way).
-        for i in 0..IN {
-            let col = &w[i * OUT..(i + 1) * OUT];
-            for (x, y) in xs.iter().zip(ys.iter_mut()) {
-                let xi = x[i];
-                for o in 0..OUT {
-                    y[o] += col[o] * xi;
-                }
-            }
+        while k < n {
+            forward_block::<IN, OUT, 1>(w, b, &xs[k..k + 1], &mut ys[k..k + 1]);
+            k += 1;
         }
     }
 
-    /// [`Self::backward`] for every `k` in order, the weight gradient
-    /// accumulated column by column for the whole batch (each gradient
-    /// entry sums the inputs in the same order, so the bits are those of
-    /// the calls one by one).
+    /// [`Self::backward`] for every `k` in order, bit for bit.
+    ///
+    /// - The weight gradient: each entry adds `dy[o] x[i]` over the inputs
+    ///   in order (nalgebra's ger, one input after another), blocked as
+    ///   [`COLUMNS`] columns by [`OUTPUTS`] rows held in registers.
+    /// - `dx = W^T dy`: each entry is nalgebra's dot product of a weight
+    ///   column with `dy` (eight running sums, combined in its order),
+    ///   computed for [`LANES`] inputs side by side, which the compiler
+    ///   turns into vector operations across the inputs.
     pub fn backward_batch(&mut self, xs: &[[f32; IN]], dys: &[[f32; OUT]], dxs: Option<&mut [[f32; IN]]>) {
+        let n = xs.len().min(dys.len());
+        let (xs, dys) = (&xs[..n], &dys[..n]);
         let gw = self.gw.as_mut_slice();
-        for i in 0..IN {
-            let col = &mut gw[i * OUT..(i + 1) * OUT];
-            for (x, dy) in xs.iter().zip(dys) {
-                let xi = x[i];
-                for o in 0..OUT {
-                    col[o] += dy[o] * xi;
-                }
-            }
+        let mut i = 0;
+        while i + COLUMNS <= IN {
+            weight_grad_block::<IN, OUT, COLUMNS>(gw, xs, dys, i);
+            i += COLUMNS;
         }
-        for dy in dys.iter().take(xs.len()) {
+        while i < IN {
+            weight_grad_block::<IN, OUT, 1>(gw, xs, dys, i);
+            i += 1;
+        }
+        for dy in dys {
             self.gb += SVector::<f32, OUT>::from_column_slice(dy);
         }
         if let Some(dxs) = dxs {
-            for (dy, dx) in dys.iter().zip(dxs.iter_mut()) {
-                let dyv = SVector::<f32, OUT>::from_column_slice(dy);
-                let mut dxv = SVector::<f32, IN>::zeros();
-                dxv.gemv_tr(1.0, &self.w, &dyv, 0.0);
-                dx.copy_from_slice(dxv.as_slice());
+            let w = self.w.as_slice();
+            for (dys, dxs) in dys.chunks(LANES).zip(dxs.chunks_mut(LANES)) {
+                input_grad_lanes::<IN, OUT>(w, dys, dxs);
             }
         }
     }
-
     /// Clears the gradients.
     pub fn zero_grad(&mut self) {
-        self.gw.fill(0.0);
-        self.gb.fill(0.0);
+        // Through the slices: a plain fill the compiler turns into a
+        // memset (nalgebra's `fill` walks the matrix element by element).
+        self.gw.as_mut_slice().fill(0.0);
+        self.gb.as_mut_slice().fill(0.0);
     }
 
     /// Shows the weights and the bias to an optimiser.
@@ -156,6 +164,171 @@ impl<const IN: usize, const OUT: usize, const S: usize> Dense<IN, OUT, S> {
     }
 }
 
+// How the batched kernels are written. Each is plain Rust over fixed-size
+// arrays that the compiler turns into vector instructions of the build's
+// width; the shapes below are the ones it vectorises along the contiguous
+// dimension (measured on AVX-512: about 88 GFLOP/s for the forward pass
+// and the weight gradient, 45 for the input gradient, against 3 to 6 for
+// the first shapes tried, which it vectorised across inputs with gathers).
+// The sums keep nalgebra's order, so the bits are those of one input at a
+// time (`batches_give_the_bits_of_one_input_at_a_time`).
+
+/// Inputs summed together by [`Dense::forward_batch`].
+pub const EXAMPLES: usize = 4;
+/// Outputs (rows of `W`) per register block in the batched kernels.
+pub const OUTPUTS: usize = 64;
+/// Weight columns per register block of the batched weight gradient.
+pub const COLUMNS: usize = 4;
+/// Inputs side by side in the batched input gradient.
+pub const LANES: usize = 16;
+
+/// `ys[k] = W xs[k] + b` for `K` inputs: whole blocks of [`OUTPUTS`] rows,
+/// then the rows left, each sum in gemv order.
+#[inline(always)]
+fn forward_block<const IN: usize, const OUT: usize, const K: usize>(
+    w: &[f32],
+    b: &[f32],
+    xs: &[[f32; IN]],
+    ys: &mut [[f32; OUT]],
+) {
+    let (Some(xs), Some(ys)) = (xs.first_chunk::<K>(), ys.first_chunk_mut::<K>()) else { return };
+    let mut o0 = 0;
+    while o0 + OUTPUTS <= OUT {
+        let Some(bias) = b[o0..].first_chunk::<OUTPUTS>() else { return };
+        let mut acc = [*bias; K];
+        for (i, col) in w.chunks_exact(OUT).take(IN).enumerate() {
+            let Some(c) = col[o0..].first_chunk::<OUTPUTS>() else { return };
+            for k in 0..K {
+                let xi = xs[k][i];
+                for o in 0..OUTPUTS {
+                    acc[k][o] += c[o] * xi;
+                }
+            }
+        }
+        for k in 0..K {
+            ys[k][o0..o0 + OUTPUTS].copy_from_slice(&acc[k]);
+        }
+        o0 += OUTPUTS;
+    }
+    if o0 < OUT {
+        for y in ys.iter_mut() {
+            y[o0..].copy_from_slice(&b[o0..]);
+        }
+        for (i, col) in w.chunks_exact(OUT).take(IN).enumerate() {
+            for (x, y) in xs.iter().zip(ys.iter_mut()) {
+                let xi = x[i];
+                for (y, &c) in y[o0..].iter_mut().zip(&col[o0..]) {
+                    *y += c * xi;
+                }
+            }
+        }
+    }
+}
+
+/// `gW[:, i0..i0 + C] += dy x^T` over every input in order.
+#[inline(always)]
+fn weight_grad_block<const IN: usize, const OUT: usize, const C: usize>(
+    gw: &mut [f32],
+    xs: &[[f32; IN]],
+    dys: &[[f32; OUT]],
+    i0: usize,
+) {
+    let mut o0 = 0;
+    while o0 + OUTPUTS <= OUT {
+        let mut acc = [[0.0f32; OUTPUTS]; C];
+        for (c, a) in acc.iter_mut().enumerate() {
+            a.copy_from_slice(&gw[(i0 + c) * OUT + o0..][..OUTPUTS]);
+        }
+        for (x, dy) in xs.iter().zip(dys) {
+            let Some(d) = dy[o0..].first_chunk::<OUTPUTS>() else { return };
+            let Some(xi) = x[i0..].first_chunk::<C>() else { return };
+            for (a, &xi) in acc.iter_mut().zip(xi) {
+                for (a, &d) in a.iter_mut().zip(d) {
+                    *a += d * xi;
+                }
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            gw[(i0 + c) * OUT + o0..][..OUTPUTS].copy_from_slice(a);
+        }
+        o0 += OUTPUTS;
+    }
+    if o0 < OUT {
+        for c in 0..C {
+            let col = &mut gw[(i0 + c) * OUT + o0..(i0 + c + 1) * OUT];
+            for (x, dy) in xs.iter().zip(dys) {
+                let xi = x[i0 + c];
+                for (g, &d) in col.iter_mut().zip(&dy[o0..]) {
+                    *g += d * xi;
+                }
+            }
+        }
+    }
+}
+
+/// `dxs[k] = W^T dys[k]` for up to [`LANES`] inputs, each entry nalgebra's
+/// dot product of a column of `W` with `dys[k]`: for 2 to 4 rows its
+/// special cases, else eight running sums over the rows (row `r` in sum
+/// `r % 8`, while eight rows remain), combined as
+/// `((0 + (s0 + s4)) + (s1 + s5)) + ...`, then the rows left one by one.
+/// The inputs are the vector lanes: `dys` is transposed first.
+fn input_grad_lanes<const IN: usize, const OUT: usize>(w: &[f32], dys: &[[f32; OUT]], dxs: &mut [[f32; IN]]) {
+    let n = dys.len().min(dxs.len()).min(LANES);
+    let mut dyt = [[0.0f32; LANES]; OUT];
+    for (k, dy) in dys[..n].iter().enumerate() {
+        for (t, &d) in dyt.iter_mut().zip(dy) {
+            t[k] = d;
+        }
+    }
+    let mut dxt = [[0.0f32; LANES]; IN];
+    if (2..=4).contains(&OUT) {
+        // nalgebra's own sums for 2, 3 and 4 rows.
+        for (col, out) in w.chunks_exact(OUT).zip(dxt.iter_mut()) {
+            for (l, s) in out.iter_mut().enumerate() {
+                let p = |r: usize| col[r] * dyt[r][l];
+                *s = match OUT {
+                    2 => p(0) + p(1),
+                    3 => p(0) + p(1) + p(2),
+                    _ => (p(0) + p(2)) + (p(1) + p(3)),
+                };
+            }
+        }
+    } else {
+        // Opaque to the optimiser, so that it keeps the loop over rows as
+        // a loop instead of unrolling it and vectorising across columns.
+        let whole = core::hint::black_box(OUT / 8 * 8);
+        for (col, out) in w.chunks_exact(OUT).zip(dxt.iter_mut()) {
+            let mut acc = [[0.0f32; LANES]; 8];
+            let mut o = 0;
+            while o < whole {
+                let Some(rows) = col[o..].first_chunk::<8>() else { break };
+                for (r, (&wr, a)) in rows.iter().zip(acc.iter_mut()).enumerate() {
+                    let t = &dyt[o + r];
+                    for l in 0..LANES {
+                        a[l] += wr * t[l];
+                    }
+                }
+                o += 8;
+            }
+            for r in 0..4 {
+                for l in 0..LANES {
+                    out[l] += acc[r][l] + acc[r + 4][l];
+                }
+            }
+            for (&wr, t) in col[whole..].iter().zip(&dyt[whole..]) {
+                for l in 0..LANES {
+                    out[l] += wr * t[l];
+                }
+            }
+        }
+    }
+    for (k, dx) in dxs[..n].iter_mut().enumerate() {
+        for (d, t) in dx.iter_mut().zip(&dxt) {
+            *d = t[k];
+        }
+    }
+}
+
 impl<const IN: usize, const OUT: usize, const S: usize> Default for Dense<IN, OUT, S> {
     fn default() -> Self {
         Self::new()
@@ -164,30 +337,60 @@ impl<const IN: usize, const OUT: usize, const S: usize> Default for Dense<IN, OU
 
 #[cfg(test)]
 mod tests {
+    /// One shape: `K` inputs through `Dense<IN, OUT>` in a batch and one
+    /// at a time, with some inputs and gradients exactly zero or -0.0.
+    fn batch_against_one_at_a_time<const IN: usize, const OUT: usize, const K: usize>(seed: u64) {
+        use rand_core::SeedableRng;
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(seed);
+        let mut one = Dense::<IN, OUT, 0>::new();
+        one.init(&mut rng);
+        one.b.iter_mut().for_each(|b| *b = random::normal(&mut rng));
+        let mut batch = one.clone();
+        let mut value = |k: usize, i: usize| match (k * 31 + i * 7) % 23 {
+            0 => 0.0,
+            1 => -0.0,
+            _ => random::normal(&mut rng),
+        };
+        let xs: [[f32; IN]; K] = core::array::from_fn(|k| core::array::from_fn(|i| value(k, i)));
+        let dys: [[f32; OUT]; K] = core::array::from_fn(|k| core::array::from_fn(|o| value(k + 3, o)));
+        let mut ys = [[0.0; OUT]; K];
+        batch.forward_batch(&xs, &mut ys);
+        let mut dxs = [[0.0; IN]; K];
+        batch.backward_batch(&xs, &dys, Some(&mut dxs));
+        for k in 0..K {
+            let (mut y, mut dx) = ([0.0; OUT], [0.0; IN]);
+            one.forward(&xs[k], &mut y);
+            assert_eq!(y.map(f32::to_bits), ys[k].map(f32::to_bits), "{IN}x{OUT}, forward, input {k}");
+            one.backward(&xs[k], &dys[k], Some(&mut dx));
+            assert_eq!(dx.map(f32::to_bits), dxs[k].map(f32::to_bits), "{IN}x{OUT}, dx, input {k}");
+        }
+        let bits = |d: &Dense<IN, OUT, 0>| {
+            d.gw.iter().chain(d.gb.iter()).map(|x| x.to_bits()).collect::<heapless::Vec<u32, 8192>>()
+        };
+        assert_eq!(bits(&one), bits(&batch), "{IN}x{OUT}, parameter gradients");
+        // Without dx, the parameter gradients are the same again.
+        let mut again = one.clone();
+        again.zero_grad();
+        one.zero_grad();
+        again.backward_batch(&xs, &dys, None);
+        for k in 0..K {
+            one.backward(&xs[k], &dys[k], None);
+        }
+        assert_eq!(bits(&one), bits(&again), "{IN}x{OUT}, parameter gradients without dx");
+    }
+
     #[test]
     fn batches_give_the_bits_of_one_input_at_a_time() {
-        use rand_core::SeedableRng;
-        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(9);
-        let mut one = Dense::<7, 5, 0>::new();
-        one.init(&mut rng);
-        let mut batch = one.clone();
-        let xs: [[f32; 7]; 6] = core::array::from_fn(|_| core::array::from_fn(|_| random::normal(&mut rng)));
-        let dys: [[f32; 5]; 6] = core::array::from_fn(|_| core::array::from_fn(|_| random::normal(&mut rng)));
-        let mut ys = [[0.0; 5]; 6];
-        batch.forward_batch(&xs, &mut ys);
-        let (mut dxs, mut dx) = ([[0.0; 7]; 6], [0.0; 7]);
-        batch.backward_batch(&xs, &dys, Some(&mut dxs));
-        for k in 0..6 {
-            let mut y = [0.0; 5];
-            one.forward(&xs[k], &mut y);
-            assert_eq!(y.map(f32::to_bits), ys[k].map(f32::to_bits));
-            one.backward(&xs[k], &dys[k], Some(&mut dx));
-            assert_eq!(dx.map(f32::to_bits), dxs[k].map(f32::to_bits));
-        }
-        let bits = |d: &Dense<7, 5, 0>| {
-            d.gw.iter().chain(d.gb.iter()).map(|x| x.to_bits()).collect::<heapless::Vec<u32, 40>>()
-        };
-        assert_eq!(bits(&one), bits(&batch));
+        // Whole register blocks and tails on every side, nalgebra's special
+        // dot products (2 to 4 rows), more inputs than a lane group.
+        batch_against_one_at_a_time::<7, 5, 6>(9);
+        batch_against_one_at_a_time::<5, 4, 3>(10);
+        batch_against_one_at_a_time::<3, 2, 5>(11);
+        batch_against_one_at_a_time::<6, 3, 4>(12);
+        batch_against_one_at_a_time::<2, 1, 2>(13);
+        batch_against_one_at_a_time::<37, 70, 21>(14);
+        batch_against_one_at_a_time::<64, 32, 17>(15);
+        batch_against_one_at_a_time::<9, 17, 33>(16);
     }
 
     use super::*;
