@@ -15,7 +15,7 @@ use negcache::kernel;
 use negcache::layered::LayerTowers;
 use negcache::layers::{Act, Activation, Chain, Dense, L2};
 use negcache::random;
-use negcache::tower::Model;
+use negcache::tower::{Model, Towers};
 use negcache::trainer::{Batch, Objective, Trainer, TrainerConfig};
 use rand_core::SeedableRng;
 use rand_pcg::Pcg64Mcg;
@@ -82,36 +82,75 @@ fn tower() -> Tower {
     Chain(Dense::new(), Chain(Act(Activation::Relu), Chain(Dense::new(), L2)))
 }
 
+/// Features uniform in [-1, 1), a function of `stream` and `index` alone:
+/// value `i` is SplitMix64's output mixing of a counter, a few
+/// instructions per value, so that drawing a batch's features costs the
+/// step next to nothing.
+fn features(stream: u64, index: usize) -> [f32; F] {
+    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mix = |mut z: u64| {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let base = mix(stream.wrapping_mul(GOLDEN) ^ index as u64);
+    std::array::from_fn(|i| {
+        let z = mix(base.wrapping_add((i as u64 + 1).wrapping_mul(GOLDEN)));
+        (z >> 40) as f32 * (2.0 / (1u64 << 24) as f32) - 1.0
+    })
+}
+
+/// Item `j`'s features.
+fn item_features(j: usize) -> [f32; F] {
+    features(1, j)
+}
+
+/// Query `j`'s features (4,096 distinct queries).
+fn query_features(j: usize) -> [f32; F] {
+    features(2, j)
+}
+
 /// Runs configuration `name` in this process for about `seconds` after a
 /// warm-up and returns its figures.
 pub fn run_one(name: &str, seconds: f64) -> anyhow::Result<DenseFigure> {
     let &(_, objective, size, top_k) =
         CONFIGS.iter().find(|c| c.0 == name).with_context(|| format!("no dense configuration {name:?}"))?;
     let mut rng = Pcg64Mcg::seed_from_u64(7);
-    let mut uniform = || 2.0 * random::open01(&mut rng) - 1.0;
     // Twice the cache's items, so that about half the positives are new.
+    // Each item's and query's features are drawn from its index when it is
+    // needed, so that the process holds no dataset beside the cache: its
+    // peak resident memory is the trainer's and the cache's.
     let n_items = (2 * size).max(4096);
-    let items: Vec<[f32; F]> = (0..n_items).map(|_| std::array::from_fn(|_| uniform())).collect();
-    let queries: Vec<[f32; F]> = (0..4096).map(|_| std::array::from_fn(|_| uniform())).collect();
     let cfg = TrainerConfig { objective, top_k, ..TrainerConfig::DEFAULT };
     let mut trainer = Box::new(DenseTrainer::new(LayerTowers::new(tower(), tower(), 20.0), cfg));
     trainer.model.init(&mut rng);
     trainer.init()?;
     let mut cache = OwnedCache::<[f32; F], D>::new(size)?;
-    let corpus = &items[..size.min(n_items)];
+    // Full softmax needs its corpus as one slice; it is only 4,096 items.
+    let corpus: Vec<[f32; F]> =
+        if objective == Objective::Full { (0..size.min(n_items)).map(item_features).collect() } else { Vec::new() };
     if objective == Objective::Cache {
         // A full cache from the first timed step, as in a long run.
-        trainer.fill_cache(&mut cache.as_mut(), corpus)?;
+        let mut c = cache.as_mut();
+        let mut e = [[0.0f32; D]; BATCH];
+        for j0 in (0..size).step_by(BATCH) {
+            let chunk: [[f32; F]; BATCH] = std::array::from_fn(|k| item_features(j0 + k));
+            let n = BATCH.min(size - j0);
+            trainer.model.embed_items(&chunk[..n], &mut e[..n]);
+            for k in 0..n {
+                c.set_slot(j0 + k, &e[k], chunk[k], 0, true)?;
+            }
+        }
     }
     let threads = crate::threads::shared();
     let mut step = |rng: &mut Pcg64Mcg| -> anyhow::Result<()> {
         let pool = if objective == Objective::Full { corpus.len() } else { n_items };
         let picks: [usize; BATCH] = std::array::from_fn(|_| random::below(rng, pool as u32) as usize);
-        let q: [[f32; F]; BATCH] = std::array::from_fn(|b| queries[picks[b] % queries.len()]);
-        let p: [[f32; F]; BATCH] = std::array::from_fn(|b| items[picks[b]]);
+        let q: [[f32; F]; BATCH] = std::array::from_fn(|b| query_features(picks[b] % 4096));
+        let p: [[f32; F]; BATCH] = std::array::from_fn(|b| item_features(picks[b]));
         let index: [u32; BATCH] = std::array::from_fn(|b| picks[b] as u32);
         let batch = Batch { queries: &q, positives: &p, positive_index: Some(&index) };
-        trainer.step_on(&*threads, &mut cache.as_mut(), &batch, corpus, 1e-3, rng)?;
+        trainer.step_on(&*threads, &mut cache.as_mut(), &batch, &corpus, 1e-3, rng)?;
         Ok(())
     };
     for _ in 0..20 {
@@ -224,8 +263,9 @@ fn report(figures: &[DenseFigure], load: &str, seconds: f64) -> String {
         "Written by `negcache bench --dense --seconds {seconds} --write docs/results/bench-dense.md --json \
          docs/results/bench-dense.json` (release build at this machine's vector width). Model: dense features \
          F = 128, each tower Dense(128, relu) -> Dense(64) -> L2, score 20 <q, d>, batch 32, Adam; items carry \
-         their features. Each configuration ran in its own process after 20 warm-up steps; steps/s is the median \
-         over timed windows.\n"
+         their features, drawn from each item's index when a batch needs them (the process holds no dataset \
+         beside the cache). Each configuration ran in its own process after 20 warm-up steps; steps/s is the \
+         median over timed windows.\n"
     );
     let _ = writeln!(out, "Machine: {model}. Load average before the runs: {load}.\n");
     let _ = writeln!(
@@ -233,8 +273,10 @@ fn report(figures: &[DenseFigure], load: &str, seconds: f64) -> String {
         "The TF figures are the original library's on this machine kind with 2 threads, measured side by side \
          in issue 14. In negcache the cache configurations' scoring pass runs on the threads listed (split at \
          tiles of 16 queries, the same bits as on one, and only when a tile's pass is at least 2^24 \
-         multiply-adds); the towers, the optimiser and the other objectives run on one. Where the pass was \
-         split, the last column is the same configuration on one thread, measured just after.\n"
+         multiply-adds); the towers, the optimiser and the other objectives run on one. The towers take each \
+         side's inputs as one batch (register-blocked matrix products in nalgebra's summation order, so the bits \
+         are those of one input at a time). Where the pass was split, the last column is the same configuration \
+         on one thread, measured just after.\n"
     );
     let _ = writeln!(
         out,

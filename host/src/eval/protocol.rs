@@ -32,7 +32,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use super::metrics::{evaluate_with_equivalence, Metrics, RANKING_DEPTH};
-use super::topk::top_k_pairs;
+use super::topk::top_k_present;
 use crate::data::{Dataset, Qrel};
 
 /// Settings of the evaluation protocol; the defaults are BEIR's.
@@ -193,8 +193,13 @@ impl Evaluator {
         // The query's excluded set is looked up once, not per candidate
         // (`admits` per candidate left the per-item loop 2.5 times slower
         // in some builds: `negcache bench`, exact retrieval).
+        // Candidates are dropped as `None`, not filtered out (see
+        // `top_k_present`).
         match self.excluded.get(&query) {
-            Some(set) => self.best(candidates.into_iter().filter(|(doc, _)| !set.contains(doc)), depth),
+            Some(set) => self.best_present(
+                candidates.into_iter().map(|(doc, score)| (!set.contains(&doc)).then_some((doc, score))),
+                depth,
+            ),
             None => self.best(candidates, depth),
         }
     }
@@ -207,9 +212,15 @@ impl Evaluator {
     }
 
     fn best(&self, candidates: impl IntoIterator<Item = (u32, f32)>, depth: usize) -> Ranking {
-        let keyed =
-            candidates.into_iter().filter_map(|(doc, score)| self.tie_key.get(doc as usize).map(|&key| (key, score)));
-        top_k_pairs(keyed, depth).into_iter().map(|(key, score)| (self.doc_of_key[key as usize], score)).collect()
+        self.best_present(candidates.into_iter().map(Some), depth)
+    }
+
+    /// [`Self::best`] over the candidates that are `Some`.
+    fn best_present(&self, candidates: impl IntoIterator<Item = Option<(u32, f32)>>, depth: usize) -> Ranking {
+        let keyed = candidates
+            .into_iter()
+            .map(|c| c.and_then(|(doc, score)| self.tie_key.get(doc as usize).map(|&key| (key, score))));
+        top_k_present(keyed, depth).into_iter().map(|(key, score)| (self.doc_of_key[key as usize], score)).collect()
     }
 
     /// The depth that the metrics read: [`RANKING_DEPTH`], or the whole
