@@ -40,7 +40,7 @@ run full 20 --objective full --cache-capacity 20480 --negatives 1 --control-vari
   echo "# Training speed per objective"
   echo
   echo "\`bash docs/results/timing.sh\` on $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, $(date -u +%Y-%m-%d); load average before the runs: $LOAD."
-  echo "Shared-token towers, batch 32, cache of 8,192 items; the scoring pass is not split over threads at this cache size (evaluation is not timed)."
+  echo "Shared-token towers, batch 32, cache of 8,192 items; the scoring pass is split over both cores at tiles of 16 queries, the other work runs on one (evaluation is not timed)."
   echo
   echo "| objective | steps | seconds | steps/s | tower evaluations per step |"
   echo "|---|---|---|---|---|"

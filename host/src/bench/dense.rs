@@ -272,7 +272,7 @@ fn report(figures: &[DenseFigure], load: &str, seconds: f64) -> String {
         out,
         "The TF figures are the original library's on this machine kind with 2 threads, measured side by side \
          in issue 14. In negcache the cache configurations' scoring pass runs on the threads listed (split at \
-         tiles of 16 queries, the same bits as on one, and only when a tile's pass is at least 2^24 \
+         tiles of 16 queries, the same bits as on one, and only when a tile's pass is at least 2^20 \
          multiply-adds); the towers, the optimiser and the other objectives run on one. The towers take each \
          side's inputs as one batch (register-blocked matrix products in nalgebra's summation order, so the bits \
          are those of one input at a time). Where the pass was split, the last column is the same configuration \
