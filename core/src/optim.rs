@@ -130,7 +130,7 @@ impl Optimizer {
         let clip_scale =
             if self.clip_norm > 0.0 && grad_norm > self.clip_norm { self.clip_norm / grad_norm } else { 1.0 };
         self.t = self.t.saturating_add(1);
-        params(&mut Apply { opt: *self, lr, scale: clip_scale });
+        params(&mut Apply { opt: *self, correction: self.bias_correction(), lr, scale: clip_scale });
         Ok(OptimStats { grad_norm, clip_scale })
     }
 
@@ -140,6 +140,31 @@ impl Optimizer {
     /// indexing, and square roots by [`math::sqrt_wide`] (the same bits as
     /// `libm`'s).
     pub fn update_slice(&self, lr: f32, scale: f32, value: &mut [f32], grad: &[f32], state: &mut [&mut [f32]]) {
+        self.update_corrected(self.bias_correction(), lr, scale, value, grad, state)
+    }
+
+    /// Adam's bias corrections `(1 - b1^t, 1 - b2^t)` at this step (ones
+    /// for the other rules), computed once per step rather than per slice.
+    fn bias_correction(&self) -> (f32, f32) {
+        match self.kind {
+            OptimizerKind::Adam { beta1, beta2, .. } => {
+                let t = self.t.max(1) as i32;
+                (1.0 - libm::powf(beta1, t as f32), 1.0 - libm::powf(beta2, t as f32))
+            }
+            _ => (1.0, 1.0),
+        }
+    }
+
+    /// [`Self::update_slice`] with the step's bias corrections given.
+    fn update_corrected(
+        &self,
+        (c1, c2): (f32, f32),
+        lr: f32,
+        scale: f32,
+        value: &mut [f32],
+        grad: &[f32],
+        state: &mut [&mut [f32]],
+    ) {
         match self.kind {
             OptimizerKind::Sgd { momentum, weight_decay } => {
                 if momentum == 0.0 {
@@ -155,9 +180,6 @@ impl Optimizer {
                 }
             }
             OptimizerKind::Adam { beta1, beta2, eps, weight_decay } => {
-                let t = self.t.max(1) as i32;
-                let c1 = 1.0 - libm::powf(beta1, t as f32);
-                let c2 = 1.0 - libm::powf(beta2, t as f32);
                 let (m, rest) = state.split_at_mut(1);
                 let (m, v) = (&mut *m[0], &mut *rest[0]);
                 for (((p, &g), m), v) in value.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
@@ -211,13 +233,14 @@ impl ParamVisitor for Norm {
 
 struct Apply {
     opt: Optimizer,
+    correction: (f32, f32),
     lr: f32,
     scale: f32,
 }
 
 impl ParamVisitor for Apply {
     fn dense(&mut self, value: &mut [f32], grad: &mut [f32], state: &mut [&mut [f32]]) {
-        self.opt.update_slice(self.lr, self.scale, value, grad, state);
+        self.opt.update_corrected(self.correction, self.lr, self.scale, value, grad, state);
         grad.fill(0.0);
     }
     fn sparse(
@@ -234,7 +257,8 @@ impl ParamVisitor for Apply {
             // more shows them all, and the extra ones are left alone.
             let mut rows: heapless::Vec<&mut [f32], 4> =
                 state.iter_mut().take(4).map(|s| &mut s[span.clone()]).collect();
-            self.opt.update_slice(self.lr, self.scale, &mut value[span.clone()], &grad[span.clone()], &mut rows);
+            let (value, grad) = (&mut value[span.clone()], &grad[span.clone()]);
+            self.opt.update_corrected(self.correction, self.lr, self.scale, value, grad, &mut rows);
         }
         // The layer clears its own gradient rows and touched flags
         // (`zero_grad`), which knows which rows it touched.

@@ -42,7 +42,7 @@ use crate::remainder::{self, CacheSide, RemainderGrads};
 use crate::sampler::{LogSumExp, Retrieval};
 use crate::softmax::{self, SoftmaxOut};
 use crate::storage::Precision;
-use crate::tower::Towers;
+use crate::tower::{Towers, Upstream};
 
 /// Sampled and full softmax use the cache's storage as their table of
 /// candidate embeddings, which they read as `f32` slices.
@@ -538,10 +538,12 @@ where
             self.model.backward_items(batch.positives, &self.gp[..bsz]);
             return;
         }
+        let mut seq = Sequence::new(&mut self.model);
         for (b, (x, y)) in batch.queries.iter().zip(batch.positives).enumerate() {
-            self.model.backward_query(x, &self.gq[b]);
-            self.model.backward_item(y, &self.gp[b]);
+            seq.push(Upstream::Query(x, &self.gq[b]));
+            seq.push(Upstream::Item(y, &self.gp[b]));
         }
+        seq.flush();
     }
 
     /// Embeds the batch's queries and positives (one batched call per
@@ -698,13 +700,15 @@ where
             pending.flush();
             return;
         }
+        let mut seq = Sequence::new(&mut self.model);
         for b in 0..bsz {
-            self.model.backward_query(&batch.queries[b], &self.gq[b]);
-            self.model.backward_item(&batch.positives[b], &self.gp[b]);
+            seq.push(Upstream::Query(&batch.queries[b], &self.gq[b]));
+            seq.push(Upstream::Item(&batch.positives[b], &self.gp[b]));
             for (i, &slot) in self.loss.negatives(b).iter().enumerate() {
-                self.model.backward_item(&items[slot as usize], &self.gn[b][i]);
+                seq.push(Upstream::Item(&items[slot as usize], &self.gn[b][i]));
             }
         }
+        seq.flush();
     }
 
     /// The exact in-batch softmax with the sampled cache remainder
@@ -1090,6 +1094,36 @@ fn set_occupied<I: Item, const DIM: usize>(
         cache.set_occupied(slot, occupied)?;
     }
     Ok(())
+}
+
+/// Entries of [`Sequence`] per call of [`Towers::backward_sequence`].
+const SEQUENCE: usize = 32;
+
+/// A step's upstream gradients on their way to
+/// [`Towers::backward_sequence`], in the order they came, [`SEQUENCE`] at
+/// a time.
+struct Sequence<'a, 'm, M, Q, I, const DIM: usize> {
+    model: &'m mut M,
+    buf: heapless::Vec<Upstream<'a, Q, I, DIM>, SEQUENCE>,
+}
+
+impl<'a, 'm, M: Towers<Q, I, DIM>, Q, I, const DIM: usize> Sequence<'a, 'm, M, Q, I, DIM> {
+    fn new(model: &'m mut M) -> Self {
+        Self { model, buf: heapless::Vec::new() }
+    }
+
+    fn push(&mut self, u: Upstream<'a, Q, I, DIM>) {
+        if self.buf.is_full() {
+            self.flush();
+        }
+        // Not full after a flush.
+        let _ = self.buf.push(u);
+    }
+
+    fn flush(&mut self) {
+        self.model.backward_sequence(&self.buf);
+        self.buf.clear();
+    }
 }
 
 /// Candidate gradients on their way to the item tower, `items.len()` at a

@@ -6,6 +6,7 @@
 
 use rand_core::RngCore;
 
+use super::layer::CHUNK;
 use super::{Activation, Dense, ParamVisitor};
 
 /// Dense `IN -> HID`, activation, dense `HID -> OUT`.
@@ -52,6 +53,52 @@ impl<const IN: usize, const HID: usize, const OUT: usize, const S: usize> Mlp<IN
         self.first.backward(x, &dpre, dx);
     }
 
+    /// [`Self::forward`] for each input, bit for bit, each layer's weights
+    /// read once for the batch ([`Dense::forward_batch`]). At most
+    /// [`CHUNK`] inputs at a time pass through its stack buffers.
+    pub fn forward_batch(&self, act: Activation, xs: &[[f32; IN]], ys: &mut [[f32; OUT]]) {
+        let (mut pre, mut hid) = ([[0.0; HID]; CHUNK], [[0.0; HID]; CHUNK]);
+        for (xs, ys) in xs.chunks(CHUNK).zip(ys.chunks_mut(CHUNK)) {
+            let n = xs.len().min(ys.len());
+            self.first.forward_batch(&xs[..n], &mut pre[..n]);
+            for (p, h) in pre[..n].iter().zip(hid.iter_mut()) {
+                act.forward(p, h);
+            }
+            self.second.forward_batch(&hid[..n], &mut ys[..n]);
+        }
+    }
+
+    /// [`Self::backward`] for each input in order, bit for bit: each layer
+    /// accumulates its gradients over the inputs in order, and the two
+    /// layers share no parameter, so taking the second layer for every
+    /// input before the first changes no sum.
+    pub fn backward_batch(
+        &mut self,
+        act: Activation,
+        xs: &[[f32; IN]],
+        dys: &[[f32; OUT]],
+        mut dxs: Option<&mut [[f32; IN]]>,
+    ) {
+        let (mut pre, mut hid) = ([[0.0; HID]; CHUNK], [[0.0; HID]; CHUNK]);
+        let (mut dhid, mut dpre) = ([[0.0; HID]; CHUNK], [[0.0; HID]; CHUNK]);
+        for (c, (xs, dys)) in xs.chunks(CHUNK).zip(dys.chunks(CHUNK)).enumerate() {
+            let n = xs.len().min(dys.len());
+            self.first.forward_batch(&xs[..n], &mut pre[..n]);
+            for (p, h) in pre[..n].iter().zip(hid.iter_mut()) {
+                act.forward(p, h);
+            }
+            self.second.backward_batch(&hid[..n], &dys[..n], Some(&mut dhid[..n]));
+            for k in 0..n {
+                act.backward(&pre[k], &hid[k], &dhid[k], &mut dpre[k]);
+            }
+            let dx = dxs.as_deref_mut().map(|d| {
+                let len = d.len();
+                &mut d[(c * CHUNK).min(len)..(c * CHUNK + n).min(len)]
+            });
+            self.first.backward_batch(&xs[..n], &dpre[..n], dx);
+        }
+    }
+
     /// Clears the gradients.
     pub fn zero_grad(&mut self) {
         self.first.zero_grad();
@@ -81,6 +128,43 @@ mod tests {
     use super::*;
     use approx::assert_relative_eq;
     use rand_core::SeedableRng;
+
+    #[test]
+    fn batches_give_the_bits_of_one_input_at_a_time() {
+        let mut rng = rand_pcg::Pcg32::seed_from_u64(4);
+        let mut one = Mlp::<9, 70, 5, 0>::new();
+        one.init(&mut rng);
+        for act in [Activation::Relu, Activation::Tanh] {
+            let mut batch = one.clone();
+            let mut v = |k: usize| ((k * 37 % 29) as f32 - 14.0) / 7.0;
+            let xs: [[f32; 9]; 21] = core::array::from_fn(|k| core::array::from_fn(|i| v(k * 9 + i)));
+            let dys: [[f32; 5]; 21] = core::array::from_fn(|k| core::array::from_fn(|o| v(k * 5 + o + 3)));
+            let (mut ys, mut dxs) = ([[0.0; 5]; 21], [[0.0; 9]; 21]);
+            batch.forward_batch(act, &xs, &mut ys);
+            batch.backward_batch(act, &xs, &dys, Some(&mut dxs));
+            for k in 0..21 {
+                let (mut y, mut dx) = ([0.0; 5], [0.0; 9]);
+                one.forward(act, &xs[k], &mut y);
+                one.backward(act, &xs[k], &dys[k], Some(&mut dx));
+                assert_eq!(y.map(f32::to_bits), ys[k].map(f32::to_bits), "{act:?} forward {k}");
+                assert_eq!(dx.map(f32::to_bits), dxs[k].map(f32::to_bits), "{act:?} dx {k}");
+            }
+            let words = |m: &mut Mlp<9, 70, 5, 0>| {
+                let mut w = Words(heapless::Vec::new());
+                m.visit(&mut w);
+                w.0
+            };
+            assert!(words(&mut one) == words(&mut batch), "{act:?}: gradients differ");
+        }
+    }
+
+    struct Words(heapless::Vec<u32, 2048>);
+    impl ParamVisitor for Words {
+        fn dense(&mut self, _: &mut [f32], g: &mut [f32], _: &mut [&mut [f32]]) {
+            self.0.extend(g.iter().map(|x| x.to_bits()));
+        }
+        fn sparse(&mut self, _: usize, _: &mut [f32], _: &mut [f32], _: &mut [&mut [f32]], _: &[bool]) {}
+    }
 
     #[test]
     fn input_gradient_matches_finite_differences() {
