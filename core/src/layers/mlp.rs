@@ -136,7 +136,7 @@ mod tests {
         one.init(&mut rng);
         for act in [Activation::Relu, Activation::Tanh] {
             let mut batch = one.clone();
-            let mut v = |k: usize| ((k * 37 % 29) as f32 - 14.0) / 7.0;
+            let v = |k: usize| ((k * 37 % 29) as f32 - 14.0) / 7.0;
             let xs: [[f32; 9]; 21] = core::array::from_fn(|k| core::array::from_fn(|i| v(k * 9 + i)));
             let dys: [[f32; 5]; 21] = core::array::from_fn(|k| core::array::from_fn(|o| v(k * 5 + o + 3)));
             let (mut ys, mut dxs) = ([[0.0; 5]; 21], [[0.0; 9]; 21]);
