@@ -16,6 +16,7 @@ use negcache::remainder::{
     in_batch_part_with_remainder, BatchPart, CacheSide, Control, RemainderGrads, RemainderSummary,
 };
 use negcache::sampler::LogSumExp;
+use negcache::tower::Upstream;
 use negcache::trainer::{CacheMode, StepReport};
 use negcache::Item;
 use rand_core::SeedableRng;
@@ -414,13 +415,16 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
             }
         }
         let model = &mut trainer.model;
+        let mut seq = Vec::with_capacity(bl * (2 + K));
         for b in 0..bl {
-            model.backward_query(&self.queries[b], &self.gq[b]);
-            model.backward_item(&self.positives[b], &self.gp[b]);
+            seq.push(Upstream::Query(&self.queries[b], &self.gq[b]));
+            seq.push(Upstream::Item(&self.positives[b], &self.gp[b]));
             for (i, pick) in self.draws[b].picks().iter().enumerate() {
-                model.backward_item(&pick.item, &self.gn[b * K + i]);
+                seq.push(Upstream::Item(&pick.item, &self.gn[b * K + i]));
             }
         }
+        // The trainer's order: query, positive, negatives, query by query.
+        model.backward_sequence(&seq);
         model.backward_scale(grad_scale * inv_b);
         Ok(Terms { extra: [training, interpretable, prob_pos, evals as f32], scale: inv_b })
     }
@@ -461,13 +465,15 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
         let sum = in_batch_part(&mut self.comm, &self.q, rows, ids, alpha, K, side, grads, &mut self.gp_sum)?;
         let first = local_part(&self.comm, bl).first;
         let model = &mut trainer.model;
+        let mut seq = Vec::with_capacity(bl * (2 + K));
         for b in 0..bl {
-            model.backward_query(&self.queries[b], &self.gq[b]);
-            model.backward_item(&self.positives[b], &self.gp_sum[first + b]);
+            seq.push(Upstream::Query(&self.queries[b], &self.gq[b]));
+            seq.push(Upstream::Item(&self.positives[b], &self.gp_sum[first + b]));
             for (i, pick) in self.draws[b].picks().iter().enumerate() {
-                model.backward_item(&pick.item, &self.gn[b * K + i]);
+                seq.push(Upstream::Item(&pick.item, &self.gn[b * K + i]));
             }
         }
+        model.backward_sequence(&seq);
         model.backward_scale(sum.grad_scale);
         Ok(Terms { extra: [sum.loss, sum.loss, sum.prob_pos, evals as f32], scale: 1.0 })
     }
