@@ -76,6 +76,26 @@ pub struct DenseFigure {
     /// in the same run, when `threads` is more than one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub one_thread_steps_per_s: Option<f64>,
+    /// Each round's steps per second, in the order they ran (the figure is
+    /// their median).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rounds: Vec<f64>,
+    /// Each round's steps per second on one thread, when measured.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub one_thread_rounds: Vec<f64>,
+}
+
+/// Rounds of every configuration in `negcache bench --dense`: the
+/// two-thread figures on this VM moved by up to a fifth between runs
+/// minutes apart, so each figure is the median of rounds spread over the
+/// whole benchmark, with their range.
+pub const ROUNDS: usize = 3;
+
+/// The median of `xs` (the upper middle value for an even count).
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn tower() -> Tower {
@@ -177,6 +197,8 @@ pub fn run_one(name: &str, seconds: f64) -> anyhow::Result<DenseFigure> {
         // queries, and only when a tile's work is worth a hand-over.
         threads: if objective == Objective::Cache { kernel::pass_threads(&*threads, BATCH, size, D) } else { 1 },
         one_thread_steps_per_s: None,
+        rounds: Vec::new(),
+        one_thread_rounds: Vec::new(),
     })
 }
 
@@ -202,15 +224,29 @@ pub fn run_all(seconds: f64, json: Option<&Path>, markdown: Option<&Path>) -> an
         );
         serde_json::from_slice(&out.stdout).with_context(|| format!("configuration {name} printed no figures"))
     };
-    for (name, ..) in CONFIGS {
-        eprintln!("dense benchmark model, {name} ...");
-        let mut fig = child(name, crate::threads::count())?;
-        if fig.threads > 1 {
-            // The same configuration on one thread, side by side.
-            eprintln!("dense benchmark model, {name} on one thread ...");
-            fig.one_thread_steps_per_s = Some(child(name, 1)?.steps_per_s);
+    for round in 1..=ROUNDS {
+        for (k, (name, ..)) in CONFIGS.iter().enumerate() {
+            eprintln!("dense benchmark model, round {round} of {ROUNDS}, {name} ...");
+            let fig = child(name, crate::threads::count())?;
+            let one = if fig.threads > 1 {
+                // The same configuration on one thread, side by side.
+                eprintln!("dense benchmark model, round {round} of {ROUNDS}, {name} on one thread ...");
+                Some(child(name, 1)?.steps_per_s)
+            } else {
+                None
+            };
+            if round == 1 {
+                figures.push(fig.clone());
+            }
+            let f = &mut figures[k];
+            f.rounds.push(fig.steps_per_s);
+            f.one_thread_rounds.extend(one);
+            f.peak_rss_mib = f.peak_rss_mib.max(fig.peak_rss_mib);
         }
-        figures.push(fig);
+    }
+    for f in &mut figures {
+        f.steps_per_s = median(&f.rounds);
+        f.one_thread_steps_per_s = (!f.one_thread_rounds.is_empty()).then(|| median(&f.one_thread_rounds));
     }
     println!("dense benchmark model (F 128, Dense(128, relu) -> Dense(64) -> L2, batch 32, Adam)");
     println!("load average before the runs: {load}");
@@ -264,8 +300,10 @@ fn report(figures: &[DenseFigure], load: &str, seconds: f64) -> String {
          docs/results/bench-dense.json` (release build at this machine's vector width). Model: dense features \
          F = 128, each tower Dense(128, relu) -> Dense(64) -> L2, score 20 <q, d>, batch 32, Adam; items carry \
          their features, drawn from each item's index when a batch needs them (the process holds no dataset \
-         beside the cache). Each configuration ran in its own process after 20 warm-up steps; steps/s is the \
-         median over timed windows.\n"
+         beside the cache). Each configuration ran in its own process after 20 warm-up steps, in {ROUNDS} \
+         rounds over all configurations; a round's figure is the median of its timed windows, and steps/s is \
+         the median of the rounds (listed in the order they ran; the two-thread figures move most between \
+         rounds on this VM).\n"
     );
     let _ = writeln!(out, "Machine: {model}. Load average before the runs: {load}.\n");
     let _ = writeln!(
@@ -280,17 +318,19 @@ fn report(figures: &[DenseFigure], load: &str, seconds: f64) -> String {
     );
     let _ = writeln!(
         out,
-        "| config | TF steps/s | negcache steps/s | ratio | goal | met | peak RSS MiB | threads | on one thread |"
+        "| config | TF steps/s | negcache steps/s | rounds | ratio | goal | met | peak RSS MiB | threads | on one \
+         thread |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---|---:|---:|---|---:|---:|---:|");
     for f in figures {
         let Some(&(_, tf, goal)) = TF_STEPS_PER_S.iter().find(|t| t.0 == f.name) else { continue };
         let ratio = f.steps_per_s / tf;
         let _ = writeln!(
             out,
-            "| {} | {tf:.1} | {:.1} | {ratio:.2}x | {goal}x | {} | {:.1} | {} | {} |",
+            "| {} | {tf:.1} | {:.1} | {} | {ratio:.2}x | {goal}x | {} | {:.1} | {} | {} |",
             f.name,
             f.steps_per_s,
+            f.rounds.iter().map(|r| format!("{r:.1}")).collect::<Vec<_>>().join(", "),
             if ratio >= goal { "yes" } else { "no" },
             f.peak_rss_mib,
             f.threads,
