@@ -205,7 +205,9 @@ struct Norm(f64);
 
 /// The sum of squares of `g` in f64: eight running sums, element `i` in
 /// sum `i % 8`, added up in a fixed order at the end, so that the loop
-/// vectorises and every build adds in the same order.
+/// vectorises and every build adds in the same order. (Before, one
+/// running sum: the global norm may differ from an earlier version's in
+/// its last bit, which changes a run only when it clips.)
 fn sum_of_squares(g: &[f32]) -> f64 {
     let mut acc = [0.0f64; 8];
     let mut chunks = g.chunks_exact(8);

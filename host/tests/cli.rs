@@ -68,10 +68,10 @@ fn bench_dense_runs_the_benchmark_model_and_writes_its_figures() {
     assert_eq!(fig["name"], "inbatch_B32");
     assert!(fig["steps_per_s"].as_f64().unwrap() > 0.0 && fig["windows"].as_u64().unwrap() >= 3, "{fig}");
     assert_eq!(fig["threads"], 1);
-    // The pass is split over the threads asked for when a tile's pass is
-    // large (65,536 slots), not when it is small (4,096).
-    for (name, threads) in [("cache_N65536", 2), ("cache_N4096", 1)] {
-        let (code, out, err) = negcache(&["--threads", "2", "bench", "--dense-one", name, "--seconds", "0.05"]);
+    // The pass is split over the threads asked for: both cache sizes are
+    // above `negcache::parallel::MIN_PIECE_WORK` per tile.
+    for (name, asked, threads) in [("cache_N65536", "2", 2), ("cache_N4096", "2", 2), ("cache_N4096", "1", 1)] {
+        let (code, out, err) = negcache(&["--threads", asked, "bench", "--dense-one", name, "--seconds", "0.05"]);
         assert_eq!(code, 0, "{err}");
         let fig: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(fig["threads"], threads, "{fig}");

@@ -20,7 +20,9 @@ use crate::random;
 /// # Memory
 /// `(2 + S) * (IN * OUT + OUT) * 4` bytes: weights and bias, their
 /// gradients, and the state slots. The weight matrix is an nalgebra
-/// `SMatrix<f32, OUT, IN>`, stored column-major.
+/// `SMatrix<f32, OUT, IN>`, stored column-major. The batched methods work
+/// in stack buffers besides: `backward_batch` with input gradients about
+/// `64 * (IN + OUT)` bytes (16 inputs' gradients, transposed).
 #[derive(Debug, Clone)]
 pub struct Dense<const IN: usize, const OUT: usize, const S: usize> {
     w: SMatrix<f32, OUT, IN>,
@@ -89,8 +91,9 @@ impl<const IN: usize, const OUT: usize, const S: usize> Dense<IN, OUT, S> {
     /// `+= W[o, i] x[i]` for `i` ascending, so the bits are those of one
     /// input at a time. The work is blocked for registers: [`EXAMPLES`]
     /// inputs by [`OUTPUTS`] outputs are summed together, so each weight
-    /// read from memory serves several inputs and the sums never leave
-    /// registers until they are done.
+    /// read from memory serves several inputs and a whole block's sums stay
+    /// in registers until they are done (the rows past the last whole
+    /// block sum in `ys`).
     pub fn forward_batch(&self, xs: &[[f32; IN]], ys: &mut [[f32; OUT]]) {
         let n = xs.len().min(ys.len());
         let (w, b) = (self.w.as_slice(), self.b.as_slice());
@@ -274,6 +277,12 @@ fn weight_grad_block<const IN: usize, const OUT: usize, const C: usize>(
 /// The inputs are the vector lanes: `dys` is transposed first.
 fn input_grad_lanes<const IN: usize, const OUT: usize>(w: &[f32], dys: &[[f32; OUT]], dxs: &mut [[f32; IN]]) {
     let n = dys.len().min(dxs.len()).min(LANES);
+    if OUT == 0 {
+        // No rows: every dot product is empty (and `chunks_exact(0)` would
+        // panic).
+        dxs[..n].iter_mut().for_each(|dx| *dx = [0.0; IN]);
+        return;
+    }
     let mut dyt = [[0.0f32; LANES]; OUT];
     for (k, dy) in dys[..n].iter().enumerate() {
         for (t, &d) in dyt.iter_mut().zip(dy) {
@@ -391,6 +400,7 @@ mod tests {
         batch_against_one_at_a_time::<37, 70, 21>(14);
         batch_against_one_at_a_time::<64, 32, 17>(15);
         batch_against_one_at_a_time::<9, 17, 33>(16);
+        batch_against_one_at_a_time::<3, 0, 5>(17);
     }
 
     use super::*;
