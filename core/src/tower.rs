@@ -329,6 +329,101 @@ impl<
             };
         }
     }
+
+    /// [`TokenModel::embed`] for each input, bit for bit: each input pooled
+    /// alone, then the side's MLP over [`CHUNK`] inputs at a time
+    /// ([`Mlp::forward_batch`]), then each normalised.
+    fn embed_side<X: AsRef<[u32]>>(&self, side: Side, xs: &[X], out: &mut [[f32; DIM]]) {
+        if !BATCH_TOKENS {
+            xs.iter().zip(out).for_each(|(x, o)| TokenModel::embed(self, side, x.as_ref(), o));
+            return;
+        }
+        let (t, m) = Self::parts(side);
+        let (mut pooled, mut raw) = ([[0.0; E]; CHUNK], [[0.0; DIM]; CHUNK]);
+        for (xs, out) in xs.chunks(CHUNK).zip(out.chunks_mut(CHUNK)) {
+            let n = xs.len().min(out.len());
+            for (x, p) in xs.iter().zip(pooled.iter_mut()) {
+                self.bags[t].forward(x.as_ref(), self.cfg.pooling, p);
+            }
+            self.mlps[m].forward_batch(self.cfg.activation, &pooled[..n], &mut raw[..n]);
+            for (r, o) in raw[..n].iter().zip(out.iter_mut()) {
+                normalize::forward(r, o);
+            }
+        }
+    }
+
+    /// One side's inputs with their gradients, in order, each made an entry
+    /// by `entry_of` ([`Upstream::Query`] or [`Upstream::Item`]).
+    fn backward_each<'a, X, Q: AsRef<[u32]> + 'a, I: AsRef<[u32]> + 'a>(
+        &mut self,
+        inputs: &'a [X],
+        grads: &'a [[f32; DIM]],
+        entry_of: impl Fn(&'a X, &'a [f32; DIM]) -> Upstream<'a, Q, I, DIM>,
+    ) {
+        for (xs, gs) in inputs.chunks(CHUNK).zip(grads.chunks(CHUNK)) {
+            let seq: [Option<Upstream<'a, Q, I, DIM>>; CHUNK] =
+                core::array::from_fn(|k| xs.get(k).zip(gs.get(k)).map(|(x, g)| entry_of(x, g)));
+            self.backward_chunk(&seq);
+        }
+    }
+
+    /// [`TokenModel::backward`] for each present entry of `seq`, in order,
+    /// bit for bit. Each entry is pooled alone; each MLP takes the entries
+    /// of its side as one batch ([`Mlp::backward_batch`], in their order;
+    /// the MLPs share no parameter with each other or with the tables);
+    /// then each entry's pooled gradient goes to its table, in order.
+    fn backward_chunk<Q: AsRef<[u32]>, I: AsRef<[u32]>>(&mut self, seq: &[Option<Upstream<'_, Q, I, DIM>>; CHUNK]) {
+        if !BATCH_TOKENS {
+            for u in seq.iter().flatten() {
+                let (side, tokens, g) = entry(u);
+                TokenModel::backward(self, side, tokens, &g);
+            }
+            return;
+        }
+        let mut pooled = [[0.0; E]; CHUNK];
+        for (u, p) in seq.iter().zip(pooled.iter_mut()) {
+            if let Some(u) = u {
+                let (side, tokens, _) = entry(u);
+                self.bags[Self::parts(side).0].forward(tokens, self.cfg.pooling, p);
+            }
+        }
+        let mut dpooled = [[0.0; E]; CHUNK];
+        for m in 0..MLPS {
+            // This MLP's entries, in order.
+            let (mut at, mut len) = ([0usize; CHUNK], 0);
+            for (k, u) in seq.iter().enumerate() {
+                if u.as_ref().is_some_and(|u| Self::parts(entry(u).0).1 == m) {
+                    at[len] = k;
+                    len += 1;
+                }
+            }
+            if len == 0 {
+                continue;
+            }
+            let (mut xs, mut raw, mut draw) = ([[0.0; E]; CHUNK], [[0.0; DIM]; CHUNK], [[0.0; DIM]; CHUNK]);
+            for (x, &k) in xs.iter_mut().zip(&at[..len]) {
+                *x = pooled[k];
+            }
+            self.mlps[m].forward_batch(self.cfg.activation, &xs[..len], &mut raw[..len]);
+            for ((r, d), &k) in raw[..len].iter().zip(draw.iter_mut()).zip(&at[..len]) {
+                let Some(u) = &seq[k] else { continue };
+                let mut y = [0.0; DIM];
+                let norm = normalize::forward(r, &mut y);
+                normalize::backward(&y, norm, &entry(u).2, d);
+            }
+            let mut dxs = [[0.0; E]; CHUNK];
+            self.mlps[m].backward_batch(self.cfg.activation, &xs[..len], &draw[..len], Some(&mut dxs[..len]));
+            for (dx, &k) in dxs[..len].iter().zip(&at[..len]) {
+                dpooled[k] = *dx;
+            }
+        }
+        for (u, dp) in seq.iter().zip(&dpooled) {
+            if let Some(u) = u {
+                let (side, tokens, _) = entry(u);
+                self.bags[Self::parts(side).0].backward(tokens, self.cfg.pooling, dp);
+            }
+        }
+    }
 }
 
 impl<
@@ -391,35 +486,12 @@ impl<
         self.embed_side(Side::Item, ys, out)
     }
     fn backward_queries(&mut self, xs: &[Q], grads: &[[f32; DIM]]) {
-        if !BATCH_TOKENS {
-            xs.iter().zip(grads).for_each(|(x, g)| TokenModel::backward(self, Side::Query, x.as_ref(), g));
-            return;
-        }
-        for (xs, gs) in xs.chunks(CHUNK).zip(grads.chunks(CHUNK)) {
-            let seq: [Option<Upstream<'_, Q, I, DIM>>; CHUNK] =
-                core::array::from_fn(|k| xs.get(k).zip(gs.get(k)).map(|(x, g)| Upstream::Query(x, g)));
-            self.backward_chunk(&seq);
-        }
+        self.backward_each(xs, grads, Upstream::<Q, I, DIM>::Query)
     }
     fn backward_items(&mut self, ys: &[I], grads: &[[f32; DIM]]) {
-        if !BATCH_TOKENS {
-            ys.iter().zip(grads).for_each(|(y, g)| TokenModel::backward(self, Side::Item, y.as_ref(), g));
-            return;
-        }
-        for (ys, gs) in ys.chunks(CHUNK).zip(grads.chunks(CHUNK)) {
-            let seq: [Option<Upstream<'_, Q, I, DIM>>; CHUNK] =
-                core::array::from_fn(|k| ys.get(k).zip(gs.get(k)).map(|(y, g)| Upstream::Item(y, g)));
-            self.backward_chunk(&seq);
-        }
+        self.backward_each(ys, grads, Upstream::<Q, I, DIM>::Item)
     }
     fn backward_sequence(&mut self, seq: &[Upstream<'_, Q, I, DIM>]) {
-        if !BATCH_TOKENS {
-            for u in seq {
-                let (side, tokens, g) = entry(u);
-                TokenModel::backward(self, side, tokens, &g);
-            }
-            return;
-        }
         for chunk in seq.chunks(CHUNK) {
             let seq: [Option<Upstream<'_, Q, I, DIM>>; CHUNK] = core::array::from_fn(|k| chunk.get(k).copied());
             self.backward_chunk(&seq);
@@ -442,90 +514,6 @@ fn entry<'a, Q: AsRef<[u32]>, I: AsRef<[u32]>, const DIM: usize>(
     match *u {
         Upstream::Query(x, g) => (Side::Query, x.as_ref(), *g),
         Upstream::Item(y, g) => (Side::Item, y.as_ref(), *g),
-    }
-}
-
-impl<
-        const TABLES: usize,
-        const MLPS: usize,
-        const BUCKETS: usize,
-        const E: usize,
-        const H: usize,
-        const DIM: usize,
-        const S: usize,
-    > TwoTower<TABLES, MLPS, BUCKETS, E, H, DIM, S>
-{
-    /// [`TokenModel::embed`] for each input, bit for bit: each input pooled
-    /// alone, then the side's MLP over [`CHUNK`] inputs at a time
-    /// ([`Mlp::forward_batch`]), then each normalised.
-    fn embed_side<X: AsRef<[u32]>>(&self, side: Side, xs: &[X], out: &mut [[f32; DIM]]) {
-        if !BATCH_TOKENS {
-            xs.iter().zip(out).for_each(|(x, o)| TokenModel::embed(self, side, x.as_ref(), o));
-            return;
-        }
-        let (t, m) = Self::parts(side);
-        let (mut pooled, mut raw) = ([[0.0; E]; CHUNK], [[0.0; DIM]; CHUNK]);
-        for (xs, out) in xs.chunks(CHUNK).zip(out.chunks_mut(CHUNK)) {
-            let n = xs.len().min(out.len());
-            for (x, p) in xs.iter().zip(pooled.iter_mut()) {
-                self.bags[t].forward(x.as_ref(), self.cfg.pooling, p);
-            }
-            self.mlps[m].forward_batch(self.cfg.activation, &pooled[..n], &mut raw[..n]);
-            for (r, o) in raw[..n].iter().zip(out.iter_mut()) {
-                normalize::forward(r, o);
-            }
-        }
-    }
-
-    /// [`TokenModel::backward`] for each present entry of `seq`, in order,
-    /// bit for bit. Each entry is pooled alone; each MLP takes the entries
-    /// of its side as one batch ([`Mlp::backward_batch`], in their order;
-    /// the MLPs share no parameter with each other or with the tables);
-    /// then each entry's pooled gradient goes to its table, in order.
-    fn backward_chunk<Q: AsRef<[u32]>, I: AsRef<[u32]>>(&mut self, seq: &[Option<Upstream<'_, Q, I, DIM>>; CHUNK]) {
-        let mut pooled = [[0.0; E]; CHUNK];
-        for (u, p) in seq.iter().zip(pooled.iter_mut()) {
-            if let Some(u) = u {
-                let (side, tokens, _) = entry(u);
-                self.bags[Self::parts(side).0].forward(tokens, self.cfg.pooling, p);
-            }
-        }
-        let mut dpooled = [[0.0; E]; CHUNK];
-        for m in 0..MLPS {
-            // This MLP's entries, in order.
-            let (mut at, mut len) = ([0usize; CHUNK], 0);
-            for (k, u) in seq.iter().enumerate() {
-                if u.as_ref().is_some_and(|u| Self::parts(entry(u).0).1 == m) {
-                    at[len] = k;
-                    len += 1;
-                }
-            }
-            if len == 0 {
-                continue;
-            }
-            let (mut xs, mut raw, mut draw) = ([[0.0; E]; CHUNK], [[0.0; DIM]; CHUNK], [[0.0; DIM]; CHUNK]);
-            for (x, &k) in xs.iter_mut().zip(&at[..len]) {
-                *x = pooled[k];
-            }
-            self.mlps[m].forward_batch(self.cfg.activation, &xs[..len], &mut raw[..len]);
-            for ((r, d), &k) in raw[..len].iter().zip(draw.iter_mut()).zip(&at[..len]) {
-                let Some(u) = &seq[k] else { continue };
-                let mut y = [0.0; DIM];
-                let norm = normalize::forward(r, &mut y);
-                normalize::backward(&y, norm, &entry(u).2, d);
-            }
-            let mut dxs = [[0.0; E]; CHUNK];
-            self.mlps[m].backward_batch(self.cfg.activation, &xs[..len], &draw[..len], Some(&mut dxs[..len]));
-            for (dx, &k) in dxs[..len].iter().zip(&at[..len]) {
-                dpooled[k] = *dx;
-            }
-        }
-        for (u, dp) in seq.iter().zip(&dpooled) {
-            if let Some(u) = u {
-                let (side, tokens, _) = entry(u);
-                self.bags[Self::parts(side).0].backward(tokens, self.cfg.pooling, dp);
-            }
-        }
     }
 }
 
