@@ -376,7 +376,7 @@ impl<
         if !BATCH_TOKENS {
             for u in seq.iter().flatten() {
                 let (side, tokens, g) = entry(u);
-                TokenModel::backward(self, side, tokens, &g);
+                TokenModel::backward(self, side, tokens, g);
             }
             return;
         }
@@ -409,7 +409,7 @@ impl<
                 let Some(u) = &seq[k] else { continue };
                 let mut y = [0.0; DIM];
                 let norm = normalize::forward(r, &mut y);
-                normalize::backward(&y, norm, &entry(u).2, d);
+                normalize::backward(&y, norm, entry(u).2, d);
             }
             let mut dxs = [[0.0; E]; CHUNK];
             self.mlps[m].backward_batch(self.cfg.activation, &xs[..len], &draw[..len], Some(&mut dxs[..len]));
@@ -510,10 +510,10 @@ const BATCH_TOKENS: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch
 /// A token entry's side, tokens and upstream gradient.
 fn entry<'a, Q: AsRef<[u32]>, I: AsRef<[u32]>, const DIM: usize>(
     u: &Upstream<'a, Q, I, DIM>,
-) -> (Side, &'a [u32], [f32; DIM]) {
+) -> (Side, &'a [u32], &'a [f32; DIM]) {
     match *u {
-        Upstream::Query(x, g) => (Side::Query, x.as_ref(), *g),
-        Upstream::Item(y, g) => (Side::Item, y.as_ref(), *g),
+        Upstream::Query(x, g) => (Side::Query, x.as_ref(), g),
+        Upstream::Item(y, g) => (Side::Item, y.as_ref(), g),
     }
 }
 

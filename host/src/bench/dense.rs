@@ -103,19 +103,15 @@ fn tower() -> Tower {
 }
 
 /// Features uniform in [-1, 1), a function of `stream` and `index` alone:
-/// value `i` is SplitMix64's output mixing of a counter, a few
-/// instructions per value, so that drawing a batch's features costs the
-/// step next to nothing.
+/// value `i` is SplitMix64's finaliser (`negcache::item::finish`) of a
+/// counter, a few instructions per value, so that drawing a batch's
+/// features costs the step next to nothing.
 fn features(stream: u64, index: usize) -> [f32; F] {
+    use negcache::item::finish;
     const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mix = |mut z: u64| {
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
-    let base = mix(stream.wrapping_mul(GOLDEN) ^ index as u64);
+    let base = finish(stream.wrapping_mul(GOLDEN) ^ index as u64);
     std::array::from_fn(|i| {
-        let z = mix(base.wrapping_add((i as u64 + 1).wrapping_mul(GOLDEN)));
+        let z = finish(base.wrapping_add((i as u64 + 1).wrapping_mul(GOLDEN)));
         (z >> 40) as f32 * (2.0 / (1u64 << 24) as f32) - 1.0
     })
 }
