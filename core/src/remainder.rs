@@ -160,15 +160,17 @@ pub fn in_batch_part_with_remainder<I: PartialEq, const DIM: usize>(
     remainder(queries, positives, items, alpha, total, part, cache, terms, grads)
 }
 
-/// The draws of a whole batch, one per query, each used by every query:
-/// see [`in_batch_with_shared_draws`].
+/// The draws of a whole batch, each used by every query: see
+/// [`in_batch_with_shared_draws`].
 #[derive(Debug)]
 pub struct SharedDraws<'a, const DIM: usize> {
-    /// The drawn slots' stale rows, as the scoring pass read them (row `b`
-    /// for query `b`'s draw).
+    /// The drawn slots' stale rows, as the scoring pass read them: query
+    /// `b`'s `neg` rows at `b * neg ..`, laid out as [`CacheSide::fresh`].
     pub stale: &'a [[f32; DIM]],
-    /// Whether query `b` drew (false when it had no candidate).
-    pub drawn: &'a [bool],
+    /// Per row, the share of its query's `m` independent draws that fell on
+    /// it (`k / m` for a slot drawn `k` times; 1 for a single draw; 0 for a
+    /// row past the query's draws).
+    pub shares: &'a [f32],
     /// Per query, the log-sum-exp of its sampling logits
     /// `inv_temp * alpha <q_b, e_j>` over its candidates (the scores' own
     /// log-sum-exp when `inv_temp` is 1).
@@ -178,30 +180,34 @@ pub struct SharedDraws<'a, const DIM: usize> {
     /// Correct the stale scores with the fresh ones (see
     /// [`in_batch_with_shared_draws`]).
     pub fresh_scores: bool,
-    /// Working memory: one float per query.
+    /// Working memory: one float per row.
     pub counts: &'a mut [f32],
     /// Working memory: one log-sum-exp per query.
     pub lse: &'a mut [LogSumExp],
 }
 
 /// [`in_batch_with_remainder`] with every query's cache share estimated
-/// from the draws of the whole batch instead of its own draw alone.
+/// from the draws of the whole batch instead of its own draws alone.
 ///
-/// Query `b'` drew slot `j` with probability `rho_b'j` (its sampling
-/// softmax), so slot `j` is expected `c_j = sum_b' rho_b'j` times among
-/// the batch's draws. Weighting draw `k` (slot `j_k`) for query `b` by
-/// `w_bk = P_b j_k / c_j_k` (`P_b` query `b`'s cache softmax, from the
-/// stale scores) gives `E[sum_k w_bk f_k] = sum_j P_bj f_j`: the
-/// Hansen-Hurwitz estimator of the cache softmax mean, unbiased for each
-/// query, with `B` fresh negatives per query for the tower evaluations of
-/// one. Since `c_j >= P_bj`, every weight is at most 1: a query's own draw
-/// is never weighted above what it has alone. Every slot a query can draw
-/// must be a candidate for every query (the default objective hides the
-/// batch's items from all of them; with accidental-hit masking alone, a
-/// query's own positive would be drawn by others but never weighted).
+/// Query `b'` made `m` independent draws, each of slot `j` with
+/// probability `rho_b'j` (its sampling softmax), so slot `j` is expected
+/// `m c_j` times among the batch's draws, `c_j = sum_b' rho_b'j`. A row
+/// holding slot `j` drawn `k` times by its query has share `s = k / m`;
+/// weighting it for query `b` by `w_b = s P_bj / c_j` (`P_b` query `b`'s
+/// cache softmax, from the stale scores) gives
+/// `E[sum_rows w_b f] = sum_j P_bj f_j`: the Hansen-Hurwitz estimator of
+/// the cache softmax mean, unbiased for each query, with `B m` fresh
+/// negatives per query for the tower evaluations of `m`. Since
+/// `c_j >= P_bj` at inverse temperature 1, no weight exceeds the share:
+/// a query's own draws are never weighted above what they have alone.
+/// Every slot a query can draw must be a candidate for every query (the
+/// default objective hides the batch's items from all of them; with
+/// accidental-hit masking alone, a query's own positive would be drawn by
+/// others but never weighted).
 ///
-/// `cache.fresh` and `cache.weights` hold one row per query (its draw);
-/// the weights are ignored and replaced by the above.
+/// `cache.weights` is ignored and replaced by the above; `cache.fresh`,
+/// `shared.stale`, `shared.shares` and `shared.counts` have one entry per
+/// row.
 ///
 /// With `fresh_scores`, the draws also correct the cache's stale scores:
 /// the cache's share `exp(C_b)` becomes `exp(C_b) S_b` with
@@ -211,7 +217,7 @@ pub struct SharedDraws<'a, const DIM: usize> {
 /// `w_bk r_bk / S_b`: self-normalised importance sampling of the fresh
 /// softmax with the stale one as proposal. It is consistent rather than
 /// unbiased (the normalisation by `S_b` is random even when fresh =
-/// stale), costs `B^2 D` more multiply-adds, and takes no control
+/// stale), costs `B^2 m D` more multiply-adds, and takes no control
 /// variate. With a single candidate it is exact: the fresh softmax.
 ///
 /// # Errors
@@ -226,49 +232,57 @@ pub fn in_batch_with_shared_draws<I: PartialEq, const DIM: usize>(
     grads: RemainderGrads<'_, DIM>,
 ) -> Result<RemainderSummary> {
     let bsz = queries.len();
+    let rows = shared.stale.len();
     check_len("positives", bsz, positives.len())?;
     check_len("cache log-sum-exp", bsz, cache.lse.len())?;
-    check_len("stale draws", bsz, shared.stale.len())?;
-    check_len("drawn", bsz, shared.drawn.len())?;
+    check_len("draw shares", rows, shared.shares.len())?;
     check_len("sampling log-sum-exp", bsz, shared.sample_lse.len())?;
-    check_len("draw counts", bsz, shared.counts.len())?;
+    check_len("draw counts", rows, shared.counts.len())?;
     check_len("corrected log-sum-exp", bsz, shared.lse.len())?;
-    if !(shared.inv_temp.is_finite() && shared.inv_temp >= 0.0 && vector::rows_finite(shared.stale)) {
+    if !(shared.inv_temp.is_finite()
+        && shared.inv_temp >= 0.0
+        && vector::rows_finite(shared.stale)
+        && shared.shares.iter().all(|s| (0.0..=1.0).contains(s)))
+    {
         return Err(Error::NonFinite { what: "shared draws" });
     }
     if shared.fresh_scores && cache.control.is_some() {
         return Err(Error::InvalidConfig { what: "fresh-score correction takes no control variate" });
     }
-    check_len("fresh negatives", bsz, cache.fresh.len())?;
+    check_len("fresh negatives", rows, cache.fresh.len())?;
     let scaled = |b: usize, k: usize| alpha * dot(&queries[b], &shared.stale[k]);
-    // Expected counts: c_k = sum_b' rho_b'(j_k).
+    // Expected counts per draw: c_k = sum_b' rho_b'(j_k).
     for (k, c) in shared.counts.iter_mut().enumerate() {
-        *c = (0..bsz)
-            .filter(|&b| shared.sample_lse[b].sum > 0.0)
-            .map(|b| shared.sample_lse[b].weight(shared.inv_temp * scaled(b, k)))
-            .sum();
+        *c = if shared.shares[k] > 0.0 {
+            (0..bsz)
+                .filter(|&b| shared.sample_lse[b].sum > 0.0)
+                .map(|b| shared.sample_lse[b].weight(shared.inv_temp * scaled(b, k)))
+                .sum()
+        } else {
+            0.0
+        };
     }
-    let (counts, drawn, lse) = (&*shared.counts, shared.drawn, cache.lse);
+    let (counts, shares, lse) = (&*shared.counts, shared.shares, cache.lse);
     let weight = |b: usize, k: usize| {
-        if !drawn[k] || lse[b].sum <= 0.0 || counts[k] <= 0.0 {
+        if shares[k] <= 0.0 || lse[b].sum <= 0.0 || counts[k] <= 0.0 {
             0.0
         } else {
-            lse[b].weight(scaled(b, k)) / counts[k]
+            shares[k] * lse[b].weight(scaled(b, k)) / counts[k]
         }
     };
     if !shared.fresh_scores {
-        let terms = Terms { rows: |_: usize| 0..bsz, weight };
-        return remainder(queries, positives, items, alpha, bsz, BatchPart::whole(bsz), cache, terms, grads);
+        let terms = Terms { rows: |_: usize| 0..rows, weight };
+        return remainder(queries, positives, items, alpha, rows, BatchPart::whole(bsz), cache, terms, grads);
     }
     // r_bk relative to the query's largest ratio, so that no exp overflows;
     // the shift cancels in the weights and moves into the log-sum-exp.
     let log_ratio = |b: usize, k: usize| alpha * dot(&queries[b], &cache.fresh[k]) - scaled(b, k);
     let shift =
-        |b: usize| (0..bsz).filter(|&k| weight(b, k) > 0.0).map(|k| log_ratio(b, k)).fold(f32::NEG_INFINITY, f32::max);
+        |b: usize| (0..rows).filter(|&k| weight(b, k) > 0.0).map(|k| log_ratio(b, k)).fold(f32::NEG_INFINITY, f32::max);
     for (b, out) in shared.lse.iter_mut().enumerate() {
         let m = shift(b);
         let s: f32 = if m.is_finite() {
-            (0..bsz).map(|k| weight(b, k) * crate::math::exp(log_ratio(b, k) - m)).sum()
+            (0..rows).map(|k| weight(b, k) * crate::math::exp(log_ratio(b, k) - m)).sum()
         } else {
             0.0
         };
@@ -289,8 +303,8 @@ pub fn in_batch_with_shared_draws<I: PartialEq, const DIM: usize>(
         w * crate::math::exp(log_ratio(b, k) - m) * lse[b].sum / corrected[b].sum
     };
     let side = CacheSide { lse: corrected, ..cache };
-    let terms = Terms { rows: |_: usize| 0..bsz, weight: fresh_weight };
-    remainder(queries, positives, items, alpha, bsz, BatchPart::whole(bsz), side, terms, grads)
+    let terms = Terms { rows: |_: usize| 0..rows, weight: fresh_weight };
+    remainder(queries, positives, items, alpha, rows, BatchPart::whole(bsz), side, terms, grads)
 }
 
 /// Which draws enter query `b`'s cache term, and with what weight.
@@ -637,7 +651,7 @@ mod tests {
                 let (mut counts, mut scratch) = ([0.0; 3], [LogSumExp::EMPTY; 3]);
                 let shared = SharedDraws {
                     stale: &fresh,
-                    drawn: &[true; 3],
+                    shares: &[1.0; 3],
                     sample_lse: &slse,
                     inv_temp,
                     fresh_scores: false,
@@ -647,6 +661,97 @@ mod tests {
                 let grads = RemainderGrads { query: gq, positive: gp, negative: gn };
                 in_batch_with_shared_draws::<u32, D>(&q, &p, None, alpha, side, shared, grads).unwrap().loss
             });
+        }
+    }
+
+    /// Two independent draws per query, pooled over the batch: a row is a
+    /// distinct slot of a query's draws with its share (1/2, or 1 when both
+    /// draws fell on it). Every joint draw of the three queries is
+    /// enumerated (25^3) with its probability; with stale = fresh the
+    /// expected gradients are the exact softmax's, tempered or not, with or
+    /// without a control variate.
+    #[test]
+    fn several_shared_draws_per_query_have_the_exact_gradient_in_expectation() {
+        let mut r = Pcg64Mcg::seed_from_u64(29);
+        let q: [[f32; D]; 3] = rows(&mut r);
+        let p: [[f32; D]; 3] = rows(&mut r);
+        let cache: [[f32; D]; 5] = rows(&mut r);
+        let alpha = 2.5f32;
+        let (want_loss, want_q, want_p, want_c) = exact(&q, &p, &cache, f64::from(alpha));
+        for (inv_temp, control) in [(1.0f32, None), (0.5, None), (1.0, Some(1.0f32))] {
+            let (lse, mean, _) = cache_softmax(&q, &cache, alpha);
+            let (mut slse, mut rho) = ([LogSumExp::EMPTY; 3], [[0.0f64; 5]; 3]);
+            for b in 0..3 {
+                for e in &cache {
+                    slse[b].push(inv_temp * alpha * dot(&q[b], e));
+                }
+                for (k, e) in cache.iter().enumerate() {
+                    rho[b][k] = f64::from(slse[b].weight(inv_temp * alpha * dot(&q[b], e)));
+                }
+            }
+            let (mut eq, mut ep, mut ec) = ([[0.0f64; D]; 3], [[0.0f64; D]; 3], [[0.0f64; D]; 5]);
+            let mut e_loss = 0.0;
+            for draw in 0..15_625usize {
+                let pair = |b: usize| {
+                    let d = (draw / 25usize.pow(b as u32)) % 25;
+                    (d % 5, d / 5)
+                };
+                let pr: f64 = (0..3).map(|b| rho[b][pair(b).0] * rho[b][pair(b).1]).product();
+                // Query b's rows at 2b, 2b + 1.
+                let (mut slot, mut shares) = ([0usize; 6], [0.0f32; 6]);
+                for b in 0..3 {
+                    let (x, y) = pair(b);
+                    slot[2 * b] = x;
+                    slot[2 * b + 1] = y;
+                    if x == y {
+                        shares[2 * b] = 1.0;
+                    } else {
+                        shares[2 * b] = 0.5;
+                        shares[2 * b + 1] = 0.5;
+                    }
+                }
+                let fresh: [[f32; D]; 6] = core::array::from_fn(|k| cache[slot[k]]);
+                let side = CacheSide {
+                    lse: &lse,
+                    fresh: &fresh,
+                    weights: &[0.0; 6],
+                    control: control.map(|beta| Control { beta, stale: &fresh[..], mean: &mean[..] }),
+                };
+                let (mut counts, mut scratch) = ([0.0; 6], [LogSumExp::EMPTY; 3]);
+                let shared = SharedDraws {
+                    stale: &fresh,
+                    shares: &shares,
+                    sample_lse: &slse,
+                    inv_temp,
+                    fresh_scores: false,
+                    counts: &mut counts,
+                    lse: &mut scratch,
+                };
+                let (mut gq, mut gp, mut gn) = ([[0.0; D]; 3], [[0.0; D]; 3], [[0.0; D]; 6]);
+                let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
+                let s = in_batch_with_shared_draws::<u32, D>(&q, &p, None, alpha, side, shared, grads).unwrap();
+                e_loss += pr * f64::from(s.loss);
+                for b in 0..3 {
+                    for i in 0..D {
+                        eq[b][i] += pr * f64::from(gq[b][i]);
+                        ep[b][i] += pr * f64::from(gp[b][i]);
+                    }
+                }
+                for k in 0..6 {
+                    for i in 0..D {
+                        ec[slot[k]][i] += pr * f64::from(gn[k][i]);
+                    }
+                }
+            }
+            let what = (inv_temp, control);
+            assert!((e_loss - want_loss).abs() < 1e-5, "{what:?}: loss {e_loss} against {want_loss}");
+            for (got, want) in [(&eq[..], &want_q[..]), (&ep[..], &want_p[..]), (&ec[..], &want_c[..])] {
+                for (g, w) in got.iter().zip(want) {
+                    for i in 0..D {
+                        assert!((g[i] - w[i]).abs() < 1e-5, "{what:?}: {g:?} against {w:?}");
+                    }
+                }
+            }
         }
     }
 
@@ -672,7 +777,7 @@ mod tests {
         let (mut counts, mut scratch) = ([0.0; 3], [LogSumExp::EMPTY; 3]);
         let shared = SharedDraws {
             stale: &stale3,
-            drawn: &[true; 3],
+            shares: &[1.0; 3],
             sample_lse: &lse,
             inv_temp: 1.0,
             fresh_scores: true,

@@ -73,10 +73,12 @@ pub enum Objective {
     /// out of the draw (they are in the batch, fresh).
     CacheInBatch,
     /// As [`Self::CacheInBatch`], with every query's cache share estimated
-    /// from the draws of the whole batch (one per query), each weighted by
-    /// its Hansen-Hurwitz weight ([`remainder::in_batch_with_shared_draws`]):
-    /// `B` fresh negatives per query for the tower evaluations of one.
-    /// Needs one negative per query and a random draw.
+    /// from the draws of the whole batch, each weighted by its
+    /// Hansen-Hurwitz weight ([`remainder::in_batch_with_shared_draws`]):
+    /// `B m` fresh negatives per query for the tower evaluations of `m`.
+    /// Needs a random draw: one per query (exponential jumps or Gumbel), or
+    /// `NEG` independent untempered ones ([`Retrieval::ExpJump`] at inverse
+    /// temperature 1).
     CacheShared,
 }
 
@@ -302,8 +304,9 @@ pub struct Trainer<M, Q, I, const DIM: usize, const BATCH: usize, const NEG: usi
     neg_weight: [[f32; NEG]; BATCH],
     stale: [[[f32; DIM]; NEG]; BATCH],
     neg_items: [[I; NEG]; BATCH],
+    unique: [[u32; NEG]; BATCH],
     pos_keys: [u64; BATCH],
-    counts: [f32; BATCH],
+    counts: [[f32; NEG]; BATCH],
     sample_lse: [LogSumExp; BATCH],
     lse_fresh: [LogSumExp; BATCH],
     control_variate: Option<f32>,
@@ -340,8 +343,9 @@ where
             neg_weight: [[0.0; NEG]; BATCH],
             stale: [[[0.0; DIM]; NEG]; BATCH],
             neg_items: [[I::EMPTY; NEG]; BATCH],
+            unique: [[0; NEG]; BATCH],
             pos_keys: [0; BATCH],
-            counts: [0.0; BATCH],
+            counts: [[0.0; NEG]; BATCH],
             sample_lse: [LogSumExp::EMPTY; BATCH],
             lse_fresh: [LogSumExp::EMPTY; BATCH],
             control_variate: None,
@@ -378,11 +382,15 @@ where
                 what: "training draws its negatives; fixed retrieval is for verification",
             });
         }
-        if cfg.objective == Objective::CacheShared
-            && (NEG != 1 || !matches!(cfg.retrieval, Retrieval::ExpJump { .. } | Retrieval::Gumbel { .. }))
-        {
+        let shared_ok = match cfg.retrieval {
+            Retrieval::ExpJump { inv_temp } => NEG == 1 || inv_temp == 1.0,
+            Retrieval::Gumbel { .. } => NEG == 1,
+            _ => false,
+        };
+        if cfg.objective == Objective::CacheShared && !shared_ok {
             return Err(Error::InvalidConfig {
-                what: "shared draws take one random draw per query (NEG 1, exp-jump or Gumbel retrieval)",
+                what: "shared draws take one random draw per query (exp-jump or Gumbel), or several independent \
+                       untempered ones (exp-jump at inverse temperature 1)",
             });
         }
         self.steps = 0;
@@ -554,30 +562,41 @@ where
         self.model.embed_items(batch.positives, &mut self.p[..bsz]);
     }
 
-    /// Embeds the drawn negatives (their items gathered from `cache` into
-    /// `neg_items`) into `n`: one batched call when every query drew `NEG`,
-    /// else one per query.
+    /// Embeds the drawn negatives into `n`, each distinct slot once in one
+    /// batched call: a slot several queries drew is one tower evaluation,
+    /// its embedding copied to every row that drew it (the same bits as
+    /// embedding it again). The distinct slots are listed in `unique`,
+    /// their items gathered into `neg_items` and embedded into `gn` (free
+    /// until the backward pass); `neg_slots` maps each row to its slot's
+    /// place in the list. Returns the tower evaluations.
     fn embed_drawn(&mut self, cache: &CacheMut<'_, I, DIM>, bsz: usize) -> u32 {
         let items = cache.as_ref().items();
-        let mut full = true;
-        let mut evals = 0;
+        let unique = self.unique.as_flattened_mut();
+        let (map, gather) = (self.neg_slots.as_flattened_mut(), self.neg_items.as_flattened_mut());
+        let mut distinct = 0;
         for b in 0..bsz {
-            let negs = self.loss.negatives(b);
-            full &= negs.len() == NEG;
-            for (i, &slot) in negs.iter().enumerate() {
-                self.neg_items[b][i] = items[slot as usize];
-            }
-            evals += negs.len() as u32;
-        }
-        if full {
-            self.model.embed_items(self.neg_items[..bsz].as_flattened(), self.n[..bsz].as_flattened_mut());
-        } else {
-            for b in 0..bsz {
-                let len = self.loss.negatives(b).len();
-                self.model.embed_items(&self.neg_items[b][..len], &mut self.n[b][..len]);
+            for (i, &slot) in self.loss.negatives(b).iter().enumerate() {
+                let at = match unique[..distinct].iter().position(|&u| u == slot) {
+                    Some(at) => at,
+                    None => {
+                        unique[distinct] = slot;
+                        gather[distinct] = items[slot as usize];
+                        distinct += 1;
+                        distinct - 1
+                    }
+                };
+                map[b * NEG + i] = at;
             }
         }
-        evals
+        let embedded = self.gn.as_flattened_mut();
+        self.model.embed_items(&gather[..distinct], &mut embedded[..distinct]);
+        let (map, embedded) = (self.neg_slots.as_flattened(), self.gn.as_flattened());
+        for b in 0..bsz {
+            for i in 0..self.loss.negatives(b).len() {
+                self.n[b][i] = embedded[map[b * NEG + i]];
+            }
+        }
+        distinct as u32
     }
 
     fn cache_step(
@@ -725,13 +744,20 @@ where
         let bsz = batch.queries.len();
         let cache_ref = cache.as_ref();
         let (mut stale_sum, mut drawn) = (0.0f32, 0usize);
+        // Shared draws take the rows' shares of their queries' draws: the
+        // weights of untempered independent draws (k / m), 1 for one draw.
+        let shared = self.cfg.objective == Objective::CacheShared;
         for b in 0..bsz {
             self.lse[b] = self.loss.candidate_lse(b);
             self.sample_lse[b] = self.loss.sampling_lse(b);
             let (slots, weights) = (self.loss.negatives(b), self.loss.negative_weights(b));
             for i in 0..NEG {
                 self.neg_weight[b][i] = weights.get(i).copied().unwrap_or(0.0);
-                self.neg_valid[b][i] = i < slots.len();
+                if shared && NEG == 1 {
+                    // The draw's share of its query's draws (its weight is
+                    // an importance ratio when tempered).
+                    self.neg_weight[b][i] = if i < slots.len() { 1.0 } else { 0.0 };
+                }
                 // As the pass read them (decoded from the cache's storage),
                 // so that the control variate subtracts what it averaged.
                 self.stale[b][i] = slots.get(i).map_or([0.0; DIM], |&s| cache_ref.embeddings().row(s as usize));
@@ -758,18 +784,18 @@ where
         };
         let ids = self.cfg.mask_accidental_hits.then_some(&self.pos_keys[..bsz]);
         let (q, p) = (&self.q[..bsz], &self.p[..bsz]);
-        let sum = if self.cfg.objective == Objective::CacheShared {
+        let sum = if shared {
             let inv_temp = match self.cfg.retrieval {
                 Retrieval::ExpJump { inv_temp } | Retrieval::Gumbel { inv_temp } => inv_temp,
                 _ => 1.0,
             };
             let shared = remainder::SharedDraws {
                 stale: self.stale[..bsz].as_flattened(),
-                drawn: self.neg_valid[..bsz].as_flattened(),
+                shares: self.neg_weight[..bsz].as_flattened(),
                 sample_lse: &self.sample_lse[..bsz],
                 inv_temp,
                 fresh_scores: self.cfg.fresh_scores,
-                counts: &mut self.counts[..bsz],
+                counts: self.counts[..bsz].as_flattened_mut(),
                 lse: &mut self.lse_fresh[..bsz],
             };
             remainder::in_batch_with_shared_draws(q, p, ids, alpha, side, shared, grads)?

@@ -436,8 +436,15 @@ impl TrainConfig {
         if self.fresh_scores && (self.objective != ObjectiveName::CacheShared || self.control_variate) {
             bail!("fresh_scores needs objective cache_shared and control_variate false");
         }
-        if self.objective == ObjectiveName::CacheShared && self.negatives != 1 {
-            bail!("objective cache_shared draws one negative per query: negatives must be 1, got {}", self.negatives);
+        if self.objective == ObjectiveName::CacheShared
+            && self.negatives != 1
+            && (self.sampler != SamplerName::Independent || self.inv_temp != 1.0)
+        {
+            bail!(
+                "objective cache_shared takes one negative per query, or several independent untempered draws \
+                 (sampler independent, inv_temp 1): got negatives {}",
+                self.negatives
+            );
         }
         if self.char_ngrams > 8 {
             bail!("char_ngrams must be at most 8, got {}", self.char_ngrams);
