@@ -155,8 +155,7 @@ pub fn in_batch_part_with_remainder<I: PartialEq, const DIM: usize>(
     let bsz = queries.len();
     let total = bsz.checked_mul(neg).ok_or(Error::CapacityExceeded { requested: usize::MAX, capacity: bsz })?;
     check_len("negative weights", total, cache.weights.len())?;
-    let weights = cache.weights;
-    let terms = Terms { rows: |b: usize| b * neg..(b + 1) * neg, weight: |_: usize, k: usize| weights[k] };
+    let terms = OwnDraws { lse: cache.lse, weights: cache.weights, neg };
     remainder(queries, positives, items, alpha, total, part, cache, terms, grads)
 }
 
@@ -171,7 +170,10 @@ pub struct SharedDraws<'a, const DIM: usize> {
     /// it (`k / m` for a slot drawn `k` times; 1 for a single draw; 0 for a
     /// row past the query's draws).
     pub shares: &'a [f32],
-    /// Per query, the log-sum-exp of its sampling logits
+    /// Every query of the batch, in order (the queries given when the call
+    /// holds the whole batch): the expected counts sum over all of them.
+    pub batch_queries: &'a [[f32; DIM]],
+    /// Per query of `batch_queries`, the log-sum-exp of its sampling logits
     /// `inv_temp * alpha <q_b, e_j>` over its candidates (the scores' own
     /// log-sum-exp when `inv_temp` is 1).
     pub sample_lse: &'a [LogSumExp],
@@ -180,9 +182,9 @@ pub struct SharedDraws<'a, const DIM: usize> {
     /// Correct the stale scores with the fresh ones (see
     /// [`in_batch_with_shared_draws`]).
     pub fresh_scores: bool,
-    /// Working memory: one float per row.
-    pub counts: &'a mut [f32],
-    /// Working memory: one log-sum-exp per query.
+    /// Working memory: three floats per row.
+    pub counts: &'a mut [[f32; 3]],
+    /// Working memory: one log-sum-exp per query given.
     pub lse: &'a mut [LogSumExp],
 }
 
@@ -201,7 +203,7 @@ pub struct SharedDraws<'a, const DIM: usize> {
 /// `c_j >= P_bj` at inverse temperature 1, no weight exceeds the share:
 /// a query's own draws are never weighted above what they have alone.
 /// Every slot a query can draw must be a candidate for every query (the
-/// default objective hides the batch's items from all of them; with
+/// trainer's shared-draw objective hides the batch's items from all of them; with
 /// accidental-hit masking alone, a query's own positive would be drawn by
 /// others but never weighted).
 ///
@@ -231,17 +233,47 @@ pub fn in_batch_with_shared_draws<I: PartialEq, const DIM: usize>(
     shared: SharedDraws<'_, DIM>,
     grads: RemainderGrads<'_, DIM>,
 ) -> Result<RemainderSummary> {
+    check_len("positives", queries.len(), positives.len())?;
+    let part = BatchPart::whole(queries.len());
+    in_batch_part_with_shared_draws(queries, positives, items, alpha, part, cache, shared, grads)
+}
+
+/// [`in_batch_with_shared_draws`] for some of a batch's queries, as
+/// [`in_batch_part_with_remainder`] is for [`in_batch_with_remainder`]:
+/// `queries` are the part's, `cache.lse` and `shared.lse` have one entry per
+/// query of the part, and every row (the whole batch's draws, in query
+/// order) enters each query's estimate. `grads.negative` gets this part's
+/// share of each row's gradient, so the parts' gradients sum to the whole
+/// batch's. The expected counts use every query of the batch
+/// (`shared.batch_queries`), and come out the same in every part. Called
+/// with [`BatchPart::whole`] it is [`in_batch_with_shared_draws`].
+///
+/// # Errors
+/// As [`in_batch_with_shared_draws`], and a part that does not fit the
+/// positives or the batch.
+#[allow(clippy::too_many_arguments)]
+pub fn in_batch_part_with_shared_draws<I: PartialEq, const DIM: usize>(
+    queries: &[[f32; DIM]],
+    positives: &[[f32; DIM]],
+    items: Option<&[I]>,
+    alpha: f32,
+    part: BatchPart,
+    cache: CacheSide<'_, DIM>,
+    shared: SharedDraws<'_, DIM>,
+    grads: RemainderGrads<'_, DIM>,
+) -> Result<RemainderSummary> {
     let bsz = queries.len();
     let rows = shared.stale.len();
-    check_len("positives", bsz, positives.len())?;
+    check_len("batch queries", part.batch, shared.batch_queries.len())?;
     check_len("cache log-sum-exp", bsz, cache.lse.len())?;
     check_len("draw shares", rows, shared.shares.len())?;
-    check_len("sampling log-sum-exp", bsz, shared.sample_lse.len())?;
+    check_len("sampling log-sum-exp", part.batch, shared.sample_lse.len())?;
     check_len("draw counts", rows, shared.counts.len())?;
     check_len("corrected log-sum-exp", bsz, shared.lse.len())?;
     if !(shared.inv_temp.is_finite()
         && shared.inv_temp >= 0.0
         && vector::rows_finite(shared.stale)
+        && vector::rows_finite(shared.batch_queries)
         && shared.shares.iter().all(|s| (0.0..=1.0).contains(s)))
     {
         return Err(Error::NonFinite { what: "shared draws" });
@@ -250,73 +282,140 @@ pub fn in_batch_with_shared_draws<I: PartialEq, const DIM: usize>(
         return Err(Error::InvalidConfig { what: "fresh-score correction takes no control variate" });
     }
     check_len("fresh negatives", rows, cache.fresh.len())?;
-    let scaled = |b: usize, k: usize| alpha * dot(&queries[b], &shared.stale[k]);
-    // Expected counts per draw: c_k = sum_b' rho_b'(j_k).
+    // Expected counts per draw: c_k = sum_b' rho_b'(j_k), over the batch.
+    let (all, sample_lse) = (shared.batch_queries, shared.sample_lse);
     for (k, c) in shared.counts.iter_mut().enumerate() {
-        *c = if shared.shares[k] > 0.0 {
-            (0..bsz)
-                .filter(|&b| shared.sample_lse[b].sum > 0.0)
-                .map(|b| shared.sample_lse[b].weight(shared.inv_temp * scaled(b, k)))
+        c[0] = if shared.shares[k] > 0.0 {
+            (0..all.len())
+                .filter(|&b| sample_lse[b].sum > 0.0)
+                .map(|b| sample_lse[b].weight(shared.inv_temp * (alpha * dot(&all[b], &shared.stale[k]))))
                 .sum()
         } else {
             0.0
         };
     }
-    let (counts, shares, lse) = (&*shared.counts, shared.shares, cache.lse);
-    let weight = |b: usize, k: usize| {
-        if shares[k] <= 0.0 || lse[b].sum <= 0.0 || counts[k] <= 0.0 {
-            0.0
-        } else {
-            shares[k] * lse[b].weight(scaled(b, k)) / counts[k]
-        }
+    let terms = SharedRows {
+        queries,
+        stale: shared.stale,
+        fresh: cache.fresh,
+        shares: shared.shares,
+        lse: cache.lse,
+        alpha,
+        fresh_scores: shared.fresh_scores,
+        rows: shared.counts,
+        corrected: shared.lse,
     };
-    if !shared.fresh_scores {
-        let terms = Terms { rows: |_: usize| 0..rows, weight };
-        return remainder(queries, positives, items, alpha, rows, BatchPart::whole(bsz), cache, terms, grads);
-    }
-    // r_bk relative to the query's largest ratio, so that no exp overflows;
-    // the shift cancels in the weights and moves into the log-sum-exp.
-    let log_ratio = |b: usize, k: usize| alpha * dot(&queries[b], &cache.fresh[k]) - scaled(b, k);
-    let shift =
-        |b: usize| (0..rows).filter(|&k| weight(b, k) > 0.0).map(|k| log_ratio(b, k)).fold(f32::NEG_INFINITY, f32::max);
-    for (b, out) in shared.lse.iter_mut().enumerate() {
-        let m = shift(b);
-        let s: f32 = if m.is_finite() {
-            (0..rows).map(|k| weight(b, k) * crate::math::exp(log_ratio(b, k) - m)).sum()
-        } else {
-            0.0
-        };
-        *out = if s > 0.0 && lse[b].sum > 0.0 {
-            LogSumExp { max: lse[b].max + m, sum: lse[b].sum * s }
-        } else {
-            LogSumExp::EMPTY
-        };
-    }
-    let corrected = &*shared.lse;
-    let fresh_weight = |b: usize, k: usize| {
-        let w = weight(b, k);
-        if w == 0.0 || corrected[b].sum <= 0.0 {
-            return 0.0;
-        }
-        // w r / S = w exp(log r - m) / s, with s = corrected.sum / lse.sum.
-        let m = corrected[b].max - lse[b].max;
-        w * crate::math::exp(log_ratio(b, k) - m) * lse[b].sum / corrected[b].sum
-    };
-    let side = CacheSide { lse: corrected, ..cache };
-    let terms = Terms { rows: |_: usize| 0..rows, weight: fresh_weight };
-    remainder(queries, positives, items, alpha, rows, BatchPart::whole(bsz), side, terms, grads)
+    remainder(queries, positives, items, alpha, rows, part, cache, terms, grads)
 }
 
-/// Which draws enter query `b`'s cache term, and with what weight.
-struct Terms<R, W> {
-    rows: R,
-    weight: W,
+/// Which draws enter each query's cache term, and with what weight.
+trait CacheTerms {
+    /// The rows of query `b`'s cache term.
+    fn rows(&self, b: usize) -> core::ops::Range<usize>;
+    /// Prepares query `b`'s weights (called once per query, in order,
+    /// before [`Self::weight`]) and returns the log-sum-exp of its cache
+    /// share.
+    fn begin(&mut self, b: usize) -> LogSumExp;
+    /// Row `k`'s weight in query `b`'s term.
+    fn weight(&self, b: usize, k: usize) -> f32;
+}
+
+/// Each query's own draws, `neg` rows each, with given weights.
+struct OwnDraws<'a> {
+    lse: &'a [LogSumExp],
+    weights: &'a [f32],
+    neg: usize,
+}
+
+impl CacheTerms for OwnDraws<'_> {
+    fn rows(&self, b: usize) -> core::ops::Range<usize> {
+        b * self.neg..(b + 1) * self.neg
+    }
+    fn begin(&mut self, b: usize) -> LogSumExp {
+        self.lse[b]
+    }
+    fn weight(&self, _: usize, k: usize) -> f32 {
+        self.weights[k]
+    }
+}
+
+/// The whole batch's draws for every query, with Hansen-Hurwitz weights
+/// (see [`in_batch_with_shared_draws`]). Per row, `rows` holds the
+/// expected count `c_k` and, for the query being prepared, its weight and
+/// (with fresh scores) its log-ratio: each score is computed once per
+/// query and row.
+struct SharedRows<'a, 'b, const DIM: usize> {
+    queries: &'a [[f32; DIM]],
+    stale: &'a [[f32; DIM]],
+    fresh: &'a [[f32; DIM]],
+    shares: &'a [f32],
+    lse: &'a [LogSumExp],
+    alpha: f32,
+    fresh_scores: bool,
+    rows: &'b mut [[f32; 3]],
+    corrected: &'b mut [LogSumExp],
+}
+
+impl<const DIM: usize> CacheTerms for SharedRows<'_, '_, DIM> {
+    fn rows(&self, _: usize) -> core::ops::Range<usize> {
+        0..self.rows.len()
+    }
+
+    fn begin(&mut self, b: usize) -> LogSumExp {
+        let (q, alpha, lse) = (&self.queries[b], self.alpha, self.lse[b]);
+        // The stale weight w_bk = share P_b(j_k) / c_k.
+        for (k, r) in self.rows.iter_mut().enumerate() {
+            let (share, count) = (self.shares[k], r[0]);
+            if share <= 0.0 || lse.sum <= 0.0 || count <= 0.0 {
+                r[1] = 0.0;
+                continue;
+            }
+            let score = alpha * dot(q, &self.stale[k]);
+            r[1] = share * lse.weight(score) / count;
+            if self.fresh_scores && r[1] != 0.0 {
+                r[2] = alpha * dot(q, &self.fresh[k]) - score;
+            }
+        }
+        if !self.fresh_scores {
+            return lse;
+        }
+        // r_bk relative to the query's largest ratio, so that no exp
+        // overflows; the shift cancels in the weights and moves into the
+        // log-sum-exp. Rows of weight 0 are skipped, not multiplied by 0: a
+        // row past a query's draws may hold anything finite, and its ratio
+        // could overflow.
+        let live = || self.rows.iter().filter(|r| r[1] > 0.0);
+        let m = live().map(|r| r[2]).fold(f32::NEG_INFINITY, f32::max);
+        let s: f32 = if m.is_finite() {
+            self.rows.iter().map(|r| if r[1] == 0.0 { 0.0 } else { r[1] * crate::math::exp(r[2] - m) }).sum()
+        } else {
+            0.0
+        };
+        let corrected =
+            if s > 0.0 && lse.sum > 0.0 { LogSumExp { max: lse.max + m, sum: lse.sum * s } } else { LogSumExp::EMPTY };
+        self.corrected[b] = corrected;
+        // The fresh weight w r / S = w exp(log r - m) / s, with
+        // s = corrected.sum / lse.sum.
+        let shift = corrected.max - lse.max;
+        for r in self.rows.iter_mut() {
+            r[1] = if r[1] == 0.0 || corrected.sum <= 0.0 {
+                0.0
+            } else {
+                r[1] * crate::math::exp(r[2] - shift) * lse.sum / corrected.sum
+            };
+        }
+        corrected
+    }
+
+    fn weight(&self, _: usize, k: usize) -> f32 {
+        self.rows[k][1]
+    }
 }
 
 /// The shared body of the estimators: the exact in-batch softmax, and the
 /// cache term `M_b sum_{k in rows(b)} weight(b, k) f_k`.
 #[allow(clippy::too_many_arguments)]
-fn remainder<I: PartialEq, R, W, const DIM: usize>(
+fn remainder<I: PartialEq, const DIM: usize>(
     queries: &[[f32; DIM]],
     positives: &[[f32; DIM]],
     items: Option<&[I]>,
@@ -324,13 +423,9 @@ fn remainder<I: PartialEq, R, W, const DIM: usize>(
     total: usize,
     part: BatchPart,
     cache: CacheSide<'_, DIM>,
-    terms: Terms<R, W>,
+    mut terms: impl CacheTerms,
     grads: RemainderGrads<'_, DIM>,
-) -> Result<RemainderSummary>
-where
-    R: Fn(usize) -> core::ops::Range<usize>,
-    W: Fn(usize, usize) -> f32,
-{
+) -> Result<RemainderSummary> {
     let bsz = queries.len();
     let np = positives.len();
     let first = part.first;
@@ -374,7 +469,7 @@ where
                 z.push(alpha * dot(q, p));
             }
         }
-        let rest = cache.lse[b];
+        let rest = terms.begin(b);
         z.merge(&rest);
         let mass = if rest.sum > 0.0 { rest.sum * z.weight(rest.max) } else { 0.0 };
         sum.loss += z.minus(own);
@@ -400,8 +495,8 @@ where
         vector::axpy(-c, q, &mut grads.positive[mine]);
 
         // The cache remainder, sampled.
-        for k in (terms.rows)(b) {
-            let w = (terms.weight)(b, k);
+        for k in terms.rows(b) {
+            let w = terms.weight(b, k);
             let f = &cache.fresh[k];
             scale_grad += mass * w * dot(q, f);
             if w != 0.0 {
@@ -648,10 +743,11 @@ mod tests {
                     weights: &[0.0; 3],
                     control: control.map(|beta| Control { beta, stale: &fresh[..], mean: &mean[..] }),
                 };
-                let (mut counts, mut scratch) = ([0.0; 3], [LogSumExp::EMPTY; 3]);
+                let (mut counts, mut scratch) = ([[0.0; 3]; 3], [LogSumExp::EMPTY; 3]);
                 let shared = SharedDraws {
                     stale: &fresh,
                     shares: &[1.0; 3],
+                    batch_queries: &q,
                     sample_lse: &slse,
                     inv_temp,
                     fresh_scores: false,
@@ -717,10 +813,11 @@ mod tests {
                     weights: &[0.0; 6],
                     control: control.map(|beta| Control { beta, stale: &fresh[..], mean: &mean[..] }),
                 };
-                let (mut counts, mut scratch) = ([0.0; 6], [LogSumExp::EMPTY; 3]);
+                let (mut counts, mut scratch) = ([[0.0; 3]; 6], [LogSumExp::EMPTY; 3]);
                 let shared = SharedDraws {
                     stale: &fresh,
                     shares: &shares,
+                    batch_queries: &q,
                     sample_lse: &slse,
                     inv_temp,
                     fresh_scores: false,
@@ -774,10 +871,11 @@ mod tests {
         let stale3 = [stale[0]; 3];
         let (mut gq, mut gp, mut gn) = ([[0.0; D]; 3], [[0.0; D]; 3], [[0.0; D]; 3]);
         let side = CacheSide { lse: &lse, fresh: &fresh, weights: &[0.0; 3], control: None };
-        let (mut counts, mut scratch) = ([0.0; 3], [LogSumExp::EMPTY; 3]);
+        let (mut counts, mut scratch) = ([[0.0; 3]; 3], [LogSumExp::EMPTY; 3]);
         let shared = SharedDraws {
             stale: &stale3,
             shares: &[1.0; 3],
+            batch_queries: &q,
             sample_lse: &lse,
             inv_temp: 1.0,
             fresh_scores: true,
@@ -889,6 +987,111 @@ mod tests {
         }
         let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
         assert!(in_batch_with_remainder(&q[..2], &p, Some(&ids), 2.5, 2, side(0..2), grads).is_err());
+    }
+
+    /// Shared draws split into parts (the queries of two processes), with
+    /// fresh scores and without: each part's query gradients are the
+    /// whole's to the bit, and its negative and positive gradients and
+    /// figures sum to the whole's. Row 5 is past its query's draws and
+    /// holds a row whose ratio would overflow if it were weighted.
+    #[test]
+    fn parts_of_a_batch_with_shared_draws_sum_to_the_whole() {
+        let mut r = Pcg64Mcg::seed_from_u64(7);
+        let (q, p) = (rows::<3>(&mut r), rows::<3>(&mut r));
+        let (mut fresh, stale) = (rows::<6>(&mut r), rows::<6>(&mut r));
+        fresh[5] = core::array::from_fn(|i| 1e3 * q[0][i].signum());
+        let ids = [4u32, 9, 4];
+        let alpha = 2.5;
+        let mut lse = [LogSumExp::EMPTY; 3];
+        for (b, z) in lse.iter_mut().enumerate() {
+            for e in &stale {
+                z.push(alpha * dot(&q[b], e));
+            }
+        }
+        let shares = [0.5, 0.5, 1.0, 0.0, 1.0, 0.0];
+        let side =
+            |b: core::ops::Range<usize>| CacheSide { lse: &lse[b], fresh: &fresh, weights: &[0.0; 6], control: None };
+        let close = |a: f32, b: f32| (a - b).abs() < 1e-5 * (1.0 + b.abs());
+        for fresh_scores in [false, true] {
+            let mut counts = [[0.0; 3]; 6];
+            let mut scratch = [LogSumExp::EMPTY; 3];
+            let (mut gq, mut gp, mut gn) = ([[0.0; D]; 3], [[0.0; D]; 3], [[0.0; D]; 6]);
+            let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
+            let draws = SharedDraws {
+                stale: &stale,
+                shares: &shares,
+                batch_queries: &q,
+                sample_lse: &lse,
+                inv_temp: 1.0,
+                fresh_scores,
+                counts: &mut counts,
+                lse: &mut scratch,
+            };
+            let whole = in_batch_with_shared_draws(&q, &p, Some(&ids), alpha, side(0..3), draws, grads).unwrap();
+            // Row 5 is unweighted whatever it holds: zeroed, it gives the
+            // same bits.
+            let mut benign = fresh;
+            benign[5] = [0.0; D];
+            let (mut bq, mut bp, mut bn) = ([[0.0; D]; 3], [[0.0; D]; 3], [[0.0; D]; 6]);
+            let grads = RemainderGrads { query: &mut bq, positive: &mut bp, negative: &mut bn };
+            let draws = SharedDraws {
+                stale: &stale,
+                shares: &shares,
+                batch_queries: &q,
+                sample_lse: &lse,
+                inv_temp: 1.0,
+                fresh_scores,
+                counts: &mut counts,
+                lse: &mut scratch,
+            };
+            let side_b = CacheSide { lse: &lse, fresh: &benign, weights: &[0.0; 6], control: None };
+            let b = in_batch_with_shared_draws(&q, &p, Some(&ids), alpha, side_b, draws, grads).unwrap();
+            assert_eq!((b, bq, bp, bn[..5].to_vec()), (whole, gq, gp, gn[..5].to_vec()), "fresh scores {fresh_scores}");
+            let (mut pq, mut pn, mut pp) = ([[0.0; D]; 3], [[0.0f32; D]; 6], [[0.0f32; D]; 3]);
+            let mut psum = RemainderSummary::default();
+            for range in [0..1, 1..3] {
+                let (mut gp_part, mut gn_part) = ([[0.0; D]; 3], [[0.0; D]; 6]);
+                let grads =
+                    RemainderGrads { query: &mut pq[range.clone()], positive: &mut gp_part, negative: &mut gn_part };
+                let part = BatchPart { first: range.start, batch: 3 };
+                let draws = SharedDraws {
+                    stale: &stale,
+                    shares: &shares,
+                    batch_queries: &q,
+                    sample_lse: &lse,
+                    inv_temp: 1.0,
+                    fresh_scores,
+                    counts: &mut counts,
+                    lse: &mut scratch[range.clone()],
+                };
+                let s = in_batch_part_with_shared_draws(
+                    &q[range.clone()],
+                    &p,
+                    Some(&ids),
+                    alpha,
+                    part,
+                    side(range),
+                    draws,
+                    grads,
+                )
+                .unwrap();
+                psum.loss += s.loss;
+                psum.prob_pos += s.prob_pos;
+                psum.grad_scale += s.grad_scale;
+                for (acc, g) in pp.iter_mut().zip(&gp_part).chain(pn.iter_mut().zip(&gn_part)) {
+                    vector::axpy(1.0, g, acc);
+                }
+            }
+            assert_eq!(pq, gq, "fresh scores {fresh_scores}: query gradients are each query's own");
+            assert!(close(psum.loss, whole.loss) && close(psum.prob_pos, whole.prob_pos), "{psum:?} {whole:?}");
+            assert!(close(psum.grad_scale, whole.grad_scale), "{psum:?} {whole:?}");
+            for (got, want) in [(&pp[..], &gp[..]), (&pn[..], &gn[..])] {
+                assert!(
+                    got.iter().flatten().zip(want.iter().flatten()).all(|(&a, &b)| close(a, b)),
+                    "{got:?} {want:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -306,7 +306,7 @@ pub struct Trainer<M, Q, I, const DIM: usize, const BATCH: usize, const NEG: usi
     neg_items: [[I; NEG]; BATCH],
     unique: [[u32; NEG]; BATCH],
     pos_keys: [u64; BATCH],
-    counts: [[f32; NEG]; BATCH],
+    counts: [[[f32; 3]; NEG]; BATCH],
     sample_lse: [LogSumExp; BATCH],
     lse_fresh: [LogSumExp; BATCH],
     control_variate: Option<f32>,
@@ -345,7 +345,7 @@ where
             neg_items: [[I::EMPTY; NEG]; BATCH],
             unique: [[0; NEG]; BATCH],
             pos_keys: [0; BATCH],
-            counts: [[0.0; NEG]; BATCH],
+            counts: [[[0.0; 3]; NEG]; BATCH],
             sample_lse: [LogSumExp::EMPTY; BATCH],
             lse_fresh: [LogSumExp::EMPTY; BATCH],
             control_variate: None,
@@ -792,6 +792,7 @@ where
             let shared = remainder::SharedDraws {
                 stale: self.stale[..bsz].as_flattened(),
                 shares: self.neg_weight[..bsz].as_flattened(),
+                batch_queries: q,
                 sample_lse: &self.sample_lse[..bsz],
                 inv_temp,
                 fresh_scores: self.cfg.fresh_scores,
@@ -1439,14 +1440,20 @@ mod tests {
     }
 
     #[test]
-    fn shared_draws_hide_batch_items_and_need_one_negative() {
-        // NEG 2: refused at init.
+    fn shared_draws_hide_batch_items_and_draw_at_random() {
         let cfg = TrainerConfig {
             objective: Objective::CacheShared,
             optimizer: OptimizerKind::Sgd { momentum: 0.0, weight_decay: 0.0 },
             ..TrainerConfig::DEFAULT
         };
-        assert!(Small::new(Towers::new(TowerConfig::DEFAULT), cfg).init().is_err());
+        // NEG 2: independent untempered draws only.
+        assert!(Small::new(Towers::new(TowerConfig::DEFAULT), cfg).init().is_ok());
+        for retrieval in
+            [Retrieval::ExpJump { inv_temp: 0.5 }, Retrieval::Gumbel { inv_temp: 1.0 }, Retrieval::MaxScore]
+        {
+            let cfg = TrainerConfig { retrieval, ..cfg };
+            assert!(Small::new(Towers::new(TowerConfig::DEFAULT), cfg).init().is_err(), "{retrieval:?}");
+        }
         // NEG 1: batch items are never drawn, every draw is refreshed.
         type One = Trainer<Towers, Item2, Item2, 3, 2, 1>;
         for seed in 0..20 {
@@ -1472,6 +1479,35 @@ mod tests {
                 assert_eq!(cache.as_ref().embeddings().row(slot), e);
             }
         }
+    }
+
+    /// A slot several queries draw is one tower evaluation: with the
+    /// batch's items hidden, B is both queries' only candidate, drawn twice
+    /// by each, and embedded once; the cache holds its fresh embedding.
+    #[test]
+    fn a_slot_drawn_by_several_queries_is_embedded_once() {
+        let cfg = TrainerConfig {
+            objective: Objective::CacheShared,
+            optimizer: OptimizerKind::Sgd { momentum: 0.0, weight_decay: 0.0 },
+            ..TrainerConfig::DEFAULT
+        };
+        let mut t = Small::new(Towers::new(TowerConfig::DEFAULT), cfg);
+        t.model.init(&mut Pcg64Mcg::seed_from_u64(3));
+        t.init().unwrap();
+        let mut cache = Cache::new();
+        for (j, item) in [A, B, C].iter().enumerate() {
+            cache.as_mut().set_slot(j, &STALE[j], *item, 5, true).unwrap();
+        }
+        let batch = Batch { queries: &[[11, 12], [13, 14]], positives: &[A, C], positive_index: None };
+        let r = t.step(&mut cache.as_mut(), &batch, &[], 0.0, &mut Pcg64Mcg::seed_from_u64(0)).unwrap();
+        for b in 0..2 {
+            assert_eq!(t.loss.negatives(b), &[1]);
+            assert_eq!(t.loss.negative_weights(b), &[1.0]);
+        }
+        assert_eq!(r.tower_evals, 2 * 2 + 1);
+        let mut e = [0.0; 3];
+        t.model.embed(Side::Item, &B, &mut e);
+        assert_eq!(cache.as_ref().embeddings().row(1), e);
     }
 
     #[test]

@@ -37,12 +37,12 @@ pub enum ObjectiveName {
     Full,
     /// The cache's drawn negatives and in-batch negatives in one softmax.
     CacheMixed,
-    /// The batch's positives exactly, the rest of the cache sampled,
-    /// without bias (the default).
-    #[default]
+    /// The batch's positives exactly, the rest of the cache sampled from
+    /// each query's own draws, without bias.
     CacheInBatch,
     /// As cache_in_batch, with each query's cache share estimated from the
-    /// draws of the whole batch (one per query, Hansen-Hurwitz weights).
+    /// draws of the whole batch (Hansen-Hurwitz weights; the default).
+    #[default]
     CacheShared,
 }
 
@@ -196,9 +196,10 @@ settings_with_protocol! {
         pub warmup: u64,
         /// What to minimise.
         // The best estimator measured (docs/results/README.md): the batch's
-        // positives exactly, four independent draws from the cache for the
-        // rest, and the query-side control variate.
-        #[arg(long, value_enum, default_value_t = ObjectiveName::CacheInBatch)]
+        // positives exactly, and every query's cache share estimated from
+        // the whole batch's draws (four independent ones per query), their
+        // stale scores corrected by the fresh ones (fresh_scores).
+        #[arg(long, value_enum, default_value_t = ObjectiveName::CacheShared)]
         pub objective: ObjectiveName,
         /// Negatives per step for --objective sampled.
         #[arg(long, default_value_t = 8192)]
@@ -232,8 +233,9 @@ settings_with_protocol! {
         /// Sampling inverse temperature.
         #[arg(long, default_value_t = 1.0)]
         pub inv_temp: f32,
-        /// Use the query-side control variate in the cache objectives.
-        #[arg(long, action = ArgAction::Set, default_value_t = true)]
+        /// Use the query-side control variate in the cache objectives
+        /// (cache_shared takes it only without fresh_scores).
+        #[arg(long, action = ArgAction::Set, default_value_t = false)]
         pub control_variate: bool,
         /// The control variate's beta in [0, 1]: 1 unbiased, 0 the
         /// memory-bank estimator (biased).
@@ -241,8 +243,9 @@ settings_with_protocol! {
         pub control_variate_beta: f32,
         /// With objective cache_shared: correct the cache's stale scores
         /// with the drawn negatives' fresh ones (self-normalised importance
-        /// sampling; needs control_variate false).
-        #[arg(long, action = ArgAction::Set, default_value_t = false)]
+        /// sampling; needs control_variate false). Other objectives ignore
+        /// it.
+        #[arg(long, action = ArgAction::Set, default_value_t = true)]
         pub fresh_scores: bool,
         /// With objective sampled: give the item tower the gradients of
         /// only this many of the negatives (a uniform subset, scaled to
@@ -433,8 +436,8 @@ impl TrainConfig {
         if self.sampled_item_priority && !(1..=BATCH).contains(&self.sampled_item_gradients) {
             bail!("sampled_item_priority needs sampled_item_gradients between 1 and {BATCH}");
         }
-        if self.fresh_scores && (self.objective != ObjectiveName::CacheShared || self.control_variate) {
-            bail!("fresh_scores needs objective cache_shared and control_variate false");
+        if self.fresh_scores && self.objective == ObjectiveName::CacheShared && self.control_variate {
+            bail!("fresh_scores takes no control variate: set control_variate false, or fresh_scores false");
         }
         if self.objective == ObjectiveName::CacheShared
             && self.negatives != 1
@@ -504,7 +507,7 @@ impl TrainConfig {
                 OptimizerName::Sgd => OptimizerKind::Sgd { momentum: 0.9, weight_decay: 0.0 },
             },
             clip_norm: self.clip_norm,
-            fresh_scores: self.fresh_scores,
+            fresh_scores: self.fresh_scores && self.objective == ObjectiveName::CacheShared,
             sampled_item_gradients: self.sampled_item_gradients,
             sampled_item_priority: self.sampled_item_priority,
         }

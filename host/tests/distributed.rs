@@ -101,7 +101,7 @@ mod mpi_runs {
     }
 
     /// The flags of [`config`] but the objective and the negatives per
-    /// query (the default's: exact in-batch terms, four independent draws).
+    /// query (the default's: shared draws, four per query, fresh scores).
     fn flags_for(data: &Path, out: &Path, steps: u64, control_variate: bool) -> Vec<String> {
         let s = |x: &str| x.to_owned();
         vec![
@@ -245,7 +245,8 @@ mod mpi_runs {
             // The control variate's inputs on the first round of each sampler.
             let control = round % ROUNDS == 0;
             let in_batch = which == 2;
-            let spec = DrawSpec { alpha: ALPHA, mask_accidental_hits: true, retrieval, control, in_batch };
+            let spec =
+                DrawSpec { alpha: ALPHA, mask_accidental_hits: true, retrieval, control, stale: control, in_batch };
             let c = cache.as_mut();
             if in_batch {
                 four.draw(&mut comm, c, &queries, &positives, &rows, spec, &mut rng, &mut draws).unwrap();
@@ -471,16 +472,37 @@ mod mpi_runs {
 
     /// The default estimator: exact in-batch terms (every positive of the
     /// batch in each query's softmax, their slots hidden from the draw),
-    /// the control variate, four independent draws per query.
+    /// every query's cache share from the whole batch's draws (four
+    /// independent ones per query, gathered from every process), fresh
+    /// scores.
     #[test]
     fn one_process_reproduces_the_single_process_run_with_the_default_estimator() {
+        let cfg = |data: &Path, out: &Path| TrainConfig {
+            objective: ObjectiveName::CacheShared,
+            negatives: 4,
+            control_variate: false,
+            fresh_scores: true,
+            ..config(data, out, 40)
+        };
+        one_process_is(|data, out| flags_for(data, out, 40, false), cfg);
+    }
+
+    /// Exact in-batch terms, the control variate, four independent draws
+    /// per query, each query's own (A+B+C, the default before).
+    #[test]
+    fn one_process_reproduces_the_single_process_run_with_in_batch_terms_and_the_control_variate() {
         let cfg = |data: &Path, out: &Path| TrainConfig {
             objective: ObjectiveName::CacheInBatch,
             negatives: 4,
             control_variate: true,
             ..config(data, out, 40)
         };
-        one_process_is(|data, out| flags_for(data, out, 40, true), cfg);
+        let flags = |data: &Path, out: &Path| {
+            let mut f = flags_for(data, out, 40, true);
+            f.extend(["--objective", "cache-in-batch"].map(str::to_owned));
+            f
+        };
+        one_process_is(flags, cfg);
     }
 
     /// Two independent draws without the control variate.
@@ -493,7 +515,7 @@ mod mpi_runs {
         };
         let flags = |data: &Path, out: &Path| {
             let mut f = flags_for(data, out, 40, false);
-            f.extend(["--negatives", "2"].map(str::to_owned));
+            f.extend(["--objective", "cache-in-batch", "--negatives", "2"].map(str::to_owned));
             f
         };
         one_process_is(flags, cfg);
@@ -635,7 +657,7 @@ mod mpi_runs {
         sums[0]
     }
 
-    /// The first step of two processes with the default estimator, from an
+    /// The first step of two processes with exact in-batch terms, from an
     /// empty cache (so no draw: the exact in-batch softmax over the global
     /// batch alone), against one process stepping the same global batch:
     /// the gathered positives, each query's own positive at its global
@@ -650,7 +672,7 @@ mod mpi_runs {
         let (tmp, data) = tiny();
         let out = tmp.path().join("two");
         let mut f = flags_for(&data, &out, 1, true);
-        f.extend(["--optimizer", "sgd", "--lr", "0.1"].map(str::to_owned));
+        f.extend(["--objective", "cache-in-batch", "--optimizer", "sgd", "--lr", "0.1"].map(str::to_owned));
         run_distributed(2, &f);
 
         let cfg = TrainConfig {
@@ -701,18 +723,32 @@ mod mpi_runs {
         eprintln!("{moved} of {} words differ, by at most {worst:e}", a.len());
     }
 
-    /// Two processes with the default estimator: each process's queries
-    /// meet the positives of both, the positives' gradients are summed
-    /// before each process back-propagates its own, and the towers stay
-    /// identical; a resumed run equals an uninterrupted one.
+    /// Two processes with exact in-batch terms and each query's own draws
+    /// (A+B+C): each process's queries meet the positives of both, the
+    /// positives' gradients are summed before each process back-propagates
+    /// its own, and the towers stay identical.
+    #[test]
+    fn two_processes_with_in_batch_terms_keep_identical_towers() {
+        let (tmp, data) = tiny();
+        let out = tmp.path().join("abc");
+        let mut f = flags_for(&data, &out, 60, true);
+        f.extend(["--objective", "cache-in-batch"].map(str::to_owned));
+        two_processes_agree(&out, &f);
+    }
+
+    /// Two processes with the default estimator (shared draws): every
+    /// process's queries weigh the draws of both, the rows' and positives'
+    /// gradients are summed before each process back-propagates its own,
+    /// and the towers stay identical; a resumed run equals an
+    /// uninterrupted one.
     #[test]
     fn two_processes_with_the_default_estimator_keep_identical_towers() {
         let (tmp, data) = tiny();
         let out = tmp.path().join("default");
-        two_processes_agree(&out, &flags_for(&data, &out, 60, true));
+        two_processes_agree(&out, &flags_for(&data, &out, 60, false));
         let half = tmp.path().join("half");
-        run_distributed(2, &flags_for(&data, &half, 30, true));
-        let mut args = flags_for(&data, &half, 60, true);
+        run_distributed(2, &flags_for(&data, &half, 30, false));
+        let mut args = flags_for(&data, &half, 60, false);
         args.extend(["--resume".to_owned(), half.join("checkpoint.ckpt").display().to_string()]);
         run_distributed(2, &args);
         let (a, b) = (

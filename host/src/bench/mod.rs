@@ -995,7 +995,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             let table = text.lines().filter(|l| l.starts_with('|')).collect::<Vec<_>>().join("\n");
             let _ = writeln!(
                 md,
-                "From `negcache compare --config {}/compare.toml` (its `compare.md`): the default configuration, \
+                "From `negcache compare --config {}/compare.toml` (its `compare.md`): the configuration it names, \
                  10,000 steps, seeds 0, 1, 2, the cache stored in each precision; figures on the whole test split \
                  under the standard evaluation, mean ± standard deviation over the seeds.\n\n{table}\n",
                 args.recall_results.display()

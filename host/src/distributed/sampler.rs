@@ -61,8 +61,8 @@ pub struct Pick {
     /// for a slot drawn `c` times in `K` independent draws (1 for one
     /// draw), as the core weighs one cache's draws.
     pub weight: f32,
-    /// With the control variate: the slot's cached embedding (zero
-    /// without the variate).
+    /// With the control variate or shared draws: the slot's cached
+    /// embedding (zero otherwise).
     pub stale: [f32; DIM],
 }
 
@@ -226,9 +226,12 @@ pub struct DrawSpec<'a> {
     /// `ExpJump` or `Gumbel` at inverse temperature 1; `ExpJump` (K
     /// independent reservoirs) when a query draws more than one negative.
     pub retrieval: Retrieval<'a>,
-    /// Return each draw's cached row and the candidates' softmax mean (the
-    /// control variate's inputs).
+    /// Return the candidates' softmax mean of the cached rows (the control
+    /// variate's input).
     pub control: bool,
+    /// Return each draw's cached row (the control variate's and the shared
+    /// draws' input).
+    pub stale: bool,
     /// Gather every process's positive embeddings too, and hide every
     /// slot holding one of the global batch's positives from the draw (the
     /// exact in-batch objective, where they enter exactly).
@@ -265,17 +268,17 @@ fn query_words(in_batch: bool) -> usize {
     DIM + ITEM_TOKENS + if in_batch { DIM } else { 0 }
 }
 
-/// Words per pick in a reply: slot, count, item, and with the control
-/// variate its cached embedding.
-fn pick_words(control: bool) -> usize {
-    2 + ITEM_TOKENS + if control { DIM } else { 0 }
+/// Words per pick in a reply: slot, count, item, and with `stale` its
+/// cached embedding.
+fn pick_words(stale: bool) -> usize {
+    2 + ITEM_TOKENS + if stale { DIM } else { 0 }
 }
 
 /// Words per (query, shard) reply: lse max, lse sum, `K` picks (unused
 /// ones with slot [`NO_SLOT`]), and with the control variate the shard's
 /// candidate mean.
-fn reply_words(k: usize, control: bool) -> usize {
-    2 + k * pick_words(control) + if control { DIM } else { 0 }
+fn reply_words(k: usize, stale: bool, control: bool) -> usize {
+    2 + k * pick_words(stale) + if control { DIM } else { 0 }
 }
 
 impl<const K: usize> Default for ShardedSampler<K> {
@@ -309,6 +312,12 @@ impl<const K: usize> ShardedSampler<K> {
     /// `g / (B/P)`).
     pub fn positives(&self) -> &[ItemTokens] {
         &self.items
+    }
+
+    /// Every process's query embeddings of the last draw, in the order of
+    /// [`Self::positives`].
+    pub fn queries(&self) -> &[[f32; DIM]] {
+        &self.queries
     }
 
     /// The positives' embeddings of the last draw with exact in-batch
@@ -433,14 +442,14 @@ impl<const K: usize> ShardedSampler<K> {
                         );
                         self.send.extend([slot, count]);
                         self.send.extend_from_slice(&view.items()[slot as usize]);
-                        if spec.control {
+                        if spec.stale {
                             self.send.extend(view.embeddings().row(slot as usize).iter().map(|x| x.to_bits()));
                         }
                     }
                     None => {
                         self.send.extend([NO_SLOT, 0]);
                         self.send.extend_from_slice(&ItemTokens::EMPTY);
-                        if spec.control {
+                        if spec.stale {
                             self.send.extend([0u32; DIM]);
                         }
                     }
@@ -456,10 +465,10 @@ impl<const K: usize> ShardedSampler<K> {
 
         // Block s of the replies is shard s's answer for the local queries.
         out.clear();
-        let (words, pw) = (reply_words(K, spec.control), pick_words(spec.control));
+        let (words, pw) = (reply_words(K, spec.stale, spec.control), pick_words(spec.stale));
         let reply = |s: usize, i: usize| &self.recv[(s * bl + i) * words..(s * bl + i + 1) * words];
         let pick_at = |s: usize, i: usize, k: usize| &reply(s, i)[2 + k * pw..2 + (k + 1) * pw];
-        // The control variate's rows (replies carry them only with it).
+        // The cached rows (replies carry them only when asked).
         let floats = |r: &[u32], at: usize| -> [f32; DIM] { std::array::from_fn(|k| f32::from_bits(r[at + k])) };
         for i in 0..bl {
             self.lse.clear();
@@ -487,7 +496,7 @@ impl<const K: usize> ShardedSampler<K> {
                     slot: r[0],
                     item: std::array::from_fn(|k| r[2 + k]),
                     weight: t.count as f32 / K as f32,
-                    stale: if spec.control { floats(r, 2 + ITEM_TOKENS) } else { [0.0; DIM] },
+                    stale: if spec.stale { floats(r, 2 + ITEM_TOKENS) } else { [0.0; DIM] },
                 };
                 draw.len += 1;
             }

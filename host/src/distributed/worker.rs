@@ -13,7 +13,8 @@ use clap::ValueEnum;
 use negcache::loss::{query_terms, QueryControl, QueryGrads, QueryNegatives};
 use negcache::random;
 use negcache::remainder::{
-    in_batch_part_with_remainder, BatchPart, CacheSide, Control, RemainderGrads, RemainderSummary,
+    in_batch_part_with_remainder, in_batch_part_with_shared_draws, BatchPart, CacheSide, Control, RemainderGrads,
+    RemainderSummary, SharedDraws,
 };
 use negcache::sampler::LogSumExp;
 use negcache::tower::Upstream;
@@ -47,12 +48,12 @@ pub fn validate(cfg: &TrainConfig, processes: usize) -> anyhow::Result<()> {
     cfg.validate()?;
     let p = processes;
     match cfg.objective {
-        ObjectiveName::Cache | ObjectiveName::CacheInBatch => ensure!(
+        ObjectiveName::Cache | ObjectiveName::CacheInBatch | ObjectiveName::CacheShared => ensure!(
             cfg.negatives == 1 || cfg.sampler == SamplerName::Independent,
             "--distributed draws several negatives per query independently (--sampler independent): distinct draws do not merge exactly across shards"
         ),
         other => bail!(
-            "--distributed trains --objective cache-in-batch (the default) or cache, not {}",
+            "--distributed trains --objective cache-shared (the default), cache-in-batch or cache, not {}",
             other.to_possible_value().map(|v| v.get_name().to_owned()).unwrap_or_default()
         ),
     }
@@ -160,6 +161,28 @@ pub fn in_batch_part(
     Ok(sum)
 }
 
+/// This process's inputs and their gradients in the trainer's order for
+/// back-propagation: query, positive, negatives, query by query. `gp` has
+/// one row per local query, `gn` `K` rows per local query.
+fn sequence<'a, const K: usize>(
+    queries: &'a [QueryTokens],
+    gq: &'a [[f32; DIM]],
+    positives: &'a [ItemTokens],
+    gp: &'a [[f32; DIM]],
+    draws: &'a [Draw],
+    gn: &'a [[f32; DIM]],
+) -> Vec<Upstream<'a, QueryTokens, ItemTokens, DIM>> {
+    let mut seq = Vec::with_capacity(draws.len() * (2 + K));
+    for (b, d) in draws.iter().enumerate() {
+        seq.push(Upstream::Query(&queries[b], &gq[b]));
+        seq.push(Upstream::Item(&positives[b], &gp[b]));
+        for (i, pick) in d.picks().iter().enumerate() {
+            seq.push(Upstream::Item(&pick.item, &gn[b * K + i]));
+        }
+    }
+    seq
+}
+
 /// A process's share of a step's figures: the training loss, the
 /// interpretable loss, the probability of the positive and the tower
 /// evaluations, summed over processes by the gradient all-reduce; the
@@ -211,6 +234,30 @@ pub(super) struct Worker<M, const K: usize> {
     means: Vec<[f32; DIM]>,
     keys: Vec<u64>,
     draws: Vec<Draw>,
+    shared: SharedBuffers,
+}
+
+/// With shared draws, every process's draws, gathered (per row: `K` rows
+/// per query of the global batch, in rank order), and the buffers of the
+/// gathering.
+#[derive(Default)]
+struct SharedBuffers {
+    /// Per query of the global batch: its cache log-sum-exp.
+    lse: Vec<LogSumExp>,
+    /// Per row: the fresh embedding, the cached one, the share of its
+    /// query's draws.
+    fresh: Vec<[f32; DIM]>,
+    stale: Vec<[f32; DIM]>,
+    shares: Vec<f32>,
+    /// Per row: the core's working memory, this process's share of the
+    /// row's gradient, and its sum over processes.
+    counts: Vec<[f32; 3]>,
+    gn: Vec<[f32; DIM]>,
+    gn_sum: Vec<[f32; DIM]>,
+    /// Per local query: the core's working memory.
+    corrected: Vec<LogSumExp>,
+    send: Vec<u32>,
+    recv: Vec<u32>,
 }
 
 impl<M: Replicated, const K: usize> Worker<M, K> {
@@ -269,6 +316,7 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
             means: vec![[0.0; DIM]; bl],
             keys: Vec::new(),
             draws: Vec::new(),
+            shared: SharedBuffers::default(),
         })
     }
 
@@ -303,7 +351,8 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
             self.positives.push(data.features.items[d as usize]);
         }
         let lr = self.cfg.lr_at(self.step);
-        let in_batch = self.cfg.objective == ObjectiveName::CacheInBatch;
+        let shared = self.cfg.objective == ObjectiveName::CacheShared;
+        let in_batch = shared || self.cfg.objective == ObjectiveName::CacheInBatch;
         let Replica { trainer, cache, .. } = &mut self.replica;
         self.laps.start();
         trainer.model.zero_grad();
@@ -319,6 +368,7 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
             mask_accidental_hits: self.cfg.mask_accidental_hits,
             retrieval: trainer.config().retrieval,
             control: trainer.control_variate().is_some(),
+            stale: trainer.control_variate().is_some() || shared,
             in_batch,
         };
         let (queries, positives, rows) = (&self.q, &self.positives, &self.p);
@@ -336,7 +386,13 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
             evals += m as u32;
         }
 
-        let terms = if in_batch { self.in_batch_terms(alpha, evals)? } else { self.cache_terms(alpha, evals)? };
+        let terms = if shared {
+            self.shared_terms(alpha, evals)?
+        } else if in_batch {
+            self.in_batch_terms(alpha, evals)?
+        } else {
+            self.cache_terms(alpha, evals)?
+        };
         let trainer = &mut self.replica.trainer;
         self.laps.lap(3);
 
@@ -415,21 +471,107 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
             }
         }
         let model = &mut trainer.model;
-        let mut seq = Vec::with_capacity(bl * (2 + K));
-        for b in 0..bl {
-            seq.push(Upstream::Query(&self.queries[b], &self.gq[b]));
-            seq.push(Upstream::Item(&self.positives[b], &self.gp[b]));
-            for (i, pick) in self.draws[b].picks().iter().enumerate() {
-                seq.push(Upstream::Item(&pick.item, &self.gn[b * K + i]));
-            }
-        }
-        // The trainer's order: query, positive, negatives, query by query.
-        model.backward_sequence(&seq);
+        model.backward_sequence(&sequence::<K>(
+            &self.queries,
+            &self.gq,
+            &self.positives,
+            &self.gp,
+            &self.draws,
+            &self.gn,
+        ));
         model.backward_scale(grad_scale * inv_b);
         Ok(Terms { extra: [training, interpretable, prob_pos, evals as f32], scale: inv_b })
     }
 
-    /// The exact in-batch objective (the default): each local query's
+    /// Shared draws (estimator D, the default): each local query's cache
+    /// share is estimated from the draws of every process's queries. The
+    /// processes gather every query's log-sum-exp and every draw's fresh
+    /// row, cached row and share (**shared draws**: an all-gather of
+    /// `B K (2 DIM + 1) + 2 B` words), so each computes its queries' terms
+    /// over all rows (`remainder::in_batch_part_with_shared_draws`, what
+    /// the single-process trainer computes for the whole batch); the
+    /// rows' gradients from every process's queries are summed
+    /// (**negative gradients**: an all-reduce of `B K x DIM`) as the
+    /// positives' are, and each process back-propagates its own rows.
+    /// Returns the sums to all-reduce: already batch means.
+    fn shared_terms(&mut self, alpha: f32, evals: u32) -> anyhow::Result<Terms> {
+        let (p, bl) = (self.comm.size(), self.local_batch);
+        let trainer = &mut self.replica.trainer;
+        let sh = &mut self.shared;
+        // This process's queries and rows, packed per query: lse (2 words),
+        // then K rows of fresh, cached and share.
+        let row_words = 2 * DIM + 1;
+        let query_words = 2 + K * row_words;
+        sh.send.clear();
+        for (b, d) in self.draws.iter().enumerate() {
+            self.lse[b] = d.lse;
+            self.means[b] = d.mean;
+            sh.send.extend([d.lse.max.to_bits(), d.lse.sum.to_bits()]);
+            for i in 0..K {
+                let pick = d.picks().get(i);
+                sh.send.extend(self.f[b * K + i].iter().map(|x| x.to_bits()));
+                sh.send.extend(pick.map_or([0.0; DIM], |k| k.stale).iter().map(|x| x.to_bits()));
+                sh.send.push(pick.map_or(0.0f32, |k| k.weight).to_bits());
+            }
+        }
+        sh.recv.clear();
+        sh.recv.resize(p * bl * query_words, 0);
+        self.comm.all_gather("shared draws", &sh.send, &mut sh.recv);
+        let floats = |w: &[u32]| -> [f32; DIM] { std::array::from_fn(|k| f32::from_bits(w[k])) };
+        sh.lse.clear();
+        sh.fresh.clear();
+        sh.stale.clear();
+        sh.shares.clear();
+        for q in sh.recv.chunks_exact(query_words) {
+            sh.lse.push(LogSumExp { max: f32::from_bits(q[0]), sum: f32::from_bits(q[1]) });
+            for r in q[2..].chunks_exact(row_words) {
+                sh.fresh.push(floats(r));
+                sh.stale.push(floats(&r[DIM..]));
+                sh.shares.push(f32::from_bits(r[2 * DIM]));
+            }
+        }
+        let rows = sh.fresh.len();
+        sh.counts.resize(rows, [0.0; 3]);
+        sh.gn.resize(rows, [0.0; DIM]);
+        sh.gn_sum.resize(rows, [0.0; DIM]);
+        sh.corrected.resize(bl, LogSumExp::EMPTY);
+        let all = self.sampler.positives();
+        self.keys.clear();
+        self.keys.extend(all.iter().map(|y| y.key()));
+        self.gp.resize(all.len(), [0.0; DIM]);
+        self.gp_sum.resize(all.len(), [0.0; DIM]);
+        let side = CacheSide {
+            lse: &self.lse,
+            fresh: &sh.fresh,
+            weights: &sh.shares,
+            control: trainer.control_variate().map(|beta| Control { beta, stale: &sh.stale, mean: &self.means }),
+        };
+        let draws = SharedDraws {
+            stale: &sh.stale,
+            shares: &sh.shares,
+            batch_queries: self.sampler.queries(),
+            sample_lse: &sh.lse,
+            inv_temp: 1.0,
+            fresh_scores: trainer.config().fresh_scores,
+            counts: &mut sh.counts,
+            lse: &mut sh.corrected,
+        };
+        let grads = RemainderGrads { query: &mut self.gq, positive: &mut self.gp, negative: &mut sh.gn };
+        let ids = self.cfg.mask_accidental_hits.then_some(&self.keys[..]);
+        let part = local_part(&self.comm, bl);
+        let positive_rows = self.sampler.positive_rows();
+        let sum = in_batch_part_with_shared_draws(&self.q, positive_rows, ids, alpha, part, side, draws, grads)?;
+        self.comm.sum_f32("positive gradients", self.gp.as_flattened(), self.gp_sum.as_flattened_mut());
+        self.comm.sum_f32("negative gradients", sh.gn.as_flattened(), sh.gn_sum.as_flattened_mut());
+        let (mine, rows) = (part.first..part.first + bl, part.first * K..(part.first + bl) * K);
+        let (gp, gn) = (&self.gp_sum[mine], &sh.gn_sum[rows]);
+        let model = &mut trainer.model;
+        model.backward_sequence(&sequence::<K>(&self.queries, &self.gq, &self.positives, gp, &self.draws, gn));
+        model.backward_scale(sum.grad_scale);
+        Ok(Terms { extra: [sum.loss, sum.loss, sum.prob_pos, evals as f32], scale: 1.0 })
+    }
+
+    /// The exact in-batch objective with each query's own draws (A+B+C): each local query's
     /// softmax over every positive of the global batch, exactly, and the
     /// sharded cache's remainder from its picks
     /// (`remainder::in_batch_part_with_remainder`, what the single-process
@@ -464,16 +606,9 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
         let rows = self.sampler.positive_rows();
         let sum = in_batch_part(&mut self.comm, &self.q, rows, ids, alpha, K, side, grads, &mut self.gp_sum)?;
         let first = local_part(&self.comm, bl).first;
+        let gp = &self.gp_sum[first..first + bl];
         let model = &mut trainer.model;
-        let mut seq = Vec::with_capacity(bl * (2 + K));
-        for b in 0..bl {
-            seq.push(Upstream::Query(&self.queries[b], &self.gq[b]));
-            seq.push(Upstream::Item(&self.positives[b], &self.gp_sum[first + b]));
-            for (i, pick) in self.draws[b].picks().iter().enumerate() {
-                seq.push(Upstream::Item(&pick.item, &self.gn[b * K + i]));
-            }
-        }
-        model.backward_sequence(&seq);
+        model.backward_sequence(&sequence::<K>(&self.queries, &self.gq, &self.positives, gp, &self.draws, &self.gn));
         model.backward_scale(sum.grad_scale);
         Ok(Terms { extra: [sum.loss, sum.loss, sum.prob_pos, evals as f32], scale: 1.0 })
     }
