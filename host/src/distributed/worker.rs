@@ -657,13 +657,19 @@ mod tests {
     fn inexact_configurations_are_refused() {
         let ok = TrainConfig::default();
         assert!(validate(&ok, 2).is_ok(), "{:?}", validate(&ok, 2));
-        let cache_four = TrainConfig { objective: ObjectiveName::Cache, ..ok.clone() };
-        assert!(validate(&cache_four, 2).is_ok());
+        for objective in [ObjectiveName::Cache, ObjectiveName::CacheInBatch] {
+            let four = TrainConfig { objective, control_variate: true, ..ok.clone() };
+            assert!(validate(&four, 2).is_ok(), "{objective:?}");
+        }
+        let shared_one = TrainConfig { negatives: 1, sampler: SamplerName::Gumbel, ..ok.clone() };
+        assert!(validate(&shared_one, 2).is_ok());
+        let in_batch = TrainConfig { objective: ObjectiveName::CacheInBatch, ..ok.clone() };
         let refused = [
-            (TrainConfig { objective: ObjectiveName::CacheShared, negatives: 1, ..ok.clone() }, "cache-in-batch"),
+            (TrainConfig { objective: ObjectiveName::CacheMixed, ..ok.clone() }, "cache-in-batch"),
             (TrainConfig { objective: ObjectiveName::InBatch, ..ok.clone() }, "cache-in-batch"),
-            (TrainConfig { sampler: SamplerName::ExpJump, ..ok.clone() }, "independently"),
-            (TrainConfig { sampler: SamplerName::Gumbel, ..ok.clone() }, "independently"),
+            (TrainConfig { sampler: SamplerName::ExpJump, ..in_batch.clone() }, "independently"),
+            (TrainConfig { sampler: SamplerName::Gumbel, ..in_batch.clone() }, "independently"),
+            (TrainConfig { sampler: SamplerName::Gumbel, ..ok.clone() }, "independent"),
             (TrainConfig { inv_temp: 0.5, ..ok.clone() }, "inv_temp"),
             (TrainConfig { top_k: 64, ..ok.clone() }, "top_k"),
             (TrainConfig { cache_precision: PrecisionName::Int8, ..ok.clone() }, "f32"),
