@@ -497,11 +497,14 @@ fn remainder<I: PartialEq, const DIM: usize>(
         // The cache remainder, sampled.
         for k in terms.rows(b) {
             let w = terms.weight(b, k);
+            if w == 0.0 {
+                // An unweighted row adds nothing (and may hold anything
+                // finite, whose products could overflow).
+                continue;
+            }
             let f = &cache.fresh[k];
             scale_grad += mass * w * dot(q, f);
-            if w != 0.0 {
-                vector::axpy(c * mass * w, q, &mut grads.negative[k]);
-            }
+            vector::axpy(c * mass * w, q, &mut grads.negative[k]);
             match cache.control {
                 None => vector::axpy(c * mass * w, f, gq),
                 Some(Control { beta, stale, .. }) => {
@@ -993,13 +996,13 @@ mod tests {
     /// fresh scores and without: each part's query gradients are the
     /// whole's to the bit, and its negative and positive gradients and
     /// figures sum to the whole's. Row 5 is past its query's draws and
-    /// holds a row whose ratio would overflow if it were weighted.
+    /// holds a row whose scores overflow: it must not be weighted.
     #[test]
     fn parts_of_a_batch_with_shared_draws_sum_to_the_whole() {
         let mut r = Pcg64Mcg::seed_from_u64(7);
         let (q, p) = (rows::<3>(&mut r), rows::<3>(&mut r));
         let (mut fresh, stale) = (rows::<6>(&mut r), rows::<6>(&mut r));
-        fresh[5] = core::array::from_fn(|i| 1e3 * q[0][i].signum());
+        fresh[5] = core::array::from_fn(|i| f32::MAX * q[0][i].signum());
         let ids = [4u32, 9, 4];
         let alpha = 2.5;
         let mut lse = [LogSumExp::EMPTY; 3];
