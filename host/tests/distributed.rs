@@ -30,7 +30,10 @@ mod mpi_runs {
     use negcache::vector::dot;
     use negcache::{Batch, CacheLoss, LossConfig, NegativeCache, Retrieval};
     use negcache_host::checkpoint::{Checkpoint, Reader};
-    use negcache_host::distributed::{in_batch_part, model_checksum, rank_rng, Comm, DrawSpec, ShardedSampler};
+    use negcache_host::distributed::{
+        in_batch_part, model_checksum, rank_rng, shared_part, Comm, DrawSpec, LocalDraws, ShardedSampler,
+        SharedBuffers, SharedInputs,
+    };
     use negcache_host::featurize::{ItemTokens, ITEM_TOKENS};
     use negcache_host::report::read_series;
     use negcache_host::session::{cache_section_bytes, DIM};
@@ -453,6 +456,98 @@ mod mpi_runs {
         }
         let stdout = on_two_processes("in_batch_terms_split_over_processes_sum_to_the_whole_batch", "parts");
         assert!(stdout.contains("PARTS OK"), "{stdout}");
+    }
+
+    /// Shared draws over two processes: a batch of 4 queries (2 per
+    /// process) with two rows each (one past its query's draws), with and
+    /// without fresh scores. Each process runs `shared_part` on its own
+    /// queries and rows; every process checks it against the core's
+    /// whole-batch terms computed locally: its query gradients to the bit,
+    /// the summed row and positive gradients and figures to rounding.
+    fn shared_parts_worker() {
+        use negcache::remainder::{in_batch_with_shared_draws, CacheSide, RemainderGrads, SharedDraws};
+        const B: usize = 4;
+        const K: usize = 2;
+        let universe = mpi::initialize().unwrap();
+        let mut comm = Comm::new(universe.world());
+        let (rank, p) = (comm.rank(), comm.size());
+        let bl = B / p;
+        let mut r = rand_pcg::Pcg64Mcg::seed_from_u64(19);
+        let (q, pos) = (random_rows(&mut r, B), random_rows(&mut r, B));
+        let (fresh, stale) = (random_rows(&mut r, K * B), random_rows(&mut r, K * B));
+        let ids = [1u64, 2, 3, 1];
+        let alpha = 3.0;
+        let mut lse = [LogSumExp::EMPTY; B];
+        for (b, z) in lse.iter_mut().enumerate() {
+            for e in &stale {
+                z.push(alpha * dot(&q[b], e));
+            }
+        }
+        let shares = [0.5, 0.5, 1.0, 0.0, 0.5, 0.5, 1.0, 0.0];
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * (1.0 + b.abs());
+        for fresh_scores in [false, true] {
+            let side = CacheSide { lse: &lse, fresh: &fresh, weights: &shares, control: None };
+            let (mut counts, mut corrected) = (vec![[0.0; 3]; K * B], vec![LogSumExp::EMPTY; B]);
+            let draws = SharedDraws {
+                stale: &stale,
+                shares: &shares,
+                batch_queries: &q,
+                sample_lse: &lse,
+                inv_temp: 1.0,
+                fresh_scores,
+                counts: &mut counts,
+                lse: &mut corrected,
+            };
+            let (mut gq, mut gp, mut gn) = (vec![[0.0; DIM]; B], vec![[0.0; DIM]; B], vec![[0.0; DIM]; K * B]);
+            let grads = RemainderGrads { query: &mut gq, positive: &mut gp, negative: &mut gn };
+            let whole = in_batch_with_shared_draws(&q, &pos, Some(&ids), alpha, side, draws, grads).unwrap();
+
+            let (mine, rows) = (rank * bl..(rank + 1) * bl, rank * bl * K..(rank + 1) * bl * K);
+            let local = LocalDraws {
+                queries: &q[mine.clone()],
+                lse: &lse[mine.clone()],
+                fresh: &fresh[rows.clone()],
+                stale: &stale[rows.clone()],
+                shares: &shares[rows],
+                means: &[],
+            };
+            let inputs = SharedInputs {
+                batch_queries: &q,
+                positives: &pos,
+                ids: Some(&ids),
+                alpha,
+                k: K,
+                control: None,
+                fresh_scores,
+            };
+            let mut buf = SharedBuffers::default();
+            let (mut pq, mut pp, mut psum) = (vec![[0.0; DIM]; bl], Vec::new(), Vec::new());
+            let part = shared_part(&mut comm, local, inputs, &mut buf, &mut pq, &mut pp, &mut psum).unwrap();
+            assert_eq!(pq, gq[mine], "process {rank}, fresh scores {fresh_scores}: query gradients");
+            for (what, got, want) in [("positive", &psum, &gp), ("row", &buf.gn_sum, &gn)] {
+                assert_eq!(got.len(), want.len());
+                for (j, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+                    assert!(g.iter().zip(w).all(|(&a, &b)| close(a, b)), "{what} {j}: {g:?} against {w:?}");
+                }
+            }
+            let mut figures = [0.0f32; 3];
+            comm.sum_f32("figures", &[part.loss, part.prob_pos, part.grad_scale], &mut figures);
+            for (got, want) in figures.iter().zip([whole.loss, whole.prob_pos, whole.grad_scale]) {
+                assert!(close(*got, want), "summed figures {figures:?} against {whole:?}");
+            }
+        }
+        if rank == 0 {
+            println!("SHARED PARTS OK");
+        }
+    }
+
+    #[test]
+    fn shared_draws_split_over_processes_sum_to_the_whole_batch() {
+        if std::env::var(WORKER).as_deref() == Ok("shared-parts") {
+            return shared_parts_worker();
+        }
+        let stdout = on_two_processes("shared_draws_split_over_processes_sum_to_the_whole_batch", "shared-parts");
+        assert!(stdout.contains("SHARED PARTS OK"), "{stdout}");
     }
 
     // ---- one process is the single-process run ----

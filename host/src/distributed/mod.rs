@@ -89,4 +89,4 @@ pub use replica::{model_checksum, Replicated};
 pub use run::{train_command, DistributedSummary};
 pub use sampler::{choose_shard, merge_draws, Draw, DrawSpec, Pick, ShardedSampler, Taken};
 pub use shards::Owners;
-pub use worker::{in_batch_part, local_part, rank_rng, validate};
+pub use worker::{in_batch_part, local_part, rank_rng, shared_part, validate, LocalDraws, SharedBuffers, SharedInputs};

@@ -183,6 +183,137 @@ fn sequence<'a, const K: usize>(
     seq
 }
 
+/// A process's own queries and their draws for [`shared_part`], `k` rows
+/// per query.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalDraws<'a> {
+    /// The local queries' embeddings.
+    pub queries: &'a [[f32; DIM]],
+    /// Per local query, its cache log-sum-exp over every shard.
+    pub lse: &'a [LogSumExp],
+    /// Per row: the fresh embedding, the cached one, the share of its
+    /// query's draws (0 past its draws).
+    pub fresh: &'a [[f32; DIM]],
+    pub stale: &'a [[f32; DIM]],
+    pub shares: &'a [f32],
+    /// Per local query, the candidates' softmax mean of the cached rows
+    /// (read with the control variate only).
+    pub means: &'a [[f32; DIM]],
+}
+
+/// What every process of a step shares for [`shared_part`].
+#[derive(Debug, Clone, Copy)]
+pub struct SharedInputs<'a> {
+    /// Every query of the global batch, in rank order.
+    pub batch_queries: &'a [[f32; DIM]],
+    /// Every positive's embedding, in the same order.
+    pub positives: &'a [[f32; DIM]],
+    /// The positives' keys, for leaving accidental hits out.
+    pub ids: Option<&'a [u64]>,
+    pub alpha: f32,
+    /// Rows per query.
+    pub k: usize,
+    /// The control variate's beta, if any.
+    pub control: Option<f32>,
+    pub fresh_scores: bool,
+}
+
+/// Shared draws over processes: every process gathers every query's
+/// log-sum-exp and every row (**shared draws**: all-gather), computes its
+/// own queries' terms over all rows
+/// (`remainder::in_batch_part_with_shared_draws`), and sums the positives'
+/// and the rows' gradients over processes (**positive gradients**,
+/// **negative gradients**: all-reduce) into `gp_sum` and `buf.gn_sum`.
+/// `gq` receives the local queries' gradients. Returns this process's
+/// share of the batch means. Collective.
+///
+/// # Errors
+/// The core's, for mismatched lengths or non-finite inputs.
+pub fn shared_part(
+    comm: &mut Comm,
+    local: LocalDraws<'_>,
+    inputs: SharedInputs<'_>,
+    buf: &mut SharedBuffers,
+    gq: &mut [[f32; DIM]],
+    gp: &mut Vec<[f32; DIM]>,
+    gp_sum: &mut Vec<[f32; DIM]>,
+) -> anyhow::Result<RemainderSummary> {
+    let (p, bl, k) = (comm.size(), local.queries.len(), inputs.k);
+    ensure!(
+        local.lse.len() == bl && [local.fresh.len(), local.stale.len(), local.shares.len()] == [bl * k; 3],
+        "shared draws: {bl} queries of {k} rows each, got {} log-sum-exps and {} rows",
+        local.lse.len(),
+        local.fresh.len()
+    );
+    // This process's queries and rows, packed per query: lse (2 words),
+    // then k rows of fresh, cached and share.
+    let row_words = 2 * DIM + 1;
+    let query_words = 2 + k * row_words;
+    buf.send.clear();
+    for b in 0..bl {
+        buf.send.extend([local.lse[b].max.to_bits(), local.lse[b].sum.to_bits()]);
+        for r in b * k..(b + 1) * k {
+            buf.send.extend(local.fresh[r].iter().map(|x| x.to_bits()));
+            buf.send.extend(local.stale[r].iter().map(|x| x.to_bits()));
+            buf.send.push(local.shares[r].to_bits());
+        }
+    }
+    buf.recv.clear();
+    buf.recv.resize(p * bl * query_words, 0);
+    comm.all_gather("shared draws", &buf.send, &mut buf.recv);
+    let floats = |w: &[u32]| -> [f32; DIM] { std::array::from_fn(|i| f32::from_bits(w[i])) };
+    buf.lse.clear();
+    buf.fresh.clear();
+    buf.stale.clear();
+    buf.shares.clear();
+    for q in buf.recv.chunks_exact(query_words) {
+        buf.lse.push(LogSumExp { max: f32::from_bits(q[0]), sum: f32::from_bits(q[1]) });
+        for r in q[2..].chunks_exact(row_words) {
+            buf.fresh.push(floats(r));
+            buf.stale.push(floats(&r[DIM..]));
+            buf.shares.push(f32::from_bits(r[2 * DIM]));
+        }
+    }
+    let rows = buf.fresh.len();
+    buf.counts.resize(rows, [0.0; 3]);
+    buf.gn.resize(rows, [0.0; DIM]);
+    buf.gn_sum.resize(rows, [0.0; DIM]);
+    buf.corrected.resize(bl, LogSumExp::EMPTY);
+    gp.resize(inputs.positives.len(), [0.0; DIM]);
+    gp_sum.resize(inputs.positives.len(), [0.0; DIM]);
+    let side = CacheSide {
+        lse: local.lse,
+        fresh: &buf.fresh,
+        weights: &buf.shares,
+        control: inputs.control.map(|beta| Control { beta, stale: &buf.stale, mean: local.means }),
+    };
+    let draws = SharedDraws {
+        stale: &buf.stale,
+        shares: &buf.shares,
+        batch_queries: inputs.batch_queries,
+        sample_lse: &buf.lse,
+        inv_temp: 1.0,
+        fresh_scores: inputs.fresh_scores,
+        counts: &mut buf.counts,
+        lse: &mut buf.corrected,
+    };
+    let grads = RemainderGrads { query: gq, positive: gp, negative: &mut buf.gn };
+    let part = local_part(comm, bl);
+    let sum = in_batch_part_with_shared_draws(
+        local.queries,
+        inputs.positives,
+        inputs.ids,
+        inputs.alpha,
+        part,
+        side,
+        draws,
+        grads,
+    )?;
+    comm.sum_f32("positive gradients", gp.as_flattened(), gp_sum.as_flattened_mut());
+    comm.sum_f32("negative gradients", buf.gn.as_flattened(), buf.gn_sum.as_flattened_mut());
+    Ok(sum)
+}
+
 /// A process's share of a step's figures: the training loss, the
 /// interpretable loss, the probability of the positive and the tower
 /// evaluations, summed over processes by the gradient all-reduce; the
@@ -230,6 +361,7 @@ pub(super) struct Worker<M, const K: usize> {
     gn: Vec<[f32; DIM]>,
     lse: Vec<LogSumExp>,
     weights: Vec<f32>,
+    shares: Vec<f32>,
     stale: Vec<[f32; DIM]>,
     means: Vec<[f32; DIM]>,
     keys: Vec<u64>,
@@ -240,8 +372,8 @@ pub(super) struct Worker<M, const K: usize> {
 /// With shared draws, every process's draws, gathered (per row: `K` rows
 /// per query of the global batch, in rank order), and the buffers of the
 /// gathering.
-#[derive(Default)]
-struct SharedBuffers {
+#[derive(Debug, Default)]
+pub struct SharedBuffers {
     /// Per query of the global batch: its cache log-sum-exp.
     lse: Vec<LogSumExp>,
     /// Per row: the fresh embedding, the cached one, the share of its
@@ -250,10 +382,11 @@ struct SharedBuffers {
     stale: Vec<[f32; DIM]>,
     shares: Vec<f32>,
     /// Per row: the core's working memory, this process's share of the
-    /// row's gradient, and its sum over processes.
+    /// row's gradient, and its sum over processes (what [`shared_part`]
+    /// leaves for back-propagation).
     counts: Vec<[f32; 3]>,
     gn: Vec<[f32; DIM]>,
-    gn_sum: Vec<[f32; DIM]>,
+    pub gn_sum: Vec<[f32; DIM]>,
     /// Per local query: the core's working memory.
     corrected: Vec<LogSumExp>,
     send: Vec<u32>,
@@ -312,6 +445,7 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
             gn: vec![[0.0; DIM]; bl * K],
             lse: vec![LogSumExp::EMPTY; bl],
             weights: vec![0.0; bl * K],
+            shares: vec![0.0; bl * K],
             stale: vec![[0.0; DIM]; bl * K],
             means: vec![[0.0; DIM]; bl],
             keys: Vec::new(),
@@ -495,74 +629,41 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
     /// positives' are, and each process back-propagates its own rows.
     /// Returns the sums to all-reduce: already batch means.
     fn shared_terms(&mut self, alpha: f32, evals: u32) -> anyhow::Result<Terms> {
-        let (p, bl) = (self.comm.size(), self.local_batch);
+        let (bl, k) = (self.local_batch, K);
         let trainer = &mut self.replica.trainer;
-        let sh = &mut self.shared;
-        // This process's queries and rows, packed per query: lse (2 words),
-        // then K rows of fresh, cached and share.
-        let row_words = 2 * DIM + 1;
-        let query_words = 2 + K * row_words;
-        sh.send.clear();
+        self.shares.resize(bl * K, 0.0);
         for (b, d) in self.draws.iter().enumerate() {
             self.lse[b] = d.lse;
             self.means[b] = d.mean;
-            sh.send.extend([d.lse.max.to_bits(), d.lse.sum.to_bits()]);
             for i in 0..K {
                 let pick = d.picks().get(i);
-                sh.send.extend(self.f[b * K + i].iter().map(|x| x.to_bits()));
-                sh.send.extend(pick.map_or([0.0; DIM], |k| k.stale).iter().map(|x| x.to_bits()));
-                sh.send.push(pick.map_or(0.0f32, |k| k.weight).to_bits());
+                self.stale[b * K + i] = pick.map_or([0.0; DIM], |p| p.stale);
+                self.shares[b * K + i] = pick.map_or(0.0, |p| p.weight);
             }
         }
-        sh.recv.clear();
-        sh.recv.resize(p * bl * query_words, 0);
-        self.comm.all_gather("shared draws", &sh.send, &mut sh.recv);
-        let floats = |w: &[u32]| -> [f32; DIM] { std::array::from_fn(|k| f32::from_bits(w[k])) };
-        sh.lse.clear();
-        sh.fresh.clear();
-        sh.stale.clear();
-        sh.shares.clear();
-        for q in sh.recv.chunks_exact(query_words) {
-            sh.lse.push(LogSumExp { max: f32::from_bits(q[0]), sum: f32::from_bits(q[1]) });
-            for r in q[2..].chunks_exact(row_words) {
-                sh.fresh.push(floats(r));
-                sh.stale.push(floats(&r[DIM..]));
-                sh.shares.push(f32::from_bits(r[2 * DIM]));
-            }
-        }
-        let rows = sh.fresh.len();
-        sh.counts.resize(rows, [0.0; 3]);
-        sh.gn.resize(rows, [0.0; DIM]);
-        sh.gn_sum.resize(rows, [0.0; DIM]);
-        sh.corrected.resize(bl, LogSumExp::EMPTY);
         let all = self.sampler.positives();
         self.keys.clear();
         self.keys.extend(all.iter().map(|y| y.key()));
-        self.gp.resize(all.len(), [0.0; DIM]);
-        self.gp_sum.resize(all.len(), [0.0; DIM]);
-        let side = CacheSide {
+        let local = LocalDraws {
+            queries: &self.q,
             lse: &self.lse,
-            fresh: &sh.fresh,
-            weights: &sh.shares,
-            control: trainer.control_variate().map(|beta| Control { beta, stale: &sh.stale, mean: &self.means }),
+            fresh: &self.f,
+            stale: &self.stale,
+            shares: &self.shares,
+            means: &self.means,
         };
-        let draws = SharedDraws {
-            stale: &sh.stale,
-            shares: &sh.shares,
+        let inputs = SharedInputs {
             batch_queries: self.sampler.queries(),
-            sample_lse: &sh.lse,
-            inv_temp: 1.0,
+            positives: self.sampler.positive_rows(),
+            ids: self.cfg.mask_accidental_hits.then_some(&self.keys[..]),
+            alpha,
+            k,
+            control: trainer.control_variate(),
             fresh_scores: trainer.config().fresh_scores,
-            counts: &mut sh.counts,
-            lse: &mut sh.corrected,
         };
-        let grads = RemainderGrads { query: &mut self.gq, positive: &mut self.gp, negative: &mut sh.gn };
-        let ids = self.cfg.mask_accidental_hits.then_some(&self.keys[..]);
+        let sh = &mut self.shared;
+        let sum = shared_part(&mut self.comm, local, inputs, sh, &mut self.gq, &mut self.gp, &mut self.gp_sum)?;
         let part = local_part(&self.comm, bl);
-        let positive_rows = self.sampler.positive_rows();
-        let sum = in_batch_part_with_shared_draws(&self.q, positive_rows, ids, alpha, part, side, draws, grads)?;
-        self.comm.sum_f32("positive gradients", self.gp.as_flattened(), self.gp_sum.as_flattened_mut());
-        self.comm.sum_f32("negative gradients", sh.gn.as_flattened(), sh.gn_sum.as_flattened_mut());
         let (mine, rows) = (part.first..part.first + bl, part.first * K..(part.first + bl) * K);
         let (gp, gn) = (&self.gp_sum[mine], &sh.gn_sum[rows]);
         let model = &mut trainer.model;
