@@ -361,7 +361,6 @@ pub(super) struct Worker<M, const K: usize> {
     gn: Vec<[f32; DIM]>,
     lse: Vec<LogSumExp>,
     weights: Vec<f32>,
-    shares: Vec<f32>,
     stale: Vec<[f32; DIM]>,
     means: Vec<[f32; DIM]>,
     keys: Vec<u64>,
@@ -445,7 +444,6 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
             gn: vec![[0.0; DIM]; bl * K],
             lse: vec![LogSumExp::EMPTY; bl],
             weights: vec![0.0; bl * K],
-            shares: vec![0.0; bl * K],
             stale: vec![[0.0; DIM]; bl * K],
             means: vec![[0.0; DIM]; bl],
             keys: Vec::new(),
@@ -617,6 +615,25 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
         Ok(Terms { extra: [training, interpretable, prob_pos, evals as f32], scale: inv_b })
     }
 
+    /// Lays out the merged draws for the in-batch and shared-draw terms:
+    /// per local query its log-sum-exp and candidate mean, per row (`K`
+    /// per query) its weight, the share of its query's draws, and its
+    /// cached row (zero past the query's picks); and the keys of every
+    /// positive of the global batch.
+    fn unpack_draws(&mut self) {
+        for (b, d) in self.draws.iter().enumerate() {
+            self.lse[b] = d.lse;
+            self.means[b] = d.mean;
+            for i in 0..K {
+                let pick = d.picks().get(i);
+                self.weights[b * K + i] = pick.map_or(0.0, |k| k.weight);
+                self.stale[b * K + i] = pick.map_or([0.0; DIM], |k| k.stale);
+            }
+        }
+        self.keys.clear();
+        self.keys.extend(self.sampler.positives().iter().map(|y| y.key()));
+    }
+
     /// Shared draws (estimator D, the default): each local query's cache
     /// share is estimated from the draws of every process's queries. The
     /// processes gather every query's log-sum-exp and every draw's fresh
@@ -630,26 +647,14 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
     /// Returns the sums to all-reduce: already batch means.
     fn shared_terms(&mut self, alpha: f32, evals: u32) -> anyhow::Result<Terms> {
         let (bl, k) = (self.local_batch, K);
+        self.unpack_draws();
         let trainer = &mut self.replica.trainer;
-        self.shares.resize(bl * K, 0.0);
-        for (b, d) in self.draws.iter().enumerate() {
-            self.lse[b] = d.lse;
-            self.means[b] = d.mean;
-            for i in 0..K {
-                let pick = d.picks().get(i);
-                self.stale[b * K + i] = pick.map_or([0.0; DIM], |p| p.stale);
-                self.shares[b * K + i] = pick.map_or(0.0, |p| p.weight);
-            }
-        }
-        let all = self.sampler.positives();
-        self.keys.clear();
-        self.keys.extend(all.iter().map(|y| y.key()));
         let local = LocalDraws {
             queries: &self.q,
             lse: &self.lse,
             fresh: &self.f,
             stale: &self.stale,
-            shares: &self.shares,
+            shares: &self.weights,
             means: &self.means,
         };
         let inputs = SharedInputs {
@@ -682,19 +687,9 @@ impl<M: Replicated, const K: usize> Worker<M, K> {
     /// own. Returns the sums to all-reduce: already batch means.
     fn in_batch_terms(&mut self, alpha: f32, evals: u32) -> anyhow::Result<Terms> {
         let bl = self.local_batch;
+        self.unpack_draws();
         let trainer = &mut self.replica.trainer;
-        for (b, d) in self.draws.iter().enumerate() {
-            self.lse[b] = d.lse;
-            self.means[b] = d.mean;
-            for i in 0..K {
-                let pick = d.picks().get(i);
-                self.weights[b * K + i] = pick.map_or(0.0, |k| k.weight);
-                self.stale[b * K + i] = pick.map_or([0.0; DIM], |k| k.stale);
-            }
-        }
         let all = self.sampler.positives();
-        self.keys.clear();
-        self.keys.extend(all.iter().map(|y| y.key()));
         self.gp.resize(all.len(), [0.0; DIM]);
         let side = CacheSide {
             lse: &self.lse,
