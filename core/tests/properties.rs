@@ -9,6 +9,8 @@ use rand_core::SeedableRng;
 
 const N: usize = 12;
 const D: usize = 2;
+/// A cache of a few hundred slots.
+const BIG: usize = 200;
 
 /// One update call's inputs, generated.
 #[derive(Debug, Clone)]
@@ -18,9 +20,14 @@ struct Step {
 }
 
 fn step() -> impl Strategy<Value = Step> {
+    step_in(N, N)
+}
+
+/// A step over a cache of `n` slots inserting up to `insert` items.
+fn step_in(n: usize, insert: usize) -> impl Strategy<Value = Step> {
     (
-        proptest::collection::vec((0..N, any::<bool>()), 0..4),
-        proptest::collection::vec((1u32..40, prop::bool::weighted(0.8)), 0..=N),
+        proptest::collection::vec((0..n, any::<bool>()), 0..4),
+        proptest::collection::vec((1u32..40, prop::bool::weighted(0.8)), 0..=insert),
     )
         .prop_map(|(mut refresh, insert)| {
             refresh.sort_by_key(|r| r.0);
@@ -45,7 +52,7 @@ impl Model {
                 self.ages[j] = -1;
             }
         }
-        let mut order: Vec<usize> = (0..N).collect();
+        let mut order: Vec<usize> = (0..self.ages.len()).collect();
         order.sort_by_key(|&j| (std::cmp::Reverse(self.ages[j]), j));
         let unmasked: Vec<u32> = s.insert.iter().filter(|x| x.1).map(|x| x.0).collect();
         for (slot, item) in order.into_iter().zip(unmasked) {
@@ -84,22 +91,39 @@ fn run_steps(cache: &mut CacheMut<'_, u32, D>, steps: &[Step], ev: Eviction, occ
     }
 }
 
+/// Runs `steps` on a cache of `C` slots and on the plain model, and
+/// compares their items, ages and occupancy.
+fn matches_the_plain_model<const C: usize>(steps: &[Step], lru: bool) -> Result<(), TestCaseError> {
+    let ev = if lru { Eviction::Lru } else { Eviction::Fifo };
+    let mut cache = NegativeCache::<u32, C, D>::new();
+    let mut model = Model { items: vec![0; C], ages: vec![0; C], occupied: vec![false; C] };
+    run_steps(&mut cache.as_mut(), steps, ev, false);
+    for s in steps {
+        model.apply(s, lru);
+    }
+    let r = cache.as_ref();
+    prop_assert_eq!(r.items(), &model.items[..]);
+    prop_assert_eq!(r.ages(), &model.ages[..]);
+    prop_assert_eq!(r.occupied(), &model.occupied[..]);
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
     #[test]
     fn updates_match_the_plain_model(steps in proptest::collection::vec(step(), 1..8), lru in any::<bool>()) {
-        let ev = if lru { Eviction::Lru } else { Eviction::Fifo };
-        let mut cache = NegativeCache::<u32, N, D>::new();
-        let mut model = Model { items: vec![0; N], ages: vec![0; N], occupied: vec![false; N] };
-        run_steps(&mut cache.as_mut(), &steps, ev, false);
-        for s in &steps {
-            model.apply(s, lru);
-        }
-        let r = cache.as_ref();
-        prop_assert_eq!(r.items(), &model.items[..]);
-        prop_assert_eq!(r.ages(), &model.ages[..]);
-        prop_assert_eq!(r.occupied(), &model.occupied[..]);
+        matches_the_plain_model::<N>(&steps, lru)?;
+    }
+
+    /// A cache of several blocks of the insertion's skip test, and more
+    /// insertions than its buffer holds.
+    #[test]
+    fn large_updates_match_the_plain_model(
+        steps in proptest::collection::vec(step_in(BIG, 80), 1..12),
+        lru in any::<bool>(),
+    ) {
+        matches_the_plain_model::<BIG>(&steps, lru)?;
     }
 
     #[test]
