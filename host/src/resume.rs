@@ -262,7 +262,7 @@ mod tests {
         req.batch = 8;
         req.seed = 3;
         let e = format!("{:#}", apply_settings(&stored, &req).unwrap_err());
-        for f in ["--lr 5 (the checkpoint's: 0.002)", "--batch 8", "--seed 3"] {
+        for f in ["--lr 5 (the checkpoint's: 0.004)", "--batch 8", "--seed 3"] {
             assert!(e.contains(f), "{e}");
         }
         assert!(!e.contains("--steps 20000"), "{e}");

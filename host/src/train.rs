@@ -188,8 +188,9 @@ settings_with_protocol! {
         /// Queries per batch, at most 256.
         #[arg(long, default_value_t = 32)]
         pub batch: usize,
-        /// Peak learning rate.
-        #[arg(long, default_value_t = 0.002)]
+        /// Peak learning rate. 0.004 measured best for the default at
+        /// 10,000 steps (docs/results/README.md, "The learning rate").
+        #[arg(long, default_value_t = 0.004)]
         pub lr: f32,
         /// Steps of linear warm-up to the peak learning rate.
         #[arg(long, default_value_t = 100)]
