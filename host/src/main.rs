@@ -98,6 +98,7 @@ enum Command {
     ///
     /// Examples: negcache bench --write docs/results/bench.md
     ///           negcache bench --dense --json docs/results/bench-dense.json
+    ///           negcache bench --dense --tf-lib /tmp/tfbench   (TF beside it)
     Bench(negcache_host::bench::BenchArgs),
     /// Export a checkpoint for serving: item embeddings of the whole corpus
     /// with their ids, optionally the query embeddings of a split, and the

@@ -80,4 +80,61 @@ fn bench_dense_runs_the_benchmark_model_and_writes_its_figures() {
     let (code, _, err) = negcache(&["bench", "--dense-one", "cache_N7", "--seconds", "0.05"]);
     assert_ne!(code, 0);
     assert!(err.contains("cache_N7"), "{err}");
+    // A TF library directory without the library is refused before any run.
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = negcache(&["bench", "--dense", "--tf-lib", dir.path().to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("negative_cache") && err.contains(dir.path().to_str().unwrap()), "{err}");
+}
+
+/// `bench --dense --tf-lib`: every configuration runs in TF (here a
+/// stand-in script with known figures) and in negcache, and the ratios are
+/// taken against the TF figures of the same run.
+#[test]
+fn bench_dense_puts_tf_figures_of_the_same_run_beside_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("fixtures/bench")).unwrap();
+    std::fs::create_dir_all(root.join("lib/negative_cache")).unwrap();
+    std::fs::write(root.join("lib/negative_cache/losses.py"), "").unwrap();
+    // Reports 100 steps/s in round 1, 200 in round 2, 300 in round 3 (a
+    // counter file per configuration), so the median is 200.
+    std::fs::write(
+        root.join("fixtures/bench/tf_dense.py"),
+        "import json, pathlib, sys\n\
+         a = sys.argv\n\
+         name = a[a.index('--one') + 1]\n\
+         assert a[a.index('--lib') + 1].endswith('lib')\n\
+         c = pathlib.Path(name + '.count')\n\
+         n = int(c.read_text()) + 1 if c.exists() else 1\n\
+         c.write_text(str(n))\n\
+         print('warming up')\n\
+         print(json.dumps({'name': name, 'steps_per_s': 100.0 * n, 'windows': 3, 'peak_rss_mib': 400.0 + n, \
+         'threads': 2, 'tf_version': 'stand-in'}))\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_negcache"))
+        .args(["bench", "--dense", "--seconds", "0.05", "--tf-lib", "lib", "--write", "d.md", "--json", "d.json"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("d.json")).unwrap()).unwrap();
+    let md = std::fs::read_to_string(root.join("d.md")).unwrap();
+    assert!(md.contains("TensorFlow stand-in") && md.contains("--tf-lib DIR"), "{md}");
+    assert!(md.contains("TF 403-403 MiB (this run's)"), "{md}");
+    let configs = json["configs"].as_array().unwrap();
+    assert_eq!(configs.len(), 5);
+    for c in configs {
+        let tf = &c["tf"];
+        assert_eq!(tf["steps_per_s"], 200.0, "{c}");
+        assert_eq!(tf["rounds"], serde_json::json!([100.0, 200.0, 300.0]), "{c}");
+        let name = c["name"].as_str().unwrap();
+        let ours = c["steps_per_s"].as_f64().unwrap();
+        let row = md.lines().find(|l| l.starts_with(&format!("| {name} |"))).unwrap();
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert_eq!(cells[2], "200.0", "{row}");
+        assert_eq!(cells[3], "100.0, 200.0, 300.0", "{row}");
+        assert_eq!(cells[6], format!("{:.2}x", ours / 200.0), "{row}");
+    }
 }

@@ -5,7 +5,9 @@
 //!
 //! Each configuration runs in a child process of its own (`negcache bench
 //! --dense-one NAME`), so that its peak resident memory is its own; the
-//! parent gathers the figures, prints them and writes `--json`.
+//! parent gathers the figures, prints them and writes `--json`. With
+//! `--tf-lib`, each configuration also runs in the TF library through
+//! [`TF_SCRIPT`], just before negcache's run of it in every round.
 
 use std::path::Path;
 use std::time::Instant;
@@ -49,6 +51,30 @@ pub const TF_STEPS_PER_S: [(&str, f64, f64); 5] = [
 /// and highest configuration).
 pub const TF_PEAK_RSS_MIB: (f64, f64) = (545.0, 799.0);
 
+/// The script that runs the benchmark model in the TF library, one
+/// configuration per call (`--one NAME`), relative to the project root.
+pub const TF_SCRIPT: &str = "fixtures/bench/tf_dense.py";
+
+/// One configuration's figures in the TF library, as [`TF_SCRIPT`] prints
+/// them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TfFigure {
+    /// Median steps per second over the timed windows (of the rounds,
+    /// once gathered).
+    pub steps_per_s: f64,
+    /// Timed windows.
+    pub windows: usize,
+    /// Peak resident memory of the process, MiB.
+    pub peak_rss_mib: f64,
+    /// TF's intra- and inter-op threads.
+    pub threads: usize,
+    /// TensorFlow's version.
+    pub tf_version: String,
+    /// Each round's steps per second, in the order they ran.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rounds: Vec<f64>,
+}
+
 /// The five configurations: name, objective, cache (or corpus) size,
 /// top-k.
 pub const CONFIGS: [(&str, Objective, usize, usize); 5] = [
@@ -83,6 +109,10 @@ pub struct DenseFigure {
     /// Each round's steps per second on one thread, when measured.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub one_thread_rounds: Vec<f64>,
+    /// The same configuration in the TF library, measured side by side
+    /// (`--tf-lib`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tf: Option<TfFigure>,
 }
 
 /// Rounds of every configuration in `negcache bench --dense`: the
@@ -195,13 +225,31 @@ pub fn run_one(name: &str, seconds: f64) -> anyhow::Result<DenseFigure> {
         one_thread_steps_per_s: None,
         rounds: Vec::new(),
         one_thread_rounds: Vec::new(),
+        tf: None,
     })
 }
 
 /// Runs every configuration, each in a child process, prints a table and
 /// writes the figures to `json` and a report beside the TF figures to
 /// `markdown`, if given.
-pub fn run_all(seconds: f64, json: Option<&Path>, markdown: Option<&Path>) -> anyhow::Result<Vec<DenseFigure>> {
+pub fn run_all(
+    seconds: f64,
+    json: Option<&Path>,
+    markdown: Option<&Path>,
+    tf_lib: Option<&Path>,
+) -> anyhow::Result<Vec<DenseFigure>> {
+    if let Some(lib) = tf_lib {
+        anyhow::ensure!(
+            lib.join("negative_cache").join("losses.py").is_file(),
+            "{}: no negative_cache/losses.py here; --tf-lib takes the directory that holds the TF library's \
+             negative_cache folder",
+            lib.display()
+        );
+        anyhow::ensure!(
+            Path::new(TF_SCRIPT).is_file(),
+            "{TF_SCRIPT} not found: run `negcache bench --dense --tf-lib` from the project's root"
+        );
+    }
     // The load before any configuration runs: how idle the machine was.
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load = load.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
@@ -220,8 +268,33 @@ pub fn run_all(seconds: f64, json: Option<&Path>, markdown: Option<&Path>) -> an
         );
         serde_json::from_slice(&out.stdout).with_context(|| format!("configuration {name} printed no figures"))
     };
+    let tf_child = |name: &str, lib: &Path| -> anyhow::Result<TfFigure> {
+        let out = std::process::Command::new("python3")
+            .arg(TF_SCRIPT)
+            .arg("--lib")
+            .arg(lib)
+            .args(["--one", name, "--seconds", &seconds.to_string()])
+            .args(["--threads", &crate::threads::count().to_string()])
+            .output()
+            .context("cannot run python3 for the TF library's figures")?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(
+            out.status.success(),
+            "configuration {name} failed in TF: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        let last = stdout.lines().last().unwrap_or_default();
+        serde_json::from_str(last).with_context(|| format!("configuration {name} in TF printed no figures"))
+    };
     for round in 1..=ROUNDS {
         for (k, (name, ..)) in CONFIGS.iter().enumerate() {
+            let tf = match tf_lib {
+                Some(lib) => {
+                    eprintln!("dense benchmark model, round {round} of {ROUNDS}, {name} in the TF library ...");
+                    Some(tf_child(name, lib)?)
+                }
+                None => None,
+            };
             eprintln!("dense benchmark model, round {round} of {ROUNDS}, {name} ...");
             let fig = child(name, crate::threads::count())?;
             let one = if fig.threads > 1 {
@@ -232,33 +305,41 @@ pub fn run_all(seconds: f64, json: Option<&Path>, markdown: Option<&Path>) -> an
                 None
             };
             if round == 1 {
-                figures.push(fig.clone());
+                figures.push(DenseFigure { tf: tf.clone(), ..fig.clone() });
             }
             let f = &mut figures[k];
             f.rounds.push(fig.steps_per_s);
             f.one_thread_rounds.extend(one);
             f.peak_rss_mib = f.peak_rss_mib.max(fig.peak_rss_mib);
+            if let (Some(all), Some(this)) = (&mut f.tf, tf) {
+                all.rounds.push(this.steps_per_s);
+                all.peak_rss_mib = all.peak_rss_mib.max(this.peak_rss_mib);
+            }
         }
     }
     for f in &mut figures {
         f.steps_per_s = median(&f.rounds);
         f.one_thread_steps_per_s = (!f.one_thread_rounds.is_empty()).then(|| median(&f.one_thread_rounds));
+        if let Some(tf) = &mut f.tf {
+            tf.steps_per_s = median(&tf.rounds);
+        }
     }
     println!("dense benchmark model (F 128, Dense(128, relu) -> Dense(64) -> L2, batch 32, Adam)");
     println!("load average before the runs: {load}");
     println!(
-        "{:<22} {:>10} {:>8} {:>14} {:>8} {:>18}",
-        "config", "steps/s", "windows", "peak RSS MiB", "threads", "1-thread steps/s"
+        "{:<22} {:>10} {:>8} {:>14} {:>8} {:>18} {:>12}",
+        "config", "steps/s", "windows", "peak RSS MiB", "threads", "1-thread steps/s", "TF steps/s"
     );
     for f in &figures {
         println!(
-            "{:<22} {:>10.1} {:>8} {:>14.1} {:>8} {:>18}",
+            "{:<22} {:>10.1} {:>8} {:>14.1} {:>8} {:>18} {:>12}",
             f.name,
             f.steps_per_s,
             f.windows,
             f.peak_rss_mib,
             f.threads,
-            f.one_thread_steps_per_s.map_or("-".into(), |x| format!("{x:.1}"))
+            f.one_thread_steps_per_s.map_or("-".into(), |x| format!("{x:.1}")),
+            f.tf.as_ref().map_or("-".into(), |t| format!("{:.1}", t.steps_per_s))
         );
     }
     if let Some(path) = json {
@@ -275,7 +356,7 @@ pub fn run_all(seconds: f64, json: Option<&Path>, markdown: Option<&Path>) -> an
         eprintln!("wrote {}", path.display());
     }
     if let Some(path) = markdown {
-        let text = report(&figures, &load, seconds);
+        let text = report(&figures, &load, seconds, tf_lib.is_some());
         crate::checkpoint::write_atomically(path, |w| Ok(w.write_all(text.as_bytes())?))?;
         eprintln!("wrote {}", path.display());
     }
@@ -283,16 +364,18 @@ pub fn run_all(seconds: f64, json: Option<&Path>, markdown: Option<&Path>) -> an
 }
 
 /// The markdown report: every configuration beside the TF library's
-/// figure and the goal.
-fn report(figures: &[DenseFigure], load: &str, seconds: f64) -> String {
+/// figure (measured in the same run when `side_by_side`, otherwise issue
+/// 14's) and the goal.
+fn report(figures: &[DenseFigure], load: &str, seconds: f64, side_by_side: bool) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let machine = super::machine();
     let model = machine.iter().find(|(k, _)| k == "model").map_or("?", |(_, v)| v.as_str());
+    let tf_flag = if side_by_side { " --tf-lib DIR" } else { "" };
     let _ = writeln!(out, "# The original library's benchmark model through negcache\n");
     let _ = writeln!(
         out,
-        "Written by `negcache bench --dense --seconds {seconds} --write docs/results/bench-dense.md --json \
+        "Written by `negcache bench --dense --seconds {seconds}{tf_flag} --write docs/results/bench-dense.md --json \
          docs/results/bench-dense.json` (release build at this machine's vector width). Model: dense features \
          F = 128, each tower Dense(128, relu) -> Dense(64) -> L2, score 20 <q, d>, batch 32, Adam; items carry \
          their features, drawn from each item's index when a batch needs them (the process holds no dataset \
@@ -302,43 +385,92 @@ fn report(figures: &[DenseFigure], load: &str, seconds: f64) -> String {
          rounds on this VM).\n"
     );
     let _ = writeln!(out, "Machine: {model}. Load average before the runs: {load}.\n");
+    let tf_version = figures.iter().find_map(|f| f.tf.as_ref()).map(|t| (t.tf_version.clone(), t.threads));
+    match &tf_version {
+        Some((version, threads)) => {
+            let _ = writeln!(
+                out,
+                "The TF figures were measured in the same run, side by side: in every round each configuration \
+                 ran in the original library (google-research's `negative_cache`, TensorFlow {version}, \
+                 {threads} intra- and inter-op threads, through `{TF_SCRIPT}`, where DIR holds the library) and \
+                 then in negcache. Issue 14's TF figures, measured on an Intel Xeon with AVX-512, are the last \
+                 column, for reference; the ratio and the goal use this run's."
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "The TF figures are the original library's on this machine kind with 2 threads, measured side by \
+                 side in issue 14."
+            );
+        }
+    }
     let _ = writeln!(
         out,
-        "The TF figures are the original library's on this machine kind with 2 threads, measured side by side \
-         in issue 14. In negcache the cache configurations' scoring pass runs on the threads listed (split at \
+        "In negcache the cache configurations' scoring pass runs on the threads listed (split at \
          tiles of 16 queries, the same bits as on one, and only when a tile's pass is at least 2^20 \
          multiply-adds); the towers, the optimiser and the other objectives run on one. The towers take each \
          side's inputs as one batch (register-blocked matrix products in nalgebra's summation order, so the bits \
-         are those of one input at a time). Where the pass was split, the last column is the same configuration \
-         on one thread, measured just after.\n"
+         are those of one input at a time). Where the pass was split, the column \"on one thread\" is the same \
+         configuration on one thread, measured just after.\n"
     );
-    let _ = writeln!(
-        out,
-        "| config | TF steps/s | negcache steps/s | rounds | ratio | goal | met | peak RSS MiB | threads | on one \
-         thread |"
-    );
-    let _ = writeln!(out, "|---|---:|---:|---|---:|---:|---|---:|---:|---:|");
-    for f in figures {
-        let Some(&(_, tf, goal)) = TF_STEPS_PER_S.iter().find(|t| t.0 == f.name) else { continue };
-        let ratio = f.steps_per_s / tf;
+    if tf_version.is_some() {
         let _ = writeln!(
             out,
-            "| {} | {tf:.1} | {:.1} | {} | {ratio:.2}x | {goal}x | {} | {:.1} | {} | {} |",
-            f.name,
-            f.steps_per_s,
-            f.rounds.iter().map(|r| format!("{r:.1}")).collect::<Vec<_>>().join(", "),
-            if ratio >= goal { "yes" } else { "no" },
-            f.peak_rss_mib,
-            f.threads,
-            f.one_thread_steps_per_s.map_or("-".into(), |x| format!("{x:.1}"))
+            "| config | TF steps/s | TF rounds | negcache steps/s | rounds | ratio | goal | met | peak RSS MiB | TF \
+             peak RSS MiB | threads | on one thread | issue 14's TF |"
         );
+        let _ = writeln!(out, "|---|---:|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|");
+    } else {
+        let _ = writeln!(
+            out,
+            "| config | TF steps/s | negcache steps/s | rounds | ratio | goal | met | peak RSS MiB | threads | on \
+             one thread |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---|---:|---:|---|---:|---:|---:|");
     }
-    let (lo, hi) = TF_PEAK_RSS_MIB;
+    let list = |xs: &[f64]| xs.iter().map(|r| format!("{r:.1}")).collect::<Vec<_>>().join(", ");
+    for f in figures {
+        let Some(&(_, issue_tf, goal)) = TF_STEPS_PER_S.iter().find(|t| t.0 == f.name) else { continue };
+        let tf = f.tf.as_ref().map_or(issue_tf, |t| t.steps_per_s);
+        let ratio = f.steps_per_s / tf;
+        let met = if ratio >= goal { "yes" } else { "no" };
+        let one = f.one_thread_steps_per_s.map_or("-".into(), |x| format!("{x:.1}"));
+        let _ = match &f.tf {
+            Some(t) => writeln!(
+                out,
+                "| {} | {tf:.1} | {} | {:.1} | {} | {ratio:.2}x | {goal}x | {met} | {:.1} | {:.1} | {} | {one} | \
+                 {issue_tf:.1} |",
+                f.name,
+                list(&t.rounds),
+                f.steps_per_s,
+                list(&f.rounds),
+                f.peak_rss_mib,
+                t.peak_rss_mib,
+                f.threads,
+            ),
+            None => writeln!(
+                out,
+                "| {} | {tf:.1} | {:.1} | {} | {ratio:.2}x | {goal}x | {met} | {:.1} | {} | {one} |",
+                f.name,
+                f.steps_per_s,
+                list(&f.rounds),
+                f.peak_rss_mib,
+                f.threads,
+            ),
+        };
+    }
+    let tf_rss: Vec<f64> = figures.iter().filter_map(|f| f.tf.as_ref().map(|t| t.peak_rss_mib)).collect();
+    let (lo, hi, whose) = if tf_rss.is_empty() {
+        (TF_PEAK_RSS_MIB.0, TF_PEAK_RSS_MIB.1, "issue 14's")
+    } else {
+        (tf_rss.iter().copied().fold(f64::INFINITY, f64::min), tf_rss.iter().copied().fold(0.0, f64::max), "this run's")
+    };
     let worst = figures.iter().map(|f| f.peak_rss_mib).fold(0.0, f64::max);
     let _ = writeln!(
         out,
-        "\nPeak resident memory: TF {lo:.0}-{hi:.0} MiB; negcache at most {worst:.1} MiB (goal: at most 1/8 of TF's, \
-         {:.0} MiB).",
+        "\nPeak resident memory: TF {lo:.0}-{hi:.0} MiB ({whose}); negcache at most {worst:.1} MiB (goal: at most \
+         1/8 of TF's, {:.0} MiB).",
         lo / 8.0
     );
     out

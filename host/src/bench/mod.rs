@@ -62,6 +62,13 @@ pub struct BenchArgs {
     /// With `--dense`: write the figures to this JSON file.
     #[arg(long, requires = "dense")]
     pub json: Option<PathBuf>,
+    /// With `--dense`: also measure the original TensorFlow library on the
+    /// same model, side by side (in each round every configuration runs
+    /// in TF and then in negcache), with `fixtures/bench/tf_dense.py`.
+    /// DIR holds the library's `negative_cache` package (google-research's
+    /// folder of that name); Python 3 needs TensorFlow.
+    #[arg(long, requires = "dense", value_name = "DIR")]
+    pub tf_lib: Option<PathBuf>,
     /// Run one dense configuration in this process and print its figures
     /// as JSON (what `--dense` runs in a child process per configuration).
     #[arg(long, hide = true)]
@@ -609,7 +616,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if args.dense {
-        dense::run_all(secs, args.json.as_deref(), args.write.as_deref())?;
+        dense::run_all(secs, args.json.as_deref(), args.write.as_deref(), args.tf_lib.as_deref())?;
         return Ok(());
     }
     let machine = machine();
