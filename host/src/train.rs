@@ -188,8 +188,10 @@ settings_with_protocol! {
         /// Queries per batch, at most 256.
         #[arg(long, default_value_t = 32)]
         pub batch: usize,
-        /// Peak learning rate. 0.004 measured best for the default at
-        /// 10,000 steps (docs/results/README.md, "The learning rate").
+        /// Peak learning rate. 0.004 measured better than 0.002 for the
+        /// default at 10,000 steps, chosen on the test split
+        /// (docs/results/README.md, "Per step with the default's Siamese
+        /// towers").
         #[arg(long, default_value_t = 0.004)]
         pub lr: f32,
         /// Steps of linear warm-up to the peak learning rate.

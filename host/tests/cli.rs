@@ -109,7 +109,7 @@ fn bench_dense_puts_tf_figures_of_the_same_run_beside_its_own() {
          n = int(c.read_text()) + 1 if c.exists() else 1\n\
          c.write_text(str(n))\n\
          print('warming up')\n\
-         print(json.dumps({'name': name, 'steps_per_s': 100.0 * n, 'windows': 3, 'peak_rss_mib': 400.0 + n, \
+         print(json.dumps({'name': name, 'steps_per_s': 100.0 * n, 'windows': 3, 'peak_rss_mib': 1000.0 + n, \
          'threads': 2, 'tf_version': 'stand-in'}))\n",
     )
     .unwrap();
@@ -122,7 +122,10 @@ fn bench_dense_puts_tf_figures_of_the_same_run_beside_its_own() {
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("d.json")).unwrap()).unwrap();
     let md = std::fs::read_to_string(root.join("d.md")).unwrap();
     assert!(md.contains("TensorFlow stand-in") && md.contains("--tf-lib DIR"), "{md}");
-    assert!(md.contains("TF 403-403 MiB (this run's)"), "{md}");
+    // The largest of each configuration's rounds, and the goal checked
+    // per configuration (negcache stays far below 1003 / 8 MiB).
+    assert!(md.contains("TF 1003.0-1003.0 MiB (this run's)"), "{md}");
+    assert!(md.contains("same configuration: met in every configuration"), "{md}");
     let configs = json["configs"].as_array().unwrap();
     assert_eq!(configs.len(), 5);
     for c in configs {
@@ -130,11 +133,19 @@ fn bench_dense_puts_tf_figures_of_the_same_run_beside_its_own() {
         assert_eq!(tf["steps_per_s"], 200.0, "{c}");
         assert_eq!(tf["rounds"], serde_json::json!([100.0, 200.0, 300.0]), "{c}");
         let name = c["name"].as_str().unwrap();
-        let ours = c["steps_per_s"].as_f64().unwrap();
+        // The median of the rounds' ratios (TF ran 100, 200, 300).
+        let mut ratios: Vec<f64> = c["rounds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip([100.0, 200.0, 300.0])
+            .map(|(n, t)| n.as_f64().unwrap() / t)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
         let row = md.lines().find(|l| l.starts_with(&format!("| {name} |"))).unwrap();
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         assert_eq!(cells[2], "200.0", "{row}");
         assert_eq!(cells[3], "100.0, 200.0, 300.0", "{row}");
-        assert_eq!(cells[6], format!("{:.2}x", ours / 200.0), "{row}");
+        assert_eq!(cells[6], format!("{:.2}x", ratios[1]), "{row}");
     }
 }

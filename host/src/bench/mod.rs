@@ -66,7 +66,7 @@ pub struct BenchArgs {
     /// same model, side by side (in each round every configuration runs
     /// in TF and then in negcache), with `fixtures/bench/tf_dense.py`.
     /// DIR holds the library's `negative_cache` package (google-research's
-    /// folder of that name); Python 3 needs TensorFlow.
+    /// folder of that name); the `python3` on PATH needs TensorFlow.
     #[arg(long, requires = "dense", value_name = "DIR")]
     pub tf_lib: Option<PathBuf>,
     /// Run one dense configuration in this process and print its figures
