@@ -501,3 +501,39 @@ fn report(figures: &[DenseFigure], load: &str, seconds: f64, side_by_side: bool)
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The TF harness (`TF_SCRIPT`) draws item features with its own numpy
+    /// transcription of [`item_features`]: both sides must train on the
+    /// same items, bit for bit.
+    #[test]
+    fn the_tf_harness_draws_the_same_item_features() {
+        let ids = [0usize, 1, 4095, 65_535, 131_071];
+        let code = format!(
+            "import sys, numpy; sys.path.insert(0, 'fixtures/bench'); import tf_dense; \
+             f = tf_dense.item_features(numpy.array({ids:?})); \
+             print(' '.join(str(x) for x in f.view(numpy.uint32).ravel()))"
+        );
+        let out = std::process::Command::new("python3")
+            .args(["-c", &code])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .output();
+        let out = match out {
+            Ok(out) if out.status.success() => out,
+            _ => {
+                // .ci/run installs numpy (tests/python/requirements.txt).
+                assert!(std::env::var_os("CI").is_none(), "CI: python3 with numpy cannot run {TF_SCRIPT}");
+                println!("skipped: python3 with numpy cannot run {TF_SCRIPT}");
+                return;
+            }
+        };
+        let theirs: Vec<u32> =
+            String::from_utf8_lossy(&out.stdout).split_whitespace().map(|w| w.parse().unwrap_or(u32::MAX)).collect();
+        let ours: Vec<u32> = ids.iter().flat_map(|&j| item_features(j).map(f32::to_bits)).collect();
+        assert_eq!(theirs.len(), ids.len() * F);
+        assert!(theirs == ours, "the TF harness's item features differ from negcache's");
+    }
+}
