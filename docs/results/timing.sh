@@ -40,6 +40,7 @@ run D-fresh-r48 1000 --objective cache-shared --negatives 1 --control-variate fa
 run D-4draws 1000 --objective cache-shared --negatives 4 --sampler independent --control-variate false --fresh-scores true
 run D-4draws-corpus 1000 --objective cache-shared --negatives 4 --sampler independent --control-variate false --fresh-scores true --corpus-cache true --cache-capacity 20480
 run siamese-default 2000 --tying siamese
+run siamese-in-batch 2000 --tying siamese --objective in-batch
 run siamese-ABC-4neg-indep 2000 --tying siamese --objective cache-in-batch --negatives 4 --control-variate true --sampler independent
 run sampled-8k 100 --objective sampled --sampled-negatives 8192 --negatives 1 --control-variate false
 run full 20 --objective full --cache-capacity 20480 --negatives 1 --control-variate false
