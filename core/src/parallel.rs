@@ -29,11 +29,13 @@ pub trait Fork: Sync {
 }
 
 /// The default [`Fork::min_piece_work`]: 2^20 multiply-adds, a tile of 16
-/// queries over 1,024 slots at DIM 64. On the 2-core VM of
-/// `docs/results/bench.md`, `negcache train` (hashed-token towers, batch 32)
-/// split its pass from a cache of 1,024 slots for 8 % more steps per
-/// second, and from 8,192 slots for about 35 % more; at 512 slots (2^19)
-/// the split won 1 %, within noise.
+/// queries over 1,024 slots at DIM 64. On a 2-core Intel Xeon VM (an
+/// earlier `docs/results/bench.md`), `negcache train` (hashed-token towers,
+/// batch 32) split its pass from a cache of 1,024 slots for 8 % more steps
+/// per second, and from 8,192 slots for about 35 % more; at 512 slots
+/// (2^19) the split won 1 %, within noise. On the AMD VM of the current
+/// `docs/results/bench-dense.md` the 4,096-slot dense benchmark gained
+/// nothing from the split.
 pub const MIN_PIECE_WORK: usize = 1 << 20;
 
 /// Everything on the calling thread, `a` then `b`.

@@ -358,7 +358,7 @@ pub fn run_all(
         eprintln!("wrote {}", path.display());
     }
     if let Some(path) = markdown {
-        let text = report(&figures, &load, seconds, tf_lib.is_some());
+        let text = report(&figures, &load, seconds);
         crate::checkpoint::write_atomically(path, |w| Ok(w.write_all(text.as_bytes())?))?;
         eprintln!("wrote {}", path.display());
     }
@@ -366,14 +366,14 @@ pub fn run_all(
 }
 
 /// The markdown report: every configuration beside the TF library's
-/// figure (measured in the same run when `side_by_side`, otherwise issue
-/// 14's) and the goal.
-fn report(figures: &[DenseFigure], load: &str, seconds: f64, side_by_side: bool) -> String {
+/// figure (measured in the same run when the figures hold TF's, otherwise
+/// issue 14's) and the goal.
+fn report(figures: &[DenseFigure], load: &str, seconds: f64) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let machine = super::machine();
     let model = machine.iter().find(|(k, _)| k == "model").map_or("?", |(_, v)| v.as_str());
-    let tf_flag = if side_by_side { " --tf-lib DIR" } else { "" };
+    let tf_flag = if figures.iter().any(|f| f.tf.is_some()) { " --tf-lib DIR" } else { "" };
     let _ = writeln!(out, "# The original library's benchmark model through negcache\n");
     let _ = writeln!(
         out,
@@ -417,21 +417,31 @@ fn report(figures: &[DenseFigure], load: &str, seconds: f64, side_by_side: bool)
          are those of one input at a time). Where the pass was split, the column \"on one thread\" is the same \
          configuration on one thread, measured just after.\n"
     );
-    if tf_version.is_some() {
-        let _ = writeln!(
-            out,
-            "| config | TF steps/s | TF rounds | negcache steps/s | rounds | ratio | goal | met | peak RSS MiB | TF \
-             peak RSS MiB | threads | on one thread | issue 14's TF |"
-        );
-        let _ = writeln!(out, "|---|---:|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|");
-    } else {
-        let _ = writeln!(
-            out,
-            "| config | TF steps/s | negcache steps/s | rounds | ratio | goal | met | peak RSS MiB | threads | on \
-             one thread |"
-        );
-        let _ = writeln!(out, "|---|---:|---:|---|---:|---:|---|---:|---:|---:|");
-    }
+    // One column list for both layouts: (name, right-aligned, shown). Side
+    // by side adds TF's rounds, its memory and issue 14's figure.
+    let side = tf_version.is_some();
+    let columns: Vec<(&str, bool, bool)> = vec![
+        ("config", false, true),
+        ("TF steps/s", true, true),
+        ("TF rounds", false, side),
+        ("negcache steps/s", true, true),
+        ("rounds", false, true),
+        ("ratio", true, true),
+        ("goal", true, true),
+        ("met", false, true),
+        ("peak RSS MiB", true, true),
+        ("TF peak RSS MiB", true, side),
+        ("threads", true, true),
+        ("on one thread", true, true),
+        ("issue 14's TF", true, side),
+    ];
+    let shown = |cells: Vec<String>| -> String {
+        let kept: Vec<String> = cells.into_iter().zip(&columns).filter(|(_, c)| c.2).map(|(x, _)| x).collect();
+        format!("| {} |", kept.join(" | "))
+    };
+    let _ = writeln!(out, "{}", shown(columns.iter().map(|c| c.0.to_string()).collect()));
+    let rule: Vec<&str> = columns.iter().filter(|c| c.2).map(|c| if c.1 { "---:" } else { "---" }).collect();
+    let _ = writeln!(out, "|{}|", rule.join("|"));
     let list = |xs: &[f64]| xs.iter().map(|r| format!("{r:.1}")).collect::<Vec<_>>().join(", ");
     for f in figures {
         let Some(&(_, issue_tf, goal)) = TF_STEPS_PER_S.iter().find(|t| t.0 == f.name) else { continue };
@@ -443,31 +453,27 @@ fn report(figures: &[DenseFigure], load: &str, seconds: f64, side_by_side: bool)
             Some(t) => median(&f.rounds.iter().zip(&t.rounds).map(|(n, t)| n / t).collect::<Vec<_>>()),
             None => f.steps_per_s / tf,
         };
-        let met = if ratio >= goal { "yes" } else { "no" };
-        let one = f.one_thread_steps_per_s.map_or("-".into(), |x| format!("{x:.1}"));
-        let _ = match &f.tf {
-            Some(t) => writeln!(
-                out,
-                "| {} | {tf:.1} | {} | {:.1} | {} | {ratio:.2}x | {goal}x | {met} | {:.1} | {:.1} | {} | {one} | \
-                 {issue_tf:.1} |",
-                f.name,
-                list(&t.rounds),
-                f.steps_per_s,
+        let (tf_rounds, tf_rss) =
+            f.tf.as_ref().map_or_else(Default::default, |t| (list(&t.rounds), format!("{:.1}", t.peak_rss_mib)));
+        let _ = writeln!(
+            out,
+            "{}",
+            shown(vec![
+                f.name.clone(),
+                format!("{tf:.1}"),
+                tf_rounds,
+                format!("{:.1}", f.steps_per_s),
                 list(&f.rounds),
-                f.peak_rss_mib,
-                t.peak_rss_mib,
-                f.threads,
-            ),
-            None => writeln!(
-                out,
-                "| {} | {tf:.1} | {:.1} | {} | {ratio:.2}x | {goal}x | {met} | {:.1} | {} | {one} |",
-                f.name,
-                f.steps_per_s,
-                list(&f.rounds),
-                f.peak_rss_mib,
-                f.threads,
-            ),
-        };
+                format!("{ratio:.2}x"),
+                format!("{goal}x"),
+                (if ratio >= goal { "yes" } else { "no" }).into(),
+                format!("{:.1}", f.peak_rss_mib),
+                tf_rss,
+                f.threads.to_string(),
+                f.one_thread_steps_per_s.map_or("-".into(), |x| format!("{x:.1}")),
+                format!("{issue_tf:.1}"),
+            ])
+        );
     }
     let worst = figures.iter().map(|f| f.peak_rss_mib).fold(0.0, f64::max);
     let tf_rss: Vec<(&str, f64, f64)> = figures
