@@ -483,8 +483,26 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
         *self.clock = 0;
     }
 
+    /// Empties slots `from..` and resets the clock; the slots before `from`
+    /// keep their contents. Writing every slot before `from` with
+    /// [`Self::set_slot`] then gives the state [`Self::clear`] and the same
+    /// writes give, and a slot that already holds its item keeps that
+    /// item's key instead of computing it again.
+    pub fn clear_past(&mut self, from: usize) {
+        let from = from.min(self.items.len());
+        self.embeddings.clear_past(from);
+        self.items[from..].fill(I::EMPTY);
+        self.keys[from..].fill(0);
+        self.ages[from..].fill(0);
+        self.stamps[from..].fill(0);
+        self.occupied[from..].fill(false);
+        *self.clock = 0;
+    }
+
     /// Sets a slot directly (used to load a cache from a checkpoint or from
-    /// a reference case). Not part of the update semantics.
+    /// a reference case, and to write a corpus into it). Not part of the
+    /// update semantics. An occupied slot that already holds `item`
+    /// ([`Item::same`]) keeps its key.
     pub fn set_slot(&mut self, j: usize, embedding: &[f32; DIM], item: I, age: i32, occupied: bool) -> Result<()> {
         let n = self.embeddings.len();
         if j >= n {
@@ -494,8 +512,10 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
             return Err(Error::NonFinite { what: "slot embedding" });
         }
         self.embeddings.set(j, embedding);
-        self.items[j] = item;
-        self.keys[j] = item.key();
+        if !(self.occupied[j] && self.items[j].same(&item)) {
+            self.items[j] = item;
+            self.keys[j] = item.key();
+        }
         self.ages[j] = age;
         self.occupied[j] = occupied;
         self.stamps[j] = *self.clock;
@@ -646,6 +666,58 @@ mod tests {
     fn insert(c: &mut CacheMut<'_, u32, 1>, items: &[u32], mask: Option<&[bool]>, ev: Eviction) -> Result<()> {
         let emb: heapless::Vec<[f32; 1], 16> = items.iter().map(|&i| [i as f32]).collect();
         c.update(&Update { new_embeddings: &emb, new_items: items, new_mask: mask, ..Update::default() }, ev)
+    }
+
+    /// A corpus written over a cache that already holds some of it (as a
+    /// full-softmax step writes its corpus each step) gives every field the
+    /// bits a cleared cache and the same writes give, keys included.
+    #[test]
+    fn a_corpus_written_again_gives_the_cleared_caches_state() {
+        type Big = NegativeCache<[f32; 3], 6, 2>;
+        let corpus = [[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0], [0.0, 1.0, 1.0], [-0.0, 7.0, 8.0], [0.0; 3]];
+        let mut old = Big::new();
+        let mut o = old.as_mut();
+        // Slot 0: the same item; 1: the same item, emptied; 2: another
+        // item; 3: an item equal to its corpus item as numbers, not as
+        // bits; 4: empty (its item is EMPTY, the corpus item's value);
+        // 5: past the corpus.
+        let new = [[9.0f32, 9.0, 9.0], [0.0, 7.0, 8.0]];
+        o.update(
+            &Update { new_embeddings: &[[0.5, 0.5], [0.25, 1.0]], new_items: &new, ..Update::default() },
+            Eviction::Fifo,
+        )
+        .unwrap();
+        o.set_slot(0, &[1.0, 1.0], corpus[0], 3, true).unwrap();
+        o.set_slot(1, &[1.0, 2.0], corpus[1], 1, true).unwrap();
+        o.set_occupied(1, false).unwrap();
+        o.set_slot(2, &[2.0, 2.0], new[0], 2, true).unwrap();
+        o.set_slot(3, &[3.0, 3.0], new[1], 2, true).unwrap();
+        o.set_slot(5, &[4.0, 4.0], new[0], 7, true).unwrap();
+        assert!(o.as_ref().clock() > 0);
+        let mut fresh = Big::new();
+        let mut f = fresh.as_mut();
+        f.clear();
+        o.clear_past(corpus.len());
+        for (j, item) in corpus.iter().enumerate() {
+            let e = [j as f32, -(j as f32)];
+            o.set_slot(j, &e, *item, 0, true).unwrap();
+            f.set_slot(j, &e, *item, 0, true).unwrap();
+        }
+        let (o, f) = (o.as_ref(), f.as_ref());
+        let bits = |c: &CacheRef<'_, [f32; 3], 2>| {
+            let e = c.embeddings().as_f32().unwrap().iter().flatten().map(|x| x.to_bits());
+            let items = c.items().iter().flatten().map(|x| x.to_bits());
+            e.chain(items).collect::<heapless::Vec<u32, 64>>()
+        };
+        assert_eq!(bits(&o), bits(&f));
+        assert_eq!(o.keys(), f.keys());
+        assert_eq!(o.ages(), f.ages());
+        assert_eq!(o.stamps(), f.stamps());
+        assert_eq!(o.occupied(), f.occupied());
+        assert_eq!(o.clock(), f.clock());
+        for (j, item) in corpus.iter().enumerate() {
+            assert_eq!(o.keys()[j], item.key(), "slot {j}");
+        }
     }
 
     #[test]

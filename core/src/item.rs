@@ -20,6 +20,16 @@ pub trait Item: Copy {
     const EMPTY: Self;
     /// The item's identity (see the trait docs).
     fn key(&self) -> u64;
+
+    /// Whether `self` and `other` are the same value, bit for bit. A cache
+    /// slot that already holds an item keeps its key when the same item is
+    /// written again, instead of fingerprinting it anew (a corpus of dense
+    /// features written into the cache every full-softmax step). `false`
+    /// (the default) only means "not known": the key is computed again.
+    #[inline]
+    fn same(&self, _other: &Self) -> bool {
+        false
+    }
 }
 
 /// One round of a 64-bit fingerprint: folds `x` into the running hash
@@ -57,6 +67,10 @@ macro_rules! integer_item {
             fn key(&self) -> u64 {
                 *self as $u as u64
             }
+            #[inline]
+            fn same(&self, other: &Self) -> bool {
+                self == other
+            }
         }
     )*};
 }
@@ -68,6 +82,10 @@ impl Item for f32 {
     fn key(&self) -> u64 {
         u64::from(self.to_bits())
     }
+    #[inline]
+    fn same(&self, other: &Self) -> bool {
+        self.to_bits() == other.to_bits()
+    }
 }
 
 impl<T: Item, const N: usize> Item for [T; N] {
@@ -75,12 +93,19 @@ impl<T: Item, const N: usize> Item for [T; N] {
     fn key(&self) -> u64 {
         fingerprint(self.iter().map(Item::key))
     }
+    fn same(&self, other: &Self) -> bool {
+        // Every element, without an early exit, so that it vectorises.
+        self.iter().zip(other).fold(true, |all, (a, b)| all & a.same(b))
+    }
 }
 
 impl<A: Item, B: Item> Item for (A, B) {
     const EMPTY: Self = (A::EMPTY, B::EMPTY);
     fn key(&self) -> u64 {
         fingerprint([self.0.key(), self.1.key()].into_iter())
+    }
+    fn same(&self, other: &Self) -> bool {
+        self.0.same(&other.0) && self.1.same(&other.1)
     }
 }
 
@@ -103,6 +128,26 @@ mod tests {
         assert_ne!([0u32; 3].key(), [0u32; 4].key());
         assert_eq!(a.key(), [1u32, 2, 3, 0].key());
         assert_ne!((1u32, 2u32).key(), (2u32, 1u32).key());
+    }
+
+    #[test]
+    fn same_is_bitwise_equality() {
+        assert!([1u32, 2].same(&[1, 2]) && ![1u32, 2].same(&[1, 3]));
+        assert!([0.5f32, -1.0].same(&[0.5, -1.0]));
+        // Equal as numbers, not as bits; and NaN is itself.
+        assert!(![0.0f32].same(&[-0.0]));
+        assert!(f32::NAN.same(&f32::NAN));
+        assert!((3u8, [2.0f32; 3]).same(&(3, [2.0; 3])) && !(3u8, 1.0f32).same(&(4, 1.0)));
+        // An item without its own `same` is never known to be the same.
+        #[derive(Clone, Copy)]
+        struct Id(u32);
+        impl Item for Id {
+            const EMPTY: Self = Id(0);
+            fn key(&self) -> u64 {
+                u64::from(self.0)
+            }
+        }
+        assert!(!Id(1).same(&Id(1)));
     }
 
     #[test]

@@ -86,6 +86,78 @@ pub(crate) fn sqrt_wide(x: f32) -> f32 {
     }
 }
 
+/// `L` exponentials side by side, bit for bit what [`exp`] gives each
+/// argument, for loops that should vectorise.
+///
+/// `libm`'s `expf` (0.2.16: FreeBSD's `e_expf.c`) is a scalar function
+/// with branches on the argument's range. For arguments at most zero (a
+/// softmax's `c - max`) its steps are written here without branches, as
+/// selects the compiler turns into vector instructions: the reduction
+/// `x = k ln2 + r` with `k` from the same three ranges (`ln2` split in a
+/// high and a low part), the same rational approximation of `e^r`, and
+/// the same scaling by `2^k`, in two steps below `2^-126` as its
+/// `scalbnf` does. The arithmetic is the same, operation for operation,
+/// so the rounding is too. Arguments above zero, and NaN, go to [`exp`]
+/// itself, lane by lane. `exp_lanes_is_libm_bit_for_bit` checks it
+/// against `libm` over every non-positive argument in a stride and whole
+/// binades; a `libm` that changes its `expf` fails that test.
+#[inline]
+pub(crate) fn exp_lanes<const L: usize>(x: [f32; L]) -> [f32; L] {
+    let ln2_hi = f32::from_bits(0x3f31_7200);
+    let ln2_lo = f32::from_bits(0x35bf_be8e);
+    let inv_ln2 = f32::from_bits(0x3fb8_aa3b);
+    let p1 = f32::from_bits(0x3e2a_aa8f);
+    let p2 = f32::from_bits(0xbb35_5215);
+    // 2^-102: libm's pre-scaling when 2^k is below the normal range.
+    let pre_scale = f32::from_bits((127 - 102) << 23);
+    // 1.5 * 2^23: adding and subtracting it rounds to an integer, and
+    // 2^23 + i has i in its low bits. Integers are kept in floats this way
+    // because a float-to-integer cast saturates, which does not vectorise.
+    const ROUND: f32 = 12_582_912.0;
+    const TWO23: f32 = 8_388_608.0;
+    let mut out = [0.0f32; L];
+    for (o, &v) in out.iter_mut().zip(&x) {
+        let hx = v.to_bits() & 0x7fff_ffff;
+        // k: beyond 1.5 ln2, x / ln2 - 0.5 cut toward zero (it is
+        // negative here, so that is its ceiling); -1 beyond 0.5 ln2;
+        // else 0. The clamp keeps lanes that take another branch in range.
+        let a = (inv_ln2 * v - 0.5).max(-200.0);
+        let near = (a + ROUND) - ROUND;
+        let ceil = if near < a { near + 1.0 } else { near };
+        let kf = if hx > 0x3f85_1592 {
+            ceil
+        } else if hx > 0x3eb1_7218 {
+            -1.0
+        } else {
+            0.0
+        };
+        let hi = v - kf * ln2_hi;
+        let lo = kf * ln2_lo;
+        let r = hi - lo;
+        let rr = r * r;
+        let c = r - rr * (p1 + rr * p2);
+        let y = 1.0 + (r * c / (2.0 - c) - lo + hi);
+        let (pre, n) = if kf < -126.0 { (pre_scale, kf + 102.0) } else { (1.0, kf) };
+        let biased = (n + 127.0 + TWO23).to_bits() - TWO23.to_bits();
+        let scale = f32::from_bits(biased << 23);
+        *o = if hx >= 0x42cf_f1b5 {
+            // Below about -103.97: zero (and -infinity).
+            0.0
+        } else if hx <= 0x3900_0000 {
+            // |x| at most 2^-14: libm returns 1 + x.
+            1.0 + v
+        } else {
+            y * pre * scale
+        };
+    }
+    for (o, &v) in out.iter_mut().zip(&x) {
+        if v > 0.0 || v.is_nan() {
+            *o = exp(v);
+        }
+    }
+    out
+}
+
 /// tanh, for the tanh activation.
 #[inline]
 #[allow(dead_code)]
@@ -124,6 +196,63 @@ mod tests {
         } else {
             assert_eq!(got.to_bits(), want.to_bits(), "sqrt({x:e} = {bits:#x}): {got:e} against {want:e}");
         }
+    }
+
+    #[test]
+    fn exp_lanes_is_libm_bit_for_bit() {
+        fn check(bits: &[u32]) {
+            let mut x = [0.0f32; 16];
+            for chunk in bits.chunks(16) {
+                for (x, &b) in x.iter_mut().zip(chunk) {
+                    *x = f32::from_bits(b);
+                }
+                let got = exp_lanes(x);
+                for (&x, g) in x.iter().zip(got).take(chunk.len()) {
+                    let want = exp(x);
+                    if want.is_nan() {
+                        assert!(g.is_nan(), "exp({x:e}) = {g:e}, not NaN");
+                    } else {
+                        assert_eq!(
+                            g.to_bits(),
+                            want.to_bits(),
+                            "exp({x:e} = {:#x}): {g:e} against {want:e}",
+                            x.to_bits()
+                        );
+                    }
+                }
+            }
+        }
+        let run = |it: &mut dyn Iterator<Item = u32>| {
+            let mut buf = [0u32; 4096];
+            loop {
+                let n = buf.iter_mut().zip(&mut *it).map(|(b, v)| *b = v).count();
+                check(&buf[..n]);
+                if n < buf.len() {
+                    break;
+                }
+            }
+        };
+        // Whole binades of negative arguments around each range boundary
+        // (2^-14, 0.5 ln2, 1.5 ln2, where 2^k leaves the normal range,
+        // the cut to zero), a stride through every other value of both
+        // signs, and the special values.
+        for lead in [0xb880_0000u32, 0xb900_0000, 0xbe80_0000, 0xbf00_0000, 0xbf80_0000, 0xc000_0000, 0xc280_0000] {
+            run(&mut (lead..lead + (1 << 23)));
+        }
+        run(&mut (0..=u32::MAX).step_by(97));
+        run(&mut [
+            0,
+            0x8000_0000,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0000,
+            0xc2cf_f1b5,
+            0xc2cf_f1b4,
+            0xc2ae_ac50,
+            0x3900_0000,
+            0xb900_0001,
+        ]
+        .into_iter());
     }
 
     #[test]

@@ -249,6 +249,46 @@ pub fn full<const DIM: usize>(
     problem.run(|_, _| true, Some(&|b| positive_index[b]), scratch, loss, grad_query, None, grad_shared)
 }
 
+/// Candidates side by side in the passes' vector lanes.
+const TILE: usize = 16;
+
+/// Query-candidate terms of d L / d alpha held per tile in the second
+/// pass: a tile spans `TERMS / B` candidates (at most [`TILE`], at least
+/// one) so that their terms can be added in candidate order.
+const TERMS: usize = 512;
+
+/// [`LogSumExp::push`] of the logits `c` for which `keep` holds, in order,
+/// bit for bit: the running maximum, and so each exponential's argument,
+/// is known before any exponential, so that they are computed side by
+/// side.
+fn push_tile(z: &mut LogSumExp, c: &[f32], keep: impl Fn(usize) -> bool) {
+    let mut args = [0.0f32; TILE];
+    let mut kept = [false; TILE];
+    let mut max = z.max;
+    for (l, &c) in c.iter().enumerate().take(TILE) {
+        if keep(l) {
+            kept[l] = true;
+            if c > max {
+                args[l] = max - c;
+                max = c;
+            } else {
+                args[l] = c - max;
+            }
+        }
+    }
+    let e = math::exp_lanes(args);
+    for (l, &c) in c.iter().enumerate().take(TILE) {
+        if kept[l] {
+            if c > z.max {
+                z.sum = z.sum * e[l] + 1.0;
+                z.max = c;
+            } else {
+                z.sum += e[l];
+            }
+        }
+    }
+}
+
 struct Problem<'a, const DIM: usize> {
     queries: &'a [[f32; DIM]],
     own: OwnRows<'a, DIM>,
@@ -300,6 +340,54 @@ impl<const DIM: usize> Problem<'_, DIM> {
         self.alpha * dot(&self.queries[b], self.row(j)) - self.shared_log_q.map_or(0.0, |l| l[j])
     }
 
+    /// Rows `j0..j0 + m` (`m <= TILE`) into lanes: `t[i][l]` is
+    /// component `i` of row `j0 + l`; lanes past `m` are zero.
+    fn transpose(&self, j0: usize, m: usize, t: &mut [[f32; TILE]; DIM]) {
+        for (l, j) in (j0..j0 + m).enumerate() {
+            for (t, &x) in t.iter_mut().zip(self.row(j)) {
+                t[l] = x;
+            }
+        }
+        for t in t.iter_mut() {
+            t[m..].fill(0.0);
+        }
+    }
+
+    /// [`Self::shared_logit`] of query `b` and candidates `j0 + l`, lanes
+    /// `l < m`, side by side, with the dot products they came from: each
+    /// lane sums as [`dot`] does (four running sums, combined in its
+    /// order), so the bits are those of one candidate at a time.
+    fn logits(&self, b: usize, j0: usize, m: usize, t: &[[f32; TILE]; DIM]) -> ([f32; TILE], [f32; TILE]) {
+        let q = &self.queries[b];
+        let mut acc = [[0.0f32; TILE]; 4];
+        let whole = DIM / 4 * 4;
+        let mut i = 0;
+        while i < whole {
+            for (r, a) in acc.iter_mut().enumerate() {
+                let (qi, ti) = (q[i + r], &t[i + r]);
+                for l in 0..TILE {
+                    a[l] += qi * ti[l];
+                }
+            }
+            i += 4;
+        }
+        while i < DIM {
+            for l in 0..TILE {
+                acc[0][l] += q[i] * t[i][l];
+            }
+            i += 1;
+        }
+        let d: [f32; TILE] = core::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
+        let c = core::array::from_fn(|l| {
+            let lq = match self.shared_log_q {
+                Some(lq) if l < m => lq[j0 + l],
+                _ => 0.0,
+            };
+            self.alpha * d[l] - lq
+        });
+        (c, d)
+    }
+
     fn own_logit(&self, b: usize) -> Option<f32> {
         self.own.map(|(rows, lq)| self.alpha * dot(&self.queries[b], &rows[b]) - lq.map_or(0.0, |l| l[b]))
     }
@@ -333,18 +421,28 @@ impl<const DIM: usize> Problem<'_, DIM> {
         let inv_b = if bsz > 0 { 1.0 / bsz as f32 } else { 0.0 };
         let mut sum = SoftmaxSummary::default();
         // Pass 1, query-major: log-sum-exp, loss, and the own candidate's
-        // share of the gradients.
-        for b in 0..bsz {
-            let mut z = LogSumExp::EMPTY;
-            let own = self.own_logit(b);
-            if let Some(o) = own {
+        // share of the gradients. The shared candidates go in tile by
+        // tile; each query takes them in order.
+        for (b, z) in lse.iter_mut().enumerate() {
+            *z = LogSumExp::EMPTY;
+            if let Some(o) = self.own_logit(b) {
                 z.push(o);
             }
-            for j in 0..n {
-                if keep(b, j) {
-                    z.push(self.shared_logit(b, j));
-                }
+        }
+        let mut rows = [[0.0f32; TILE]; DIM];
+        let mut j0 = 0;
+        while j0 < n {
+            let m = TILE.min(n - j0);
+            self.transpose(j0, m, &mut rows);
+            for (b, z) in lse.iter_mut().enumerate() {
+                let (c, _) = self.logits(b, j0, m, &rows);
+                push_tile(z, &c[..m], |l| keep(b, j0 + l));
             }
+            j0 += m;
+        }
+        for b in 0..bsz {
+            let z = lse[b];
+            let own = self.own_logit(b);
             let target_logit = match target {
                 Some(t) => self.shared_logit(b, t(b)),
                 None => own.unwrap_or(0.0),
@@ -352,7 +450,6 @@ impl<const DIM: usize> Problem<'_, DIM> {
             if !(z.sum.is_finite() && z.max.is_finite() && target_logit.is_finite()) {
                 return Err(Error::NonFinite { what: "logit" });
             }
-            lse[b] = z;
             let lb = z.minus(target_logit);
             sum.loss += lb;
             sum.prob_pos += math::exp(-lb);
@@ -375,34 +472,91 @@ impl<const DIM: usize> Problem<'_, DIM> {
                 }
             }
         }
-        // Pass 2, candidate-major: each shared candidate's gradient is
-        // complete after its column and is handed over at once.
-        for j in 0..n {
-            let mut gx = [0.0f32; DIM];
-            let mut any = false;
-            for b in 0..bsz {
-                if !keep(b, j) {
-                    continue;
+        // Pass 2: each shared candidate's gradient is complete after its
+        // column and is handed over at once, in candidate order. A tile
+        // of `w` candidates is scored query by query (in chunks when the
+        // batch is large); the sums keep the one-candidate-at-a-time
+        // order: each gradient adds its queries in order, and d L / d
+        // alpha adds candidate by candidate, each over its queries, from
+        // `terms`.
+        let w = TERMS.checked_div(bsz).map_or(TILE, |w| w.clamp(1, TILE));
+        let chunk = if w > 1 { bsz } else { bsz.min(TERMS) };
+        let mut terms = [0.0f32; TERMS];
+        let mut coeffs = [0.0f32; TERMS];
+        let mut gx = [[0.0f32; DIM]; TILE];
+        let mut j0 = 0;
+        while j0 < n {
+            let m = w.min(n - j0);
+            self.transpose(j0, m, &mut rows);
+            gx[..m].iter_mut().for_each(|g| *g = [0.0; DIM]);
+            let mut any = [false; TILE];
+            let mut b0 = 0;
+            while b0 < bsz {
+                let nb = chunk.min(bsz - b0);
+                for b in b0..b0 + nb {
+                    let (c, d) = self.logits(b, j0, m, &rows);
+                    let z = lse[b];
+                    // Lanes past the tile's end would only cost a call of
+                    // `exp` each (they can be positive).
+                    let e = math::exp_lanes::<TILE>(core::array::from_fn(|l| if l < m { c[l] - z.max } else { 0.0 }));
+                    // Removed candidates and lanes past the end weigh 0.
+                    let t = target.map(|t| t(b));
+                    let coeff: [f32; TILE] = core::array::from_fn(|l| {
+                        let j = j0 + l;
+                        if l < m && keep(b, j) {
+                            e[l] / z.sum - if t == Some(j) { 1.0 } else { 0.0 }
+                        } else {
+                            0.0
+                        }
+                    });
+                    let k = (b - b0) * w;
+                    coeffs[k..k + w].copy_from_slice(&coeff[..w]);
+                    for (l, term) in terms[k..k + w].iter_mut().enumerate() {
+                        *term = if coeff[l] == 0.0 { 0.0 } else { coeff[l] * d[l] };
+                    }
+                    // d L / d q_b adds the tile's candidates in order, in
+                    // registers.
+                    if let Some(g) = &mut grad_query {
+                        let mut acc = g[b];
+                        for (l, &c) in coeff.iter().enumerate().take(m) {
+                            if c != 0.0 {
+                                vector::axpy(c, self.row(j0 + l), &mut acc);
+                            }
+                        }
+                        g[b] = acc;
+                    }
                 }
-                let p = lse[b].weight(self.shared_logit(b, j));
-                let coeff = p - if target.is_some_and(|t| t(b) == j) { 1.0 } else { 0.0 };
-                if coeff == 0.0 {
-                    continue;
+                // Each candidate's gradient adds the chunk's queries in
+                // order, in registers.
+                for (l, (gx, any)) in gx.iter_mut().zip(any.iter_mut()).enumerate().take(m) {
+                    let mut acc = *gx;
+                    for k in 0..nb {
+                        let c = coeffs[k * w + l];
+                        if c != 0.0 {
+                            *any = true;
+                            vector::axpy(c, &self.queries[b0 + k], &mut acc);
+                        }
+                    }
+                    *gx = acc;
                 }
-                any = true;
-                let q = &self.queries[b];
-                sum.grad_scale += coeff * dot(q, self.row(j));
-                vector::axpy(coeff, q, &mut gx);
-                if let Some(g) = &mut grad_query {
-                    vector::axpy(coeff, self.row(j), &mut g[b]);
+                // Adding a zero term changes nothing: the sum is never
+                // -0.0 (it starts at +0.0, and x + (-x) is +0.0).
+                for l in 0..m {
+                    for k in 0..nb {
+                        sum.grad_scale += terms[k * w + l];
+                    }
                 }
+                b0 += nb;
             }
             if let Some(sink) = &mut grad_shared {
-                if any {
-                    gx.iter_mut().for_each(|x| *x *= self.alpha * inv_b);
+                for l in 0..m {
+                    if any[l] {
+                        gx[l].iter_mut().for_each(|x| *x *= self.alpha * inv_b);
+                    }
+                    sink(j0 + l, &gx[l]);
                 }
-                sink(j, &gx);
             }
+            j0 += m;
         }
         if let Some(g) = &mut grad_query {
             for row in g.iter_mut() {
@@ -420,6 +574,205 @@ impl<const DIM: usize> Problem<'_, DIM> {
 mod tests {
     use super::*;
     use approx::assert_relative_eq;
+
+    impl<const DIM: usize> Problem<'_, DIM> {
+        /// The two passes as they were written before the tiles, one logit at
+        /// a time: the reference the tiled passes must match bit for bit. `target` is `Some` for a shared target column and
+        /// `None` when the target is the query's own candidate.
+        #[allow(clippy::too_many_arguments)]
+        fn run_plain(
+            &self,
+            keep: impl Fn(usize, usize) -> bool,
+            target: Option<&dyn Fn(usize) -> usize>,
+            lse: &mut [LogSumExp],
+            mut loss: Option<&mut [f32]>,
+            mut grad_query: Option<&mut [[f32; DIM]]>,
+            mut grad_own: Option<&mut [[f32; DIM]]>,
+            mut grad_shared: Option<GradSink<'_, DIM>>,
+        ) -> Result<SoftmaxSummary> {
+            self.validate()?;
+            let bsz = self.queries.len();
+            let n = self.shared.len() + self.extra.len();
+            check_len("scratch", bsz, lse.len())?;
+            if let Some(l) = &loss {
+                check_len("loss", bsz, l.len())?;
+            }
+            if let Some(g) = &grad_query {
+                check_len("query gradient", bsz, g.len())?;
+            }
+            if let Some(g) = &grad_own {
+                check_len("positive gradient", bsz, g.len())?;
+            }
+            let inv_b = if bsz > 0 { 1.0 / bsz as f32 } else { 0.0 };
+            let mut sum = SoftmaxSummary::default();
+            // Pass 1, query-major: log-sum-exp, loss, and the own candidate's
+            // share of the gradients.
+            for b in 0..bsz {
+                let mut z = LogSumExp::EMPTY;
+                let own = self.own_logit(b);
+                if let Some(o) = own {
+                    z.push(o);
+                }
+                for j in 0..n {
+                    if keep(b, j) {
+                        z.push(self.shared_logit(b, j));
+                    }
+                }
+                let target_logit = match target {
+                    Some(t) => self.shared_logit(b, t(b)),
+                    None => own.unwrap_or(0.0),
+                };
+                if !(z.sum.is_finite() && z.max.is_finite() && target_logit.is_finite()) {
+                    return Err(Error::NonFinite { what: "logit" });
+                }
+                lse[b] = z;
+                let lb = z.minus(target_logit);
+                sum.loss += lb;
+                sum.prob_pos += math::exp(-lb);
+                if let Some(l) = &mut loss {
+                    l[b] = lb;
+                }
+                let q = &self.queries[b];
+                if let Some(g) = &mut grad_query {
+                    g[b] = [0.0; DIM];
+                }
+                if let (Some(o), Some((rows, _))) = (own, self.own) {
+                    let coeff = z.weight(o) - 1.0;
+                    sum.grad_scale += coeff * dot(q, &rows[b]);
+                    if let Some(g) = &mut grad_query {
+                        vector::axpy(coeff, &rows[b], &mut g[b]);
+                    }
+                    if let Some(g) = &mut grad_own {
+                        g[b] = [0.0; DIM];
+                        vector::axpy(coeff * self.alpha * inv_b, q, &mut g[b]);
+                    }
+                }
+            }
+            // Pass 2, candidate-major: each shared candidate's gradient is
+            // complete after its column and is handed over at once.
+            for j in 0..n {
+                let mut gx = [0.0f32; DIM];
+                let mut any = false;
+                for b in 0..bsz {
+                    if !keep(b, j) {
+                        continue;
+                    }
+                    let p = lse[b].weight(self.shared_logit(b, j));
+                    let coeff = p - if target.is_some_and(|t| t(b) == j) { 1.0 } else { 0.0 };
+                    if coeff == 0.0 {
+                        continue;
+                    }
+                    any = true;
+                    let q = &self.queries[b];
+                    sum.grad_scale += coeff * dot(q, self.row(j));
+                    vector::axpy(coeff, q, &mut gx);
+                    if let Some(g) = &mut grad_query {
+                        vector::axpy(coeff, self.row(j), &mut g[b]);
+                    }
+                }
+                if let Some(sink) = &mut grad_shared {
+                    if any {
+                        gx.iter_mut().for_each(|x| *x *= self.alpha * inv_b);
+                    }
+                    sink(j, &gx);
+                }
+            }
+            if let Some(g) = &mut grad_query {
+                for row in g.iter_mut() {
+                    row.iter_mut().for_each(|x| *x *= self.alpha * inv_b);
+                }
+            }
+            sum.loss *= inv_b;
+            sum.prob_pos *= inv_b;
+            sum.grad_scale *= inv_b;
+            Ok(sum)
+        }
+    }
+
+    /// Random problems of every kind (own rows or not, log_q or not,
+    /// removed candidates, shared or own targets, zero and repeated
+    /// candidates), batches below, at and above one tile's terms, run
+    /// through the tiled passes and [`Problem::run_plain`]: every output
+    /// the same bits.
+    fn tiles_match_one_logit_at_a_time<const DIM: usize>(seed: u64) {
+        use rand_core::SeedableRng;
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(seed);
+        let mut normal = || crate::random::normal(&mut rng);
+        const MAXB: usize = 600;
+        const MAXN: usize = 53;
+        let queries: [[f32; DIM]; MAXB] = core::array::from_fn(|_| core::array::from_fn(|_| normal()));
+        let own: [[f32; DIM]; MAXB] = core::array::from_fn(|_| core::array::from_fn(|_| normal()));
+        let mut shared: [[f32; DIM]; MAXN] = core::array::from_fn(|_| core::array::from_fn(|_| normal()));
+        shared[3] = [0.0; DIM];
+        shared[7] = shared[5];
+        let extra: [[f32; DIM]; 9] = core::array::from_fn(|_| core::array::from_fn(|_| normal()));
+        let log_q: [f32; MAXN] = core::array::from_fn(|_| normal());
+        let own_lq: [f32; MAXB] = core::array::from_fn(|_| normal());
+        for (bsz, n, alpha) in
+            [(0, 5, 2.0), (1, 1, 3.0), (3, 17, 5.0), (32, 53, 20.0), (33, 16, 1.0), (70, 40, 8.0), (600, 20, 4.0)]
+        {
+            for kind in 0..4 {
+                let extra: &[[f32; DIM]] = if kind == 3 { &extra } else { &[] };
+                let problem = Problem {
+                    queries: &queries[..bsz],
+                    own: match kind {
+                        0 => None,
+                        1 => Some((&own[..bsz], None)),
+                        _ => Some((&own[..bsz], Some(&own_lq[..bsz]))),
+                    },
+                    shared: &shared[..n],
+                    extra,
+                    shared_log_q: if kind == 2 { Some(&log_q[..n]) } else { None },
+                    alpha,
+                };
+                let total = n + extra.len();
+                let keep = |b: usize, j: usize| (b * 7 + j * 3) % 11 != 4 || kind == 0;
+                let t = |b: usize| (b * 5 + 1) % total;
+                let target: Option<&dyn Fn(usize) -> usize> = if kind == 0 { Some(&t) } else { None };
+                let run = |tiled: bool| {
+                    let mut lse = [LogSumExp::EMPTY; MAXB];
+                    let mut loss = [0.0f32; MAXB];
+                    let mut gq = [[0.0f32; DIM]; MAXB];
+                    let mut go = [[0.0f32; DIM]; MAXB];
+                    let mut gs = [[0.0f32; DIM]; MAXN + 9];
+                    let mut calls = 0usize;
+                    let mut sink = |j: usize, g: &[f32; DIM]| {
+                        assert_eq!(j, calls, "candidates handed over in order");
+                        calls += 1;
+                        gs[j] = *g;
+                    };
+                    let args = (&mut lse[..bsz], Some(&mut loss[..bsz]), Some(&mut gq[..bsz]), Some(&mut go[..bsz]));
+                    let sum = if tiled {
+                        problem.run(keep, target, args.0, args.1, args.2, args.3, Some(&mut sink))
+                    } else {
+                        problem.run_plain(keep, target, args.0, args.1, args.2, args.3, Some(&mut sink))
+                    }
+                    .unwrap();
+                    assert_eq!(calls, total);
+                    // FNV-1a over every output's bits, and the count.
+                    let (mut hash, mut count) = (0xcbf2_9ce4_8422_2325u64, 0usize);
+                    let flat = lse[..bsz].iter().flat_map(|z| [z.max, z.sum]).chain(loss[..bsz].iter().copied());
+                    let flat =
+                        flat.chain(gq[..bsz].iter().flatten().copied()).chain(go[..bsz].iter().flatten().copied());
+                    let flat = flat.chain(gs[..total].iter().flatten().copied());
+                    let flat = flat.chain([sum.loss, sum.prob_pos, sum.grad_scale]);
+                    for x in flat {
+                        hash = (hash ^ u64::from(x.to_bits())).wrapping_mul(0x100_0000_01b3);
+                        count += 1;
+                    }
+                    (hash, count, sum)
+                };
+                assert_eq!(run(true), run(false), "DIM {DIM}, batch {bsz}, {n} candidates, kind {kind}");
+            }
+        }
+    }
+
+    #[test]
+    fn tiled_passes_are_the_one_logit_at_a_time_bits() {
+        tiles_match_one_logit_at_a_time::<5>(1);
+        tiles_match_one_logit_at_a_time::<16>(2);
+        tiles_match_one_logit_at_a_time::<64>(3);
+    }
 
     #[test]
     fn in_batch_of_two_matches_the_closed_form() {

@@ -179,12 +179,17 @@ impl<const DIM: usize> StoredMut<'_, DIM> {
 
     /// Sets every row to zero.
     pub fn clear(&mut self) {
+        self.clear_past(0);
+    }
+
+    /// Sets rows `from..` to zero.
+    pub fn clear_past(&mut self, from: usize) {
         match self {
-            StoredMut::F32(r) => r.fill([0.0; DIM]),
-            StoredMut::Bf16(r) => r.fill([0; DIM]),
+            StoredMut::F32(r) => r.iter_mut().skip(from).for_each(|r| *r = [0.0; DIM]),
+            StoredMut::Bf16(r) => r.iter_mut().skip(from).for_each(|r| *r = [0; DIM]),
             StoredMut::Int8 { rows, scales } => {
-                rows.fill([0; DIM]);
-                scales.fill(0.0);
+                rows.iter_mut().skip(from).for_each(|r| *r = [0; DIM]);
+                scales.iter_mut().skip(from).for_each(|s| *s = 0.0);
             }
         }
     }

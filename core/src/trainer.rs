@@ -464,7 +464,9 @@ where
         if corpus.len() > cache.capacity() {
             return Err(Error::CapacityExceeded { requested: corpus.len(), capacity: cache.capacity() });
         }
-        cache.clear();
+        // The same state as `clear` and the writes below; a corpus already
+        // in place keeps its keys (dense features cost a fingerprint each).
+        cache.clear_past(corpus.len());
         for (k, chunk) in corpus.chunks(BATCH).enumerate() {
             let e = &mut self.p[..chunk.len()];
             self.model.embed_items(chunk, e);
