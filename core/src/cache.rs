@@ -220,7 +220,9 @@ pub struct SlotsMut<'a, I, const DIM: usize> {
     pub items: &'a mut [I],
     /// Each slot's [`Item::key`] (0 in an empty slot; only occupied slots'
     /// keys are compared). Code that writes `items` directly must write the
-    /// keys too, or call [`CacheMut::rekey`] afterwards.
+    /// keys too, or call [`CacheMut::rekey`] afterwards: a wrong key also
+    /// survives [`CacheMut::set_slot`] of the same item, which keeps an
+    /// occupied slot's key.
     pub keys: &'a mut [u64],
     /// One age per slot.
     pub ages: &'a mut [i32],

@@ -466,12 +466,17 @@ where
         }
         // The same state as `clear` and the writes below; a corpus already
         // in place keeps its keys (dense features cost a fingerprint each).
+        // A write that fails (a non-finite embedding) empties the slots
+        // from its own on, as `clear` would have left them.
         cache.clear_past(corpus.len());
         for (k, chunk) in corpus.chunks(BATCH).enumerate() {
             let e = &mut self.p[..chunk.len()];
             self.model.embed_items(chunk, e);
             for (i, (item, row)) in chunk.iter().zip(e.iter()).enumerate() {
-                cache.set_slot(k * BATCH + i, row, *item, 0, true)?;
+                if let Err(err) = cache.set_slot(k * BATCH + i, row, *item, 0, true) {
+                    cache.clear_past(k * BATCH + i);
+                    return Err(err);
+                }
             }
         }
         Ok(corpus.len() as u32)
