@@ -9,7 +9,9 @@
 //! stops a resume.
 //!
 //! The workers are a rayon pool: they stay up between steps, so a split
-//! costs a hand-over, not a thread spawn.
+//! costs a hand-over, not a thread spawn. What a hand-over costs depends on
+//! the machine, so the process's pool measures it when it starts and
+//! splits only passes worth it ([`measure_min_piece_work`]).
 
 use std::sync::{Arc, OnceLock};
 
@@ -38,6 +40,18 @@ impl Threads {
             .build()
             .with_context(|| format!("starting {count} threads"))?;
         Ok(Self { pool: Some(pool), count, min_piece_work: negcache::parallel::MIN_PIECE_WORK })
+    }
+
+    /// These threads, splitting only pieces worth a hand-over on this
+    /// machine ([`measure_min_piece_work`]); unchanged on one thread.
+    pub fn calibrated(self) -> Self {
+        match &self.pool {
+            Some(pool) => {
+                let work = measure_min_piece_work(pool);
+                self.with_min_piece_work(work)
+            }
+            None => self,
+        }
     }
 
     /// These threads, splitting work down to pieces of `work`
@@ -82,6 +96,57 @@ impl Fork for Threads {
     }
 }
 
+/// Cold hand-overs timed by [`measure_min_piece_work`] (the median counts).
+const HANDOVERS: usize = 11;
+
+/// The least work, in multiply-adds, worth splitting on `pool`, measured
+/// in about 30 ms: a split pays when half a piece's time saved exceeds
+/// the hand-over, so it is twice the hand-over's time in multiply-adds of
+/// one thread's pass, within 2^18 to 2^26. The hand-over is the median of
+/// [`HANDOVERS`] to a parked worker (a step splits its pass once, and the
+/// worker sleeps between steps): on a VM, waking a parked thread can cost
+/// more than a small pass (on the 2-core AMD EPYC VM of
+/// `docs/results/bench-dense.md`, about 150 us, against 2^22
+/// multiply-adds of the pass in about 100 us: the 4,096- and 8,192-slot
+/// caches ran faster on one thread, the 16,384-slot one 1.28x faster on
+/// two). The pass's speed is one thread's `kernel::sample_shard` over a
+/// synthetic 4,096-slot cache. Timing moves only the split's threshold,
+/// so only speed: a step's bits are the same split or not.
+pub fn measure_min_piece_work(pool: &rayon::ThreadPool) -> usize {
+    use negcache::kernel::{self, Draw, F32Rows, Slots};
+    use rand_core::SeedableRng;
+    use std::time::{Duration, Instant};
+    let mut handover: Vec<f64> = (0..HANDOVERS)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(2));
+            let t = Instant::now();
+            pool.in_place_scope(|s| s.spawn(|_| {}));
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    handover.sort_by(f64::total_cmp);
+    let handover = handover[HANDOVERS / 2];
+    const N: usize = 4096;
+    const D: usize = 64;
+    let rows: Vec<[f32; D]> = (0..N).map(|j| std::array::from_fn(|i| ((j * 7 + i) % 13) as f32 * 0.01)).collect();
+    let (keys, occupied) = (vec![0u64; N], vec![true; N]);
+    let queries = [[0.05f32; D]; 16];
+    let slots = Slots { rows: &F32Rows(&rows), keys: &keys, occupied: &occupied };
+    let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(0);
+    let mut draws = [Draw::EMPTY; 16];
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        if kernel::sample_shard(slots, 0..N, &queries, None, 20.0, 1.0, &mut rng, &mut draws).is_err() {
+            return negcache::parallel::MIN_PIECE_WORK;
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let per_madd = best / (N * D * queries.len()) as f64;
+    let work = 2.0 * handover / per_madd.max(1e-15);
+    (work as usize).clamp(1 << 18, 1 << 26)
+}
+
 /// The machine's cores (1 if unknown).
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -111,7 +176,7 @@ pub fn count() -> usize {
 pub fn shared() -> Arc<Threads> {
     SHARED
         .get_or_init(|| {
-            Arc::new(Threads::new(count()).unwrap_or_else(|e| {
+            Arc::new(Threads::new(count()).map(Threads::calibrated).unwrap_or_else(|e| {
                 eprintln!("warning: {e:#}; the pass runs on one thread");
                 Threads::serial()
             }))

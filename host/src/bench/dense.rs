@@ -411,8 +411,9 @@ fn report(figures: &[DenseFigure], load: &str, seconds: f64) -> String {
     let _ = writeln!(
         out,
         "In negcache the cache configurations' scoring pass runs on the threads listed (split at \
-         tiles of 16 queries, the same bits as on one, and only when a tile's pass is at least 2^20 \
-         multiply-adds); the towers, the optimiser and the other objectives run on one. The towers take each \
+         tiles of 16 queries, the same bits as on one, and only when a tile's pass is worth a hand-over: at \
+         least twice the time of a hand-over to a parked worker, as each process measures it when it \
+         starts); the towers, the optimiser and the other objectives run on one. The towers take each \
          side's inputs as one batch (register-blocked matrix products in nalgebra's summation order, so the bits \
          are those of one input at a time). Where the pass was split, the column \"on one thread\" is the same \
          configuration on one thread, measured just after.\n"
