@@ -474,15 +474,9 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
         }
     }
 
-    /// Empties every slot and resets the ages.
+    /// Empties every slot and resets the ages and the clock.
     pub fn clear(&mut self) {
-        self.embeddings.clear();
-        self.items.fill(I::EMPTY);
-        self.keys.fill(0);
-        self.ages.fill(0);
-        self.stamps.fill(0);
-        self.occupied.fill(false);
-        *self.clock = 0;
+        self.clear_past(0);
     }
 
     /// Empties slots `from..` and resets the clock; the slots before `from`

@@ -480,7 +480,8 @@ impl<const DIM: usize> Problem<'_, DIM> {
         // alpha adds candidate by candidate, each over its queries, from
         // `terms`.
         let w = TERMS.checked_div(bsz).map_or(TILE, |w| w.clamp(1, TILE));
-        let chunk = if w > 1 { bsz } else { bsz.min(TERMS) };
+        // The whole batch while a tile spans more than one candidate.
+        let chunk = bsz.min(TERMS / w);
         let mut terms = [0.0f32; TERMS];
         let mut coeffs = [0.0f32; TERMS];
         let mut gx = [[0.0f32; DIM]; TILE];
