@@ -41,37 +41,42 @@ pub(crate) fn sqrt(x: f32) -> f32 {
 /// `libm`'s `sqrtf` is one `sqrtss` instruction in inline assembly on
 /// x86-64: opaque to the vectoriser, and a legacy SSE instruction that
 /// stalls when it follows 256- or 512-bit vector code. Here, on targets
-/// with hardware `f64`, the root is plain arithmetic: `1/sqrt(x)` in f64
-/// from an exponent-halving guess and three Newton steps (relative error
-/// below 4e-11, far below the 3e-8 of half an f32 step), times `x`,
-/// rounded to f32. That is the correctly rounded
-/// root or one of its neighbours; the neighbour is settled exactly: the
-/// midpoints between adjacent f32 values have 25 significant bits, so
-/// their squares are exact in f64 and compare exactly with `x`. Zero,
-/// infinity, negative and NaN arguments give what `sqrt` gives (NaN for
-/// the last two, possibly with another payload). Elsewhere (the Cortex-M4
-/// has no f64 unit) it is [`sqrt`].
+/// with hardware `f64`, the root is plain arithmetic: `1/sqrt(x)` from an
+/// exponent-halving guess, two Newton steps in f32 (relative error about
+/// 5e-6, in twice as many vector lanes as f64 has) and two in f64 (about
+/// 4e-22, so what remains is the rounding of a few f64 operations), times
+/// `x` in f64, rounded to f32. A root of an f32 lies at least `2^-51` of
+/// itself away from every midpoint between adjacent f32 values (a
+/// midpoint has 25 significant bits, so its square is not an f32), and
+/// the f64 result is nearer than that to the root; the last step leaves
+/// little margin, so the claim rests on a test of every one of the 2^32
+/// arguments (`every_square_root_is_the_correctly_rounded_one`, run
+/// before this version was kept; CI runs two whole binades, every
+/// subnormal, the extreme binades and a stride). Subnormal arguments are
+/// scaled by `2^24` for the f32 guess and its result by `2^12`, both
+/// exact. Zero, infinity, negative and NaN arguments give what `sqrt`
+/// gives (NaN for the last two, possibly with another payload). This
+/// replaced a version with three f64 steps and an exact choice between
+/// the result and its neighbours (the same bits, about twice the time).
+/// Elsewhere (the Cortex-M4 has no f64 unit) it is [`sqrt`].
 #[inline]
 pub(crate) fn sqrt_wide(x: f32) -> f32 {
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     {
-        let xd = x as f64;
-        let mut y = f64::from_bits(0x5fe6_eb50_c7b5_37a9u64.wrapping_sub(xd.to_bits() >> 1));
-        for _ in 0..3 {
-            y *= 1.5 - 0.5 * xd * y * y;
+        let tiny = x < f32::MIN_POSITIVE;
+        let xs = if tiny { x * 16_777_216.0 } else { x };
+        let mut y = f32::from_bits(0x5f37_5a86u32.wrapping_sub(xs.to_bits() >> 1));
+        let h = 0.5 * xs;
+        for _ in 0..2 {
+            y *= 1.5 - h * y * y;
         }
-        let r = (xd * y) as f32;
-        let bits = r.to_bits();
-        let (rd, up, down) =
-            (r as f64, f32::from_bits(bits.wrapping_add(1)) as f64, f32::from_bits(bits.wrapping_sub(1)) as f64);
-        let (hi, lo) = (0.5 * (rd + up), 0.5 * (down + rd));
-        let r = if xd > hi * hi {
-            up as f32
-        } else if xd < lo * lo {
-            down as f32
-        } else {
-            r
-        };
+        let y = if tiny { y * 4096.0 } else { y };
+        let (xd, mut yd) = (x as f64, y as f64);
+        let hd = 0.5 * xd;
+        for _ in 0..2 {
+            yd *= 1.5 - hd * yd * yd;
+        }
+        let r = (xd * yd) as f32;
         if x > 0.0 && x < f32::INFINITY {
             r
         } else if x == 0.0 || x == f32::INFINITY {
@@ -257,13 +262,17 @@ mod tests {
 
     #[test]
     fn wide_square_root_is_the_correctly_rounded_one() {
-        // Two whole binades (the guess and the steps repeat every second
-        // binade), every subnormal, and a stride through every other value
+        // Two whole binades (away from the range's ends, the guess and the
+        // steps scale exactly every second binade), every subnormal, and a stride through every other value
         // of both signs, zeros, infinities and NaNs.
         let one = 1.0f32.to_bits();
         (one..one + (2 << 23)).for_each(check);
         (0..1 << 23).for_each(check);
         (0..=u32::MAX).step_by(251).for_each(check);
+        // The lowest normal binades and the highest, where a scaled guess
+        // or a step could leave the range.
+        (1 << 23..3 << 23).for_each(check);
+        (0x7f00_0000..0x7f80_0000).for_each(check);
         [0x8000_0000, 0x7f80_0000, 0xff80_0000, 0x7fc0_0000, 0x7f7f_ffff, 0x0000_0001].into_iter().for_each(check);
     }
 
