@@ -461,6 +461,17 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
         self.embeddings.as_ref().precision()
     }
 
+    /// The embeddings of an `f32` cache, for writing in place, bypassing
+    /// the slots' other fields: a corpus embedded straight into its slots
+    /// (`Trainer::fill_cache_on`), which then sets each slot with
+    /// [`Self::set_slot`].
+    pub(crate) fn f32_rows_mut(&mut self) -> Option<&mut [[f32; DIM]]> {
+        match &mut self.embeddings {
+            StoredMut::F32(rows) => Some(rows),
+            _ => None,
+        }
+    }
+
     /// A read-only view of the same slots.
     pub fn as_ref(&self) -> CacheRef<'_, I, DIM> {
         CacheRef {

@@ -21,7 +21,8 @@
 use rand_core::RngCore;
 
 use crate::layers::{Layer, ParamVisitor};
-use crate::tower::{Model, Towers};
+use crate::parallel::Fork;
+use crate::tower::{embed_items_split, Model, Towers};
 
 /// A query tower `QT` over `[f32; FQ]` and an item tower `IT` over
 /// `[f32; FI]`. `S` is the optimiser-state slots the layers keep per
@@ -41,6 +42,14 @@ impl<QT, IT, const FQ: usize, const FI: usize, const S: usize> LayerTowers<QT, I
     /// Two towers and a fixed score scale.
     pub const fn new(query: QT, item: IT, alpha: f32) -> Self {
         Self { query, item, alpha }
+    }
+
+    /// The multiply-adds an item counts for when a corpus is split over
+    /// threads ([`Towers::embed_items_on`]): the layers' own work is not
+    /// known here, so `FI x dim`, one dense map from the features to the
+    /// embedding, a lower bound for most towers.
+    pub const fn item_work(dim: usize) -> usize {
+        FI * dim
     }
 }
 
@@ -78,7 +87,7 @@ impl<QT, IT, const FQ: usize, const FI: usize, const S: usize, const DIM: usize>
     for LayerTowers<QT, IT, FQ, FI, S>
 where
     QT: Layer<FQ, DIM>,
-    IT: Layer<FI, DIM>,
+    IT: Layer<FI, DIM> + Sync,
 {
     fn embed_query(&self, x: &[f32; FQ], out: &mut [f32; DIM]) {
         self.query.forward(x, out)
@@ -97,6 +106,13 @@ where
     }
     fn embed_items(&self, ys: &[[f32; FI]], out: &mut [[f32; DIM]]) {
         self.item.forward_batch(ys, out)
+    }
+    /// Split over `fork` when the corpus pays for it
+    /// ([`LayerTowers::item_work`] per item).
+    fn embed_items_on<F: Fork>(&self, fork: &F, ys: &[[f32; FI]], out: &mut [[f32; DIM]]) {
+        let item = &self.item;
+        let embed = |ys: &[[f32; FI]], out: &mut [[f32; DIM]]| item.forward_batch(ys, out);
+        embed_items_split(fork, ys, out, Self::item_work(DIM), &embed)
     }
     fn backward_queries(&mut self, xs: &[[f32; FQ]], grads: &[[f32; DIM]]) {
         self.query.backward_batch(xs, grads, None)

@@ -5,8 +5,10 @@
 //! The core only ever splits work whose pieces compute the same bits
 //! whatever runs them and in whatever order: the scoring pass splits its
 //! batch at query tiles, and each query draws from its own random stream
-//! seeded in query order before the split (see [`crate::kernel`]). A run is
-//! therefore the same on one thread, on many, and on the firmware.
+//! seeded in query order before the split (see [`crate::kernel`]); a
+//! corpus embedded for the full softmax splits at item boundaries, each
+//! item's embedding being its own ([`crate::tower::Towers::embed_items_on`]).
+//! A run is therefore the same on one thread, on many, and on the firmware.
 
 /// Runs two closures, possibly at the same time, and returns when both are
 /// done: the fork-join primitive (`rayon::join`'s shape).

@@ -21,6 +21,7 @@ use rand_core::RngCore;
 use crate::layers::layer::CHUNK;
 use crate::layers::{normalize, Activation, EmbeddingBag, Mlp, ParamVisitor, Pooling};
 use crate::math;
+use crate::parallel::Fork;
 
 /// Which side of the model an input goes through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +109,16 @@ pub trait Towers<Q, I, const DIM: usize>: Model<DIM> {
             self.embed_item(y, o);
         }
     }
+    /// [`Self::embed_items`], possibly split over `fork`'s threads: the
+    /// same bits, since each item's embedding is its own. The default runs
+    /// on the calling thread; a model that can be shared between threads
+    /// (`Sync`), or whose item tower can, overrides it with
+    /// [`embed_items_split`]. The full softmax
+    /// embeds its whole corpus through it every step.
+    fn embed_items_on<F: Fork>(&self, fork: &F, ys: &[I], out: &mut [[f32; DIM]]) {
+        let _ = fork;
+        self.embed_items(ys, out)
+    }
     /// [`Self::backward_query`] for each `(xs[k], grads[k])`, in order.
     fn backward_queries(&mut self, xs: &[Q], grads: &[[f32; DIM]]) {
         for (x, g) in xs.iter().zip(grads) {
@@ -133,6 +144,55 @@ pub trait Towers<Q, I, const DIM: usize>: Model<DIM> {
             }
         }
     }
+}
+
+/// `embed(ys, out)` split over `fork` at item boundaries, for an override
+/// of [`Towers::embed_items_on`] (`embed` is the model's own
+/// [`Towers::embed_items`], or its item tower's batched forward): the same
+/// bits on any number of threads, since each item's embedding is its own.
+/// `item_work` is about one item's multiply-adds; the items are split into
+/// `fork.width()` pieces when each would carry at least
+/// [`Fork::min_piece_work`] of them, else embedded on the calling thread.
+pub fn embed_items_split<I, F, const DIM: usize>(
+    fork: &F,
+    ys: &[I],
+    out: &mut [[f32; DIM]],
+    item_work: usize,
+    embed: &(impl Fn(&[I], &mut [[f32; DIM]]) + Sync),
+) where
+    I: Sync,
+    F: Fork,
+{
+    let n = ys.len().min(out.len());
+    split_embed(fork, &ys[..n], &mut out[..n], split_parts(fork, n, item_work), embed);
+}
+
+/// The pieces [`embed_items_split`] cuts `n` items of `item_work`
+/// multiply-adds each into on `fork`.
+pub fn split_parts(fork: &impl Fork, n: usize, item_work: usize) -> usize {
+    let width = fork.width().max(1);
+    if n.saturating_mul(item_work) / width >= fork.min_piece_work() {
+        width.min(n).max(1)
+    } else {
+        1
+    }
+}
+
+fn split_embed<I: Sync, F: Fork, const DIM: usize>(
+    fork: &F,
+    ys: &[I],
+    out: &mut [[f32; DIM]],
+    parts: usize,
+    embed: &(impl Fn(&[I], &mut [[f32; DIM]]) + Sync),
+) {
+    if parts <= 1 {
+        return embed(ys, out);
+    }
+    let left = parts / 2;
+    let mid = ys.len() * left / parts;
+    let (ya, yb) = ys.split_at(mid);
+    let (oa, ob) = out.split_at_mut(mid);
+    fork.join(|| split_embed(fork, ya, oa, left, embed), || split_embed(fork, yb, ob, parts - left, embed));
 }
 
 /// A model over hashed token lists, with one method per operation and a
@@ -457,7 +517,7 @@ impl<
 
 impl<
         Q: AsRef<[u32]>,
-        I: AsRef<[u32]>,
+        I: AsRef<[u32]> + Sync,
         const TABLES: usize,
         const MLPS: usize,
         const BUCKETS: usize,
@@ -484,6 +544,11 @@ impl<
     }
     fn embed_items(&self, ys: &[I], out: &mut [[f32; DIM]]) {
         self.embed_side(Side::Item, ys, out)
+    }
+    fn embed_items_on<F: Fork>(&self, fork: &F, ys: &[I], out: &mut [[f32; DIM]]) {
+        let tokens = ys.first().map_or(0, |y| y.as_ref().len());
+        let embed = |ys: &[I], out: &mut [[f32; DIM]]| self.embed_side(Side::Item, ys, out);
+        embed_items_split(fork, ys, out, tokens * E + E * H + H * DIM, &embed)
     }
     fn backward_queries(&mut self, xs: &[Q], grads: &[[f32; DIM]]) {
         self.backward_each(xs, grads, Upstream::<Q, I, DIM>::Query)

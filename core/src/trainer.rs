@@ -458,9 +458,18 @@ where
     }
 
     /// Corpus mode: embeds every corpus item into `cache` (slot j holds
-    /// item j), `BATCH` items per call of the item tower. Returns the
-    /// number of tower evaluations.
+    /// item j), on the calling thread. Returns the number of tower
+    /// evaluations.
     pub fn fill_cache(&mut self, cache: &mut CacheMut<'_, I, DIM>, corpus: &[I]) -> Result<u32> {
+        self.fill_cache_on(&Serial, cache, corpus)
+    }
+
+    /// [`Self::fill_cache`] with the item tower's work split over `fork`
+    /// where the model supports it ([`Towers::embed_items_on`]): the same
+    /// bits on any number of threads. An `f32` cache is embedded into in
+    /// place, the whole corpus in one call; other precisions `BATCH`
+    /// items per call, through the step's buffer.
+    pub fn fill_cache_on(&mut self, fork: &impl Fork, cache: &mut CacheMut<'_, I, DIM>, corpus: &[I]) -> Result<u32> {
         if corpus.len() > cache.capacity() {
             return Err(Error::CapacityExceeded { requested: corpus.len(), capacity: cache.capacity() });
         }
@@ -469,9 +478,23 @@ where
         // A write that fails (a non-finite embedding) empties the slots
         // from its own on, as `clear` would have left them.
         cache.clear_past(corpus.len());
+        let in_place = match cache.f32_rows_mut() {
+            Some(rows) => {
+                self.model.embed_items_on(fork, corpus, &mut rows[..corpus.len()]);
+                true
+            }
+            None => false,
+        };
         for (k, chunk) in corpus.chunks(BATCH).enumerate() {
             let e = &mut self.p[..chunk.len()];
-            self.model.embed_items(chunk, e);
+            if in_place {
+                let span = k * BATCH..k * BATCH + chunk.len();
+                if let Some(rows) = cache.as_ref().embeddings().as_f32().and_then(|r| r.get(span)) {
+                    e.copy_from_slice(rows);
+                }
+            } else {
+                self.model.embed_items(chunk, e);
+            }
             for (i, (item, row)) in chunk.iter().zip(e.iter()).enumerate() {
                 if let Err(err) = cache.set_slot(k * BATCH + i, row, *item, 0, true) {
                     cache.clear_past(k * BATCH + i);
@@ -502,9 +525,11 @@ where
 
     /// [`Self::step`] with the cache objectives' scoring pass split over
     /// `fork` at tiles of [`crate::kernel::TILE`] queries (a batch of 32
-    /// is two pieces). The step is the same bits whatever `fork` is: each
-    /// query draws from its own random stream, seeded in query order
-    /// before the split (see [`crate::parallel`]).
+    /// is two pieces), and the full softmax's corpus embedded on it
+    /// ([`Self::fill_cache_on`]). The step is the same bits whatever
+    /// `fork` is: each query draws from its own random stream, seeded in
+    /// query order before the split (see [`crate::parallel`]), and each
+    /// item's embedding is its own.
     pub fn step_on(
         &mut self,
         fork: &impl Fork,
@@ -530,7 +555,7 @@ where
             }
             Objective::InBatch => self.in_batch_step(batch)?,
             Objective::Sampled { negatives } => self.sampled_step(cache, batch, corpus, negatives, rng)?,
-            Objective::Full => self.full_step(cache, batch, corpus)?,
+            Objective::Full => self.full_step(fork, cache, batch, corpus)?,
         };
         let model = &mut self.model;
         let stats = self.opt.step(lr, &mut |v| model.visit(v))?;
@@ -1076,6 +1101,7 @@ where
 
     fn full_step(
         &mut self,
+        fork: &impl Fork,
         cache: &mut CacheMut<'_, I, DIM>,
         batch: &Batch<'_, Q, I>,
         corpus: &[I],
@@ -1092,7 +1118,7 @@ where
         if let Some(&bad) = index.iter().find(|&&i| i as usize >= corpus.len()) {
             return Err(Error::IndexOutOfRange { what: "positive_index", index: bad as usize, bound: corpus.len() });
         }
-        let evals = self.fill_cache(cache, corpus)?;
+        let evals = self.fill_cache_on(fork, cache, corpus)?;
         self.model.embed_queries(batch.queries, &mut self.q[..bsz]);
         for (slot, &i) in self.slots.iter_mut().zip(index) {
             *slot = i as usize;
@@ -1597,7 +1623,7 @@ mod tests {
     /// towers share parameters goes one input at a time, interleaved. Both
     /// must reach the same bits, for every objective.
     #[test]
-    fn separate_towers_in_batches_give_the_interleaved_bits() {
+    fn separate_towers_in_batches_and_split_steps_give_the_interleaved_bits() {
         use crate::layered::LayerTowers;
         use crate::layers::{Act, Activation, Chain, Dense, ParamVisitor, L2};
         use crate::tower::{Model, Towers as TowerPair};
@@ -1644,9 +1670,25 @@ mod tests {
             }
             fn sparse(&mut self, _: usize, _: &mut [f32], _: &mut [f32], _: &mut [&mut [f32]], _: &[bool]) {}
         }
+        /// Runs `b` before `a` and claims four pieces at once, however
+        /// small: a split step must not depend on how its pieces run.
+        struct Reversed;
+        impl Fork for Reversed {
+            fn join<A: FnOnce() + Send, B: FnOnce() + Send>(&self, a: A, b: B) {
+                b();
+                a();
+            }
+            fn width(&self) -> usize {
+                4
+            }
+            fn min_piece_work(&self) -> usize {
+                0
+            }
+        }
         fn run<M: TowerPair<[f32; 6], [f32; 6], 67>>(
             model: M,
             objective: Objective,
+            fork: &impl Fork,
         ) -> (heapless::Vec<u32, 32768>, [f32; 4]) {
             let cfg = TrainerConfig { objective, ..TrainerConfig::DEFAULT };
             let mut t = Trainer::<M, [f32; 6], [f32; 6], 67, 5, 2>::new(model, cfg);
@@ -1663,7 +1705,7 @@ mod tests {
                 let positives = picks.map(|j| corpus[j]);
                 let index = picks.map(|j| j as u32);
                 let batch = Batch { queries: &queries, positives: &positives, positive_index: Some(&index) };
-                *loss = t.step(&mut cache.as_mut(), &batch, &corpus, 0.05, &mut rng).unwrap().training_loss;
+                *loss = t.step_on(fork, &mut cache.as_mut(), &batch, &corpus, 0.05, &mut rng).unwrap().training_loss;
             }
             let mut words = Words(heapless::Vec::new());
             t.model.visit(&mut words);
@@ -1680,10 +1722,15 @@ mod tests {
             Objective::Sampled { negatives: 7 },
             Objective::Full,
         ] {
-            let (batched, a) = run(model(), objective);
-            let (one, b) = run(OneByOne(model()), objective);
+            let (batched, a) = run(model(), objective, &Serial);
+            let (one, b) = run(OneByOne(model()), objective, &Serial);
             assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits), "{objective:?}: losses");
             assert!(batched == one, "{objective:?}: parameters, optimiser state or cache differ");
+            // Split over a fork (the full softmax's corpus in four pieces,
+            // run last to first): the same bits.
+            let (split, c) = run(model(), objective, &Reversed);
+            assert_eq!(a.map(f32::to_bits), c.map(f32::to_bits), "{objective:?}: losses, split");
+            assert!(batched == split, "{objective:?}: parameters, optimiser state or cache differ, split");
         }
     }
 

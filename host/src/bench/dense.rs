@@ -222,7 +222,11 @@ pub fn run_one(name: &str, seconds: f64) -> anyhow::Result<DenseFigure> {
         peak_rss_mib: rss,
         // Only the cache objectives' scoring pass is split, at tiles of
         // queries, and only when a tile's work is worth a hand-over.
-        threads: if objective == Objective::Cache { kernel::pass_threads(&*threads, BATCH, size, D) } else { 1 },
+        threads: match objective {
+            Objective::Cache => kernel::pass_threads(&*threads, BATCH, size, D),
+            Objective::Full => negcache::tower::split_parts(&*threads, corpus.len(), DenseModel::item_work(D)),
+            _ => 1,
+        },
         one_thread_steps_per_s: None,
         rounds: Vec::new(),
         one_thread_rounds: Vec::new(),
@@ -413,10 +417,12 @@ fn report(figures: &[DenseFigure], load: &str, seconds: f64) -> String {
         "In negcache the cache configurations' scoring pass runs on the threads listed (split at \
          tiles of 16 queries, the same bits as on one, and only when a tile's pass is worth a hand-over: at \
          least twice the time of a hand-over to a parked worker, as each process measures it when it \
-         starts); the towers, the optimiser and the other objectives run on one. The towers take each \
-         side's inputs as one batch (register-blocked matrix products in nalgebra's summation order, so the bits \
-         are those of one input at a time). Where the pass was split, the column \"on one thread\" is the same \
-         configuration on one thread, measured just after.\n"
+         starts). The full softmax embeds its corpus on the threads listed (split at item boundaries, \
+         when each piece is worth a hand-over by the same measure); its back-propagation, the other towers' \
+         work, the optimiser and the other objectives run on one. The towers take each side's inputs as one \
+         batch (register-blocked matrix products in nalgebra's summation order, so the bits are those of one \
+         input at a time). Where a configuration used more than one thread, the column \"on one thread\" is \
+         the same configuration on one thread, measured just after.\n"
     );
     // One column list for both layouts: (name, right-aligned, shown). Side
     // by side adds TF's rounds, its memory and issue 14's figure.
