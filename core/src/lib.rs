@@ -49,8 +49,8 @@
 //!   each storage as it reads them and exactly merged shards, one file per
 //!   concern.
 //! - [`sampler`]: how negatives are chosen among candidates.
-//! - [`parallel`]: how the pass's pieces run, in turn or on the caller's
-//!   threads ([`Fork`]).
+//! - [`parallel`]: how the pass's pieces (and a corpus's) run, in turn or
+//!   on the caller's threads ([`Fork`]).
 //! - [`softmax`]: in-batch, sampled and full softmax, for comparison.
 //! - [`random`]: random variates from a caller-supplied generator.
 //! - [`retrieve`]: exact top-k over stored embeddings, in a caller's buffer.

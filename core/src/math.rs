@@ -44,7 +44,7 @@ pub(crate) fn sqrt(x: f32) -> f32 {
 /// with hardware `f64`, the root is plain arithmetic: `1/sqrt(x)` from an
 /// exponent-halving guess, two Newton steps in f32 (relative error about
 /// 5e-6, in twice as many vector lanes as f64 has) and two in f64 (about
-/// 4e-22, so what remains is the rounding of a few f64 operations), times
+/// 2e-21, so what remains is the rounding of a few f64 operations), times
 /// `x` in f64, rounded to f32. A root of an f32 lies at least `2^-51` of
 /// itself away from every midpoint between adjacent f32 values (a
 /// midpoint has 25 significant bits, so its square is not an f32), and

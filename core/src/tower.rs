@@ -112,7 +112,7 @@ pub trait Towers<Q, I, const DIM: usize>: Model<DIM> {
     /// [`Self::embed_items`], possibly split over `fork`'s threads: the
     /// same bits, since each item's embedding is its own. The default runs
     /// on the calling thread; a model that can be shared between threads
-    /// (`Sync`), or whose item tower can, overrides it with
+    /// (`Sync`), or whose item tower can, may override it with
     /// [`embed_items_split`]. The full softmax
     /// embeds its whole corpus through it every step.
     fn embed_items_on<F: Fork>(&self, fork: &F, ys: &[I], out: &mut [[f32; DIM]]) {
@@ -151,8 +151,9 @@ pub trait Towers<Q, I, const DIM: usize>: Model<DIM> {
 /// [`Towers::embed_items`], or its item tower's batched forward): the same
 /// bits on any number of threads, since each item's embedding is its own.
 /// `item_work` is about one item's multiply-adds; the items are split into
-/// `fork.width()` pieces when each would carry at least
-/// [`Fork::min_piece_work`] of them, else embedded on the calling thread.
+/// `fork.width()` pieces (at most one per item) when each would carry at
+/// least [`Fork::min_piece_work`] of them, else embedded on the calling
+/// thread.
 pub fn embed_items_split<I, F, const DIM: usize>(
     fork: &F,
     ys: &[I],
@@ -189,7 +190,8 @@ fn split_embed<I: Sync, F: Fork, const DIM: usize>(
         return embed(ys, out);
     }
     let left = parts / 2;
-    let mid = ys.len() * left / parts;
+    // `len * left / parts` without its product overflowing.
+    let mid = ys.len() / parts * left + ys.len() % parts * left / parts;
     let (ya, yb) = ys.split_at(mid);
     let (oa, ob) = out.split_at_mut(mid);
     fork.join(|| split_embed(fork, ya, oa, left, embed), || split_embed(fork, yb, ob, parts - left, embed));
@@ -548,7 +550,8 @@ impl<
     fn embed_items_on<F: Fork>(&self, fork: &F, ys: &[I], out: &mut [[f32; DIM]]) {
         let tokens = ys.first().map_or(0, |y| y.as_ref().len());
         let embed = |ys: &[I], out: &mut [[f32; DIM]]| self.embed_side(Side::Item, ys, out);
-        embed_items_split(fork, ys, out, tokens * E + E * H + H * DIM, &embed)
+        let work = tokens.saturating_mul(E).saturating_add(E * H + H * DIM);
+        embed_items_split(fork, ys, out, work, &embed)
     }
     fn backward_queries(&mut self, xs: &[Q], grads: &[[f32; DIM]]) {
         self.backward_each(xs, grads, Upstream::<Q, I, DIM>::Query)

@@ -489,8 +489,10 @@ where
             let e = &mut self.p[..chunk.len()];
             if in_place {
                 let span = k * BATCH..k * BATCH + chunk.len();
-                if let Some(rows) = cache.as_ref().embeddings().as_f32().and_then(|r| r.get(span)) {
-                    e.copy_from_slice(rows);
+                match cache.as_ref().embeddings().as_f32().and_then(|r| r.get(span)) {
+                    Some(rows) => e.copy_from_slice(rows),
+                    // Not reached: the rows were embedded above.
+                    None => self.model.embed_items(chunk, e),
                 }
             } else {
                 self.model.embed_items(chunk, e);
@@ -511,7 +513,8 @@ where
     /// full objectives and may be empty otherwise.
     ///
     /// Everything runs on the calling thread; [`Self::step_on`] runs the
-    /// scoring pass on the caller's threads, with the same result.
+    /// scoring pass (and the full softmax's corpus embedding) on the
+    /// caller's threads, with the same result.
     pub fn step(
         &mut self,
         cache: &mut CacheMut<'_, I, DIM>,
@@ -1381,6 +1384,88 @@ mod tests {
         assert_eq!(p.grads, &g[..]);
     }
 
+    /// Runs `b` before `a` and claims four pieces at once, however small:
+    /// a split step must not depend on how its pieces run. Counts its
+    /// joins.
+    #[derive(Default)]
+    struct Reversed(core::sync::atomic::AtomicUsize);
+
+    impl Fork for Reversed {
+        fn join<A: FnOnce() + Send, B: FnOnce() + Send>(&self, a: A, b: B) {
+            self.0.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            b();
+            a();
+        }
+        fn width(&self) -> usize {
+            4
+        }
+        fn min_piece_work(&self) -> usize {
+            0
+        }
+    }
+
+    impl Reversed {
+        fn joins(&self) -> usize {
+            self.0.load(core::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    /// A corpus write that fails part-way (a non-finite embedding, in the
+    /// second `BATCH` of items) leaves the cache as `clear` and the writes
+    /// before it would, split over threads or not.
+    #[test]
+    fn a_failed_corpus_fill_leaves_the_cleared_caches_state() {
+        use crate::cache::CacheRef;
+        use crate::layered::LayerTowers;
+        use crate::layers::Dense;
+        use crate::tower::{Model, Towers as _};
+        type M = LayerTowers<Dense<2, 3, 2>, Dense<2, 3, 2>, 2, 2, 2>;
+        type C = NegativeCache<[f32; 2], 7, 3>;
+        let mut t = Trainer::<M, [f32; 2], [f32; 2], 3, 2, 1>::new(
+            LayerTowers::new(Dense::new(), Dense::new(), 1.0),
+            TrainerConfig::DEFAULT,
+        );
+        t.model.init(&mut Pcg64Mcg::seed_from_u64(5));
+        t.init().unwrap();
+        let mut corpus: [[f32; 2]; 6] = core::array::from_fn(|j| [j as f32 - 2.0, 1.0 + 0.5 * j as f32]);
+        corpus[3][1] = f32::INFINITY;
+        let mut want = C::new();
+        let mut w = want.as_mut();
+        for (j, y) in corpus[..3].iter().enumerate() {
+            let mut e = [0.0; 3];
+            t.model.embed_item(y, &mut e);
+            w.set_slot(j, &e, *y, 0, true).unwrap();
+        }
+        let serial = Serial;
+        let reversed = Reversed::default();
+        for split in [false, true] {
+            // A cache that held other items, two of them past the corpus.
+            let mut got = C::new();
+            let mut g = got.as_mut();
+            for j in 0..7 {
+                g.set_slot(j, &[j as f32, 1.0, 0.0], [9.0, j as f32], j as i32, j % 3 != 1).unwrap();
+            }
+            let r = if split {
+                t.fill_cache_on(&reversed, &mut g, &corpus)
+            } else {
+                t.fill_cache_on(&serial, &mut g, &corpus)
+            };
+            assert_eq!(r, Err(Error::NonFinite { what: "slot embedding" }), "split {split}");
+            let (g, w) = (got.as_ref(), want.as_ref());
+            let bits = |c: &CacheRef<'_, [f32; 2], 3>| {
+                let e = c.embeddings().as_f32().unwrap().iter().flatten().map(|x| x.to_bits());
+                e.chain(c.items().iter().flatten().map(|x| x.to_bits())).collect::<heapless::Vec<u32, 64>>()
+            };
+            assert_eq!(bits(&g), bits(&w), "split {split}");
+            assert_eq!(g.keys(), w.keys());
+            assert_eq!(g.ages(), w.ages());
+            assert_eq!(g.stamps(), w.stamps());
+            assert_eq!(g.occupied(), w.occupied());
+            assert_eq!(g.clock(), w.clock());
+        }
+        assert!(reversed.joins() > 0, "the corpus was not split");
+    }
+
     type Towers = SeparateTowers<13, 4, 5, 3, 0>;
     type Item2 = [u32; 2];
     /// 3-dimensional embeddings, batches of 2, 2 negatives.
@@ -1670,21 +1755,6 @@ mod tests {
             }
             fn sparse(&mut self, _: usize, _: &mut [f32], _: &mut [f32], _: &mut [&mut [f32]], _: &[bool]) {}
         }
-        /// Runs `b` before `a` and claims four pieces at once, however
-        /// small: a split step must not depend on how its pieces run.
-        struct Reversed;
-        impl Fork for Reversed {
-            fn join<A: FnOnce() + Send, B: FnOnce() + Send>(&self, a: A, b: B) {
-                b();
-                a();
-            }
-            fn width(&self) -> usize {
-                4
-            }
-            fn min_piece_work(&self) -> usize {
-                0
-            }
-        }
         fn run<M: TowerPair<[f32; 6], [f32; 6], 67>>(
             model: M,
             objective: Objective,
@@ -1728,7 +1798,11 @@ mod tests {
             assert!(batched == one, "{objective:?}: parameters, optimiser state or cache differ");
             // Split over a fork (the full softmax's corpus in four pieces,
             // run last to first): the same bits.
-            let (split, c) = run(model(), objective, &Reversed);
+            let fork = Reversed::default();
+            let (split, c) = run(model(), objective, &fork);
+            if objective == Objective::Full {
+                assert!(fork.joins() > 0, "the corpus was not split");
+            }
             assert_eq!(a.map(f32::to_bits), c.map(f32::to_bits), "{objective:?}: losses, split");
             assert!(batched == split, "{objective:?}: parameters, optimiser state or cache differ, split");
         }

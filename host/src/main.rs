@@ -19,11 +19,12 @@ use negcache_host::{convergence, reference, resume};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Threads for the training step's scoring pass, 0 for one per core.
-    /// The pass is cut into pieces of 16 queries (a batch of 32 uses two
-    /// threads) and only when the cache is large enough to pay for it; a
-    /// --distributed run's processes do not split it. A step computes the
-    /// same bits whatever the number, so it is not a setting of the run.
+    /// Threads for the training step's scoring pass (and the full
+    /// softmax's corpus embedding), 0 for one per core. The pass is cut
+    /// into pieces of 16 queries (a batch of 32 uses two threads) and only
+    /// when the cache is large enough to pay for it; a --distributed run's
+    /// processes do not split it. A step computes the same bits whatever
+    /// the number, so it is not a setting of the run.
     #[arg(long, global = true, default_value_t = 0)]
     threads: usize,
 }

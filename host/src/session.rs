@@ -77,8 +77,9 @@ pub trait Session: Send + Sync {
         lr: f32,
         rng: &mut Pcg64Mcg,
     ) -> negcache::Result<StepReport>;
-    /// Runs the following steps' scoring pass on `threads` (the result
-    /// does not depend on them).
+    /// Runs the following steps' scoring pass (and the full softmax's
+    /// corpus embedding) on `threads` (the result does not depend on
+    /// them).
     fn set_threads(&mut self, threads: Arc<Threads>);
     /// Embeds with one tower.
     fn embed(&self, side: Side, tokens: &[u32], out: &mut [f32; DIM]);
@@ -121,7 +122,8 @@ pub struct CachedTrainer<M, const N: usize> {
     pub trainer: Box<TokenTrainer<M, N>>,
     /// The cache the trainer is lent at every call.
     pub cache: OwnedCache<ItemTokens, DIM>,
-    /// The threads the step's scoring pass runs on: the process's
+    /// The threads the step's scoring pass (and the full softmax's corpus
+    /// embedding) runs on: the process's
     /// ([`threads::shared`], started at the first step) unless set.
     pub threads: Option<Arc<Threads>>,
 }

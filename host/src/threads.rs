@@ -1,9 +1,10 @@
-//! The threads a training step's scoring pass runs on: the host's
-//! [`Fork`] for the core.
+//! The threads a training step's scoring pass (and the full softmax's
+//! corpus embedding) runs on: the host's [`Fork`] for the core.
 //!
 //! The core splits the pass at tiles of queries, and every query draws
-//! from its own stream, so a step computes the same bits on one thread or
-//! many (`negcache::parallel`). The count is therefore a resource, not a
+//! from its own stream, and a corpus at items, each embedded on its own,
+//! so a step computes the same bits on one thread or many
+//! (`negcache::parallel`). The count is therefore a resource, not a
 //! setting of the run: it is the global `--threads` flag, not a key of the
 //! run's config, and changing it neither invalidates a stored run nor
 //! stops a resume.

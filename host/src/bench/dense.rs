@@ -220,8 +220,9 @@ pub fn run_one(name: &str, seconds: f64) -> anyhow::Result<DenseFigure> {
         steps_per_s: rates[rates.len() / 2],
         windows: rates.len(),
         peak_rss_mib: rss,
-        // Only the cache objectives' scoring pass is split, at tiles of
-        // queries, and only when a tile's work is worth a hand-over.
+        // The cache objectives' scoring pass is split at tiles of queries,
+        // and the full softmax's corpus embedding at items, each only when
+        // a piece's work is worth a hand-over.
         threads: match objective {
             Objective::Cache => kernel::pass_threads(&*threads, BATCH, size, D),
             Objective::Full => negcache::tower::split_parts(&*threads, corpus.len(), DenseModel::item_work(D)),
@@ -418,8 +419,8 @@ fn report(figures: &[DenseFigure], load: &str, seconds: f64) -> String {
          tiles of 16 queries, the same bits as on one, and only when a tile's pass is worth a hand-over: at \
          least twice the time of a hand-over to a parked worker, as each process measures it when it \
          starts). The full softmax embeds its corpus on the threads listed (split at item boundaries, \
-         when each piece is worth a hand-over by the same measure); its back-propagation, the other towers' \
-         work, the optimiser and the other objectives run on one. The towers take each side's inputs as one \
+         when each piece is worth a hand-over by the same measure); its softmax, its back-propagation, the \
+         other towers' work, the optimiser and the other objectives run on one. The towers take each side's inputs as one \
          batch (register-blocked matrix products in nalgebra's summation order, so the bits are those of one \
          input at a time). Where a configuration used more than one thread, the column \"on one thread\" is \
          the same configuration on one thread, measured just after.\n"

@@ -1156,16 +1156,16 @@ fn limits(md: &mut String, l: &Limits) {
     );
     let _ = writeln!(
         md,
-        "**The step.** In alternating rounds of each, a step costs {:.2} ms beyond its pass ({:.2} ms against \
-         {:.2} ms); the pass there takes {:.2} ms more than measured alone, because the step's cache and \
-         the pass's (about 17 MB each), with the step's tables, evict each other from the shared L3. \
-         Measured apart, the step costs {:.2} ms beyond the pass. The towers account for about {:.2} ms of it ({} \
-         backward passes of about {:.1} us, each recomputing its forward, plus {} forwards); much of the rest, \
-         by a profile, is the optimiser, whose lazy Adam update loads each touched table row and its state \
-         from memory. \
-         The cache update does not scan the cache: the pass reports where it found each positive while \
-         masking it (a scan with `CacheRef::contains` would cost {:.2} ms, measured alone). The step here runs \
-         on one thread, like the pass it is compared with.\n",
+        "**The step.** In alternating rounds of each, a step costs {:.2} ms beyond the pass ({:.2} ms against \
+         {:.2} ms). The pass there took {:+.2} ms against the pass measured alone above: the step's cache and \
+         the pass's (about 17 MB each), with the step's tables, share the L3, and this VM's speed drifts \
+         between minutes. Measured apart, the step costs {:.2} ms beyond the pass. The towers account for \
+         about {:.2} ms of it ({} backward passes of about {:.1} us, each recomputing its forward, plus {} \
+         forwards); a `perf` profile of the step (not stored) put much of the rest in the optimiser, whose \
+         lazy Adam update loads each touched table row and its state from memory. The cache update does not \
+         scan the cache: the pass reports where it found each positive while masking it (a scan with \
+         `CacheRef::contains` would cost {:.2} ms, measured alone). The step here runs on one thread, like \
+         the pass it is compared with.\n",
         (l.alt_step - l.alt_pass) * 1e3,
         l.alt_step * 1e3,
         l.alt_pass * 1e3,
