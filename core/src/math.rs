@@ -263,8 +263,9 @@ mod tests {
     #[test]
     fn wide_square_root_is_the_correctly_rounded_one() {
         // Two whole binades (away from the range's ends, the guess and the
-        // steps scale exactly every second binade), every subnormal, and a stride through every other value
-        // of both signs, zeros, infinities and NaNs.
+        // steps scale exactly every second binade), every subnormal, and a
+        // stride through every other value of both signs, zeros,
+        // infinities and NaNs.
         let one = 1.0f32.to_bits();
         (one..one + (2 << 23)).for_each(check);
         (0..1 << 23).for_each(check);

@@ -113,8 +113,8 @@ pub trait Towers<Q, I, const DIM: usize>: Model<DIM> {
     /// same bits, since each item's embedding is its own. The default runs
     /// on the calling thread; a model that can be shared between threads
     /// (`Sync`), or whose item tower can, may override it with
-    /// [`embed_items_split`]. The full softmax
-    /// embeds its whole corpus through it every step.
+    /// [`embed_items_split`]. The full softmax embeds its whole corpus
+    /// through it every step.
     fn embed_items_on<F: Fork>(&self, fork: &F, ys: &[I], out: &mut [[f32; DIM]]) {
         let _ = fork;
         self.embed_items(ys, out)
