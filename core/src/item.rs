@@ -30,7 +30,24 @@ pub trait Item: Copy {
     fn same(&self, _other: &Self) -> bool {
         false
     }
+
+    /// Each item's [`Item::key`] into `out`, up to the shorter length: the
+    /// same values, computed side by side where the type can (an array's
+    /// fingerprint is a chain of dependent rounds, so several arrays'
+    /// chains run at once). A step keys its batch's positives with it.
+    #[inline]
+    fn keys(items: &[Self], out: &mut [u64]) {
+        for (k, y) in out.iter_mut().zip(items) {
+            *k = y.key();
+        }
+    }
 }
+
+/// Where [`fingerprint`] starts.
+const FINGERPRINT_SEED: u64 = 0x243F_6A88_85A3_08D3;
+
+/// Arrays keyed side by side in [`Item::keys`].
+const KEY_LANES: usize = 8;
 
 /// One round of a 64-bit fingerprint: folds `x` into the running hash
 /// `h` (a multiply-rotate round, then SplitMix64's finaliser at the end of
@@ -50,7 +67,7 @@ pub const fn finish(mut z: u64) -> u64 {
 
 /// The fingerprint of a sequence of keys (its length included).
 pub fn fingerprint(keys: impl Iterator<Item = u64>) -> u64 {
-    let mut h = 0x243F_6A88_85A3_08D3;
+    let mut h = FINGERPRINT_SEED;
     let mut n = 0u64;
     for k in keys {
         h = mix(h, k);
@@ -97,6 +114,28 @@ impl<T: Item, const N: usize> Item for [T; N] {
         // Every element, without an early exit, so that it vectorises.
         self.iter().zip(other).fold(true, |all, (a, b)| all & a.same(b))
     }
+    /// [`KEY_LANES`] arrays' fingerprints at a time, their rounds
+    /// interleaved: [`fingerprint`]'s rounds in its order for each.
+    fn keys(items: &[Self], out: &mut [u64]) {
+        let n = items.len().min(out.len());
+        let (items, out) = (&items[..n], &mut out[..n]);
+        let mut whole = items.chunks_exact(KEY_LANES);
+        let mut outs = out.chunks_exact_mut(KEY_LANES);
+        for (group, keys) in (&mut whole).zip(&mut outs) {
+            let mut h = [FINGERPRINT_SEED; KEY_LANES];
+            for i in 0..N {
+                for (h, y) in h.iter_mut().zip(group) {
+                    *h = mix(*h, y[i].key());
+                }
+            }
+            for (k, h) in keys.iter_mut().zip(h) {
+                *k = finish(mix(h, N as u64));
+            }
+        }
+        for (k, y) in outs.into_remainder().iter_mut().zip(whole.remainder()) {
+            *k = y.key();
+        }
+    }
 }
 
 impl<A: Item, B: Item> Item for (A, B) {
@@ -112,6 +151,33 @@ impl<A: Item, B: Item> Item for (A, B) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_side_by_side_are_each_items_key() {
+        fn check<T: Item + core::fmt::Debug>(items: &[T]) {
+            for n in 0..=items.len() {
+                let mut out = [0u64; 40];
+                T::keys(&items[..n], &mut out);
+                for (k, y) in out.iter().zip(&items[..n]) {
+                    assert_eq!(*k, y.key(), "{y:?} of {n}");
+                }
+                assert!(out[n..].iter().all(|&k| k == 0), "past the items");
+            }
+        }
+        let floats: [[f32; 5]; 19] =
+            core::array::from_fn(|j| core::array::from_fn(|i| (j * 5 + i) as f32 * 0.25 - 3.0));
+        check(&floats);
+        let tokens: [[u32; 7]; 17] = core::array::from_fn(|j| core::array::from_fn(|i| (j * 31 + i * 7) as u32));
+        check(&tokens);
+        let nested: [[[u8; 3]; 2]; 9] = core::array::from_fn(|j| [[j as u8, 1, 2], [3, j as u8, 5]]);
+        check(&nested);
+        check(&[[0u16; 0]; 10]);
+        check(&[(1u32, 2u32), (3, 4)]);
+        // A shorter output takes the first keys.
+        let mut two = [0u64; 2];
+        <[u32; 7]>::keys(&tokens, &mut two);
+        assert_eq!(two, [tokens[0].key(), tokens[1].key()]);
+    }
 
     #[test]
     fn integers_are_their_own_keys() {

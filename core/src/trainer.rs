@@ -548,9 +548,7 @@ where
         }
         check_len("positives", bsz, batch.positives.len())?;
         self.check_cache(cache.capacity())?;
-        for (k, y) in self.pos_keys.iter_mut().zip(batch.positives) {
-            *k = y.key();
-        }
+        I::keys(batch.positives, &mut self.pos_keys);
         self.model.zero_grad();
         let mut report = match self.cfg.objective {
             Objective::Cache | Objective::CacheMixed | Objective::CacheInBatch | Objective::CacheShared => {
