@@ -464,7 +464,7 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
     /// The embeddings of an `f32` cache, for writing in place, bypassing
     /// the slots' other fields: a corpus embedded straight into its slots
     /// (`Trainer::fill_cache_on`), which then sets each slot with
-    /// [`Self::set_slot`].
+    /// [`Self::set_slot_in_place`].
     pub(crate) fn f32_rows_mut(&mut self) -> Option<&mut [[f32; DIM]]> {
         match &mut self.embeddings {
             StoredMut::F32(rows) => Some(rows),
@@ -519,6 +519,30 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
             return Err(Error::NonFinite { what: "slot embedding" });
         }
         self.embeddings.set(j, embedding);
+        self.set_fields(j, item, age, occupied);
+        Ok(())
+    }
+
+    /// [`Self::set_slot`] for an `f32` row already written in place
+    /// (through [`Self::f32_rows_mut`]): checks the stored row and sets the
+    /// slot's other fields.
+    pub(crate) fn set_slot_in_place(&mut self, j: usize, item: I, age: i32, occupied: bool) -> Result<()> {
+        let n = self.embeddings.len();
+        let row = match &self.embeddings {
+            StoredMut::F32(rows) => rows.get(j),
+            _ => None,
+        };
+        let row = row.ok_or(Error::IndexOutOfRange { what: "slot", index: j, bound: n })?;
+        if !vector::all_finite(row) {
+            return Err(Error::NonFinite { what: "slot embedding" });
+        }
+        self.set_fields(j, item, age, occupied);
+        Ok(())
+    }
+
+    /// Slot `j`'s fields besides its embedding; `j` is in range. An
+    /// occupied slot given the item it holds keeps its key.
+    fn set_fields(&mut self, j: usize, item: I, age: i32, occupied: bool) {
         if !(self.occupied[j] && self.items[j].same(&item)) {
             self.items[j] = item;
             self.keys[j] = item.key();
@@ -526,7 +550,6 @@ impl<'a, I: Item, const DIM: usize> CacheMut<'a, I, DIM> {
         self.ages[j] = age;
         self.occupied[j] = occupied;
         self.stamps[j] = *self.clock;
-        Ok(())
     }
 
     /// Recomputes every slot's key from its item: after items were written

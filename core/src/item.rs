@@ -73,6 +73,12 @@ pub fn fingerprint(keys: impl Iterator<Item = u64>) -> u64 {
         h = mix(h, k);
         n += 1;
     }
+    fingerprint_end(h, n)
+}
+
+/// A fingerprint's last step: `n` keys were folded into `h`.
+#[inline]
+const fn fingerprint_end(h: u64, n: u64) -> u64 {
     finish(mix(h, n))
 }
 
@@ -129,7 +135,7 @@ impl<T: Item, const N: usize> Item for [T; N] {
                 }
             }
             for (k, h) in keys.iter_mut().zip(h) {
-                *k = finish(mix(h, N as u64));
+                *k = fingerprint_end(h, N as u64);
             }
         }
         for (k, y) in outs.into_remainder().iter_mut().zip(whole.remainder()) {

@@ -956,6 +956,7 @@ mod tests {
     use super::*;
     use crate::cache::NegativeCache;
     use crate::math;
+    use crate::parallel::Reversed;
     use crate::random;
     use crate::stats::chi_square;
     use approx::assert_relative_eq;
@@ -1755,25 +1756,6 @@ mod tests {
         assert_eq!(mean, [[0.0; D]; 1]);
     }
 
-    /// Runs `b` before `a` and claims four pieces at once: a split pass
-    /// must not depend on the order its pieces run in.
-    struct Reversed;
-
-    impl Fork for Reversed {
-        fn join<A: FnOnce() + Send, B: FnOnce() + Send>(&self, a: A, b: B) {
-            b();
-            a();
-        }
-
-        fn width(&self) -> usize {
-            4
-        }
-
-        fn min_piece_work(&self) -> usize {
-            0
-        }
-    }
-
     #[test]
     fn a_split_pass_computes_the_serial_bits() {
         let fixed: [usize; 150] = core::array::from_fn(|b| (b * 3) % 5);
@@ -1814,7 +1796,8 @@ mod tests {
                 let (m, p) = (Some(&mut mean[..]), Some(&items[..]));
                 let cache = cache.as_ref();
                 if split {
-                    loss.score_and_sample_with(cache, &q, &q, p, &cfg, ret, &mut g, top, m, &Reversed).unwrap();
+                    loss.score_and_sample_with(cache, &q, &q, p, &cfg, ret, &mut g, top, m, &Reversed::default())
+                        .unwrap();
                 } else {
                     loss.score_and_sample_with(cache, &q, &q, p, &cfg, ret, &mut g, top, m, &Serial).unwrap();
                 }

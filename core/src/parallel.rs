@@ -61,3 +61,39 @@ impl Fork for Serial {
         1
     }
 }
+
+/// For tests: runs `b` before `a` and claims four pieces at once, however
+/// small, so that a split must not depend on the order or the size of its
+/// pieces; counts its joins.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct Reversed(core::sync::atomic::AtomicUsize);
+
+#[cfg(test)]
+impl Reversed {
+    /// The joins made so far.
+    pub(crate) fn joins(&self) -> usize {
+        self.0.load(core::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+impl Fork for Reversed {
+    fn join<A, B>(&self, a: A, b: B)
+    where
+        A: FnOnce() + Send,
+        B: FnOnce() + Send,
+    {
+        self.0.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        b();
+        a();
+    }
+
+    fn width(&self) -> usize {
+        4
+    }
+
+    fn min_piece_work(&self) -> usize {
+        0
+    }
+}

@@ -478,25 +478,19 @@ where
         // A write that fails (a non-finite embedding) empties the slots
         // from its own on, as `clear` would have left them.
         cache.clear_past(corpus.len());
-        let in_place = match cache.f32_rows_mut() {
-            Some(rows) => {
-                self.model.embed_items_on(fork, corpus, &mut rows[..corpus.len()]);
-                true
+        if let Some(rows) = cache.f32_rows_mut() {
+            self.model.embed_items_on(fork, corpus, &mut rows[..corpus.len()]);
+            for (j, item) in corpus.iter().enumerate() {
+                if let Err(err) = cache.set_slot_in_place(j, *item, 0, true) {
+                    cache.clear_past(j);
+                    return Err(err);
+                }
             }
-            None => false,
-        };
+            return Ok(corpus.len() as u32);
+        }
         for (k, chunk) in corpus.chunks(BATCH).enumerate() {
             let e = &mut self.p[..chunk.len()];
-            if in_place {
-                let span = k * BATCH..k * BATCH + chunk.len();
-                match cache.as_ref().embeddings().as_f32().and_then(|r| r.get(span)) {
-                    Some(rows) => e.copy_from_slice(rows),
-                    // Not reached: the rows were embedded above.
-                    None => self.model.embed_items(chunk, e),
-                }
-            } else {
-                self.model.embed_items(chunk, e);
-            }
+            self.model.embed_items(chunk, e);
             for (i, (item, row)) in chunk.iter().zip(e.iter()).enumerate() {
                 if let Err(err) = cache.set_slot(k * BATCH + i, row, *item, 0, true) {
                     cache.clear_past(k * BATCH + i);
@@ -1341,6 +1335,7 @@ fn softmax_report(sum: softmax::SoftmaxSummary, evals: u32, alpha: f32) -> StepR
 mod tests {
     use super::*;
     use crate::cache::NegativeCache;
+    use crate::parallel::Reversed;
     use crate::tower::{SeparateTowers, Side, TokenModel, TowerConfig};
     use rand_core::SeedableRng;
     use rand_pcg::Pcg64Mcg;
@@ -1380,32 +1375,6 @@ mod tests {
         }
         assert_eq!(p.scale(), 10);
         assert_eq!(p.grads, &g[..]);
-    }
-
-    /// Runs `b` before `a` and claims four pieces at once, however small:
-    /// a split step must not depend on how its pieces run. Counts its
-    /// joins.
-    #[derive(Default)]
-    struct Reversed(core::sync::atomic::AtomicUsize);
-
-    impl Fork for Reversed {
-        fn join<A: FnOnce() + Send, B: FnOnce() + Send>(&self, a: A, b: B) {
-            self.0.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-            b();
-            a();
-        }
-        fn width(&self) -> usize {
-            4
-        }
-        fn min_piece_work(&self) -> usize {
-            0
-        }
-    }
-
-    impl Reversed {
-        fn joins(&self) -> usize {
-            self.0.load(core::sync::atomic::Ordering::Relaxed)
-        }
     }
 
     /// A corpus write that fails part-way (a non-finite embedding, in the

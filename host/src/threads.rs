@@ -105,8 +105,8 @@ const HANDOVERS: usize = 11;
 /// hand-over (and the wait for the other piece), so a tile is split when
 /// its pass takes at least twice a hand-over: twice the hand-over's time
 /// in multiply-adds of one thread's pass, within 2^18 to 2^26 (so a tile
-/// of 16 queries over 65,536 slots of 64 floats always splits). The hand-over is the median of
-/// [`HANDOVERS`] to a parked worker (a step splits its pass once, and the
+/// of 16 queries over 65,536 slots of 64 floats always splits). The
+/// hand-over is the median of [`HANDOVERS`] to a parked worker (a step splits its pass once, and the
 /// worker sleeps between steps): on a VM, waking a parked thread can cost
 /// more than a small pass (on the 2-core AMD EPYC VM of
 /// `docs/results/bench-dense.md`, about 150 us, against 2^22

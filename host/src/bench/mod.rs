@@ -89,22 +89,8 @@ pub struct Timing {
 /// Times `f` for about `seconds`: rounds of calls (each round at least
 /// ~20 ms), after one warm-up call; the median and best round.
 pub fn time(seconds: f64, mut f: impl FnMut()) -> Timing {
-    f();
-    let t0 = Instant::now();
-    f();
-    let one = t0.elapsed().as_secs_f64().max(1e-7);
-    let per_round = ((0.02 / one).ceil() as usize).max(1);
-    let rounds = ((seconds / (one * per_round as f64)) as usize).clamp(3, 200);
-    let mut per_call = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        let t = Instant::now();
-        for _ in 0..per_round {
-            f();
-        }
-        per_call.push(t.elapsed().as_secs_f64() / per_round as f64);
-    }
-    per_call.sort_by(f64::total_cmp);
-    Timing { median: per_call[per_call.len() / 2], best: per_call[0], calls: rounds * per_round }
+    let [t] = time_rounds(seconds, [&mut f]);
+    t
 }
 
 /// Times `f` and `g` in alternating rounds of about 20 ms each for about
@@ -113,20 +99,27 @@ pub fn time(seconds: f64, mut f: impl FnMut()) -> Timing {
 /// so that a change in the machine's speed during the run (this VM's
 /// figures move by a fifth and more between minutes) touches both alike.
 pub fn time_alternating(seconds: f64, mut f: impl FnMut(), mut g: impl FnMut()) -> (Timing, Timing) {
-    let calls_per_round = |h: &mut dyn FnMut()| {
+    let [tf, tg] = time_rounds(seconds, [&mut f, &mut g]);
+    (tf, tg)
+}
+
+/// Rounds of each of `fs` in turn, each round at least ~20 ms of calls,
+/// for about `seconds` in all, after a warm-up call of each: the median
+/// and best round of each.
+fn time_rounds<const K: usize>(seconds: f64, mut fs: [&mut dyn FnMut(); K]) -> [Timing; K] {
+    let calls: [(usize, f64); K] = core::array::from_fn(|k| {
+        let h = &mut fs[k];
         h();
         let t0 = Instant::now();
         h();
         let one = t0.elapsed().as_secs_f64().max(1e-7);
         (((0.02 / one).ceil() as usize).max(1), one)
-    };
-    let (nf, one_f) = calls_per_round(&mut f);
-    let (ng, one_g) = calls_per_round(&mut g);
-    let pair = one_f * nf as f64 + one_g * ng as f64;
-    let rounds = ((seconds / pair) as usize).clamp(3, 200);
-    let (mut tf, mut tg) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
+    });
+    let per_round: f64 = calls.iter().map(|&(n, one)| n as f64 * one).sum();
+    let rounds = ((seconds / per_round) as usize).clamp(3, 200);
+    let mut per_call: [Vec<f64>; K] = core::array::from_fn(|_| Vec::with_capacity(rounds));
     for _ in 0..rounds {
-        for (h, n, out) in [(&mut f as &mut dyn FnMut(), nf, &mut tf), (&mut g as &mut dyn FnMut(), ng, &mut tg)] {
+        for ((h, &(n, _)), out) in fs.iter_mut().zip(&calls).zip(per_call.iter_mut()) {
             let t = Instant::now();
             for _ in 0..n {
                 h();
@@ -134,11 +127,11 @@ pub fn time_alternating(seconds: f64, mut f: impl FnMut(), mut g: impl FnMut()) 
             out.push(t.elapsed().as_secs_f64() / n as f64);
         }
     }
-    let summary = |mut v: Vec<f64>, n: usize| {
+    core::array::from_fn(|k| {
+        let v = &mut per_call[k];
         v.sort_by(f64::total_cmp);
-        Timing { median: v[v.len() / 2], best: v[0], calls: v.len() * n }
-    };
-    (summary(tf, nf), summary(tg, ng))
+        Timing { median: v[v.len() / 2], best: v[0], calls: v.len() * calls[k].0 }
+    })
 }
 
 // ---------------------------------------------------------------- peak
