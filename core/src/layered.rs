@@ -20,30 +20,49 @@
 
 use rand_core::RngCore;
 
-use crate::layers::{Layer, ParamVisitor};
-use crate::parallel::Fork;
-use crate::tower::{embed_items_split, Model, Towers};
+use crate::layers::{Layer, Mirror, ParamVisitor};
+use crate::parallel::{split_parts, Fork};
+use crate::tower::{backward_run, embed_items_split, half, ItemGrads, Model, Towers};
 
 /// A query tower `QT` over `[f32; FQ]` and an item tower `IT` over
 /// `[f32; FI]`. `S` is the optimiser-state slots the layers keep per
 /// parameter (their `Dense<_, _, S>`); `Trainer::init` checks it against
-/// the optimiser's needs.
+/// the optimiser's needs. `W` is [`NoTwin`], or a [`Twin`] of the item
+/// tower ([`Self::with_twin`]) that lets the full softmax back-propagate
+/// its corpus on two threads.
 #[derive(Debug, Clone)]
-pub struct LayerTowers<QT, IT, const FQ: usize, const FI: usize, const S: usize> {
+pub struct LayerTowers<QT, IT, const FQ: usize, const FI: usize, const S: usize, W = NoTwin> {
     /// The query tower.
     pub query: QT,
     /// The item tower.
     pub item: IT,
     /// The score scale alpha.
     pub alpha: f32,
+    /// The item tower's twin, if any.
+    pub twin: W,
 }
 
 impl<QT, IT, const FQ: usize, const FI: usize, const S: usize> LayerTowers<QT, IT, FQ, FI, S> {
     /// Two towers and a fixed score scale.
     pub const fn new(query: QT, item: IT, alpha: f32) -> Self {
-        Self { query, item, alpha }
+        Self { query, item, alpha, twin: NoTwin }
     }
 
+    /// The same towers with `twin`, a second item tower of the same type
+    /// (its values do not matter), as a second gradient buffer: the full
+    /// softmax then back-propagates the two halves of its corpus apart,
+    /// on two threads when the fork has them, and adds the second half's
+    /// gradients to the first's ([`Towers::backward_items_halves`]). The
+    /// twin costs the item tower's memory again, its optimiser state
+    /// included, which it does not use; the gradients' bits change (two
+    /// sums added instead of one), the same on any number of threads.
+    pub fn with_twin(self, twin: IT) -> LayerTowers<QT, IT, FQ, FI, S, Twin<IT>> {
+        let Self { query, item, alpha, twin: NoTwin } = self;
+        LayerTowers { query, item, alpha, twin: Twin(twin) }
+    }
+}
+
+impl<QT, IT, const FQ: usize, const FI: usize, const S: usize, W> LayerTowers<QT, IT, FQ, FI, S, W> {
     /// The multiply-adds an item counts for when a corpus is split over
     /// threads ([`Towers::embed_items_on`]): the layers' own work is not
     /// known here, so `FI x dim`, one dense map from the features to the
@@ -53,8 +72,88 @@ impl<QT, IT, const FQ: usize, const FI: usize, const S: usize> LayerTowers<QT, I
     }
 }
 
-impl<QT, IT, const FQ: usize, const FI: usize, const S: usize, const DIM: usize> Model<DIM>
-    for LayerTowers<QT, IT, FQ, FI, S>
+/// No twin: [`LayerTowers`]' default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NoTwin;
+
+/// A second item tower of type `L`, used only for its gradient buffers
+/// (see [`LayerTowers::with_twin`]).
+#[derive(Debug, Clone, Default)]
+pub struct Twin<L>(pub L);
+
+/// What [`LayerTowers`] does with the halves of a corpus:
+/// [`NoTwin`] back-propagates them one after the other into the item
+/// tower, [`Twin`] apart and then adds them.
+pub trait ItemTwin<L, const FI: usize, const DIM: usize> {
+    /// Whether the halves are gathered apart ([`Towers::item_halves`]).
+    const APART: bool;
+    /// [`Towers::backward_items_halves`] for the item tower `item`.
+    fn backward_halves<F: Fork>(
+        &mut self,
+        item: &mut L,
+        fork: &F,
+        items: &[[f32; FI]],
+        halves: [ItemGrads<'_, DIM>; 2],
+    );
+}
+
+impl<L: Layer<FI, DIM>, const FI: usize, const DIM: usize> ItemTwin<L, FI, DIM> for NoTwin {
+    const APART: bool = false;
+    fn backward_halves<F: Fork>(
+        &mut self,
+        item: &mut L,
+        _fork: &F,
+        items: &[[f32; FI]],
+        halves: [ItemGrads<'_, DIM>; 2],
+    ) {
+        let mid = half(items.len());
+        let [first, second] = halves;
+        let mut backward = |ys: &[[f32; FI]], gs: &[[f32; DIM]]| item.backward_batch(ys, gs, None);
+        backward_run(&mut backward, &items[..mid], 0, first);
+        backward_run(&mut backward, &items[mid..], mid, second);
+    }
+}
+
+impl<L, const FI: usize, const DIM: usize> ItemTwin<L, FI, DIM> for Twin<L>
+where
+    L: Layer<FI, DIM> + Mirror + Send,
+{
+    const APART: bool = true;
+    /// The first half into `item`, the second into the twin (which takes
+    /// `item`'s parameters first), on two threads when each half's forward
+    /// and backward passes are worth a hand-over; then the twin's
+    /// gradients are added to `item`'s. The same bits either way.
+    fn backward_halves<F: Fork>(
+        &mut self,
+        item: &mut L,
+        fork: &F,
+        items: &[[f32; FI]],
+        halves: [ItemGrads<'_, DIM>; 2],
+    ) {
+        let twin = &mut self.0;
+        twin.mirror(item);
+        let mid = half(items.len());
+        let (ya, yb) = items.split_at(mid);
+        let [first, second] = halves;
+        let mut run_a =
+            || backward_run(&mut |ys: &[[f32; FI]], gs: &[[f32; DIM]]| item.backward_batch(ys, gs, None), ya, 0, first);
+        let mut run_b = || {
+            backward_run(&mut |ys: &[[f32; FI]], gs: &[[f32; DIM]]| twin.backward_batch(ys, gs, None), yb, mid, second)
+        };
+        // A backward pass recomputes the forward one and adds about as
+        // much again: twice the forward work per item, at least.
+        if split_parts(fork, items.len(), 2 * FI * DIM) >= 2 {
+            fork.join(run_a, run_b);
+        } else {
+            run_a();
+            run_b();
+        }
+        item.add_grads(twin);
+    }
+}
+
+impl<QT, IT, const FQ: usize, const FI: usize, const S: usize, W, const DIM: usize> Model<DIM>
+    for LayerTowers<QT, IT, FQ, FI, S, W>
 where
     QT: Layer<FQ, DIM>,
     IT: Layer<FI, DIM>,
@@ -83,11 +182,12 @@ where
     const SEPARATE_TOWERS: bool = true;
 }
 
-impl<QT, IT, const FQ: usize, const FI: usize, const S: usize, const DIM: usize> Towers<[f32; FQ], [f32; FI], DIM>
-    for LayerTowers<QT, IT, FQ, FI, S>
+impl<QT, IT, const FQ: usize, const FI: usize, const S: usize, W, const DIM: usize> Towers<[f32; FQ], [f32; FI], DIM>
+    for LayerTowers<QT, IT, FQ, FI, S, W>
 where
     QT: Layer<FQ, DIM>,
     IT: Layer<FI, DIM> + Sync,
+    W: ItemTwin<IT, FI, DIM>,
 {
     fn embed_query(&self, x: &[f32; FQ], out: &mut [f32; DIM]) {
         self.query.forward(x, out)
@@ -119,5 +219,11 @@ where
     }
     fn backward_items(&mut self, ys: &[[f32; FI]], grads: &[[f32; DIM]]) {
         self.item.backward_batch(ys, grads, None)
+    }
+    fn item_halves(&self) -> bool {
+        W::APART
+    }
+    fn backward_items_halves<F: Fork>(&mut self, fork: &F, items: &[[f32; FI]], halves: [ItemGrads<'_, DIM>; 2]) {
+        self.twin.backward_halves(&mut self.item, fork, items, halves)
     }
 }

@@ -43,6 +43,20 @@ pub trait Fork: Sync {
 /// default of a `Fork` that does not.
 pub const MIN_PIECE_WORK: usize = 1 << 20;
 
+/// The pieces worth cutting `n` units of `unit_work` multiply-adds each
+/// into on `fork`: its width (at most `n`) when each piece would carry at
+/// least [`Fork::min_piece_work`], else 1. The corpus embedding
+/// ([`crate::tower::embed_items_split`]), the full softmax's halves and its
+/// first pass ask it.
+pub fn split_parts(fork: &impl Fork, n: usize, unit_work: usize) -> usize {
+    let width = fork.width().max(1);
+    if n.saturating_mul(unit_work) / width >= fork.min_piece_work() {
+        width.min(n).max(1)
+    } else {
+        1
+    }
+}
+
 /// Everything on the calling thread, `a` then `b`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Serial;

@@ -31,8 +31,11 @@
 //! item tower at once. The
 //! precise contract is `fixtures/reference/softmax_loss.md`.
 
+use core::ops::Range;
+
 use crate::error::{check_len, Error, Result};
 use crate::math;
+use crate::parallel::{split_parts, Fork};
 pub use crate::sampler::LogSumExp;
 use crate::vector::{self, dot};
 
@@ -249,6 +252,104 @@ pub fn full<const DIM: usize>(
     problem.run(|_, _| true, Some(&|b| positive_index[b]), scratch, loss, grad_query, None, grad_shared)
 }
 
+/// [`full`] in parts, for a step that back-propagates its corpus's
+/// gradients in ranges, possibly on several threads: [`Self::first`] once,
+/// [`Self::second`] over ranges of the corpus (each range into its own
+/// query gradient and d L / d alpha, or consecutive ranges into the same
+/// ones), then [`Self::finish`]. One range over the whole corpus gives
+/// [`full`]'s bits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FullParts<'a, const DIM: usize> {
+    queries: &'a [[f32; DIM]],
+    corpus: &'a [[f32; DIM]],
+    positive_index: &'a [usize],
+    alpha: f32,
+}
+
+impl<'a, const DIM: usize> FullParts<'a, DIM> {
+    /// [`full`]'s inputs, checked as it checks them.
+    pub(crate) fn new(
+        queries: &'a [[f32; DIM]],
+        corpus: &'a [[f32; DIM]],
+        positive_index: &'a [usize],
+        alpha: f32,
+    ) -> Result<Self> {
+        check_len("positive_index", queries.len(), positive_index.len())?;
+        if let Some(&bad) = positive_index.iter().find(|&&i| i >= corpus.len()) {
+            return Err(Error::IndexOutOfRange { what: "positive_index", index: bad, bound: corpus.len() });
+        }
+        Ok(Self { queries, corpus, positive_index, alpha })
+    }
+
+    fn problem(&self) -> Problem<'a, DIM> {
+        Problem {
+            queries: self.queries,
+            own: None,
+            shared: self.corpus,
+            extra: &[],
+            shared_log_q: None,
+            alpha: self.alpha,
+        }
+    }
+
+    /// The first pass: each query's log-sum-exp into `lse`; the loss and
+    /// the target's probability summed, not yet divided by the batch. The
+    /// queries go in two halves on `fork`'s threads when the halves are
+    /// worth a hand-over: the same bits, since each query's log-sum-exp is
+    /// its own.
+    pub(crate) fn first_on(&self, fork: &impl Fork, lse: &mut [LogSumExp]) -> Result<SoftmaxSummary> {
+        let problem = self.problem();
+        problem.start(lse, &None, &None, &None)?;
+        let keep = |_: usize, _: usize| true;
+        let work = self.corpus.len().saturating_mul(DIM);
+        if split_parts(fork, lse.len(), work) >= 2 {
+            let mid = lse.len() / 2;
+            let (a, b) = lse.split_at_mut(mid);
+            fork.join(|| problem.push_shared(&keep, 0, a), || problem.push_shared(&keep, mid, b));
+        } else {
+            problem.push_shared(&keep, 0, lse);
+        }
+        let target = |b: usize| self.positive_index[b];
+        problem.close(Some(&target), lse, None, None, None)
+    }
+
+    /// The second pass over corpus rows `range`: adds their terms to
+    /// `grad_query` (unscaled) and `grad_scale` in row order, and writes
+    /// row `j`'s gradient, final, to `out[j - range.start]` (the rows past
+    /// `out`'s length are left out).
+    pub(crate) fn second(
+        &self,
+        range: Range<usize>,
+        lse: &[LogSumExp],
+        grad_query: &mut [[f32; DIM]],
+        grad_scale: &mut f32,
+        out: &mut [[f32; DIM]],
+    ) -> Result<()> {
+        let bsz = self.queries.len();
+        check_len("scratch", bsz, lse.len())?;
+        check_len("query gradient", bsz, grad_query.len())?;
+        let (start, end) = (range.start, range.end.min(range.start.saturating_add(out.len())));
+        let target = |b: usize| self.positive_index[b];
+        let mut sink = |j: usize, g: &[f32; DIM]| out[j - start] = *g;
+        self.problem().second_pass(
+            start..end,
+            &|_, _| true,
+            Some(&target),
+            lse,
+            Some(grad_query),
+            grad_scale,
+            Some(&mut sink),
+        );
+        Ok(())
+    }
+
+    /// Divides the summary's sums by the batch and scales `grad_query` by
+    /// `alpha / B`, as [`full`] ends.
+    pub(crate) fn finish(&self, sum: &mut SoftmaxSummary, grad_query: &mut [[f32; DIM]]) {
+        self.problem().finish(sum, Some(grad_query));
+    }
+}
+
 /// Candidates side by side in the passes' vector lanes.
 const TILE: usize = 16;
 
@@ -388,6 +489,16 @@ impl<const DIM: usize> Problem<'_, DIM> {
         (c, d)
     }
 
+    /// `1 / B`, or 0 for an empty batch.
+    fn inv_b(&self) -> f32 {
+        let bsz = self.queries.len();
+        if bsz > 0 {
+            1.0 / bsz as f32
+        } else {
+            0.0
+        }
+    }
+
     fn own_logit(&self, b: usize) -> Option<f32> {
         self.own.map(|(rows, lq)| self.alpha * dot(&self.queries[b], &rows[b]) - lq.map_or(0.0, |l| l[b]))
     }
@@ -400,47 +511,98 @@ impl<const DIM: usize> Problem<'_, DIM> {
         keep: impl Fn(usize, usize) -> bool,
         target: Option<&dyn Fn(usize) -> usize>,
         lse: &mut [LogSumExp],
-        mut loss: Option<&mut [f32]>,
+        loss: Option<&mut [f32]>,
         mut grad_query: Option<&mut [[f32; DIM]]>,
-        mut grad_own: Option<&mut [[f32; DIM]]>,
-        mut grad_shared: Option<GradSink<'_, DIM>>,
+        grad_own: Option<&mut [[f32; DIM]]>,
+        grad_shared: Option<GradSink<'_, DIM>>,
     ) -> Result<SoftmaxSummary> {
+        let mut sum = self.first_pass(&keep, target, lse, loss, grad_query.as_deref_mut(), grad_own)?;
+        let n = self.shared.len() + self.extra.len();
+        self.second_pass(0..n, &keep, target, lse, grad_query.as_deref_mut(), &mut sum.grad_scale, grad_shared);
+        self.finish(&mut sum, grad_query);
+        Ok(sum)
+    }
+
+    /// Pass 1, query-major: checks the inputs, and writes each query's
+    /// log-sum-exp, loss and its own candidate's share of the gradients
+    /// (`grad_query`'s rows start from zero here). The summary's sums are
+    /// not yet divided by the batch ([`Self::finish`]).
+    fn first_pass(
+        &self,
+        keep: &impl Fn(usize, usize) -> bool,
+        target: Option<&dyn Fn(usize) -> usize>,
+        lse: &mut [LogSumExp],
+        loss: Option<&mut [f32]>,
+        grad_query: Option<&mut [[f32; DIM]]>,
+        grad_own: Option<&mut [[f32; DIM]]>,
+    ) -> Result<SoftmaxSummary> {
+        self.start(lse, &loss, &grad_query, &grad_own)?;
+        self.push_shared(keep, 0, lse);
+        self.close(target, lse, loss, grad_query, grad_own)
+    }
+
+    /// Pass 1's checks, and each query's log-sum-exp started with its own
+    /// candidate.
+    fn start(
+        &self,
+        lse: &mut [LogSumExp],
+        loss: &Option<&mut [f32]>,
+        grad_query: &Option<&mut [[f32; DIM]]>,
+        grad_own: &Option<&mut [[f32; DIM]]>,
+    ) -> Result<()> {
         self.validate()?;
         let bsz = self.queries.len();
-        let n = self.shared.len() + self.extra.len();
         check_len("scratch", bsz, lse.len())?;
-        if let Some(l) = &loss {
+        if let Some(l) = loss {
             check_len("loss", bsz, l.len())?;
         }
-        if let Some(g) = &grad_query {
+        if let Some(g) = grad_query {
             check_len("query gradient", bsz, g.len())?;
         }
-        if let Some(g) = &grad_own {
+        if let Some(g) = grad_own {
             check_len("positive gradient", bsz, g.len())?;
         }
-        let inv_b = if bsz > 0 { 1.0 / bsz as f32 } else { 0.0 };
-        let mut sum = SoftmaxSummary::default();
-        // Pass 1, query-major: log-sum-exp, loss, and the own candidate's
-        // share of the gradients. The shared candidates go in tile by
-        // tile; each query takes them in order.
         for (b, z) in lse.iter_mut().enumerate() {
             *z = LogSumExp::EMPTY;
             if let Some(o) = self.own_logit(b) {
                 z.push(o);
             }
         }
+        Ok(())
+    }
+
+    /// Adds the shared candidates to the log-sum-exps of queries `b0..`
+    /// (`lse[k]` is query `b0 + k`'s), tile by tile; each query takes them
+    /// in order, so a query's sum does not depend on which others go with
+    /// it.
+    fn push_shared(&self, keep: &impl Fn(usize, usize) -> bool, b0: usize, lse: &mut [LogSumExp]) {
+        let n = self.shared.len() + self.extra.len();
         let mut rows = [[0.0f32; TILE]; DIM];
         let mut j0 = 0;
         while j0 < n {
             let m = TILE.min(n - j0);
             self.transpose(j0, m, &mut rows);
-            for (b, z) in lse.iter_mut().enumerate() {
+            for (b, z) in (b0..).zip(lse.iter_mut()) {
                 let (c, _) = self.logits(b, j0, m, &rows);
                 push_tile(z, &c[..m], |l| keep(b, j0 + l));
             }
             j0 += m;
         }
-        for b in 0..bsz {
+    }
+
+    /// The end of pass 1: each query's loss, and its own candidate's
+    /// share of the gradients.
+    fn close(
+        &self,
+        target: Option<&dyn Fn(usize) -> usize>,
+        lse: &[LogSumExp],
+        mut loss: Option<&mut [f32]>,
+        mut grad_query: Option<&mut [[f32; DIM]]>,
+        mut grad_own: Option<&mut [[f32; DIM]]>,
+    ) -> Result<SoftmaxSummary> {
+        let inv_b = self.inv_b();
+        let mut sum = SoftmaxSummary::default();
+        for b in 0..self.queries.len() {
             let z = lse[b];
             let own = self.own_logit(b);
             let target_logit = match target {
@@ -472,7 +634,30 @@ impl<const DIM: usize> Problem<'_, DIM> {
                 }
             }
         }
-        // Pass 2: each shared candidate's gradient is complete after its
+        Ok(sum)
+    }
+
+    /// Pass 2 over the shared candidates `range`, after
+    /// [`Self::first_pass`]: adds their terms to `grad_query` and
+    /// `grad_scale` in candidate order and hands each candidate's gradient
+    /// to `grad_shared` as soon as it is complete. Consecutive ranges give
+    /// the bits of one range covering them.
+    #[allow(clippy::too_many_arguments)]
+    fn second_pass(
+        &self,
+        range: Range<usize>,
+        keep: &impl Fn(usize, usize) -> bool,
+        target: Option<&dyn Fn(usize) -> usize>,
+        lse: &[LogSumExp],
+        mut grad_query: Option<&mut [[f32; DIM]]>,
+        grad_scale: &mut f32,
+        mut grad_shared: Option<GradSink<'_, DIM>>,
+    ) {
+        let bsz = self.queries.len();
+        let n = range.end.min(self.shared.len() + self.extra.len());
+        let inv_b = self.inv_b();
+        let mut rows = [[0.0f32; TILE]; DIM];
+        // Each shared candidate's gradient is complete after its
         // column and is handed over at once, in candidate order. A tile
         // of `w` candidates is scored query by query (in chunks when the
         // batch is large); the sums keep the one-candidate-at-a-time
@@ -485,7 +670,7 @@ impl<const DIM: usize> Problem<'_, DIM> {
         let mut terms = [0.0f32; TERMS];
         let mut coeffs = [0.0f32; TERMS];
         let mut gx = [[0.0f32; DIM]; TILE];
-        let mut j0 = 0;
+        let mut j0 = range.start;
         while j0 < n {
             let m = w.min(n - j0);
             self.transpose(j0, m, &mut rows);
@@ -544,7 +729,7 @@ impl<const DIM: usize> Problem<'_, DIM> {
                 // -0.0 (it starts at +0.0, and x + (-x) is +0.0).
                 for l in 0..m {
                     for k in 0..nb {
-                        sum.grad_scale += terms[k * w + l];
+                        *grad_scale += terms[k * w + l];
                     }
                 }
                 b0 += nb;
@@ -559,6 +744,12 @@ impl<const DIM: usize> Problem<'_, DIM> {
             }
             j0 += m;
         }
+    }
+
+    /// Divides the summary's sums by the batch and scales `grad_query` by
+    /// `alpha / B`: the last step of [`Self::run`].
+    fn finish(&self, sum: &mut SoftmaxSummary, mut grad_query: Option<&mut [[f32; DIM]]>) {
+        let inv_b = self.inv_b();
         if let Some(g) = &mut grad_query {
             for row in g.iter_mut() {
                 row.iter_mut().for_each(|x| *x *= self.alpha * inv_b);
@@ -567,7 +758,6 @@ impl<const DIM: usize> Problem<'_, DIM> {
         sum.loss *= inv_b;
         sum.prob_pos *= inv_b;
         sum.grad_scale *= inv_b;
-        Ok(sum)
     }
 }
 
@@ -825,6 +1015,66 @@ mod tests {
         let mut s3 = [LogSumExp::EMPTY; 3];
         let c = mixed::<u32, 2>(&q, &p, &[[5.0, 5.0]], &ids, &[1], 2.0, SoftmaxOut::new(&mut s3)).unwrap();
         assert!(c.loss > a.loss);
+    }
+
+    /// `FullParts` over consecutive ranges into the same sums gives
+    /// `full`'s bits; over two halves into sums of their own, added, it
+    /// gives `full`'s values up to rounding.
+    #[test]
+    fn full_in_parts_gives_full() {
+        const N: usize = 53;
+        let mut rng = <rand_pcg::Pcg64Mcg as rand_core::SeedableRng>::seed_from_u64(3);
+        let mut draw = || -> [f32; 5] { core::array::from_fn(|_| crate::random::normal(&mut rng)) };
+        let q: [[f32; 5]; 3] = core::array::from_fn(|_| draw());
+        let corpus: [[f32; 5]; N] = core::array::from_fn(|_| draw());
+        let index = [7, 0, 52];
+        let (mut gq, mut gc, mut lse) = ([[0.0; 5]; 3], [[0.0; 5]; N], [LogSumExp::EMPTY; 3]);
+        let mut sink = |j: usize, g: &[f32; 5]| gc[j] = *g;
+        let out = SoftmaxOut { grad_query: Some(&mut gq), grad_shared: Some(&mut sink), ..SoftmaxOut::new(&mut lse) };
+        let want = full(&q, &corpus, &index, 2.5, out).unwrap();
+        let bits = |x: &[[f32; 5]]| x.as_flattened().iter().map(|v| v.to_bits()).collect::<heapless::Vec<u32, 512>>();
+
+        let parts = FullParts::new(&q, &corpus, &index, 2.5).unwrap();
+        let mut lse = [LogSumExp::EMPTY; 3];
+        // The first pass split (its queries last to first) or not.
+        let reversed = crate::parallel::Reversed::default();
+        let mut sum = parts.first_on(&reversed, &mut lse).unwrap();
+        assert_eq!(reversed.joins(), 1);
+        let (mut g, mut rows) = ([[0.0; 5]; 3], [[0.0; 5]; N]);
+        let mut scale = sum.grad_scale;
+        for r in [0..5, 5..37, 37..N] {
+            let start = r.start;
+            parts.second(r, &lse, &mut g, &mut scale, &mut rows[start..]).unwrap();
+        }
+        sum.grad_scale = scale;
+        parts.finish(&mut sum, &mut g);
+        assert_eq!(sum, want);
+        assert_eq!(bits(&g), bits(&gq));
+        assert_eq!(bits(&rows), bits(&gc));
+
+        let mut sum = parts.first_on(&crate::parallel::Serial, &mut lse).unwrap();
+        let (mut g, mut h, mut rows) = ([[0.0; 5]; 3], [[0.0; 5]; 3], [[0.0; 5]; N]);
+        let (mut s, mut t) = (sum.grad_scale, 0.0);
+        let (a, b) = rows.split_at_mut(26);
+        parts.second(26..N, &lse, &mut h, &mut t, b).unwrap();
+        parts.second(0..26, &lse, &mut g, &mut s, a).unwrap();
+        for (g, h) in g.iter_mut().zip(&h) {
+            for (g, h) in g.iter_mut().zip(h) {
+                *g += h;
+            }
+        }
+        sum.grad_scale = s + t;
+        parts.finish(&mut sum, &mut g);
+        assert_eq!(sum.loss, want.loss);
+        assert_relative_eq!(sum.grad_scale, want.grad_scale, max_relative = 1e-5);
+        assert_eq!(bits(&rows), bits(&gc));
+        for (g, w) in g.as_flattened().iter().zip(gq.as_flattened()) {
+            assert_relative_eq!(*g, *w, epsilon = 1e-6, max_relative = 1e-5);
+        }
+        // A range past the corpus, or a short query gradient, is refused
+        // or ignored without a panic.
+        assert!(parts.second(0..N, &lse, &mut g[..2], &mut s, &mut rows).is_err());
+        parts.second(N..N + 9, &lse, &mut g, &mut s, &mut rows).unwrap();
     }
 
     #[test]

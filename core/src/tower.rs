@@ -16,12 +16,14 @@
 //! Sharing the token table lets a new model match words that a query and
 //! an item have in common from the first step.
 
+use core::ops::Range;
+
 use rand_core::RngCore;
 
 use crate::layers::layer::CHUNK;
 use crate::layers::{normalize, Activation, EmbeddingBag, Mlp, ParamVisitor, Pooling};
 use crate::math;
-use crate::parallel::Fork;
+use crate::parallel::{split_parts, Fork};
 
 /// Which side of the model an input goes through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +133,33 @@ pub trait Towers<Q, I, const DIM: usize>: Model<DIM> {
             self.backward_item(y, g);
         }
     }
+    /// Whether [`Self::backward_items_halves`] gathers its two halves'
+    /// gradients apart and adds them at the end (so that it can run them
+    /// on two threads). The trainer's full softmax asks it: when true it
+    /// back-propagates its corpus through that method, each half's share
+    /// of the query gradient summed apart too; when false (the default)
+    /// one item after another through [`Self::backward_items`]. Either way
+    /// the bits do not depend on the thread count; they differ between the
+    /// two answers.
+    fn item_halves(&self) -> bool {
+        false
+    }
+    /// Back-propagates `items` in two fixed halves, `items[..half(n)]`
+    /// with `halves[0]` and the rest with `halves[1]`: each is called with
+    /// runs of its half in order (indices into `items`) and writes their
+    /// upstream gradients into its second argument, one row per item.
+    /// The default runs the first half and then the second through
+    /// [`Self::backward_items`]; a model that keeps a second gradient
+    /// buffer gathers the second half there, on another of `fork`'s
+    /// threads, and adds it at the end (see [`Self::item_halves`]).
+    fn backward_items_halves<F: Fork>(&mut self, fork: &F, items: &[I], halves: [ItemGrads<'_, DIM>; 2]) {
+        let _ = fork;
+        let mid = half(items.len());
+        let [first, second] = halves;
+        let mut backward = |ys: &[I], gs: &[[f32; DIM]]| self.backward_items(ys, gs);
+        backward_run(&mut backward, &items[..mid], 0, first);
+        backward_run(&mut backward, &items[mid..], mid, second);
+    }
     /// Every entry of `seq` in order, as [`Self::backward_query`] and
     /// [`Self::backward_item`] called one after another. The trainer sends
     /// a step's inputs through it, in its interleaved order, when the
@@ -143,6 +172,38 @@ pub trait Towers<Q, I, const DIM: usize>: Model<DIM> {
                 Upstream::Item(y, g) => self.backward_item(y, g),
             }
         }
+    }
+}
+
+/// One half's upstream gradients in [`Towers::backward_items_halves`]:
+/// called with a range of item indices and a buffer of at least that many
+/// rows, it writes each item's gradient into its row. `Send`, so that the
+/// half can run on another thread.
+pub type ItemGrads<'a, const DIM: usize> = &'a mut (dyn FnMut(Range<usize>, &mut [[f32; DIM]]) + Send);
+
+/// Where [`Towers::backward_items_halves`] cuts `n` items: the first half
+/// is the shorter one.
+pub const fn half(n: usize) -> usize {
+    n / 2
+}
+
+/// Items back-propagated together by [`backward_run`].
+pub const RUN: usize = 32;
+
+/// Back-propagates `items` (whose first is item `offset` of the whole) in
+/// runs of [`RUN`], in order: `grads` writes each run's upstream
+/// gradients, then `backward` takes the run.
+pub fn backward_run<I, const DIM: usize>(
+    backward: &mut impl FnMut(&[I], &[[f32; DIM]]),
+    items: &[I],
+    offset: usize,
+    grads: ItemGrads<'_, DIM>,
+) {
+    let mut buf = [[0.0f32; DIM]; RUN];
+    for (k, run) in items.chunks(RUN).enumerate() {
+        let start = offset + k * RUN;
+        grads(start..start + run.len(), &mut buf[..run.len()]);
+        backward(run, &buf[..run.len()]);
     }
 }
 
@@ -166,17 +227,6 @@ pub fn embed_items_split<I, F, const DIM: usize>(
 {
     let n = ys.len().min(out.len());
     split_embed(fork, &ys[..n], &mut out[..n], split_parts(fork, n, item_work), embed);
-}
-
-/// The pieces [`embed_items_split`] cuts `n` items of `item_work`
-/// multiply-adds each into on `fork`.
-pub fn split_parts(fork: &impl Fork, n: usize, item_work: usize) -> usize {
-    let width = fork.width().max(1);
-    if n.saturating_mul(item_work) / width >= fork.min_piece_work() {
-        width.min(n).max(1)
-    } else {
-        1
-    }
 }
 
 fn split_embed<I: Sync, F: Fork, const DIM: usize>(

@@ -28,6 +28,7 @@
 //! table of sampled or corpus embeddings, so they cost no extra memory.
 
 use core::marker::PhantomData;
+use core::ops::Range;
 
 use rand_core::RngCore;
 
@@ -40,9 +41,9 @@ use crate::parallel::{Fork, Serial};
 use crate::random;
 use crate::remainder::{self, CacheSide, RemainderGrads};
 use crate::sampler::{LogSumExp, Retrieval};
-use crate::softmax::{self, SoftmaxOut};
+use crate::softmax::{self, FullParts, SoftmaxOut};
 use crate::storage::Precision;
-use crate::tower::{Towers, Upstream};
+use crate::tower::{backward_run, Towers, Upstream};
 
 /// Sampled and full softmax use the cache's storage as their table of
 /// candidate embeddings, which they read as `f32` slices.
@@ -1120,18 +1121,49 @@ where
         }
         let alpha = self.model.score_scale();
         let emb = &cache.as_ref().embeddings().as_f32().ok_or(NEEDS_F32)?[..corpus.len()];
-        let mut pending = Pending::new(&mut self.model, &mut self.neg_items, &mut self.gn);
-        let mut sink = |j: usize, g: &[f32; DIM]| pending.push(&corpus[j], g);
-        let out = SoftmaxOut {
-            scratch: &mut self.lse[..bsz],
-            loss: None,
-            grad_query: Some(&mut self.gq[..bsz]),
-            grad_positive: None,
-            grad_shared: Some(&mut sink),
+        let parts = FullParts::new(&self.q[..bsz], emb, &self.slots[..bsz], alpha)?;
+        let mut sum = parts.first_on(fork, &mut self.lse[..bsz])?;
+        let lse = &self.lse[..bsz];
+        // The second pass runs as the item tower asks for its gradients,
+        // run by run ([`Towers::backward_items_halves`] and
+        // [`backward_run`]). With halves apart, the second half's query
+        // gradient and d L / d alpha are summed apart too (the query
+        // gradient in `gp`, which the full softmax does not use
+        // otherwise), and added to the first half's before they are
+        // scaled; else one run after another into the same sums, which
+        // gives `softmax::full`'s bits.
+        let (gq, gq_second) = (&mut self.gq[..bsz], &mut self.gp[..bsz]);
+        gq.iter_mut().chain(gq_second.iter_mut()).for_each(|g| *g = [0.0; DIM]);
+        let (mut scale, mut scale_second) = (sum.grad_scale, 0.0f32);
+        let (mut res, mut res_second) = (Ok(()), Ok(()));
+        let mut first = |r: Range<usize>, out: &mut [[f32; DIM]]| {
+            if res.is_ok() {
+                res = parts.second(r, lse, gq, &mut scale, out);
+            }
         };
-        let sum = softmax::full(&self.q[..bsz], emb, &self.slots[..bsz], alpha, out);
-        pending.flush();
-        let sum = sum?;
+        let halves = self.model.item_halves();
+        if halves {
+            let mut second = |r: Range<usize>, out: &mut [[f32; DIM]]| {
+                if res_second.is_ok() {
+                    res_second = parts.second(r, lse, gq_second, &mut scale_second, out);
+                }
+            };
+            self.model.backward_items_halves(fork, corpus, [&mut first, &mut second]);
+        } else {
+            let model = &mut self.model;
+            backward_run(&mut |ys: &[I], gs: &[[f32; DIM]]| model.backward_items(ys, gs), corpus, 0, &mut first);
+        }
+        res.and(res_second)?;
+        sum.grad_scale = scale;
+        if halves {
+            for (g, h) in self.gq[..bsz].iter_mut().zip(&self.gp[..bsz]) {
+                for (g, &h) in g.iter_mut().zip(h) {
+                    *g += h;
+                }
+            }
+            sum.grad_scale += scale_second;
+        }
+        parts.finish(&mut sum, &mut self.gq[..bsz]);
         self.model.backward_queries(batch.queries, &self.gq[..bsz]);
         self.model.backward_scale(sum.grad_scale);
         Ok(softmax_report(sum, evals + bsz as u32, alpha))
@@ -1772,7 +1804,83 @@ mod tests {
             }
             assert_eq!(a.map(f32::to_bits), c.map(f32::to_bits), "{objective:?}: losses, split");
             assert!(batched == split, "{objective:?}: parameters, optimiser state or cache differ, split");
+            // With a twin the full softmax gathers its corpus's halves
+            // apart: other bits, but the same on one thread and split, and
+            // only the full softmax changes.
+            let fork_twin = Reversed::default();
+            let (twin, d) = run(model().with_twin(tower()), objective, &Serial);
+            let (twin_split, e) = run(model().with_twin(tower()), objective, &fork_twin);
+            assert_eq!(d.map(f32::to_bits), e.map(f32::to_bits), "{objective:?}: losses, twin split");
+            assert!(twin == twin_split, "{objective:?}: parameters, optimiser state or cache differ, twin split");
+            if objective == Objective::Full {
+                assert!(fork_twin.joins() > fork.joins(), "the halves were not split");
+                assert!(twin != batched, "the twin changed nothing");
+            } else {
+                assert!(twin == batched, "{objective:?}: the twin changed the bits");
+            }
         }
+    }
+
+    /// One full-softmax step with SGD: a model whose twin gathers the
+    /// corpus's second half apart moves its parameters as the one-buffer
+    /// step does, up to rounding (every item and each half's share of the
+    /// query gradient counted once).
+    #[test]
+    fn a_twin_full_step_moves_the_parameters_as_one_buffer_does() {
+        use crate::layered::LayerTowers;
+        use crate::layers::{Act, Activation, Chain, Dense, ParamVisitor, L2};
+        use crate::tower::Towers as TowerPair;
+        type Tower = Chain<Dense<6, 20, 0>, Chain<Act<20>, Chain<Dense<20, 8, 0>, L2<8>, 8>, 20>, 20>;
+        struct Values(heapless::Vec<f32, 1024>);
+        impl ParamVisitor for Values {
+            fn dense(&mut self, v: &mut [f32], _: &mut [f32], _: &mut [&mut [f32]]) {
+                self.0.extend_from_slice(v).unwrap();
+            }
+            fn sparse(&mut self, _: usize, _: &mut [f32], _: &mut [f32], _: &mut [&mut [f32]], _: &[bool]) {}
+        }
+        /// The parameters after init and after one step, and the step's
+        /// gradient norm.
+        fn run<M: TowerPair<[f32; 6], [f32; 6], 8>>(model: M) -> [heapless::Vec<f32, 1024>; 2] {
+            let cfg = TrainerConfig {
+                objective: Objective::Full,
+                optimizer: OptimizerKind::Sgd { momentum: 0.0, weight_decay: 0.0 },
+                ..TrainerConfig::DEFAULT
+            };
+            let mut t = Trainer::<M, [f32; 6], [f32; 6], 8, 4, 1>::new(model, cfg);
+            t.model.init(&mut Pcg64Mcg::seed_from_u64(9));
+            t.init().unwrap();
+            let mut before = Values(heapless::Vec::new());
+            t.model.visit(&mut before);
+            // An odd corpus, longer than a run of `RUN` items per half.
+            let corpus: [[f32; 6]; 75] =
+                core::array::from_fn(|j| core::array::from_fn(|i| ((j * 5 + i * 7) % 13) as f32 * 0.3 - 1.8));
+            let mut cache = NegativeCache::<[f32; 6], 75, 8>::new();
+            let picks = [3usize, 40, 41, 74];
+            let queries: [[f32; 6]; 4] = core::array::from_fn(|b| corpus[picks[b]].map(|x| 0.7 * x - 0.2));
+            let positives = picks.map(|j| corpus[j]);
+            let index = picks.map(|j| j as u32);
+            let batch = Batch { queries: &queries, positives: &positives, positive_index: Some(&index) };
+            t.step(&mut cache.as_mut(), &batch, &corpus, 1.0, &mut Pcg64Mcg::seed_from_u64(1)).unwrap();
+            let mut after = Values(heapless::Vec::new());
+            t.model.visit(&mut after);
+            [before.0, after.0]
+        }
+        let tower = || Chain(Dense::new(), Chain(Act(Activation::Tanh), Chain(Dense::new(), L2)));
+        let [start, one] = run(LayerTowers::<Tower, Tower, 6, 6, 0>::new(tower(), tower(), 5.0));
+        let [start_twin, twin] =
+            run(LayerTowers::<Tower, Tower, 6, 6, 0>::new(tower(), tower(), 5.0).with_twin(tower()));
+        assert!(start == start_twin);
+        let step =
+            |after: &[f32]| -> heapless::Vec<f32, 1024> { after.iter().zip(&start).map(|(a, s)| a - s).collect() };
+        let (d_one, d_twin) = (step(&one), step(&twin));
+        let largest = d_one.iter().fold(0.0f32, |m, d| m.max(d.abs()));
+        assert!(largest > 1e-3, "the step moved nothing");
+        let mut differ = false;
+        for (k, (a, b)) in d_one.iter().zip(&d_twin).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * largest, "parameter {k}: {a} against {b}");
+            differ |= a != b;
+        }
+        assert!(differ, "the same bits: the twin did not gather anything apart");
     }
 
     #[test]

@@ -140,6 +140,25 @@ impl<const IN: usize, const OUT: usize, const S: usize> Dense<IN, OUT, S> {
             }
         }
     }
+    /// Takes `other`'s weights and bias and clears the gradients (the
+    /// optimiser state is left alone): a copy ready to gather gradients
+    /// for the same parameters.
+    pub fn mirror(&mut self, other: &Self) {
+        self.w.as_mut_slice().copy_from_slice(other.w.as_slice());
+        self.b.as_mut_slice().copy_from_slice(other.b.as_slice());
+        self.zero_grad();
+    }
+
+    /// Adds `other`'s gradients to this layer's, entry by entry.
+    pub fn add_grads(&mut self, other: &Self) {
+        for (g, &o) in self.gw.as_mut_slice().iter_mut().zip(other.gw.as_slice()) {
+            *g += o;
+        }
+        for (g, &o) in self.gb.as_mut_slice().iter_mut().zip(other.gb.as_slice()) {
+            *g += o;
+        }
+    }
+
     /// Clears the gradients.
     pub fn zero_grad(&mut self) {
         // Through the slices: a plain fill the compiler turns into a

@@ -55,6 +55,53 @@ pub trait Layer<const IN: usize, const OUT: usize> {
     }
 }
 
+/// A layer whose backward pass a second copy of it can share: the copy
+/// takes the original's parameters ([`Self::mirror`]), gathers the
+/// gradients of some of the inputs in its own buffers, on another thread
+/// if need be, and the original adds them to its own ([`Self::add_grads`]).
+/// [`crate::layered::LayerTowers`] back-propagates the full softmax's
+/// corpus in two halves this way ([`crate::layered::Twin`]).
+///
+/// Layers without parameters do nothing in either method.
+pub trait Mirror {
+    /// Takes `other`'s parameters and clears this layer's gradients.
+    fn mirror(&mut self, other: &Self);
+    /// Adds `other`'s gradients to this layer's, entry by entry.
+    fn add_grads(&mut self, other: &Self);
+}
+
+impl<const IN: usize, const OUT: usize, const S: usize> Mirror for Dense<IN, OUT, S> {
+    fn mirror(&mut self, other: &Self) {
+        Dense::mirror(self, other)
+    }
+    fn add_grads(&mut self, other: &Self) {
+        Dense::add_grads(self, other)
+    }
+}
+
+impl<const N: usize> Mirror for Act<N> {
+    fn mirror(&mut self, other: &Self) {
+        *self = *other;
+    }
+    fn add_grads(&mut self, _: &Self) {}
+}
+
+impl<const N: usize> Mirror for L2<N> {
+    fn mirror(&mut self, _: &Self) {}
+    fn add_grads(&mut self, _: &Self) {}
+}
+
+impl<A: Mirror, B: Mirror, const MID: usize> Mirror for Chain<A, B, MID> {
+    fn mirror(&mut self, other: &Self) {
+        self.0.mirror(&other.0);
+        self.1.mirror(&other.1);
+    }
+    fn add_grads(&mut self, other: &Self) {
+        self.0.add_grads(&other.0);
+        self.1.add_grads(&other.1);
+    }
+}
+
 /// Inputs a [`Chain`] passes through its layers together: its stack holds
 /// this many intermediate vectors per level.
 pub const CHUNK: usize = 16;

@@ -15,7 +15,7 @@ pub mod normalize;
 pub use activation::Activation;
 pub use dense::Dense;
 pub use embedding_bag::{EmbeddingBag, Pooling, PAD};
-pub use layer::{Act, Chain, Layer, L2};
+pub use layer::{Act, Chain, Layer, Mirror, L2};
 pub use mlp::Mlp;
 
 /// What an optimiser sees of a model: each parameter tensor flattened, with

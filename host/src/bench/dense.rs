@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use negcache::kernel;
-use negcache::layered::LayerTowers;
+use negcache::layered::{LayerTowers, Twin};
 use negcache::layers::{Act, Activation, Chain, Dense, L2};
 use negcache::random;
 use negcache::tower::{Model, Towers};
@@ -33,8 +33,9 @@ pub const D: usize = 64;
 pub const BATCH: usize = 32;
 /// Dense(128, relu) -> Dense(64) -> L2, with Adam's state.
 pub type Tower = Chain<Dense<F, 128, 2>, Chain<Act<128>, Chain<Dense<128, D, 2>, L2<D>, D>, 128>, 128>;
-/// The two towers.
-pub type DenseModel = LayerTowers<Tower, Tower, F, F, 2>;
+/// The two towers, with a twin of the item tower so that the full
+/// softmax back-propagates the halves of its corpus on two threads.
+pub type DenseModel = LayerTowers<Tower, Tower, F, F, 2, Twin<Tower>>;
 type DenseTrainer = Trainer<DenseModel, [f32; F], [f32; F], D, BATCH, 1>;
 
 /// The original TensorFlow library on this benchmark, measured on an
@@ -169,7 +170,7 @@ pub fn run_one(name: &str, seconds: f64) -> anyhow::Result<DenseFigure> {
     // peak resident memory is the trainer's and the cache's.
     let n_items = (2 * size).max(4096);
     let cfg = TrainerConfig { objective, top_k, ..TrainerConfig::DEFAULT };
-    let mut trainer = Box::new(DenseTrainer::new(LayerTowers::new(tower(), tower(), 20.0), cfg));
+    let mut trainer = Box::new(DenseTrainer::new(LayerTowers::new(tower(), tower(), 20.0).with_twin(tower()), cfg));
     trainer.model.init(&mut rng);
     trainer.init()?;
     let mut cache = OwnedCache::<[f32; F], D>::new(size)?;
@@ -225,7 +226,7 @@ pub fn run_one(name: &str, seconds: f64) -> anyhow::Result<DenseFigure> {
         // a piece's work is worth a hand-over.
         threads: match objective {
             Objective::Cache => kernel::pass_threads(&*threads, BATCH, size, D),
-            Objective::Full => negcache::tower::split_parts(&*threads, corpus.len(), DenseModel::item_work(D)),
+            Objective::Full => negcache::parallel::split_parts(&*threads, corpus.len(), DenseModel::item_work(D)),
             _ => 1,
         },
         one_thread_steps_per_s: None,
