@@ -22,7 +22,7 @@ use rand_core::RngCore;
 
 use crate::layers::{Layer, Mirror, ParamVisitor};
 use crate::parallel::{split_parts, Fork};
-use crate::tower::{backward_run, embed_items_split, half, ItemGrads, Model, Towers};
+use crate::tower::{backward_halves_in_turn, backward_run, embed_items_split, half, ItemGrads, Model, Towers};
 
 /// A query tower `QT` over `[f32; FQ]` and an item tower `IT` over
 /// `[f32; FI]`. `S` is the optimiser-state slots the layers keep per
@@ -56,6 +56,19 @@ impl<QT, IT, const FQ: usize, const FI: usize, const S: usize> LayerTowers<QT, I
     /// twin costs the item tower's memory again, its optimiser state
     /// included, which it does not use; the gradients' bits change (two
     /// sums added instead of one), the same on any number of threads.
+    ///
+    /// ```
+    /// use negcache::layered::LayerTowers;
+    /// use negcache::layers::{Act, Activation, Chain, Dense, L2};
+    /// use negcache::tower::Towers;
+    ///
+    /// type Tower = Chain<Dense<6, 8, 2>, Chain<Act<8>, Chain<Dense<8, 4, 2>, L2<4>, 4>, 8>, 8>;
+    /// let tower = || Chain(Dense::new(), Chain(Act(Activation::Relu), Chain(Dense::new(), L2)));
+    /// let plain: LayerTowers<Tower, Tower, 6, 6, 2> = LayerTowers::new(tower(), tower(), 20.0);
+    /// assert!(!Towers::<[f32; 6], [f32; 6], 4>::item_halves(&plain));
+    /// let model = plain.with_twin(tower());
+    /// assert!(Towers::<[f32; 6], [f32; 6], 4>::item_halves(&model));
+    /// ```
     pub fn with_twin(self, twin: IT) -> LayerTowers<QT, IT, FQ, FI, S, Twin<IT>> {
         let Self { query, item, alpha, twin: NoTwin } = self;
         LayerTowers { query, item, alpha, twin: Twin(twin) }
@@ -106,11 +119,11 @@ impl<L: Layer<FI, DIM>, const FI: usize, const DIM: usize> ItemTwin<L, FI, DIM> 
         items: &[[f32; FI]],
         halves: [ItemGrads<'_, DIM>; 2],
     ) {
-        let mid = half(items.len());
-        let [first, second] = halves;
-        let mut backward = |ys: &[[f32; FI]], gs: &[[f32; DIM]]| item.backward_batch(ys, gs, None);
-        backward_run(&mut backward, &items[..mid], 0, first);
-        backward_run(&mut backward, &items[mid..], mid, second);
+        backward_halves_in_turn(
+            &mut |ys: &[[f32; FI]], gs: &[[f32; DIM]]| item.backward_batch(ys, gs, None),
+            items,
+            halves,
+        )
     }
 }
 
@@ -120,9 +133,12 @@ where
 {
     const APART: bool = true;
     /// The first half into `item`, the second into the twin (which takes
-    /// `item`'s parameters first), on two threads when each half's forward
-    /// and backward passes are worth a hand-over; then the twin's
-    /// gradients are added to `item`'s. The same bits either way.
+    /// `item`'s parameters first), on two threads when
+    /// [`split_parts`] finds the corpus worth a split at `2 FI DIM`
+    /// multiply-adds per item (a backward pass recomputes the forward one
+    /// and adds at least as much; a rough measure, which decides only
+    /// where the halves run); then the twin's gradients are added to
+    /// `item`'s. The same bits either way.
     fn backward_halves<F: Fork>(
         &mut self,
         item: &mut L,
@@ -140,8 +156,6 @@ where
         let mut run_b = || {
             backward_run(&mut |ys: &[[f32; FI]], gs: &[[f32; DIM]]| twin.backward_batch(ys, gs, None), yb, mid, second)
         };
-        // A backward pass recomputes the forward one and adds about as
-        // much again: twice the forward work per item, at least.
         if split_parts(fork, items.len(), 2 * FI * DIM) >= 2 {
             fork.join(run_a, run_b);
         } else {

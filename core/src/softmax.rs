@@ -253,11 +253,11 @@ pub fn full<const DIM: usize>(
 }
 
 /// [`full`] in parts, for a step that back-propagates its corpus's
-/// gradients in ranges, possibly on several threads: [`Self::first`] once,
-/// [`Self::second`] over ranges of the corpus (each range into its own
-/// query gradient and d L / d alpha, or consecutive ranges into the same
-/// ones), then [`Self::finish`]. One range over the whole corpus gives
-/// [`full`]'s bits.
+/// gradients in ranges, possibly on several threads: [`Self::first_on`]
+/// once, [`Self::second`] over ranges of the corpus (consecutive ranges
+/// into the same query gradient and d L / d alpha, or groups of them into
+/// sums of their own, added afterwards), then [`Self::finish`]. Ranges that
+/// cover the corpus in order, into the same sums, give [`full`]'s bits.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct FullParts<'a, const DIM: usize> {
     queries: &'a [[f32; DIM]],
@@ -313,10 +313,10 @@ impl<'a, const DIM: usize> FullParts<'a, DIM> {
         problem.close(Some(&target), lse, None, None, None)
     }
 
-    /// The second pass over corpus rows `range`: adds their terms to
-    /// `grad_query` (unscaled) and `grad_scale` in row order, and writes
-    /// row `j`'s gradient, final, to `out[j - range.start]` (the rows past
-    /// `out`'s length are left out).
+    /// The second pass over corpus rows `range` (clipped to the corpus):
+    /// adds their terms to `grad_query` (unscaled) and `grad_scale` in row
+    /// order, and writes row `j`'s gradient, final, to
+    /// `out[j - range.start]`. An `out` shorter than the range is refused.
     pub(crate) fn second(
         &self,
         range: Range<usize>,
@@ -328,7 +328,10 @@ impl<'a, const DIM: usize> FullParts<'a, DIM> {
         let bsz = self.queries.len();
         check_len("scratch", bsz, lse.len())?;
         check_len("query gradient", bsz, grad_query.len())?;
-        let (start, end) = (range.start, range.end.min(range.start.saturating_add(out.len())));
+        let (start, end) = (range.start, range.end.min(self.corpus.len()));
+        if end > start && end - start > out.len() {
+            return Err(Error::CapacityExceeded { requested: end - start, capacity: out.len() });
+        }
         let target = |b: usize| self.positive_index[b];
         let mut sink = |j: usize, g: &[f32; DIM]| out[j - start] = *g;
         self.problem().second_pass(
@@ -1071,10 +1074,12 @@ mod tests {
         for (g, w) in g.as_flattened().iter().zip(gq.as_flattened()) {
             assert_relative_eq!(*g, *w, epsilon = 1e-6, max_relative = 1e-5);
         }
-        // A range past the corpus, or a short query gradient, is refused
-        // or ignored without a panic.
+        // A short query gradient or output is refused, a range past the
+        // corpus clipped, without a panic.
         assert!(parts.second(0..N, &lse, &mut g[..2], &mut s, &mut rows).is_err());
-        parts.second(N..N + 9, &lse, &mut g, &mut s, &mut rows).unwrap();
+        assert!(parts.second(3..N, &lse, &mut g, &mut s, &mut rows[..N - 4]).is_err());
+        parts.second(N - 2..N + 9, &lse, &mut g, &mut s, &mut rows[..2]).unwrap();
+        parts.second(N + 1..N + 9, &lse, &mut g, &mut s, &mut []).unwrap();
     }
 
     #[test]

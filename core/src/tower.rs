@@ -154,11 +154,7 @@ pub trait Towers<Q, I, const DIM: usize>: Model<DIM> {
     /// threads, and adds it at the end (see [`Self::item_halves`]).
     fn backward_items_halves<F: Fork>(&mut self, fork: &F, items: &[I], halves: [ItemGrads<'_, DIM>; 2]) {
         let _ = fork;
-        let mid = half(items.len());
-        let [first, second] = halves;
-        let mut backward = |ys: &[I], gs: &[[f32; DIM]]| self.backward_items(ys, gs);
-        backward_run(&mut backward, &items[..mid], 0, first);
-        backward_run(&mut backward, &items[mid..], mid, second);
+        backward_halves_in_turn(&mut |ys: &[I], gs: &[[f32; DIM]]| self.backward_items(ys, gs), items, halves)
     }
     /// Every entry of `seq` in order, as [`Self::backward_query`] and
     /// [`Self::backward_item`] called one after another. The trainer sends
@@ -205,6 +201,19 @@ pub fn backward_run<I, const DIM: usize>(
         grads(start..start + run.len(), &mut buf[..run.len()]);
         backward(run, &buf[..run.len()]);
     }
+}
+
+/// [`Towers::backward_items_halves`] into one gradient buffer: the first
+/// half through [`backward_run`], then the second, both into `backward`.
+pub fn backward_halves_in_turn<I, const DIM: usize>(
+    backward: &mut impl FnMut(&[I], &[[f32; DIM]]),
+    items: &[I],
+    halves: [ItemGrads<'_, DIM>; 2],
+) {
+    let mid = half(items.len());
+    let [first, second] = halves;
+    backward_run(backward, &items[..mid], 0, first);
+    backward_run(backward, &items[mid..], mid, second);
 }
 
 /// `embed(ys, out)` split over `fork` at item boundaries, for an override

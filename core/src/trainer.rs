@@ -43,7 +43,7 @@ use crate::remainder::{self, CacheSide, RemainderGrads};
 use crate::sampler::{LogSumExp, Retrieval};
 use crate::softmax::{self, FullParts, SoftmaxOut};
 use crate::storage::Precision;
-use crate::tower::{backward_run, Towers, Upstream};
+use crate::tower::{backward_run, half, Towers, Upstream};
 
 /// Sampled and full softmax use the cache's storage as their table of
 /// candidate embeddings, which they read as `f32` slices.
@@ -508,8 +508,8 @@ where
     /// full objectives and may be empty otherwise.
     ///
     /// Everything runs on the calling thread; [`Self::step_on`] runs the
-    /// scoring pass (and the full softmax's corpus embedding) on the
-    /// caller's threads, with the same result.
+    /// scoring pass (and parts of the full softmax) on the caller's
+    /// threads, with the same result.
     pub fn step(
         &mut self,
         cache: &mut CacheMut<'_, I, DIM>,
@@ -524,10 +524,13 @@ where
     /// [`Self::step`] with the cache objectives' scoring pass split over
     /// `fork` at tiles of [`crate::kernel::TILE`] queries (a batch of 32
     /// is two pieces), and the full softmax's corpus embedded on it
-    /// ([`Self::fill_cache_on`]). The step is the same bits whatever
-    /// `fork` is: each query draws from its own random stream, seeded in
-    /// query order before the split (see [`crate::parallel`]), and each
-    /// item's embedding is its own.
+    /// ([`Self::fill_cache_on`]), its first softmax pass split at half
+    /// the queries and, when the model gathers the corpus's halves apart
+    /// ([`Towers::item_halves`]), the halves back-propagated on it. The
+    /// step is the same bits whatever `fork` is: each query draws from its
+    /// own random stream, seeded in query order before the split (see
+    /// [`crate::parallel`]), each item's embedding and each query's
+    /// log-sum-exp are their own, and the halves are fixed by the corpus.
     pub fn step_on(
         &mut self,
         fork: &impl Fork,
@@ -1135,25 +1138,27 @@ where
         let (gq, gq_second) = (&mut self.gq[..bsz], &mut self.gp[..bsz]);
         gq.iter_mut().chain(gq_second.iter_mut()).for_each(|g| *g = [0.0; DIM]);
         let (mut scale, mut scale_second) = (sum.grad_scale, 0.0f32);
-        let (mut res, mut res_second) = (Ok(()), Ok(()));
-        let mut first = |r: Range<usize>, out: &mut [[f32; DIM]]| {
-            if res.is_ok() {
-                res = parts.second(r, lse, gq, &mut scale, out);
-            }
-        };
+        // Each half's result and the rows it was asked for, in order: a
+        // model that skips or repeats rows is refused. After a failure a
+        // half's gradients are zeros, so that nothing stale goes back.
         let halves = self.model.item_halves();
+        let mid = if halves { half(corpus.len()) } else { corpus.len() };
+        let (mut first_half, mut second_half) = ((Ok(()), 0..0), (Ok(()), mid..mid));
+        let mut first =
+            |r: Range<usize>, out: &mut [[f32; DIM]]| run_part(&parts, r, lse, gq, &mut scale, out, &mut first_half);
         if halves {
             let mut second = |r: Range<usize>, out: &mut [[f32; DIM]]| {
-                if res_second.is_ok() {
-                    res_second = parts.second(r, lse, gq_second, &mut scale_second, out);
-                }
+                run_part(&parts, r, lse, gq_second, &mut scale_second, out, &mut second_half)
             };
             self.model.backward_items_halves(fork, corpus, [&mut first, &mut second]);
         } else {
             let model = &mut self.model;
             backward_run(&mut |ys: &[I], gs: &[[f32; DIM]]| model.backward_items(ys, gs), corpus, 0, &mut first);
         }
-        res.and(res_second)?;
+        first_half.0.and(second_half.0)?;
+        if first_half.1 != (0..mid) || second_half.1.end != corpus.len() {
+            return Err(Error::InvalidConfig { what: "the model's backward_items_halves skipped or repeated items" });
+        }
         sum.grad_scale = scale;
         if halves {
             for (g, h) in self.gq[..bsz].iter_mut().zip(&self.gp[..bsz]) {
@@ -1167,6 +1172,30 @@ where
         self.model.backward_queries(batch.queries, &self.gq[..bsz]);
         self.model.backward_scale(sum.grad_scale);
         Ok(softmax_report(sum, evals + bsz as u32, alpha))
+    }
+}
+
+/// One run of the full softmax's second pass, for the item tower: `seen`
+/// holds the half's result so far and the rows it has been asked for,
+/// which must follow on from each other.
+fn run_part<const DIM: usize>(
+    parts: &FullParts<'_, DIM>,
+    rows: Range<usize>,
+    lse: &[LogSumExp],
+    grad_query: &mut [[f32; DIM]],
+    grad_scale: &mut f32,
+    out: &mut [[f32; DIM]],
+    seen: &mut (Result<()>, Range<usize>),
+) {
+    if seen.0.is_ok() && rows.start != seen.1.end {
+        seen.0 = Err(Error::InvalidConfig { what: "the model's backward_items_halves skipped or repeated items" });
+    }
+    if seen.0.is_ok() {
+        seen.0 = parts.second(rows.clone(), lse, grad_query, grad_scale, out);
+        seen.1.end = rows.end;
+    }
+    if seen.0.is_err() {
+        out.iter_mut().for_each(|g| *g = [0.0; DIM]);
     }
 }
 
@@ -1821,16 +1850,18 @@ mod tests {
         }
     }
 
-    /// One full-softmax step with SGD: a model whose twin gathers the
-    /// corpus's second half apart moves its parameters as the one-buffer
-    /// step does, up to rounding (every item and each half's share of the
-    /// query gradient counted once).
-    #[test]
-    fn a_twin_full_step_moves_the_parameters_as_one_buffer_does() {
+    mod full {
+        use super::*;
         use crate::layered::LayerTowers;
-        use crate::layers::{Act, Activation, Chain, Dense, ParamVisitor, L2};
-        use crate::tower::Towers as TowerPair;
+        use crate::layers::{Act, Activation, Chain, Dense, Layer, ParamVisitor, L2};
+        use crate::softmax::{self, SoftmaxOut};
+        use crate::tower::{Model, Towers as TowerPair};
+
         type Tower = Chain<Dense<6, 20, 0>, Chain<Act<20>, Chain<Dense<20, 8, 0>, L2<8>, 8>, 20>, 20>;
+        type Plain = LayerTowers<Tower, Tower, 6, 6, 0>;
+        const N: usize = 75;
+        const SGD: OptimizerKind = OptimizerKind::Sgd { momentum: 0.0, weight_decay: 0.0 };
+
         struct Values(heapless::Vec<f32, 1024>);
         impl ParamVisitor for Values {
             fn dense(&mut self, v: &mut [f32], _: &mut [f32], _: &mut [&mut [f32]]) {
@@ -1838,49 +1869,170 @@ mod tests {
             }
             fn sparse(&mut self, _: usize, _: &mut [f32], _: &mut [f32], _: &mut [&mut [f32]], _: &[bool]) {}
         }
-        /// The parameters after init and after one step, and the step's
-        /// gradient norm.
-        fn run<M: TowerPair<[f32; 6], [f32; 6], 8>>(model: M) -> [heapless::Vec<f32, 1024>; 2] {
-            let cfg = TrainerConfig {
-                objective: Objective::Full,
-                optimizer: OptimizerKind::Sgd { momentum: 0.0, weight_decay: 0.0 },
-                ..TrainerConfig::DEFAULT
-            };
+
+        fn tower(act: Activation) -> Tower {
+            Chain(Dense::new(), Chain(Act(act), Chain(Dense::new(), L2)))
+        }
+
+        fn plain() -> Plain {
+            let mut m = LayerTowers::new(tower(Activation::Tanh), tower(Activation::Tanh), 5.0);
+            m.init(&mut Pcg64Mcg::seed_from_u64(9));
+            m
+        }
+
+        /// An odd corpus, longer than a run of `RUN` items per half.
+        fn corpus() -> [[f32; 6]; N] {
+            core::array::from_fn(|j| core::array::from_fn(|i| ((j * 5 + i * 7) % 13) as f32 * 0.3 - 1.8))
+        }
+
+        /// Step `s`'s batch: queries, positives, positive indices.
+        fn batch(s: usize) -> ([[f32; 6]; 4], [[f32; 6]; 4], [u32; 4]) {
+            let c = corpus();
+            let picks = [(3 + 11 * s) % N, (40 + 7 * s) % N, 41, N - 1 - s];
+            (core::array::from_fn(|b| c[picks[b]].map(|x| 0.7 * x - 0.2)), picks.map(|j| c[j]), picks.map(|j| j as u32))
+        }
+
+        /// The parameters after `steps` full-softmax SGD steps of `model`.
+        fn train<M: TowerPair<[f32; 6], [f32; 6], 8>>(model: M, steps: usize) -> heapless::Vec<f32, 1024> {
+            let cfg = TrainerConfig { objective: Objective::Full, optimizer: SGD, ..TrainerConfig::DEFAULT };
             let mut t = Trainer::<M, [f32; 6], [f32; 6], 8, 4, 1>::new(model, cfg);
-            t.model.init(&mut Pcg64Mcg::seed_from_u64(9));
             t.init().unwrap();
-            let mut before = Values(heapless::Vec::new());
-            t.model.visit(&mut before);
-            // An odd corpus, longer than a run of `RUN` items per half.
-            let corpus: [[f32; 6]; 75] =
-                core::array::from_fn(|j| core::array::from_fn(|i| ((j * 5 + i * 7) % 13) as f32 * 0.3 - 1.8));
-            let mut cache = NegativeCache::<[f32; 6], 75, 8>::new();
-            let picks = [3usize, 40, 41, 74];
-            let queries: [[f32; 6]; 4] = core::array::from_fn(|b| corpus[picks[b]].map(|x| 0.7 * x - 0.2));
-            let positives = picks.map(|j| corpus[j]);
-            let index = picks.map(|j| j as u32);
-            let batch = Batch { queries: &queries, positives: &positives, positive_index: Some(&index) };
-            t.step(&mut cache.as_mut(), &batch, &corpus, 1.0, &mut Pcg64Mcg::seed_from_u64(1)).unwrap();
+            let c = corpus();
+            let mut cache = NegativeCache::<[f32; 6], N, 8>::new();
+            for s in 0..steps {
+                let (q, p, index) = batch(s);
+                let batch = Batch { queries: &q, positives: &p, positive_index: Some(&index) };
+                t.step(&mut cache.as_mut(), &batch, &c, 1.0, &mut Pcg64Mcg::seed_from_u64(1)).unwrap();
+            }
             let mut after = Values(heapless::Vec::new());
             t.model.visit(&mut after);
-            [before.0, after.0]
+            after.0
         }
-        let tower = || Chain(Dense::new(), Chain(Act(Activation::Tanh), Chain(Dense::new(), L2)));
-        let [start, one] = run(LayerTowers::<Tower, Tower, 6, 6, 0>::new(tower(), tower(), 5.0));
-        let [start_twin, twin] =
-            run(LayerTowers::<Tower, Tower, 6, 6, 0>::new(tower(), tower(), 5.0).with_twin(tower()));
-        assert!(start == start_twin);
-        let step =
-            |after: &[f32]| -> heapless::Vec<f32, 1024> { after.iter().zip(&start).map(|(a, s)| a - s).collect() };
-        let (d_one, d_twin) = (step(&one), step(&twin));
-        let largest = d_one.iter().fold(0.0f32, |m, d| m.max(d.abs()));
-        assert!(largest > 1e-3, "the step moved nothing");
-        let mut differ = false;
-        for (k, (a, b)) in d_one.iter().zip(&d_twin).enumerate() {
-            assert!((a - b).abs() <= 1e-5 * largest, "parameter {k}: {a} against {b}");
-            differ |= a != b;
+
+        /// Without a twin the full step is `softmax::full` with each
+        /// item's gradient back-propagated one at a time, as it handed
+        /// them out, bit for bit.
+        #[test]
+        fn a_full_step_without_twin_is_the_softmax_and_one_item_at_a_time() {
+            let got = train(plain(), 2);
+            let mut m = plain();
+            let mut opt = Optimizer::new(SGD, 0.0);
+            let c = corpus();
+            for s in 0..2 {
+                let (q, _, index) = batch(s);
+                m.zero_grad();
+                let mut emb = [[0.0f32; 8]; N];
+                for (y, e) in c.iter().zip(emb.iter_mut()) {
+                    m.item.forward(y, e);
+                }
+                let mut qe = [[0.0f32; 8]; 4];
+                for (x, e) in q.iter().zip(qe.iter_mut()) {
+                    m.query.forward(x, e);
+                }
+                let (mut lse, mut gq) = ([LogSumExp::EMPTY; 4], [[0.0f32; 8]; 4]);
+                let item = &mut m.item;
+                let mut sink = |j: usize, g: &[f32; 8]| item.backward(&c[j], g, None);
+                let out =
+                    SoftmaxOut { grad_query: Some(&mut gq), grad_shared: Some(&mut sink), ..SoftmaxOut::new(&mut lse) };
+                softmax::full(&qe, &emb, &index.map(|i| i as usize), m.alpha, out).unwrap();
+                for (x, g) in q.iter().zip(&gq) {
+                    m.query.backward(x, g, None);
+                }
+                opt.step(1.0, &mut |v| m.visit(v)).unwrap();
+            }
+            let mut want = Values(heapless::Vec::new());
+            m.visit(&mut want);
+            assert!(got.iter().map(|x| x.to_bits()).eq(want.0.iter().map(|x| x.to_bits())));
         }
-        assert!(differ, "the same bits: the twin did not gather anything apart");
+
+        /// A model that claims halves but back-propagates only the first
+        /// is refused, not trained on half a corpus.
+        #[test]
+        fn a_model_that_skips_a_half_is_refused() {
+            struct Skipper(Plain);
+            impl Model<8> for Skipper {
+                fn init(&mut self, rng: &mut impl RngCore) {
+                    self.0.init(rng)
+                }
+                fn score_scale(&self) -> f32 {
+                    self.0.alpha
+                }
+                fn backward_scale(&mut self, _: f32) {}
+                fn zero_grad(&mut self) {
+                    self.0.zero_grad()
+                }
+                fn visit(&mut self, v: &mut dyn ParamVisitor) {
+                    self.0.visit(v)
+                }
+                fn state_slots(&self) -> usize {
+                    0
+                }
+            }
+            impl TowerPair<[f32; 6], [f32; 6], 8> for Skipper {
+                fn embed_query(&self, x: &[f32; 6], out: &mut [f32; 8]) {
+                    self.0.embed_query(x, out)
+                }
+                fn embed_item(&self, y: &[f32; 6], out: &mut [f32; 8]) {
+                    self.0.embed_item(y, out)
+                }
+                fn backward_query(&mut self, x: &[f32; 6], g: &[f32; 8]) {
+                    self.0.backward_query(x, g)
+                }
+                fn backward_item(&mut self, y: &[f32; 6], g: &[f32; 8]) {
+                    self.0.backward_item(y, g)
+                }
+                fn item_halves(&self) -> bool {
+                    true
+                }
+                fn backward_items_halves<F: Fork>(
+                    &mut self,
+                    _: &F,
+                    items: &[[f32; 6]],
+                    [first, _]: [crate::tower::ItemGrads<'_, 8>; 2],
+                ) {
+                    let mid = half(items.len());
+                    let mut backward = |ys: &[[f32; 6]], gs: &[[f32; 8]]| self.0.backward_items(ys, gs);
+                    backward_run(&mut backward, &items[..mid], 0, first);
+                }
+            }
+            let cfg = TrainerConfig { objective: Objective::Full, optimizer: SGD, ..TrainerConfig::DEFAULT };
+            let mut t = Trainer::<Skipper, [f32; 6], [f32; 6], 8, 4, 1>::new(Skipper(plain()), cfg);
+            t.init().unwrap();
+            let mut cache = NegativeCache::<[f32; 6], N, 8>::new();
+            let (q, p, index) = batch(0);
+            let batch = Batch { queries: &q, positives: &p, positive_index: Some(&index) };
+            let r = t.step(&mut cache.as_mut(), &batch, &corpus(), 1.0, &mut Pcg64Mcg::seed_from_u64(1));
+            assert!(matches!(r, Err(Error::InvalidConfig { .. })), "{r:?}");
+        }
+
+        /// Full-softmax SGD steps of a model whose twin gathers the
+        /// corpus's second half apart move its parameters as the one-buffer
+        /// steps do, up to rounding: every item and each half's share of
+        /// the query gradient counted once, and the twin's own values
+        /// (another activation, other weights) play no part.
+        #[test]
+        fn twin_full_steps_move_the_parameters_as_one_buffer_does() {
+            let start = {
+                let mut v = Values(heapless::Vec::new());
+                plain().visit(&mut v);
+                v.0
+            };
+            let mut twin = tower(Activation::Relu);
+            twin.init(&mut Pcg64Mcg::seed_from_u64(77));
+            let one = train(plain(), 3);
+            let two = train(plain().with_twin(twin), 3);
+            let moved =
+                |after: &[f32]| -> heapless::Vec<f32, 1024> { after.iter().zip(&start).map(|(a, s)| a - s).collect() };
+            let (d_one, d_twin) = (moved(&one), moved(&two));
+            let largest = d_one.iter().fold(0.0f32, |m, d| m.max(d.abs()));
+            assert!(largest > 1e-3, "the steps moved nothing");
+            let mut differ = false;
+            for (k, (a, b)) in d_one.iter().zip(&d_twin).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * largest, "parameter {k}: {a} against {b}");
+                differ |= a != b;
+            }
+            assert!(differ, "the same bits: the twin did not gather anything apart");
+        }
     }
 
     #[test]

@@ -78,7 +78,7 @@ pub trait Session: Send + Sync {
         rng: &mut Pcg64Mcg,
     ) -> negcache::Result<StepReport>;
     /// Runs the following steps' scoring pass (and the full softmax's
-    /// corpus embedding) on `threads` (the result does not depend on
+    /// corpus embedding and first softmax pass) on `threads` (the result does not depend on
     /// them).
     fn set_threads(&mut self, threads: Arc<Threads>);
     /// Embeds with one tower.
@@ -123,7 +123,7 @@ pub struct CachedTrainer<M, const N: usize> {
     /// The cache the trainer is lent at every call.
     pub cache: OwnedCache<ItemTokens, DIM>,
     /// The threads the step's scoring pass (and the full softmax's corpus
-    /// embedding) runs on: the process's
+    /// embedding and first softmax pass) runs on: the process's
     /// ([`threads::shared`], started at the first step) unless set.
     pub threads: Option<Arc<Threads>>,
 }

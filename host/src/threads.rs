@@ -1,5 +1,6 @@
 //! The threads a training step's scoring pass (and the full softmax's
-//! corpus embedding) runs on: the host's [`Fork`] for the core.
+//! corpus embedding and first softmax pass) runs on: the host's [`Fork`]
+//! for the core.
 //!
 //! The core splits the pass at tiles of queries, and every query draws
 //! from its own stream, and a corpus at items, each embedded on its own,

@@ -62,7 +62,8 @@ pub trait Layer<const IN: usize, const OUT: usize> {
 /// [`crate::layered::LayerTowers`] back-propagates the full softmax's
 /// corpus in two halves this way ([`crate::layered::Twin`]).
 ///
-/// Layers without parameters do nothing in either method.
+/// A layer without parameters copies its settings (an activation's
+/// kind) and has no gradients to add.
 pub trait Mirror {
     /// Takes `other`'s parameters and clears this layer's gradients.
     fn mirror(&mut self, other: &Self);

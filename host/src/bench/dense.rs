@@ -223,7 +223,8 @@ pub fn run_one(name: &str, seconds: f64) -> anyhow::Result<DenseFigure> {
         peak_rss_mib: rss,
         // The cache objectives' scoring pass is split at tiles of queries,
         // and the full softmax's corpus embedding at items, each only when
-        // a piece's work is worth a hand-over.
+        // a piece's work is worth a hand-over (the full softmax's halves
+        // split by the same measure, with twice the work per item).
         threads: match objective {
             Objective::Cache => kernel::pass_threads(&*threads, BATCH, size, D),
             Objective::Full => negcache::parallel::split_parts(&*threads, corpus.len(), DenseModel::item_work(D)),
@@ -420,7 +421,10 @@ fn report(figures: &[DenseFigure], load: &str, seconds: f64) -> String {
          tiles of 16 queries, the same bits as on one, and only when a tile's pass is worth a hand-over: at \
          least twice the time of a hand-over to a parked worker, as each process measures it when it \
          starts). The full softmax embeds its corpus on the threads listed (split at item boundaries, \
-         when each piece is worth a hand-over by the same measure); its softmax, its back-propagation, the \
+         when each piece is worth a hand-over by the same measure), runs its first softmax pass in two halves \
+         of the queries, and back-propagates the corpus in two fixed halves, the second into a twin of the item \
+         tower, added to the first's at the end (`LayerTowers::with_twin`: other bits than one buffer's, the \
+         same on any number of threads), each half with its share of the second softmax pass; the \
          other towers' work, the optimiser and the other objectives run on one. The towers take each side's inputs as one \
          batch (register-blocked matrix products in nalgebra's summation order, so the bits are those of one \
          input at a time). Where a configuration used more than one thread, the column \"on one thread\" is \
