@@ -1739,43 +1739,9 @@ mod tests {
     fn separate_towers_in_batches_and_split_steps_give_the_interleaved_bits() {
         use crate::layered::LayerTowers;
         use crate::layers::{Act, Activation, Chain, Dense, ParamVisitor, L2};
-        use crate::tower::{Model, Towers as TowerPair};
+        use crate::tower::Towers as TowerPair;
         type Tower = Chain<Dense<6, 40, 2>, Chain<Act<40>, Chain<Dense<40, 67, 2>, L2<67>, 67>, 40>, 40>;
         type Dense2 = LayerTowers<Tower, Tower, 6, 6, 2>;
-        /// `Dense2` one input at a time, as if its towers shared parameters.
-        struct OneByOne(Dense2);
-        impl Model<67> for OneByOne {
-            fn init(&mut self, rng: &mut impl RngCore) {
-                self.0.init(rng)
-            }
-            fn score_scale(&self) -> f32 {
-                self.0.alpha
-            }
-            fn backward_scale(&mut self, _: f32) {}
-            fn zero_grad(&mut self) {
-                self.0.zero_grad()
-            }
-            fn visit(&mut self, v: &mut dyn ParamVisitor) {
-                self.0.visit(v)
-            }
-            fn state_slots(&self) -> usize {
-                2
-            }
-        }
-        impl TowerPair<[f32; 6], [f32; 6], 67> for OneByOne {
-            fn embed_query(&self, x: &[f32; 6], out: &mut [f32; 67]) {
-                self.0.embed_query(x, out)
-            }
-            fn embed_item(&self, y: &[f32; 6], out: &mut [f32; 67]) {
-                self.0.embed_item(y, out)
-            }
-            fn backward_query(&mut self, x: &[f32; 6], g: &[f32; 67]) {
-                self.0.backward_query(x, g)
-            }
-            fn backward_item(&mut self, y: &[f32; 6], g: &[f32; 67]) {
-                self.0.backward_item(y, g)
-            }
-        }
         struct Words(heapless::Vec<u32, 32768>);
         impl ParamVisitor for Words {
             fn dense(&mut self, v: &mut [f32], _: &mut [f32], s: &mut [&mut [f32]]) {
@@ -1821,7 +1787,7 @@ mod tests {
             Objective::Full,
         ] {
             let (batched, a) = run(model(), objective, &Serial);
-            let (one, b) = run(OneByOne(model()), objective, &Serial);
+            let (one, b) = run(Single::<Dense2, false>(model()), objective, &Serial);
             assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits), "{objective:?}: losses");
             assert!(batched == one, "{objective:?}: parameters, optimiser state or cache differ");
             // Split over a fork (the full softmax's corpus in four pieces,
@@ -1846,6 +1812,68 @@ mod tests {
                 assert!(twin != batched, "the twin changed nothing");
             } else {
                 assert!(twin == batched, "{objective:?}: the twin changed the bits");
+            }
+        }
+    }
+
+    /// `M` through its single-input methods only: one input at a time, as
+    /// if its towers shared parameters. With `SKIP` it also claims to
+    /// gather the corpus's halves apart and back-propagates only the first
+    /// (a broken model).
+    struct Single<M, const SKIP: bool>(M);
+
+    impl<M: crate::tower::Model<DIM>, const DIM: usize, const SKIP: bool> crate::tower::Model<DIM> for Single<M, SKIP> {
+        fn init(&mut self, rng: &mut impl RngCore) {
+            self.0.init(rng)
+        }
+        fn score_scale(&self) -> f32 {
+            self.0.score_scale()
+        }
+        fn backward_scale(&mut self, d_alpha: f32) {
+            self.0.backward_scale(d_alpha)
+        }
+        fn zero_grad(&mut self) {
+            self.0.zero_grad()
+        }
+        fn visit(&mut self, v: &mut dyn crate::layers::ParamVisitor) {
+            self.0.visit(v)
+        }
+        fn state_slots(&self) -> usize {
+            self.0.state_slots()
+        }
+    }
+
+    impl<M, Q, I, const DIM: usize, const SKIP: bool> crate::tower::Towers<Q, I, DIM> for Single<M, SKIP>
+    where
+        M: crate::tower::Towers<Q, I, DIM>,
+    {
+        fn embed_query(&self, x: &Q, out: &mut [f32; DIM]) {
+            self.0.embed_query(x, out)
+        }
+        fn embed_item(&self, y: &I, out: &mut [f32; DIM]) {
+            self.0.embed_item(y, out)
+        }
+        fn backward_query(&mut self, x: &Q, g: &[f32; DIM]) {
+            self.0.backward_query(x, g)
+        }
+        fn backward_item(&mut self, y: &I, g: &[f32; DIM]) {
+            self.0.backward_item(y, g)
+        }
+        fn item_halves(&self) -> bool {
+            SKIP
+        }
+        fn backward_items_halves<F: Fork>(
+            &mut self,
+            _: &F,
+            items: &[I],
+            halves: [crate::tower::ItemGrads<'_, DIM>; 2],
+        ) {
+            let [first, second] = halves;
+            let mid = half(items.len());
+            let mut backward = |ys: &[I], gs: &[[f32; DIM]]| self.0.backward_items(ys, gs);
+            backward_run(&mut backward, &items[..mid], 0, first);
+            if !SKIP {
+                backward_run(&mut backward, &items[mid..], mid, second);
             }
         }
     }
@@ -1949,54 +1977,8 @@ mod tests {
         /// is refused, not trained on half a corpus.
         #[test]
         fn a_model_that_skips_a_half_is_refused() {
-            struct Skipper(Plain);
-            impl Model<8> for Skipper {
-                fn init(&mut self, rng: &mut impl RngCore) {
-                    self.0.init(rng)
-                }
-                fn score_scale(&self) -> f32 {
-                    self.0.alpha
-                }
-                fn backward_scale(&mut self, _: f32) {}
-                fn zero_grad(&mut self) {
-                    self.0.zero_grad()
-                }
-                fn visit(&mut self, v: &mut dyn ParamVisitor) {
-                    self.0.visit(v)
-                }
-                fn state_slots(&self) -> usize {
-                    0
-                }
-            }
-            impl TowerPair<[f32; 6], [f32; 6], 8> for Skipper {
-                fn embed_query(&self, x: &[f32; 6], out: &mut [f32; 8]) {
-                    self.0.embed_query(x, out)
-                }
-                fn embed_item(&self, y: &[f32; 6], out: &mut [f32; 8]) {
-                    self.0.embed_item(y, out)
-                }
-                fn backward_query(&mut self, x: &[f32; 6], g: &[f32; 8]) {
-                    self.0.backward_query(x, g)
-                }
-                fn backward_item(&mut self, y: &[f32; 6], g: &[f32; 8]) {
-                    self.0.backward_item(y, g)
-                }
-                fn item_halves(&self) -> bool {
-                    true
-                }
-                fn backward_items_halves<F: Fork>(
-                    &mut self,
-                    _: &F,
-                    items: &[[f32; 6]],
-                    [first, _]: [crate::tower::ItemGrads<'_, 8>; 2],
-                ) {
-                    let mid = half(items.len());
-                    let mut backward = |ys: &[[f32; 6]], gs: &[[f32; 8]]| self.0.backward_items(ys, gs);
-                    backward_run(&mut backward, &items[..mid], 0, first);
-                }
-            }
             let cfg = TrainerConfig { objective: Objective::Full, optimizer: SGD, ..TrainerConfig::DEFAULT };
-            let mut t = Trainer::<Skipper, [f32; 6], [f32; 6], 8, 4, 1>::new(Skipper(plain()), cfg);
+            let mut t = Trainer::<Single<Plain, true>, [f32; 6], [f32; 6], 8, 4, 1>::new(Single(plain()), cfg);
             t.init().unwrap();
             let mut cache = NegativeCache::<[f32; 6], N, 8>::new();
             let (q, p, index) = batch(0);
