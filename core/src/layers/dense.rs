@@ -140,6 +140,7 @@ impl<const IN: usize, const OUT: usize, const S: usize> Dense<IN, OUT, S> {
             }
         }
     }
+
     /// Takes `other`'s weights and bias and clears the gradients (the
     /// optimiser state is left alone): a copy ready to gather gradients
     /// for the same parameters.
