@@ -51,7 +51,8 @@ impl<QT, IT, const FQ: usize, const FI: usize, const S: usize> LayerTowers<QT, I
     /// The same towers with `twin`, a second item tower of the same type
     /// (its values do not matter), as a second gradient buffer: the full
     /// softmax then back-propagates the two halves of its corpus apart,
-    /// on two threads when the fork has them, and adds the second half's
+    /// on two threads when the fork has them and the corpus is worth a
+    /// hand-over ([`split_parts`]), and adds the second half's
     /// gradients to the first's ([`Towers::backward_items_halves`]). The
     /// twin costs the item tower's memory again, its optimiser state
     /// included, which it does not use; the gradients' bits change (two
@@ -89,8 +90,11 @@ impl<QT, IT, const FQ: usize, const FI: usize, const S: usize, W> LayerTowers<QT
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NoTwin;
 
-/// A second item tower of type `L`, used only for its gradient buffers
-/// (see [`LayerTowers::with_twin`]).
+/// A second item tower of type `L`, a second set of gradient buffers: each
+/// full-softmax step it takes the item tower's parameters, recomputes the
+/// forward passes of the corpus's second half with them and gathers their
+/// gradients, which are then added to the item tower's (see
+/// [`LayerTowers::with_twin`]). Its optimiser state goes unused.
 #[derive(Debug, Clone, Default)]
 pub struct Twin<L>(pub L);
 

@@ -35,9 +35,10 @@ pub trait Fork: Sync {
 /// earlier `docs/results/bench.md`), `negcache train` (hashed-token towers,
 /// batch 32) split its pass from a cache of 1,024 slots for 8 % more steps
 /// per second, and from 8,192 slots for about 35 % more; at 512 slots
-/// (2^19) the split won 1 %, within noise. On the AMD VM of the current
-/// `docs/results/bench-dense.md` the 4,096-slot dense benchmark ran
-/// slower split: waking a parked worker costs more there. The host's pool
+/// (2^19) the split won 1 %, within noise. On the AMD VM of
+/// `docs/results/bench-dense-runs/d8fa336.md` the 4,096-slot dense
+/// benchmark ran slower split (and level with one thread in the run after
+/// it): waking a parked worker costs more there. The host's pool
 /// therefore measures its own threshold when it starts
 /// (`negcache_host::threads::measure_min_piece_work`); this is the
 /// default of a `Fork` that does not.

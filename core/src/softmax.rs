@@ -258,6 +258,11 @@ pub fn full<const DIM: usize>(
 /// into the same query gradient and d L / d alpha, or groups of them into
 /// sums of their own, added afterwards), then [`Self::finish`]. Ranges that
 /// cover the corpus in order, into the same sums, give [`full`]'s bits.
+///
+/// The caller holds the sums: it zeroes each query gradient, starts the
+/// first group's d L / d alpha from the `grad_scale` [`Self::first_on`]
+/// returns (each other group's from zero), and writes the total back into
+/// that summary before [`Self::finish`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct FullParts<'a, const DIM: usize> {
     queries: &'a [[f32; DIM]],

@@ -138,7 +138,8 @@ pub trait Towers<Q, I, const DIM: usize>: Model<DIM> {
     /// on two threads). The trainer's full softmax asks it: when true it
     /// back-propagates its corpus through that method, each half's share
     /// of the query gradient summed apart too; when false (the default)
-    /// one item after another through [`Self::backward_items`]. Either way
+    /// in runs of [`RUN`] items, in corpus order, through
+    /// [`Self::backward_items`]. Either way
     /// the bits do not depend on the thread count; they differ between the
     /// two answers.
     fn item_halves(&self) -> bool {
@@ -148,10 +149,14 @@ pub trait Towers<Q, I, const DIM: usize>: Model<DIM> {
     /// with `halves[0]` and the rest with `halves[1]`: each is called with
     /// runs of its half in order (indices into `items`) and writes their
     /// upstream gradients into its second argument, one row per item.
+    /// Each closure must be called over its whole half, run after run in
+    /// order ([`backward_run`] does), or the trainer refuses the step.
     /// The default runs the first half and then the second through
     /// [`Self::backward_items`]; a model that keeps a second gradient
     /// buffer gathers the second half there, on another of `fork`'s
-    /// threads, and adds it at the end (see [`Self::item_halves`]).
+    /// threads when that is worth a hand-over
+    /// ([`crate::parallel::split_parts`]), and adds it at the end (see
+    /// [`Self::item_halves`]).
     fn backward_items_halves<F: Fork>(&mut self, fork: &F, items: &[I], halves: [ItemGrads<'_, DIM>; 2]) {
         let _ = fork;
         backward_halves_in_turn(&mut |ys: &[I], gs: &[[f32; DIM]]| self.backward_items(ys, gs), items, halves)

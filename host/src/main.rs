@@ -20,8 +20,9 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Threads for the training step's scoring pass (and the full
-    /// softmax's corpus embedding and first softmax pass), 0 for one per
-    /// core. The pass is cut
+    /// softmax's corpus embedding, its first softmax pass and, for
+    /// `bench --dense`'s model, which keeps a twin of its item tower, its
+    /// back-propagation in two halves), 0 for one per core. The pass is cut
     /// into pieces of 16 queries (a batch of 32 uses two threads) and only
     /// when the cache is large enough to pay for it; a --distributed run's
     /// processes do not split it. A step computes the same bits whatever

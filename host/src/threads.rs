@@ -3,8 +3,11 @@
 //! for the core.
 //!
 //! The core splits the pass at tiles of queries, and every query draws
-//! from its own stream, and a corpus at items, each embedded on its own,
-//! so a step computes the same bits on one thread or many
+//! from its own stream; a corpus at items, each embedded on its own; the
+//! full softmax's first pass at queries, each with its own sum; and a
+//! twin model's back-propagation at two halves fixed by the corpus, their
+//! gradients added at the end; so a step computes the same bits on one
+//! thread or many
 //! (`negcache::parallel`). The count is therefore a resource, not a
 //! setting of the run: it is the global `--threads` flag, not a key of the
 //! run's config, and changing it neither invalidates a stored run nor

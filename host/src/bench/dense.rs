@@ -422,7 +422,7 @@ fn report(figures: &[DenseFigure], load: &str, seconds: f64) -> String {
          least twice the time of a hand-over to a parked worker, as each process measures it when it \
          starts). The full softmax embeds its corpus on the threads listed (split at item boundaries, \
          when each piece is worth a hand-over by the same measure), runs its first softmax pass in two halves \
-         of the queries, and back-propagates the corpus in two fixed halves, the second into a twin of the item \
+         of the queries when each is worth one, and back-propagates the corpus in two fixed halves, the second into a twin of the item \
          tower, added to the first's at the end (`LayerTowers::with_twin`: other bits than one buffer's, the \
          same on any number of threads), each half with its share of the second softmax pass; the \
          other towers' work, the optimiser and the other objectives run on one. The towers take each side's inputs as one \
