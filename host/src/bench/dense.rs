@@ -98,10 +98,11 @@ pub struct DenseFigure {
     pub windows: usize,
     /// Peak resident memory of the process, MiB.
     pub peak_rss_mib: f64,
-    /// Threads the training step used.
+    /// Threads the training step used (gathered over rounds: the most any
+    /// round used, as each process decides for itself).
     pub threads: usize,
     /// Steps per second of the same configuration on one thread, measured
-    /// in the same run, when `threads` is more than one.
+    /// in the same run, in each round that used more than one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub one_thread_steps_per_s: Option<f64>,
     /// Each round's steps per second, in the order they ran (the figure is
@@ -320,6 +321,7 @@ pub fn run_all(
             f.rounds.push(fig.steps_per_s);
             f.one_thread_rounds.extend(one);
             f.peak_rss_mib = f.peak_rss_mib.max(fig.peak_rss_mib);
+            f.threads = f.threads.max(fig.threads);
             if let (Some(all), Some(this)) = (&mut f.tf, tf) {
                 all.rounds.push(this.steps_per_s);
                 all.peak_rss_mib = all.peak_rss_mib.max(this.peak_rss_mib);
@@ -427,8 +429,9 @@ fn report(figures: &[DenseFigure], load: &str, seconds: f64) -> String {
          same on any number of threads), each half with its share of the second softmax pass; the \
          other towers' work, the optimiser and the other objectives run on one. The towers take each side's inputs as one \
          batch (register-blocked matrix products in nalgebra's summation order, so the bits are those of one \
-         input at a time). Where a configuration used more than one thread, the column \"on one thread\" is \
-         the same configuration on one thread, measured just after.\n"
+         input at a time). The threads column is the most any round used (each process decides for itself); \
+         in each round that used more than one, the same configuration also ran on one thread just after, \
+         and the column \"on one thread\" is the median of those runs.\n"
     );
     // One column list for both layouts: (name, right-aligned, shown). Side
     // by side adds TF's rounds, its memory and issue 14's figure.
