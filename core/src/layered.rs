@@ -100,8 +100,8 @@ pub struct Twin<L>(pub L);
 
 /// What [`LayerTowers`] does with the halves of a corpus:
 /// [`NoTwin`] back-propagates them one after the other into the item
-/// tower, [`Twin`] apart and then adds them.
-pub trait ItemTwin<L, const FI: usize, const DIM: usize> {
+/// tower (the provided method), [`Twin`] apart and then adds them.
+pub trait ItemTwin<L: Layer<FI, DIM>, const FI: usize, const DIM: usize> {
     /// Whether the halves are gathered apart ([`Towers::item_halves`]).
     const APART: bool;
     /// [`Towers::backward_items_halves`] for the item tower `item`.
@@ -111,24 +111,18 @@ pub trait ItemTwin<L, const FI: usize, const DIM: usize> {
         fork: &F,
         items: &[[f32; FI]],
         halves: [ItemGrads<'_, DIM>; 2],
-    );
-}
-
-impl<L: Layer<FI, DIM>, const FI: usize, const DIM: usize> ItemTwin<L, FI, DIM> for NoTwin {
-    const APART: bool = false;
-    fn backward_halves<F: Fork>(
-        &mut self,
-        item: &mut L,
-        _fork: &F,
-        items: &[[f32; FI]],
-        halves: [ItemGrads<'_, DIM>; 2],
     ) {
+        let _ = fork;
         backward_halves_in_turn(
             &mut |ys: &[[f32; FI]], gs: &[[f32; DIM]]| item.backward_batch(ys, gs, None),
             items,
             halves,
         )
     }
+}
+
+impl<L: Layer<FI, DIM>, const FI: usize, const DIM: usize> ItemTwin<L, FI, DIM> for NoTwin {
+    const APART: bool = false;
 }
 
 impl<L, const FI: usize, const DIM: usize> ItemTwin<L, FI, DIM> for Twin<L>

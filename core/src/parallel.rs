@@ -7,8 +7,13 @@
 //! batch at query tiles, and each query draws from its own random stream
 //! seeded in query order before the split (see [`crate::kernel`]); a
 //! corpus embedded for the full softmax splits at item boundaries, each
-//! item's embedding being its own ([`crate::tower::Towers::embed_items_on`]).
-//! A run is therefore the same on one thread, on many, and on the firmware.
+//! item's embedding being its own ([`crate::tower::Towers::embed_items_on`]);
+//! the full softmax's first pass at half the queries, each query's sum
+//! being its own; and a model that gathers the corpus's halves apart
+//! ([`crate::tower::Towers::item_halves`]) back-propagates them on two
+//! threads, the halves fixed by the corpus and their gradients added in a
+//! fixed order. A run is therefore the same on one thread, on many, and
+//! on the firmware.
 
 /// Runs two closures, possibly at the same time, and returns when both are
 /// done: the fork-join primitive (`rayon::join`'s shape).
@@ -37,8 +42,8 @@ pub trait Fork: Sync {
 /// per second, and from 8,192 slots for about 35 % more; at 512 slots
 /// (2^19) the split won 1 %, within noise. On the AMD VM of
 /// `docs/results/bench-dense-runs/d8fa336.md` the 4,096-slot dense
-/// benchmark ran slower split (and level with one thread in the run after
-/// it): waking a parked worker costs more there. The host's pool
+/// benchmark ran slower split (and level with one thread in the runs
+/// after it): waking a parked worker costs more there. The host's pool
 /// therefore measures its own threshold when it starts
 /// (`negcache_host::threads::measure_min_piece_work`); this is the
 /// default of a `Fork` that does not.

@@ -49,6 +49,11 @@ use crate::tower::{backward_run, half, Towers, Upstream};
 /// candidate embeddings, which they read as `f32` slices.
 const NEEDS_F32: Error = Error::InvalidConfig { what: "sampled and full softmax need a cache stored as f32" };
 
+/// A model's [`Towers::backward_items_halves`] did not ask for each half's
+/// rows once, in order.
+const SKIPPED_ITEMS: Error =
+    Error::InvalidConfig { what: "the model's backward_items_halves skipped or repeated items" };
+
 /// What the step minimises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Objective {
@@ -1135,15 +1140,18 @@ where
         // otherwise), and added to the first half's before they are
         // scaled; else one run after another into the same sums, which
         // gives `softmax::full`'s bits.
-        let (gq, gq_second) = (&mut self.gq[..bsz], &mut self.gp[..bsz]);
-        gq.iter_mut().chain(gq_second.iter_mut()).for_each(|g| *g = [0.0; DIM]);
-        let (mut scale, mut scale_second) = (sum.grad_scale, 0.0f32);
-        // Each half's result and the rows it was asked for, in order: a
-        // model that skips or repeats rows is refused. After a failure a
-        // half's gradients are zeros, so that nothing stale goes back.
         let halves = self.model.item_halves();
+        let (gq, gq_second) = (&mut self.gq[..bsz], &mut self.gp[..bsz]);
+        gq.iter_mut().for_each(|g| *g = [0.0; DIM]);
+        if halves {
+            gq_second.iter_mut().for_each(|g| *g = [0.0; DIM]);
+        }
+        let (mut scale, mut scale_second) = (sum.grad_scale, 0.0f32);
+        // Each half's result and the next row it expects: a model that
+        // skips or repeats rows is refused. After a failure a half's
+        // gradients are zeros, so that nothing stale goes back.
         let mid = if halves { half(corpus.len()) } else { corpus.len() };
-        let (mut first_half, mut second_half) = ((Ok(()), 0..0), (Ok(()), mid..mid));
+        let (mut first_half, mut second_half) = ((Ok(()), 0), (Ok(()), mid));
         let mut first =
             |r: Range<usize>, out: &mut [[f32; DIM]]| run_part(&parts, r, lse, gq, &mut scale, out, &mut first_half);
         if halves {
@@ -1156,8 +1164,8 @@ where
             backward_run(&mut |ys: &[I], gs: &[[f32; DIM]]| model.backward_items(ys, gs), corpus, 0, &mut first);
         }
         first_half.0.and(second_half.0)?;
-        if first_half.1 != (0..mid) || second_half.1.end != corpus.len() {
-            return Err(Error::InvalidConfig { what: "the model's backward_items_halves skipped or repeated items" });
+        if first_half.1 != mid || second_half.1 != corpus.len() {
+            return Err(SKIPPED_ITEMS);
         }
         sum.grad_scale = scale;
         if halves {
@@ -1176,8 +1184,7 @@ where
 }
 
 /// One run of the full softmax's second pass, for the item tower: `seen`
-/// holds the half's result so far and the rows it has been asked for,
-/// which must follow on from each other.
+/// holds the half's result so far and the row the run must start at.
 fn run_part<const DIM: usize>(
     parts: &FullParts<'_, DIM>,
     rows: Range<usize>,
@@ -1185,14 +1192,14 @@ fn run_part<const DIM: usize>(
     grad_query: &mut [[f32; DIM]],
     grad_scale: &mut f32,
     out: &mut [[f32; DIM]],
-    seen: &mut (Result<()>, Range<usize>),
+    seen: &mut (Result<()>, usize),
 ) {
-    if seen.0.is_ok() && rows.start != seen.1.end {
-        seen.0 = Err(Error::InvalidConfig { what: "the model's backward_items_halves skipped or repeated items" });
+    if seen.0.is_ok() && rows.start != seen.1 {
+        seen.0 = Err(SKIPPED_ITEMS);
     }
     if seen.0.is_ok() {
-        seen.0 = parts.second(rows.clone(), lse, grad_query, grad_scale, out);
-        seen.1.end = rows.end;
+        seen.1 = rows.end;
+        seen.0 = parts.second(rows, lse, grad_query, grad_scale, out);
     }
     if seen.0.is_err() {
         out.iter_mut().for_each(|g| *g = [0.0; DIM]);

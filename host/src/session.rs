@@ -78,8 +78,8 @@ pub trait Session: Send + Sync {
         rng: &mut Pcg64Mcg,
     ) -> negcache::Result<StepReport>;
     /// Runs the following steps' scoring pass (and the full softmax's
-    /// corpus embedding and first softmax pass) on `threads` (the result does not depend on
-    /// them).
+    /// corpus embedding and first softmax pass) on `threads` (the result
+    /// does not depend on them).
     fn set_threads(&mut self, threads: Arc<Threads>);
     /// Embeds with one tower.
     fn embed(&self, side: Side, tokens: &[u32], out: &mut [f32; DIM]);

@@ -7,11 +7,10 @@
 //! full softmax's first pass at queries, each with its own sum; and a
 //! twin model's back-propagation at two halves fixed by the corpus, their
 //! gradients added at the end; so a step computes the same bits on one
-//! thread or many
-//! (`negcache::parallel`). The count is therefore a resource, not a
-//! setting of the run: it is the global `--threads` flag, not a key of the
-//! run's config, and changing it neither invalidates a stored run nor
-//! stops a resume.
+//! thread or many (`negcache::parallel`). The count is therefore a
+//! resource, not a setting of the run: it is the global `--threads` flag,
+//! not a key of the run's config, and changing it neither invalidates a
+//! stored run nor stops a resume.
 //!
 //! The workers are a rayon pool: they stay up between steps, so a split
 //! costs a hand-over, not a thread spawn. What a hand-over costs depends on
@@ -110,8 +109,8 @@ const HANDOVERS: usize = 11;
 /// its pass takes at least twice a hand-over: twice the hand-over's time
 /// in multiply-adds of one thread's pass, within 2^18 to 2^26 (so a tile
 /// of 16 queries over 65,536 slots of 64 floats always splits). The
-/// hand-over is the median of [`HANDOVERS`] to a parked worker (a step splits its pass once, and the
-/// worker sleeps between steps): on a VM, waking a parked thread can cost
+/// hand-over is the median of [`HANDOVERS`] to a parked worker (a step
+/// splits its pass once, and the worker sleeps between steps): on a VM, waking a parked thread can cost
 /// more than a small pass (on the 2-core AMD EPYC VM of
 /// `docs/results/bench-dense.md`, about 150 us, against 2^22
 /// multiply-adds of the pass in about 100 us: the 4,096- and 8,192-slot
